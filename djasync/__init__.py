@@ -1,0 +1,24 @@
+"""djasync: a job queue for Django whose jobs live and die with database transactions.
+
+The public API is imported lazily so that listing ``"djasync"`` in ``INSTALLED_APPS`` does not
+import models before Django's app registry is ready.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["deschedule", "schedule", "schedule_many", "JobSpec"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from djasync.scheduling import JobSpec, deschedule, schedule, schedule_many
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from djasync import scheduling
+
+        return getattr(scheduling, name)
+    raise AttributeError(f"module 'djasync' has no attribute {name!r}")

@@ -1,0 +1,86 @@
+"""Read-only admin for jobs and groups, with "retry now" and "cancel" actions.
+
+Nobody types a function name or arguments into a form: jobs are created by code only.
+The two actions need the change permission on jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from djasync import scheduling
+from djasync.models import Attempt, Group, Job
+
+
+class ReadOnlyMixin:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The change permission is what the actions check; the forms stay read-only through
+        # get_readonly_fields, so viewing needs only the view permission.
+        return super().has_change_permission(request, obj)  # type: ignore[misc]
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class AttemptInline(admin.TabularInline):
+    model = Attempt
+    extra = 0
+    max_num = 0
+    can_delete = False
+    fields = ["number", "outcome", "started_at", "finished_at", "worker", "exception_type",
+              "exception_message", "traceback"]
+    readonly_fields = fields
+    ordering = ["number", "id"]
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Job)
+class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ["id", "name", "queue", "priority", "status", "attempts", "run_after",
+                    "finished_at", "group"]
+    list_filter = ["status", "queue", "name"]
+    search_fields = ["name", "=id", "identity"]
+    date_hierarchy = "created_at"
+    inlines = [AttemptInline]
+    actions = ["retry_now", "cancel"]
+    list_select_related = ["group"]
+    show_full_result_count = False  # count(*) on a big jobs table is slow
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [field.name for field in Job._meta.fields]
+
+    @admin.action(description="Retry the selected jobs now", permissions=["change"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        count = scheduling.retry_now(queryset.values_list("id", flat=True))
+        self.message_user(request, f"{count} job(s) queued to run now.", messages.SUCCESS)
+
+    @admin.action(description="Cancel the selected pending jobs", permissions=["change"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        count = scheduling.cancel(queryset.values_list("id", flat=True))
+        self.message_user(request, f"{count} job(s) cancelled.", messages.SUCCESS)
+
+
+@admin.register(Group)
+class GroupAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ["id", "reference", "created_at", "final", "progress_display"]
+    search_fields = ["reference"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [field.name for field in Group._meta.fields] + ["progress_display"]
+
+    @admin.display(description="progress")
+    def progress_display(self, obj: Group) -> str:
+        progress = obj.progress()
+        finished = progress["total"] - progress["pending"]
+        return (f"{finished}/{progress['total']} finished "
+                f"({progress['succeeded']} ok, {progress['failed']} failed, "
+                f"{progress['cancelled']} cancelled)")

@@ -1,0 +1,37 @@
+"""System checks: ``manage.py check`` reports a misconfigured queue before a worker starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.db import connections
+
+from djasync import conf
+from djasync.exceptions import ImproperlyConfigured
+
+
+@checks.register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    try:
+        conf.load(getattr(settings, "DJASYNC", None))
+    except ImproperlyConfigured as exc:
+        return [checks.Error(str(exc), id="djasync.E001")]
+    return []
+
+
+@checks.register(checks.Tags.database)
+def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list:
+    if "default" not in connections:
+        return [checks.Error("djasync needs a 'default' database.", id="djasync.E002")]
+    vendor = connections["default"].vendor
+    if vendor != "postgresql":
+        return [
+            checks.Error(
+                f"djasync needs PostgreSQL; the default database is {vendor}.",
+                hint="Set DATABASES['default']['ENGINE'] to 'django.db.backends.postgresql'.",
+                id="djasync.E003",
+            )
+        ]
+    return []

@@ -1,0 +1,117 @@
+"""Read and validate the ``DJASYNC`` setting.
+
+Every knob lives in one dict so that a typo is an error instead of a silently ignored setting::
+
+    DJASYNC = {"MAX_ATTEMPTS": 5, "TIMEOUT": 60, "ALLOWED_MODULES": ["myproject.jobs"]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.utils.module_loading import import_string
+
+from djasync.exceptions import ImproperlyConfigured
+
+#: The LISTEN/NOTIFY channel that ``schedule()`` notifies and workers listen on.
+NOTIFY_CHANNEL = "djasync"
+
+
+def default_backoff(attempt: int) -> float:
+    """Return the seconds to wait before retry number ``attempt`` (the original ``60·n^1.6``)."""
+    return 60.0 * attempt**1.6
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Attempts a job gets (errors, crashes and timeouts all count) before it is marked failed.
+    MAX_ATTEMPTS: int = 10
+    #: Seconds a job may run: its statements get this statement_timeout, and the worker stops a
+    #: job still running past it. ``None`` means no limit (not advised: a hung job holds a lock).
+    TIMEOUT: float | None = 300.0
+    #: Dotted path to (or a callable) ``f(attempt_number) -> seconds`` before the next retry.
+    BACKOFF: str | Callable[[int], float] = "djasync.conf.default_backoff"
+    #: Module prefixes whose functions may run, in addition to the INSTALLED_APPS modules.
+    ALLOWED_MODULES: tuple[str, ...] = ()
+    #: Queue used when ``schedule()`` is given none.
+    DEFAULT_QUEUE: str = "default"
+    #: Priority used when ``schedule()`` is given none (-100..100, higher runs first).
+    DEFAULT_PRIORITY: int = 0
+    #: Tracebacks longer than this are cut in the middle before they are stored.
+    TRACEBACK_MAX_CHARS: int = 20_000
+    _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
+
+    def backoff(self, attempt: int) -> float:
+        return float(self._backoff(attempt))
+
+
+_KNOWN = [name for name in Settings.__dataclass_fields__ if not name.startswith("_")]
+
+
+def load(raw: Any) -> Settings:
+    """Validate a ``DJASYNC`` dict and return the settings it describes."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ImproperlyConfigured(f"DJASYNC must be a dict, not {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(_KNOWN))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"DJASYNC has unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_KNOWN)}."
+        )
+    values = dict(raw)
+
+    def _int(name: str, low: int, high: int | None = None) -> None:
+        if name in values:
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                high is not None and value > high
+            ):
+                bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ImproperlyConfigured(f"DJASYNC[{name!r}] must be an integer {bounds}.")
+
+    _int("MAX_ATTEMPTS", 1)
+    _int("DEFAULT_PRIORITY", -100, 100)
+    _int("TRACEBACK_MAX_CHARS", 200)
+    if "TIMEOUT" in values:
+        timeout = values["TIMEOUT"]
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise ImproperlyConfigured("DJASYNC['TIMEOUT'] must be a positive number or None.")
+    if "ALLOWED_MODULES" in values:
+        modules = values["ALLOWED_MODULES"]
+        if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):
+            raise ImproperlyConfigured("DJASYNC['ALLOWED_MODULES'] must be a list of module names.")
+        values["ALLOWED_MODULES"] = tuple(modules)
+    if "DEFAULT_QUEUE" in values:
+        from djasync.validation import check_queue_name
+
+        try:
+            check_queue_name(values["DEFAULT_QUEUE"])
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"DJASYNC['DEFAULT_QUEUE']: {exc}") from None
+    backoff = values.get("BACKOFF", Settings.BACKOFF)
+    if isinstance(backoff, str):
+        try:
+            backoff = import_string(backoff)
+        except ImportError as exc:
+            raise ImproperlyConfigured(f"DJASYNC['BACKOFF'] cannot be imported: {exc}") from None
+    if not callable(backoff):
+        raise ImproperlyConfigured("DJASYNC['BACKOFF'] must be a callable or its dotted path.")
+    return Settings(**values, _backoff=backoff)
+
+
+_cache: tuple[Any, Settings] | None = None
+
+
+def get() -> Settings:
+    """Return the current settings, re-reading them when ``settings.DJASYNC`` changes."""
+    global _cache
+    raw = getattr(django_settings, "DJASYNC", None)
+    if _cache is None or _cache[0] is not raw:
+        _cache = (raw, load(raw))
+    return _cache[1]

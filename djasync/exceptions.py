@@ -1,0 +1,25 @@
+"""Every error djasync raises on purpose derives from :class:`DjasyncError`."""
+
+
+class DjasyncError(Exception):
+    """A djasync operation could not be carried out."""
+
+
+class ImproperlyConfigured(DjasyncError):
+    """The DJASYNC setting is invalid."""
+
+
+class ForbiddenFunction(DjasyncError):
+    """The function is not in an allowed module, so djasync will not import or run it."""
+
+
+class FunctionNotFound(DjasyncError):
+    """The dotted name is in an allowed module but does not resolve to a callable."""
+
+
+class GroupClosed(DjasyncError):
+    """The group has started running (a job of it finished), so it takes no new jobs."""
+
+
+class GroupInUse(DjasyncError):
+    """Another generation of this group reference still has unfinished jobs."""

@@ -1,0 +1,76 @@
+"""Run the due jobs once, in this process, and exit."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from djasync.executor import Finished, drain
+from djasync.models import Job, Outcome
+from djasync.validation import check_queue_name
+
+
+def _queue(value: str) -> str:
+    try:
+        return check_queue_name(value)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+class Command(BaseCommand):
+    help = "Run the due jobs once, in this process, one transaction per job, then exit."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                            help="Stop after N jobs (default: until no due job is left).")
+        parser.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE",
+                            help="Only run jobs of this queue (repeatable; default: all).")
+        parser.add_argument("-f", "--filter", dest="name_prefix", metavar="PREFIX",
+                            help="Only run jobs whose function name starts with PREFIX.")
+        parser.add_argument("--fail-fast", action="store_true",
+                            help="Stop at the first job that fails.")
+
+    def handle(self, *args: Any, jobs: int | None, queues: list[str] | None,
+               name_prefix: str | None, fail_fast: bool, **options: Any) -> None:
+        if jobs is not None and jobs < 1:
+            raise CommandError("--jobs must be at least 1")
+        queues = [_queue(q) for q in queues] if queues else None
+        tty = self.stdout.isatty()
+        total = Job.objects.due().count() if tty else 0
+        counts = {"ok": 0, "failed": 0}
+
+        def report(finished: Finished) -> None:
+            ok = finished.outcome == Outcome.SUCCEEDED
+            counts["ok" if ok else "failed"] += 1
+            what = "ok" if ok else f"{finished.outcome.label} ({finished.status}): {finished.error}"
+            line = (f"{finished.job_id}: {finished.name} attempt {finished.attempt} "
+                    f"{what} [{finished.duration * 1000:.1f} ms]")
+            if tty:
+                done = counts["ok"] + counts["failed"]
+                self.stdout.write(f"\r\x1b[K{line}\n{_bar(done, max(total, done))}", ending="")
+            else:
+                self.stdout.write(line)
+            self.stdout.flush()
+
+        try:
+            finished = drain(max_jobs=jobs, queues=queues, name_prefix=name_prefix,
+                             stop_on_failure=fail_fast, on_finished=report)
+        except KeyboardInterrupt:
+            self.stderr.write("\ninterrupted: the running job was rolled back and stays queued")
+            sys.exit(130)
+        if tty:
+            self.stdout.write("\r\x1b[K", ending="")
+        if not finished:
+            self.stdout.write("No jobs to execute")
+            return
+        self.stdout.write(f"{len(finished)} jobs run: {counts['ok']} succeeded, "
+                          f"{counts['failed']} failed")
+        if counts["failed"]:
+            raise CommandError(f"{counts['failed']} of {len(finished)} jobs failed")
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else width
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"

@@ -1,0 +1,51 @@
+"""Show what is waiting, running and failing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from djasync.health import health
+
+
+class Command(BaseCommand):
+    help = "Show what the queue holds: counts per status and queue, age, errors, slow jobs."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", action="store_true", help="Print one JSON document.")
+
+    def handle(self, *args: Any, json: bool = False, **options: Any) -> None:
+        report = health()
+        if json:
+            self.stdout.write(_dumps(report))
+            return
+        jobs = report["jobs"]
+        self.stdout.write(
+            f"jobs: {jobs['pending']} pending ({report['due']} due, {report['running']} running, "
+            f"{report['scheduled']} scheduled), {jobs['succeeded']} succeeded, "
+            f"{jobs['failed']} failed, {jobs['cancelled']} cancelled"
+        )
+        age = report["oldest_due_age_seconds"]
+        self.stdout.write(f"oldest due job waiting: {'-' if age is None else f'{age:.1f} s'}")
+        for queue, counts in sorted(report["queues"].items()):
+            self.stdout.write(f"  queue {queue}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        last = report["last_hour"]
+        self.stdout.write(
+            f"last hour: {last['succeeded']} succeeded, {last['errors']} errors, "
+            f"{last['crashed']} crashed, {last['timed_out']} timed out"
+        )
+        for item in last["failing_names"]:
+            self.stdout.write(f"  failing: {item['name']} ({item['errors']})")
+        for item in report["slowest_names"]:
+            self.stdout.write(f"  slowest: {item['name']} avg {item['avg_seconds']} s "
+                              f"max {item['max_seconds']} s over {item['runs']} runs")
+        eta = report["estimated_drain_seconds"]
+        self.stdout.write(f"estimated time to drain: {'-' if eta is None else f'{eta:.0f} s'}")
+        for worker in report.get("workers", []):
+            self.stdout.write(f"  worker {worker}")
+
+
+def _dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=True)

@@ -1,0 +1,187 @@
+"""The queue's tables: jobs, the attempts made at them, and groups of jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from djasync.validation import PRIORITY_MAX, PRIORITY_MIN
+
+
+class Status(models.TextChoices):
+    #: Waiting to run (perhaps until ``run_after``), or running inside a worker's transaction.
+    PENDING = "pending", "pending"
+    #: Ran and committed its writes together with this status.
+    SUCCEEDED = "succeeded", "succeeded"
+    #: Used up its attempts, or can never run (forbidden or unknown function, bad row).
+    FAILED = "failed", "failed"
+    #: Descheduled or cancelled before it ran.
+    CANCELLED = "cancelled", "cancelled"
+
+
+FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+class Outcome(models.TextChoices):
+    #: The function returned and its writes committed.
+    SUCCEEDED = "succeeded", "succeeded"
+    #: The function raised; its writes were rolled back.
+    ERROR = "error", "error"
+    #: The worker process died while running it (kill -9, segfault, OOM, os._exit).
+    CRASHED = "crashed", "crashed"
+    #: It ran past its timeout and was stopped.
+    TIMED_OUT = "timed_out", "timed out"
+
+
+def identity_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    """Return the sha1 that ``deschedule()`` matches: same name and JSON arguments, same hash."""
+    text = json.dumps([name, args, kwargs], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+class JobQuerySet(models.QuerySet["Job"]):
+    def pending(self) -> JobQuerySet:
+        return self.filter(status=Status.PENDING)
+
+    def due(self) -> JobQuerySet:
+        """Pending jobs whose ``run_after`` has passed (some may be running right now)."""
+        return self.pending().filter(run_after__lte=timezone.now())
+
+    def scheduled(self) -> JobQuerySet:
+        """Pending jobs waiting for a future ``run_after`` (new, or a retry after backoff)."""
+        return self.pending().filter(run_after__gt=timezone.now())
+
+    def finished(self) -> JobQuerySet:
+        return self.filter(status__in=FINISHED_STATUSES)
+
+
+class Job(models.Model):
+    name = models.CharField(max_length=255, help_text="Dotted path of the function to call.")
+    args = models.JSONField(default=list, encoder=DjangoJSONEncoder)
+    kwargs = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    meta = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    queue = models.CharField(max_length=100, default="default")
+    priority = models.SmallIntegerField(default=0, help_text="Higher runs first (-100..100).")
+    run_after = models.DateTimeField(default=timezone.now, help_text="Earliest time to run.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0, help_text="Attempts made so far.")
+    result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    identity = models.CharField(max_length=40, db_index=True, editable=False)
+    group = models.ForeignKey(
+        "Group", null=True, blank=True, on_delete=models.CASCADE, related_name="jobs"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True, help_text="Start of the last attempt.")
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=255, blank=True, help_text="Who ran the last attempt.")
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(priority__gte=PRIORITY_MIN) & Q(priority__lte=PRIORITY_MAX),
+                name="djasync_job_priority_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=[s.value for s in Status]),
+                name="djasync_job_status_valid",
+            ),
+        ]
+        indexes = [
+            # The claim walks this index in its ORDER BY; only pending rows are in it, so its
+            # size follows the backlog, never the history of finished jobs.
+            models.Index(
+                fields=["-priority", "run_after", "id"],
+                condition=Q(status="pending"),
+                name="djasync_job_claim",
+            ),
+            models.Index(fields=["status", "finished_at"], name="djasync_job_finished"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} #{self.pk}"
+
+    def __call__(self) -> Any:
+        """Run this job now, in this process, through the executor; return its result.
+
+        Raises what the function raised, after the failure is recorded (and the retry is
+        scheduled) exactly as a worker would record it.
+        """
+        from djasync.executor import run_job_now
+
+        return run_job_now(self)
+
+    @property
+    def max_attempts(self) -> int:
+        from djasync import conf
+
+        return int(self.meta.get("max_attempts") or conf.get().MAX_ATTEMPTS)
+
+
+class Attempt(models.Model):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_set")
+    number = models.PositiveIntegerField(help_text="1 for the first try.")
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    exception_type = models.CharField(max_length=255, blank=True)
+    exception_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    worker = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["job", "number", "id"]
+        indexes = [models.Index(fields=["outcome", "finished_at"], name="djasync_attempt_recent")]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of job #{self.job_id}: {self.outcome}"
+
+
+class Group(models.Model):
+    reference = models.CharField(max_length=100, db_index=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    final = models.ForeignKey(
+        Job,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="final_of",
+        help_text="Runs once every other job of the group is finished.",
+    )
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.reference} (group #{self.pk})"
+
+    def progress(self) -> dict[str, int]:
+        """Count this group's jobs (the final job excluded) by status, plus ``total``."""
+        counts = {status.value: 0 for status in Status}
+        rows = self.jobs.exclude(pk=self.final_id).values_list("status").annotate(n=models.Count("id"))
+        for status, n in rows:
+            counts[status] = n
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def has_completed(self) -> bool:
+        """Whether every job but the final one is finished (a group with no jobs has not)."""
+        progress = self.progress()
+        return progress["total"] > 0 and progress[Status.PENDING] == 0
+
+    def on_completion(self, job: Job) -> Job:
+        """Make ``job`` the group's final job: it runs once every other job is finished."""
+        job.group = self
+        job.save(update_fields=["group"])
+        self.final = job
+        self.save(update_fields=["final"])
+        return job

@@ -1,0 +1,210 @@
+"""The write path: put jobs in the queue, or take them out before they run.
+
+Everything here runs on the caller's connection, inside whatever transaction the caller has
+open: a job scheduled in a transaction that rolls back never existed, and no worker can see it
+before the transaction commits. The NOTIFY that wakes workers is sent in the same transaction,
+so PostgreSQL delivers it at commit (and drops it on rollback).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connection, transaction
+
+from djasync import conf, registry, sql
+from djasync.conf import NOTIFY_CHANNEL
+from djasync.exceptions import GroupClosed, GroupInUse
+from djasync.models import Group, Job, Status, identity_of
+from djasync.validation import (
+    check_args,
+    check_kwargs,
+    check_meta,
+    check_priority,
+    check_queue_name,
+    check_run_after,
+)
+
+Function = Callable[..., Any] | str
+RunAfter = datetime.datetime | datetime.timedelta | None
+
+
+@dataclass
+class JobSpec:
+    """One job for :func:`schedule_many`; the fields mean what ``schedule()``'s arguments do."""
+
+    function: Function
+    args: Any = None
+    kwargs: Any = None
+    run_after: RunAfter = None
+    meta: Any = None
+    priority: int | None = None
+    queue: str | None = None
+    group: Group | str | None = field(default=None)
+
+
+def schedule(
+    function: Function,
+    args: Any = None,
+    kwargs: Any = None,
+    run_after: RunAfter = None,
+    meta: Any = None,
+    *,
+    priority: int | None = None,
+    queue: str | None = None,
+    group: Group | str | None = None,
+) -> Job:
+    """Add a job to the queue in the caller's transaction and return the saved row.
+
+    ``function`` is a callable or its dotted name; it must live in an allowed module.
+    ``run_after`` is an aware datetime or a timedelta from now. ``meta`` may hold
+    ``max_attempts``, ``timeout`` (seconds) and ``atomic``. ``group`` is a :class:`Group` or a
+    group reference (the newest unfinished group of that reference, or a new one).
+    """
+    (job,) = schedule_many(
+        [JobSpec(function, args, kwargs, run_after, meta, priority, queue, group)]
+    )
+    return job
+
+
+def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
+    """Add many jobs with one INSERT (and one NOTIFY per queue); return the saved rows.
+
+    All jobs are validated before anything is written: one bad job writes none.
+    """
+    settings = conf.get()
+    jobs: list[Job] = []
+    groups: dict[str, Group] = {}
+    for spec in specs:
+        name = registry.name_of(spec.function)
+        registry.resolve(name)  # refuse forbidden or missing functions now, not at run time
+        args, kwargs = check_args(spec.args), check_kwargs(spec.kwargs)
+        job = Job(
+            name=name,
+            args=args,
+            kwargs=kwargs,
+            meta=check_meta(spec.meta),
+            queue=check_queue_name(settings.DEFAULT_QUEUE if spec.queue is None else spec.queue),
+            priority=check_priority(
+                settings.DEFAULT_PRIORITY if spec.priority is None else spec.priority
+            ),
+            run_after=check_run_after(spec.run_after),
+            identity=identity_of(name, args, kwargs),
+        )
+        if spec.group is not None:
+            job.group = _open_group(spec.group, groups)
+        jobs.append(job)
+    if not jobs:
+        return []
+    with transaction.atomic():
+        Job.objects.bulk_create(jobs)
+        with connection.cursor() as cursor:
+            for queue in sorted({job.queue for job in jobs}):
+                cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": queue})
+    return jobs
+
+
+def _open_group(group: Group | str, cache: dict[str, Group]) -> Group:
+    """Return a group that still takes jobs (see :func:`group_for_reference`)."""
+    if isinstance(group, str):
+        if group not in cache:
+            cache[group] = group_for_reference(group)
+        return cache[group]
+    if group.pk is None:
+        raise ValueError("save the Group before scheduling jobs into it")
+    if group.jobs.exclude(status=Status.PENDING).exists():
+        raise GroupClosed(f"group {group} has started running (a job of it finished)")
+    return group
+
+
+def group_for_reference(reference: str, description: str = "") -> Group:
+    """Return the newest group with this reference that takes jobs, creating one if needed.
+
+    A reference names one generation at a time: a new generation starts once the previous one
+    has completed (every job finished). A generation that has started running (some job
+    finished, some still pending) takes no new jobs.
+    """
+    if not isinstance(reference, str) or not reference or len(reference) > 100:
+        raise ValueError("a group reference is a string of 1-100 characters")
+    latest = Group.objects.filter(reference=reference).order_by("-id").first()
+    if latest is None or latest.has_completed():
+        return Group.objects.create(
+            reference=reference, description=description or (latest.description if latest else "")
+        )
+    if latest.jobs.exclude(status=Status.PENDING).exists():
+        raise GroupClosed(
+            f"group {reference!r} is running ({latest.progress()[Status.PENDING]} jobs pending); "
+            "it takes new jobs again once every job has finished"
+        )
+    return latest
+
+
+def create_group(reference: str, description: str = "") -> Group:
+    """Start a new generation of a group reference; refuse while another one is unfinished."""
+    latest = Group.objects.filter(reference=reference).order_by("-id").first()
+    if latest is not None and latest.jobs.filter(status=Status.PENDING).exists():
+        raise GroupInUse(f"group {reference!r} (#{latest.pk}) still has pending jobs")
+    return Group.objects.create(reference=reference, description=description)
+
+
+def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:
+    """Cancel the pending jobs with this function and these arguments; return how many.
+
+    A job that a worker is running right now is locked, so it is skipped (it finishes).
+    """
+    name = registry.name_of(function)
+    identity = identity_of(name, check_args(args), check_kwargs(kwargs))
+    with transaction.atomic():
+        ids = list(
+            Job.objects.pending()
+            .filter(identity=identity)
+            .select_for_update(skip_locked=True, no_key=True)
+            .values_list("id", flat=True)
+        )
+        return Job.objects.filter(id__in=ids).update(status=Status.CANCELLED)
+
+
+def cancel(job_ids: Iterable[int]) -> int:
+    """Cancel these jobs if they are pending and not running; return how many were cancelled."""
+    with transaction.atomic():
+        ids = list(
+            Job.objects.pending()
+            .filter(id__in=list(job_ids))
+            .select_for_update(skip_locked=True, no_key=True)
+            .values_list("id", flat=True)
+        )
+        return Job.objects.filter(id__in=ids).update(status=Status.CANCELLED)
+
+
+def retry_now(job_ids: Iterable[int]) -> int:
+    """Make failed, cancelled or waiting jobs due now, with fresh attempts; return how many.
+
+    Their attempt history is kept; a job that had used up its attempts gets one more.
+    A job that is running right now (locked) is skipped.
+    """
+    from django.utils import timezone
+
+    with transaction.atomic():
+        ids = list(
+            Job.objects.filter(id__in=list(job_ids))
+            .exclude(status=Status.SUCCEEDED)
+            .select_for_update(skip_locked=True, no_key=True)
+            .values_list("id", flat=True)
+        )
+        jobs = Job.objects.filter(id__in=ids)
+        count = 0
+        for job in jobs:
+            meta = dict(job.meta)
+            attempts_made = job.attempt_set.count()
+            if attempts_made >= job.max_attempts:
+                meta["max_attempts"] = attempts_made + 1
+            count += Job.objects.filter(id=job.id).update(
+                status=Status.PENDING, run_after=timezone.now(), meta=meta, finished_at=None
+            )
+        if count:
+            with connection.cursor() as cursor:
+                cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": "*"})
+        return count

@@ -1,0 +1,103 @@
+"""Every SQL statement on the queue's hot path, each named and explained.
+
+They are plain SQL rather than ORM queries because each one is a single round trip that the ORM
+cannot express (``FOR NO KEY UPDATE … SKIP LOCKED`` returning computed columns, an INSERT and an
+UPDATE in one statement) and because they run once per job.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+JOB = "djasync_job"
+ATTEMPT = "djasync_attempt"
+GROUP = "djasync_group"
+
+
+@cache
+def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False) -> str:
+    """Lock and read up to ``%(limit)s`` runnable jobs, best first.
+
+    - ``FOR NO KEY UPDATE``: a plain ``FOR UPDATE`` would conflict with the ``FOR KEY SHARE`` lock
+      that inserting a row with a foreign key to the job takes, so an application transaction
+      referencing a job would hide it from every worker.
+    - ``SKIP LOCKED``: rows locked by other workers (jobs they are running) are passed over, never
+      waited on. A locked row stays ``pending``; its lock *is* the "running" mark, so a worker that
+      dies releases it with its transaction.
+    - Every eligibility predicate sits inside this locked select (never in an outer query), so a
+      row that is locked is always a row that will run.
+    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only).
+    - ``previous_attempts`` counts attempt rows, including ``crashed`` ones the supervisor wrote
+      after a child died: those are the only record of a crash, since the crash rolled back
+      everything the attempt wrote.
+    """
+    filters = [
+        "j.status = 'pending'",
+        # ``job()`` (by id) runs a job now even if its run_after is in the future.
+        "TRUE" if by_id else "j.run_after <= now()",
+        # A group's final job waits until no other job of its group is pending.
+        f"""(j.group_id IS NULL OR NOT EXISTS (
+              SELECT 1 FROM {GROUP} g JOIN {JOB} o ON o.group_id = g.id
+               WHERE g.final_id = j.id AND o.id <> j.id AND o.status = 'pending'))""",
+    ]
+    if by_queue:
+        filters.append("j.queue = ANY(%(queues)s)")
+    if by_name_prefix:
+        filters.append("starts_with(j.name, %(name_prefix)s)")
+    if by_id:
+        filters.append("j.id = %(job_id)s")
+    where = "\n   AND ".join(filters)
+    return f"""
+SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+       (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts
+  FROM {JOB} j
+ WHERE {where}
+ ORDER BY j.priority DESC, j.run_after, j.id
+ LIMIT %(limit)s
+   FOR NO KEY UPDATE OF j SKIP LOCKED
+"""
+
+
+#: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
+#: ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode.
+SET_JOB_TIMEOUTS = """
+SELECT set_config('statement_timeout', %(statement_ms)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true)
+"""
+
+#: Record an attempt and the job's new state in one statement (one round trip).
+FINISH_ATTEMPT = f"""
+WITH attempt AS (
+    INSERT INTO {ATTEMPT}
+        (job_id, number, started_at, finished_at, outcome,
+         exception_type, exception_message, traceback, worker)
+    VALUES (%(job_id)s, %(number)s, %(started_at)s, now(), %(outcome)s,
+            %(exception_type)s, %(exception_message)s, %(traceback)s, %(worker)s)
+)
+UPDATE {JOB}
+   SET status = %(status)s,
+       result = %(result)s::jsonb,
+       run_after = coalesce(%(run_after)s, run_after),
+       attempts = %(number)s,
+       started_at = %(started_at)s,
+       finished_at = CASE WHEN %(status)s = 'pending' THEN NULL ELSE now() END,
+       worker = %(worker)s
+ WHERE id = %(job_id)s
+"""
+
+#: Written by whoever saw a job's process die (the supervisor), outside any job transaction.
+#: It inserts an attempt row only: the job row may already be locked by the worker that
+#: re-claimed it, and the next claim counts this row in ``previous_attempts``.
+RECORD_LOST_ATTEMPT = f"""
+INSERT INTO {ATTEMPT}
+    (job_id, number, started_at, finished_at, outcome,
+     exception_type, exception_message, traceback, worker)
+SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
+       %(started_at)s, now(), %(outcome)s, %(exception_type)s, %(exception_message)s, '',
+       %(worker)s
+  FROM {JOB} j
+ WHERE j.id = %(job_id)s AND j.status = 'pending'
+"""
+
+#: Wake listening workers; sent inside the scheduling transaction, so delivered at its commit.
+NOTIFY = "SELECT pg_notify(%(channel)s, %(queue)s)"

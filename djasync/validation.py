@@ -1,0 +1,123 @@
+"""Validate the values ``schedule()`` stores, so that a bad value fails where it is written."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.utils import timezone
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+
+#: The keys ``meta`` may carry, with what each controls.
+META_KEYS = {
+    "max_attempts": "attempts before the job is marked failed (integer >= 1)",
+    "timeout": "seconds the job may run (positive number)",
+    "atomic": "run inside the claiming transaction (True; leased long jobs are not built yet)",
+}
+
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
+
+
+def check_queue_name(queue: Any) -> str:
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        raise ValueError(
+            f"queue name {queue!r} is invalid: use 1-100 characters from letters, digits and "
+            "'_.:-', starting with a letter or digit"
+        )
+    return queue
+
+
+def check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an integer, not {type(priority).__name__}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ValueError(f"priority {priority} is outside {PRIORITY_MIN}..{PRIORITY_MAX}")
+    return priority
+
+
+def check_meta(meta: Any) -> dict[str, Any]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
+    unknown = sorted(str(k) for k in set(meta) - set(META_KEYS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in META_KEYS.items())
+        raise ValueError(f"unknown meta key(s) {', '.join(unknown)}; known keys are {known}")
+    if "max_attempts" in meta:
+        value = meta["max_attempts"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise ValueError(f"meta['max_attempts'] must be an integer 1..1000, not {value!r}")
+    if "timeout" in meta:
+        value = meta["timeout"]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+            or value > 7 * 86400
+        ):
+            raise ValueError(f"meta['timeout'] must be a number of seconds in (0, 604800], not {value!r}")
+    if "atomic" in meta:
+        if meta["atomic"] is not True:
+            raise ValueError(
+                "meta['atomic'] must be True: leased non-atomic jobs are not supported yet"
+            )
+    return dict(meta)
+
+
+def to_json(value: Any, what: str) -> Any:
+    """Return ``value`` as it will be stored (JSON types only), or raise ``TypeError`` naming it."""
+    try:
+        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} cannot be stored as JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise ValueError(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    return json.loads(text)
+
+
+def check_args(args: Any) -> list[Any]:
+    if args is None:
+        return []
+    if isinstance(args, str | bytes | dict) or not isinstance(args, list | tuple):
+        raise TypeError(f"args must be a list or tuple, not {type(args).__name__}")
+    return [to_json(arg, f"args[{i}] ({type(arg).__name__})") for i, arg in enumerate(args)]
+
+
+def check_kwargs(kwargs: Any) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise TypeError(f"kwargs key {key!r} is not a valid Python identifier")
+    return {k: to_json(v, f"kwargs[{k!r}] ({type(v).__name__})") for k, v in kwargs.items()}
+
+
+def check_run_after(run_after: Any) -> datetime.datetime:
+    """Return when the job may run: ``None`` is now; a timedelta is relative to now."""
+    now = timezone.now()
+    if run_after is None:
+        return now
+    if isinstance(run_after, datetime.timedelta):
+        return now + run_after
+    if isinstance(run_after, datetime.datetime):
+        if timezone.is_naive(run_after):
+            from django.conf import settings
+
+            if settings.USE_TZ:
+                raise ValueError(
+                    "run_after is a naive datetime while USE_TZ is on; pass an aware datetime "
+                    "(django.utils.timezone.now() + ...) or a timedelta"
+                )
+        return run_after
+    raise TypeError(
+        f"run_after must be an aware datetime, a timedelta or None, not {type(run_after).__name__}"
+    )

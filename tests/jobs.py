@@ -1,0 +1,81 @@
+"""Importable job functions for the tests (they live in an INSTALLED_APPS module)."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+import signal
+import time
+
+from django.db import connection
+
+from tests.models import Ledger
+
+
+def no_backoff(attempt: int) -> float:
+    return 0.0
+
+
+def add(a, b):
+    return a + b
+
+
+def echo(*args, **kwargs):
+    return {"args": list(args), "kwargs": kwargs}
+
+
+def write_ledger(key, note=""):
+    Ledger.objects.create(key=key, note=note)
+    return key
+
+
+def write_then_raise(key):
+    Ledger.objects.create(key=key)
+    raise RuntimeError(f"boom after writing {key}")
+
+
+def always_raise():
+    raise ValueError("this job always fails")
+
+
+def return_unencodable(key):
+    Ledger.objects.create(key=key)
+    return object()
+
+
+def return_decimal():
+    return decimal.Decimal("1.10")
+
+
+def return_datetime():
+    return datetime.datetime(2020, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+
+def sleep(seconds, key=None):
+    time.sleep(seconds)
+    if key:
+        Ledger.objects.create(key=key)
+    return seconds
+
+
+def pg_sleep(seconds):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+
+
+def kill_self(key=None):
+    """Die the way a segfault or the OOM killer kills a worker process."""
+    if key:
+        Ledger.objects.create(key=key)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_hard():
+    os._exit(1)
+
+
+class Maths:
+    @classmethod
+    def double(cls, x):
+        return 2 * x

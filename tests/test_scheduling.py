@@ -1,0 +1,166 @@
+"""schedule(): the job row is written in the caller's transaction, validated first."""
+
+import datetime
+import decimal
+import uuid
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+import djasync
+from djasync.exceptions import ForbiddenFunction, FunctionNotFound
+from djasync.models import Job, Status, identity_of
+from tests import jobs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def count_pending_seen_by(conn) -> int:
+    return conn.execute("SELECT count(*) FROM djasync_job WHERE status = 'pending'").fetchone()[0]
+
+
+def test_a_job_scheduled_in_a_rolled_back_transaction_never_exists():
+    with pytest.raises(RuntimeError), transaction.atomic():
+        djasync.schedule(jobs.add, args=[1, 2])
+        assert Job.objects.count() == 1  # visible inside the transaction
+        raise RuntimeError("request failed")
+    assert Job.objects.count() == 0
+
+
+def test_a_second_connection_sees_the_job_only_after_commit(other_connection):
+    with transaction.atomic():
+        djasync.schedule(jobs.add, args=[1, 2])
+        assert count_pending_seen_by(other_connection) == 0
+    assert count_pending_seen_by(other_connection) == 1
+
+
+def test_the_notify_is_delivered_at_commit_and_not_on_rollback(other_connection):
+    other_connection.execute("LISTEN djasync")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        djasync.schedule(jobs.add, args=[1, 2], queue="rolled")
+        raise RuntimeError
+    with transaction.atomic():
+        djasync.schedule(jobs.add, args=[1, 2], queue="mail")
+        assert list(other_connection.notifies(timeout=0.2, stop_after=1)) == []
+    received = list(other_connection.notifies(timeout=5, stop_after=1))
+    assert [(n.channel, n.payload) for n in received] == [("djasync", "mail")]
+
+
+def test_schedule_stores_name_arguments_and_defaults():
+    job = djasync.schedule("tests.jobs.add", args=(1, 2), kwargs=None)
+    job.refresh_from_db()
+    assert (job.name, job.args, job.kwargs, job.queue, job.priority, job.status) == (
+        "tests.jobs.add", [1, 2], {}, "default", 0, Status.PENDING)
+    assert job.identity == identity_of("tests.jobs.add", [1, 2], {})
+    assert abs((job.run_after - timezone.now()).total_seconds()) < 5
+
+
+def test_a_callable_is_stored_by_its_dotted_name_including_classmethods():
+    assert djasync.schedule(jobs.echo).name == "tests.jobs.echo"
+    assert djasync.schedule(jobs.Maths.double, args=[2]).name == "tests.jobs.Maths.double"
+
+
+def test_dates_decimals_and_uuids_are_stored_through_djangos_encoder():
+    value = uuid.UUID(int=5)
+    job = djasync.schedule(jobs.echo, args=[decimal.Decimal("1.5"), value],
+                           kwargs={"when": datetime.date(2024, 2, 3)})
+    job.refresh_from_db()
+    assert job.args == ["1.5", str(value)]
+    assert job.kwargs == {"when": "2024-02-03"}
+
+
+def test_a_non_json_argument_is_refused_with_its_name():
+    with pytest.raises(TypeError, match=r"kwargs\['conn'\] \(object\)"):
+        djasync.schedule(jobs.echo, kwargs={"conn": object()})
+    with pytest.raises(TypeError, match=r"args\[1\] \(set\)"):
+        djasync.schedule(jobs.echo, args=[1, {2}])
+    assert Job.objects.count() == 0
+
+
+@pytest.mark.parametrize("bad, error", [
+    ({"retries": 3}, "unknown meta key"),
+    ({"max_attempts": 0}, "max_attempts"),
+    ({"timeout": -1}, "timeout"),
+    ({"atomic": False}, "not supported yet"),
+    ("x", "must be a dict"),
+])
+def test_bad_meta_is_refused(bad, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        djasync.schedule(jobs.add, args=[1, 2], meta=bad)
+
+
+def test_unknown_meta_key_lists_the_known_ones():
+    with pytest.raises(ValueError, match="max_attempts.*timeout.*atomic"):
+        djasync.schedule(jobs.add, meta={"retry": 1})
+
+
+def test_run_after_accepts_aware_datetimes_and_timedeltas_and_refuses_naive_ones():
+    soon = djasync.schedule(jobs.add, args=[1, 1], run_after=datetime.timedelta(hours=1))
+    assert soon.run_after > timezone.now() + datetime.timedelta(minutes=59)
+    at = timezone.now() + datetime.timedelta(days=2)
+    assert djasync.schedule(jobs.add, args=[1, 1], run_after=at).run_after == at
+    with pytest.raises(ValueError, match="naive datetime"):
+        djasync.schedule(jobs.add, run_after=datetime.datetime(2030, 1, 1))
+    with pytest.raises(TypeError, match="run_after"):
+        djasync.schedule(jobs.add, run_after="tomorrow")
+
+
+@pytest.mark.parametrize("priority, error", [(101, ValueError), (-101, ValueError),
+                                             ("1", TypeError), (True, TypeError)])
+def test_priority_outside_its_range_is_refused(priority, error):
+    with pytest.raises(error):
+        djasync.schedule(jobs.add, priority=priority)
+
+
+@pytest.mark.parametrize("queue", ["", " x", "a" * 101, "bad queue", None.__class__.__name__ + "!"])
+def test_bad_queue_names_are_refused(queue):
+    with pytest.raises(ValueError, match="queue name"):
+        djasync.schedule(jobs.add, queue=queue)
+
+
+@pytest.mark.parametrize("name, error", [
+    ("os.system", ForbiddenFunction),
+    ("subprocess.run", ForbiddenFunction),
+    ("builtins.eval", ForbiddenFunction),
+    ("print", ForbiddenFunction),
+    ("tests.jobs.missing", FunctionNotFound),
+    ("tests.jobs._private", ForbiddenFunction),
+    ("tests.jobs.os.system", ForbiddenFunction),
+    ("tests.nosuchmodule.f", FunctionNotFound),
+])
+def test_a_name_that_is_not_an_allowed_callable_is_refused(name, error):
+    with pytest.raises(error):
+        djasync.schedule(name)
+    assert Job.objects.count() == 0
+
+
+def test_lambdas_cannot_be_scheduled():
+    with pytest.raises(ForbiddenFunction, match="module-level function"):
+        djasync.schedule(lambda: 1)
+
+
+def test_schedule_many_inserts_all_jobs_or_none():
+    created = djasync.schedule_many([djasync.JobSpec(jobs.add, [i, i]) for i in range(50)])
+    assert len({job.pk for job in created}) == 50
+    assert Job.objects.count() == 50
+    with pytest.raises(TypeError):
+        djasync.schedule_many([djasync.JobSpec(jobs.add, [1, 1]),
+                               djasync.JobSpec(jobs.add, [object()])])
+    assert Job.objects.count() == 50
+
+
+def test_deschedule_cancels_matching_pending_jobs_only():
+    target = djasync.schedule(jobs.add, args=[1, 2])
+    other_args = djasync.schedule(jobs.add, args=[2, 1])
+    done = djasync.schedule(jobs.add, args=[1, 2])
+    Job.objects.filter(pk=done.pk).update(status=Status.SUCCEEDED)
+    assert djasync.deschedule("tests.jobs.add", args=[1, 2]) == 1
+    statuses = dict(Job.objects.values_list("pk", "status"))
+    assert statuses == {target.pk: Status.CANCELLED, other_args.pk: Status.PENDING,
+                        done.pk: Status.SUCCEEDED}
+
+
+def test_deschedule_matches_kwargs_whatever_their_order():
+    djasync.schedule(jobs.echo, kwargs={"a": 1, "b": 2})
+    assert djasync.deschedule(jobs.echo, kwargs={"b": 2, "a": 1}) == 1
