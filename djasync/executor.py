@@ -14,6 +14,7 @@ A batch claims several jobs and runs each in its own savepoint, committing once.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
@@ -101,7 +102,16 @@ def claim(
               "job_id": job_id}
     with connection.cursor() as cursor:
         cursor.execute(query, params)
-        return [ClaimedJob(*row) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+    # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
+    return [
+        ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
+        for id, name, args, kwargs, meta, *rest in rows
+    ]
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def run_batch(

@@ -79,3 +79,20 @@ class Maths:
     @classmethod
     def double(cls, x):
         return 2 * x
+
+
+ON_COMMIT_CALLS: list[str] = []
+
+
+def on_commit_then_raise(key):
+    from django.db import transaction
+
+    transaction.on_commit(lambda: ON_COMMIT_CALLS.append(key))
+    raise RuntimeError("after on_commit")
+
+
+def on_commit_then_return(key):
+    from django.db import transaction
+
+    transaction.on_commit(lambda: ON_COMMIT_CALLS.append(key))
+    return key

@@ -1,0 +1,147 @@
+"""Management commands: flush_queue, queue_health, prune_jobs."""
+
+import datetime
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+import djasync
+from djasync.models import Attempt, Group, Job, Status
+from tests import jobs
+from tests.models import Ledger
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run(*args: str) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def test_flush_queue_on_an_empty_queue_says_so():
+    assert run("flush_queue").strip() == "No jobs to execute"
+
+
+def test_flush_queue_runs_every_due_job_and_prints_a_line_each_and_a_summary():
+    for i in range(3):
+        djasync.schedule(jobs.write_ledger, args=[f"k{i}"])
+    djasync.schedule(jobs.add, args=[1, 1], run_after=datetime.timedelta(hours=1))
+    output = run("flush_queue").splitlines()
+    assert len(output) == 4 and all("tests.jobs.write_ledger attempt 1 ok" in o for o in output[:3])
+    assert output[-1] == "3 jobs run: 3 succeeded, 0 failed"
+    assert Ledger.objects.count() == 3
+
+
+def test_flush_queue_keeps_going_after_a_failure_and_exits_with_an_error():
+    djasync.schedule(jobs.always_raise, priority=5, meta={"max_attempts": 1})
+    djasync.schedule(jobs.write_ledger, args=["after"])
+    with pytest.raises(CommandError, match="1 of 2 jobs failed"):
+        run("flush_queue")
+    assert Ledger.objects.count() == 1
+
+
+def test_flush_queue_fail_fast_stops_at_the_first_failure():
+    djasync.schedule(jobs.always_raise, priority=5)
+    djasync.schedule(jobs.write_ledger, args=["after"])
+    with pytest.raises(CommandError, match="1 of 1 jobs failed"):
+        run("flush_queue", "--fail-fast")
+    assert Ledger.objects.count() == 0
+
+
+def test_flush_queue_jobs_limit_queue_and_filter():
+    for i in range(5):
+        djasync.schedule(jobs.write_ledger, args=[f"d{i}"])
+    djasync.schedule(jobs.write_ledger, args=["mail"], queue="mail")
+    djasync.schedule(jobs.add, args=[1, 2], queue="mail")
+    assert run("flush_queue", "--jobs", "2").splitlines()[-1].startswith("2 jobs run")
+    run("flush_queue", "--queue", "mail", "--filter", "tests.jobs.add")
+    assert Job.objects.get(name="tests.jobs.add").status == Status.SUCCEEDED
+    assert Job.objects.get(args=["mail"]).status == Status.PENDING
+    run("flush_queue", "-q", "mail")
+    assert Ledger.objects.count() == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--queue", "bad queue"], "queue name"),
+])
+def test_flush_queue_refuses_bad_options(args, message):
+    with pytest.raises(CommandError, match=message):
+        run("flush_queue", *args)
+
+
+def test_queue_health_json_reports_counts_errors_and_age():
+    djasync.schedule(jobs.add, args=[1, 1])
+    djasync.schedule(jobs.always_raise, meta={"max_attempts": 1})
+    djasync.schedule(jobs.add, args=[1, 1], run_after=datetime.timedelta(hours=1))
+    due = djasync.schedule(jobs.add, args=[2, 2], queue="other", priority=-1)
+    Job.objects.filter(pk=due.pk).update(run_after=timezone.now() - datetime.timedelta(minutes=5))
+    with pytest.raises(CommandError):
+        run("flush_queue", "--jobs", "2")
+    report = json.loads(run("queue_health", "--json"))
+    assert report["jobs"] == {"pending": 2, "succeeded": 1, "failed": 1, "cancelled": 0}
+    assert (report["due"], report["scheduled"], report["running"]) == (1, 1, 0)
+    assert report["oldest_due_age_seconds"] >= 299
+    assert report["last_hour"]["errors"] == 1
+    assert report["last_hour"]["failing_names"] == [{"name": "tests.jobs.always_raise",
+                                                     "errors": 1}]
+    assert report["queues"]["other"]["pending"] == 1
+    assert [s["name"] for s in report["slowest_names"]] == ["tests.jobs.add"]
+
+
+def test_queue_health_counts_a_locked_job_as_running(other_connection):
+    from djasync import sql
+
+    djasync.schedule(jobs.add, args=[1, 1])
+    with other_connection.transaction():
+        other_connection.execute(sql.claim(by_queue=False, by_name_prefix=False), {"limit": 1})
+        assert json.loads(run("queue_health", "--json"))["running"] == 1
+    assert json.loads(run("queue_health", "--json"))["running"] == 0
+
+
+def test_queue_health_text_is_readable():
+    djasync.schedule(jobs.add, args=[1, 1])
+    text = run("queue_health")
+    assert text.startswith("jobs: 1 pending (1 due, 0 running, 0 scheduled)")
+
+
+def _age(job: Job, days: float) -> None:
+    Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - datetime.timedelta(days=days))
+
+
+def test_prune_jobs_deletes_old_finished_jobs_and_their_attempts_only():
+    old_ok = djasync.schedule(jobs.add, args=[1, 1])
+    old_failed = djasync.schedule(jobs.always_raise, meta={"max_attempts": 1})
+    young = djasync.schedule(jobs.add, args=[2, 2])
+    pending = djasync.schedule(jobs.add, args=[3, 3], run_after=datetime.timedelta(days=1))
+    with pytest.raises(CommandError):
+        run("flush_queue")
+    _age(old_ok, 40)
+    _age(old_failed, 40)
+    assert "would delete 2 jobs" in run("prune_jobs", "--older-than", "30", "--dry-run")
+    assert "deleted 1 jobs" in run("prune_jobs", "--older-than", "30", "--status", "succeeded")
+    assert "deleted 1 jobs" in run("prune_jobs", "--older-than", "30")
+    assert set(Job.objects.values_list("pk", flat=True)) == {young.pk, pending.pk}
+    assert set(Attempt.objects.values_list("job_id", flat=True)) == {young.pk}
+
+
+def test_prune_jobs_keeps_a_group_until_all_of_it_is_old():
+    a = djasync.schedule(jobs.add, args=[1, 1], group="g")
+    b = djasync.schedule(jobs.add, args=[2, 2], group="g")
+    run("flush_queue")
+    _age(a, 40)
+    assert "deleted 0 jobs" in run("prune_jobs", "--older-than", "30")
+    _age(b, 40)
+    assert "deleted 2 jobs" in run("prune_jobs", "--older-than", "30")
+    assert Group.objects.count() == 0
+
+
+def test_prune_jobs_refuses_bad_options():
+    with pytest.raises(CommandError, match="--older-than"):
+        run("prune_jobs")
+    with pytest.raises(CommandError, match="invalid choice"):
+        run("prune_jobs", "--older-than", "1", "--status", "pending")

@@ -1,0 +1,64 @@
+"""Groups: fill, then run; a final job runs once every other job of the group is finished."""
+
+import datetime
+
+import pytest
+
+import djasync
+from djasync import executor
+from djasync.exceptions import GroupClosed, GroupInUse
+from djasync.models import Group, Job, Status
+from djasync.scheduling import create_group
+from tests import jobs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_the_final_job_waits_until_every_other_job_of_the_group_is_finished():
+    members = [djasync.schedule(jobs.add, args=[i, i], group="nightly") for i in range(3)]
+    group = members[0].group
+    assert all(job.group_id == group.pk for job in members)
+    final = group.on_completion(djasync.schedule(jobs.echo, args=["all done"], priority=100))
+    # Highest priority, yet it must not run before the members.
+    order = [f.job_id for f in executor.drain()]
+    assert order[-1] == final.pk and sorted(order[:-1]) == sorted(j.pk for j in members)
+
+
+def test_a_failed_or_cancelled_member_still_completes_the_group():
+    failing = djasync.schedule(jobs.always_raise, group="g", meta={"max_attempts": 1})
+    cancelled = djasync.schedule(jobs.add, args=[1, 1], group="g")
+    final = failing.group.on_completion(djasync.schedule(jobs.echo))
+    djasync.deschedule(jobs.add, args=[1, 1])
+    executor.drain()
+    statuses = dict(Job.objects.values_list("pk", "status"))
+    assert statuses == {failing.pk: Status.FAILED, cancelled.pk: Status.CANCELLED,
+                        final.pk: Status.SUCCEEDED}
+
+
+def test_a_running_group_takes_no_new_jobs_and_a_completed_one_starts_a_new_generation():
+    first = djasync.schedule(jobs.add, args=[1, 1], group="batch")
+    djasync.schedule(jobs.add, args=[2, 2], group="batch")
+    executor.run_batch(1)  # one member finished, one pending: the group is running
+    with pytest.raises(GroupClosed):
+        djasync.schedule(jobs.add, args=[3, 3], group="batch")
+    executor.drain()
+    again = djasync.schedule(jobs.add, args=[4, 4], group="batch")
+    assert again.group_id != first.group_id
+    assert Group.objects.filter(reference="batch").count() == 2
+
+
+def test_a_new_generation_cannot_be_created_while_one_is_unfinished():
+    djasync.schedule(jobs.add, args=[1, 1], group="ref")
+    with pytest.raises(GroupInUse):
+        create_group("ref")
+
+
+def test_group_progress_counts_members_by_status():
+    a = djasync.schedule(jobs.add, args=[1, 1], group="p")
+    djasync.schedule(jobs.always_raise, group="p", meta={"max_attempts": 1})
+    djasync.schedule(jobs.add, args=[2, 2], group="p", run_after=datetime.timedelta(days=1))
+    executor.drain()
+    progress = Group.objects.get(pk=a.group_id).progress()
+    assert (progress["total"], progress["succeeded"], progress["failed"], progress["pending"]) == (
+        3, 1, 1, 1)
+    assert not a.group.has_completed()

@@ -1,0 +1,53 @@
+"""The schema: constraints, and a claim that uses its partial index on a big table."""
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+
+import djasync
+from djasync import sql
+from djasync.models import Job, identity_of
+from tests import jobs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_the_database_refuses_a_priority_outside_its_range():
+    job = djasync.schedule(jobs.add, args=[1, 1])
+    with pytest.raises(IntegrityError, match="djasync_job_priority_range"), transaction.atomic():
+        Job.objects.filter(pk=job.pk).update(priority=1000)
+
+
+def test_the_database_refuses_an_unknown_status():
+    job = djasync.schedule(jobs.add, args=[1, 1])
+    with pytest.raises(IntegrityError, match="djasync_job_status_valid"), transaction.atomic():
+        Job.objects.filter(pk=job.pk).update(status="running")
+
+
+def test_identity_depends_on_name_and_arguments_only():
+    assert identity_of("a.b", [1], {"x": 1, "y": 2}) == identity_of("a.b", [1], {"y": 2, "x": 1})
+    assert identity_of("a.b", [1], {}) != identity_of("a.b", [2], {})
+    assert len(identity_of("a.b", [], {})) == 40
+
+
+def test_the_claim_uses_the_partial_index_on_100000_rows():
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, run_after, status,
+                                     attempts, identity, created_at, worker, finished_at)
+            SELECT 'tests.jobs.add', '[1, 2]', '{}', '{}', 'default', (i % 5) - 2,
+                   now() - interval '1 hour' + (i % 1000) * interval '1 second',
+                   CASE WHEN i % 10 = 0 THEN 'pending' ELSE 'succeeded' END, 0, '', now(), '',
+                   CASE WHEN i % 10 = 0 THEN NULL ELSE now() END
+              FROM generate_series(1, 100000) AS i
+            """
+        )
+        cursor.execute("ANALYZE djasync_job")
+        with transaction.atomic():
+            cursor.execute(
+                "EXPLAIN (FORMAT TEXT) " + sql.claim(by_queue=False, by_name_prefix=False),
+                {"limit": 1},
+            )
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan using djasync_job_claim" in plan, plan
+    assert "Sort" not in plan.split("SubPlan")[0], plan
