@@ -9,6 +9,7 @@ from django.db import connection
 from django.db.models import Avg, Count, F, Max
 from django.utils import timezone
 
+from djasync import workers
 from djasync.models import Attempt, Job, Outcome, Status
 
 SLOWEST_WINDOW = datetime.timedelta(days=1)
@@ -65,6 +66,7 @@ def health() -> dict[str, Any]:
             for s in slowest
         ],
         "estimated_drain_seconds": round(due / rate, 1) if rate else None,
+        "workers": workers.summary(),
     }
 
 

@@ -104,6 +104,10 @@ class Job(models.Model):
                 name="djasync_job_claim",
             ),
             models.Index(fields=["status", "finished_at"], name="djasync_job_finished"),
+            # An idle worker sleeps until the earliest future run_after: found in O(log n).
+            models.Index(
+                fields=["run_after"], condition=Q(status="pending"), name="djasync_job_pending_at"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -185,3 +189,24 @@ class Group(models.Model):
         self.final = job
         self.save(update_fields=["final"])
         return job
+
+
+class Worker(models.Model):
+    """One running (or once running) ``djasync-worker`` daemon, kept fresh by its heartbeat."""
+
+    name = models.CharField(max_length=255, unique=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    concurrency = models.PositiveIntegerField()
+    queues = models.JSONField(default=list, help_text="Queues served; empty means all.")
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    running = models.JSONField(default=list, help_text="Ids of the jobs running at last_seen.")
+    jobs_done = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-last_seen"]
+
+    def __str__(self) -> str:
+        return self.name

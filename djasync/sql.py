@@ -71,7 +71,7 @@ WITH attempt AS (
     INSERT INTO {ATTEMPT}
         (job_id, number, started_at, finished_at, outcome,
          exception_type, exception_message, traceback, worker)
-    VALUES (%(job_id)s, %(number)s, %(started_at)s, now(), %(outcome)s,
+    VALUES (%(job_id)s, %(number)s, %(started_at)s, clock_timestamp(), %(outcome)s,
             %(exception_type)s, %(exception_message)s, %(traceback)s, %(worker)s)
 )
 UPDATE {JOB}
@@ -80,7 +80,7 @@ UPDATE {JOB}
        run_after = coalesce(%(run_after)s, run_after),
        attempts = %(number)s,
        started_at = %(started_at)s,
-       finished_at = CASE WHEN %(status)s = 'pending' THEN NULL ELSE now() END,
+       finished_at = CASE WHEN %(status)s = 'pending' THEN NULL ELSE clock_timestamp() END,
        worker = %(worker)s
  WHERE id = %(job_id)s
 """

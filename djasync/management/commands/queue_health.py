@@ -43,8 +43,15 @@ class Command(BaseCommand):
                               f"max {item['max_seconds']} s over {item['runs']} runs")
         eta = report["estimated_drain_seconds"]
         self.stdout.write(f"estimated time to drain: {'-' if eta is None else f'{eta:.0f} s'}")
-        for worker in report.get("workers", []):
-            self.stdout.write(f"  worker {worker}")
+        alive = [w for w in report["workers"] if w["alive"]]
+        self.stdout.write(f"workers alive: {len(alive)}")
+        for w in report["workers"]:
+            state = "alive" if w["alive"] else "stopped"
+            self.stdout.write(
+                f"  {w['name']} {state} concurrency {w['concurrency']} queues "
+                f"{','.join(w['queues'])} last seen {w['last_seen']} running {w['running']} "
+                f"jobs done {w['jobs_done']}"
+            )
 
 
 def _dumps(report: dict[str, Any]) -> str:

@@ -1,0 +1,1 @@
+"""djasync-worker: the long-running daemon that runs djasync jobs in N child processes."""

@@ -1,0 +1,3 @@
+from djasync_worker.cli import main
+
+main()

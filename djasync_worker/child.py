@@ -1,0 +1,175 @@
+"""One child process: wait to be woken, claim and run jobs through the executor, repeat.
+
+The child owns one database connection, used only for job transactions. It never listens for
+notifications itself: the supervisor does, and wakes idle children over their pipes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from django.db import connection
+
+from djasync import conf, executor
+from djasync.executor import ClaimedJob
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait before retrying after the database went away, doubling up to the maximum.
+RECONNECT_DELAY_SECONDS = 0.05
+RECONNECT_DELAY_MAX_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class ChildOptions:
+    queues: tuple[str, ...]
+    batch_size: int
+    max_jobs: int | None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process if the supervisor dies (kill -9 of the supervisor).
+
+    The child's transaction then rolls back and its job is claimable again at once, instead
+    of an orphan running on with nobody to enforce its timeout.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF stops the child instead
+        pass
+
+
+class Child:
+    def __init__(self, pipe: Connection, options: ChildOptions, parent_pid: int) -> None:
+        self.pipe = pipe
+        self.options = options
+        self.parent_pid = parent_pid
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = False
+        self.jobs_done = 0
+        self._signals, signal_writer = socket.socketpair()
+        signal_writer.setblocking(False)
+        self._signal_writer = signal_writer
+
+    def run(self) -> int:
+        _die_with_parent()
+        if os.getppid() != self.parent_pid:
+            return 1  # the supervisor died before we could ask to die with it
+        # Ctrl-C reaches every process of the terminal's group: the supervisor handles it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.set_wakeup_fd(self._signal_writer.fileno())
+        delay = RECONNECT_DELAY_SECONDS
+        claim = True  # a new child looks for work at once
+        while not self.stopping:
+            if not claim:
+                claim = self._wait_for_wake()
+                continue
+            try:
+                batch = executor.run_batch(
+                    self.options.batch_size,
+                    queues=self.options.queues or None,
+                    worker=self.name,
+                    before_each=self._tell_started,
+                )
+            except Exception as exc:
+                self._send(("batch_done", 0))
+                self._after_error(exc)
+                if self._sleep(delay):
+                    break
+                delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
+                continue
+            delay = RECONNECT_DELAY_SECONDS
+            if not batch:
+                self._send(("idle", self.jobs_done))
+                claim = False
+                continue
+            self.jobs_done += len(batch)
+            self._send(("batch_done", len(batch)))
+            if self.options.max_jobs and self.jobs_done >= self.options.max_jobs:
+                logger.info("child recycling jobs_done=%s", self.jobs_done)
+                break
+        connection.close()
+        return 0
+
+    def _tell_started(self, job: ClaimedJob) -> None:
+        meta = job.meta if isinstance(job.meta, dict) else {}
+        self._send(("start", job.id, meta.get("timeout", conf.get().TIMEOUT)))
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.pipe.send(message)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            # The supervisor is gone; nobody watches this process any more.
+            os._exit(1)
+
+    def _wait_for_wake(self) -> bool:
+        """Block until the supervisor wakes or stops us; return whether to claim."""
+        ready = wait([self.pipe, self._signals])
+        if self._signals in ready:
+            self._drain_signals()
+        if self.pipe in ready:
+            try:
+                message = self.pipe.recv()
+            except (EOFError, ConnectionResetError):
+                self.stopping = True
+                return False
+            if message[0] == "stop":
+                self.stopping = True
+                return False
+            return True
+        return False
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless told to stop; return whether we must stop."""
+        ready = wait([self.pipe, self._signals], timeout=seconds)
+        if self._signals in ready:
+            self._drain_signals()
+        if self.pipe in ready:
+            try:
+                if self.pipe.recv()[0] == "stop":
+                    self.stopping = True
+            except (EOFError, ConnectionResetError):
+                self.stopping = True
+        return self.stopping
+
+    def _drain_signals(self) -> None:
+        try:
+            self._signals.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        # systemd (KillMode=control-group) sends SIGTERM to every process: finish the current
+        # job, then exit, exactly as when the supervisor asks.
+        self.stopping = True
+
+    def _after_error(self, exc: Exception) -> None:
+        """Decide by the connection's state, not the exception's class, whether it is gone.
+
+        psycopg reports some server-side ends of a session (idle-in-transaction timeout) as
+        InternalError, so the class says little; a closed or broken connection says it all.
+        """
+        raw = connection.connection
+        gone = raw is None or raw.closed or getattr(raw, "broken", False)
+        if gone or not connection.is_usable():
+            logger.warning("database connection lost, reconnecting error=%s", exc)
+        else:
+            logger.exception("claiming or recording a job failed; retrying")
+        try:
+            connection.close()
+        except Exception:  # closing a dead connection may itself fail; it is gone either way
+            logger.debug("closing the dead connection failed", exc_info=True)
+
+
+def child_main(pipe: Connection, options: ChildOptions, parent_pid: int) -> None:
+    """Entry point of a child process (runs after fork)."""
+    code = Child(pipe, options, parent_pid).run()
+    raise SystemExit(code)

@@ -1,0 +1,152 @@
+"""``djasync-worker``: parse and check options, set up Django, start the supervisor.
+
+Every check runs before a process is forked, so bad input fails at once with a message that
+names the option at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+
+def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from djasync.validation import check_queue_name
+
+    names: list[str] = []
+    for item in value:
+        for name in item.replace(",", " ").split():
+            try:
+                names.append(check_queue_name(name))
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+    return tuple(dict.fromkeys(names))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              envvar="DJASYNC_WORKER_CONCURRENCY", show_envvar=True,
+              help="Child processes running jobs in parallel.")
+@click.option("-q", "--queue", "queues", multiple=True, callback=_queues,
+              envvar="DJASYNC_WORKER_QUEUES", show_envvar=True,
+              help="Queue to serve (repeatable, or comma-separated); default: all queues.")
+@click.option("--burst", is_flag=True, envvar="DJASYNC_WORKER_BURST", show_envvar=True,
+              help="Exit 0 once no due job is left, instead of waiting for more.")
+@click.option("--max-jobs-per-child", type=click.IntRange(min=1), default=None,
+              envvar="DJASYNC_WORKER_MAX_JOBS_PER_CHILD", show_envvar=True,
+              help="Replace a child after it ran this many jobs (bounds memory growth).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0,
+              envvar="DJASYNC_WORKER_SHUTDOWN_TIMEOUT", show_envvar=True,
+              help="Seconds running jobs get to finish after SIGTERM; then they are killed "
+                   "and roll back.")
+@click.option("--poll-interval", type=click.FloatRange(min=0.05), default=5.0,
+              envvar="DJASYNC_WORKER_POLL_INTERVAL", show_envvar=True,
+              help="Seconds between polls when no notification arrives (fallback).")
+@click.option("--batch-size", type=click.IntRange(min=1, max=1000), default=1,
+              envvar="DJASYNC_WORKER_BATCH_SIZE", show_envvar=True,
+              help="Jobs a child claims per transaction, each in its own savepoint.")
+@click.option("--settings", envvar="DJANGO_SETTINGS_MODULE", show_envvar=True,
+              help="Django settings module, e.g. mysite.settings.")
+@click.option("--pythonpath", type=click.Path(exists=True, file_okay=False, resolve_path=True),
+              multiple=True, envvar="DJASYNC_WORKER_PYTHONPATH", show_envvar=True,
+              help="Directory to add to the import path (repeatable).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
+                                               case_sensitive=False),
+              default="info", envvar="DJASYNC_WORKER_LOG_LEVEL", show_envvar=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              envvar="DJASYNC_WORKER_LOG_FORMAT", show_envvar=True)
+def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_child: int | None,
+        shutdown_timeout: float, poll_interval: float, batch_size: int, settings: str | None,
+        pythonpath: tuple[str, ...], log_level: str, log_format: str) -> None:
+    """Run djasync jobs: a supervisor and --concurrency child processes.
+
+    SIGTERM or SIGINT stops claiming and lets running jobs finish (up to --shutdown-timeout);
+    a second signal stops at once. Either way nothing is half done: a job that does not
+    finish rolls back and runs again later.
+    """
+    from djasync_worker import logs
+
+    logs.configure(log_level, log_format)
+    _setup_django(settings, pythonpath)
+    _check_database()
+
+    from djasync_worker.supervisor import Options, Supervisor
+
+    options = Options(concurrency=concurrency, queues=queues, burst=burst,
+                      max_jobs_per_child=max_jobs_per_child, shutdown_timeout=shutdown_timeout,
+                      poll_interval=poll_interval, batch_size=batch_size)
+    sys.exit(Supervisor(options).run())
+
+
+def _setup_django(settings: str | None, pythonpath: tuple[str, ...]) -> None:
+    for path in reversed(pythonpath):
+        sys.path.insert(0, path)
+    if not settings:
+        raise click.UsageError(
+            "no Django settings: pass --settings mysite.settings or set DJANGO_SETTINGS_MODULE"
+        )
+    os.environ["DJANGO_SETTINGS_MODULE"] = settings
+    import django
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        django.setup()
+    except ModuleNotFoundError as exc:
+        raise click.BadParameter(
+            f"cannot import {settings!r}: {exc}. Is its directory on the path (--pythonpath)?",
+            param_hint="--settings",
+        ) from None
+    except ImproperlyConfigured as exc:
+        raise click.ClickException(f"Django settings {settings!r} are not usable: {exc}") from None
+    except Exception as exc:
+        raise click.ClickException(
+            f"loading Django settings {settings!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    from django.apps import apps
+
+    if not apps.is_installed("djasync"):
+        raise click.ClickException(f"'djasync' is not in INSTALLED_APPS of {settings}")
+    from djasync import conf
+    from djasync.exceptions import ImproperlyConfigured as DjasyncConfigError
+
+    try:
+        conf.get()
+    except DjasyncConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_database() -> None:
+    from django.db import DatabaseError, connection
+
+    if connection.vendor != "postgresql":
+        raise click.ClickException(
+            f"djasync needs PostgreSQL; DATABASES['default'] uses {connection.vendor}"
+        )
+    where = _describe(connection.settings_dict)
+    try:
+        connection.ensure_connection()
+        tables = connection.introspection.table_names()
+    except DatabaseError as exc:
+        raise click.ClickException(
+            f"cannot connect to PostgreSQL at {where}: {str(exc).strip()}\n"
+            "Is the server running and reachable? Check DATABASES['default'] (or DATABASE_URL)."
+        ) from None
+    finally:
+        connection.close()
+    if "djasync_job" not in tables:
+        raise click.ClickException(
+            f"the djasync tables are missing in {where}: run `python manage.py migrate` first"
+        )
+
+
+def _describe(settings_dict: dict[str, Any]) -> str:
+    host = settings_dict.get("HOST") or "local socket"
+    port = settings_dict.get("PORT") or 5432
+    return f"{host}:{port} database {settings_dict.get('NAME')!r}"
+
+
+def main() -> None:
+    cli(prog_name="djasync-worker")

@@ -1,0 +1,429 @@
+"""The supervisor: N child processes, wake-ups, crash and timeout accounting, shutdown.
+
+It forks the children (Django is set up once, connections closed before each fork), listens
+for NOTIFY on its own connection and wakes idle children over their pipes. It knows which job
+each child is running, so when a child dies (kill -9, segfault, OOM, ``os._exit``) it charges
+that job alone with a ``crashed`` attempt, and when a job overruns its timeout it kills the
+child and records ``timed out``. The dead child's transaction has rolled back, so the job is
+claimable again at once. The supervisor itself never runs a job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from django.db import connection, connections
+from django.utils import timezone
+
+from djasync import executor, workers
+from djasync.models import Job, Outcome
+from djasync_worker.child import ChildOptions, child_main
+from djasync_worker.listener import Listener
+from djasync_worker.systemd import Notifier
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a job may overrun its timeout (which its SQL already obeys) before it is killed.
+KILL_GRACE_SECONDS = 1.0
+#: Shortest pause before replacing a child that died, so a crash loop cannot spin.
+RESPAWN_DELAY_SECONDS = 0.05
+
+
+@dataclass
+class Options:
+    concurrency: int
+    queues: tuple[str, ...] = ()
+    burst: bool = False
+    max_jobs_per_child: int | None = None
+    shutdown_timeout: float = 30.0
+    poll_interval: float = 5.0
+    batch_size: int = 1
+
+
+@dataclass
+class ChildState:
+    slot: int
+    process: Any
+    pipe: Connection
+    idle: bool = False
+    reported: bool = False
+    job_id: int | None = None
+    job_started: datetime.datetime | None = None
+    deadline: float | None = None
+    killed_for_timeout: bool = False
+    #: Why it was last woken ("poll" matters: a poll that finds work hints LISTEN is broken).
+    woken_by: str = ""
+
+
+@dataclass
+class LostAttempt:
+    job_id: int
+    outcome: Outcome
+    started: datetime.datetime
+    reason: str
+    worker: str
+
+
+@dataclass
+class Supervisor:
+    options: Options
+    notifier: Notifier = field(default_factory=Notifier)
+
+    def __post_init__(self) -> None:
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.children: dict[int, ChildState] = {}
+        self.context = multiprocessing.get_context("fork")
+        self.stopping = False
+        self.forced = False
+        self.stop_deadline: float | None = None
+        self.jobs_done = 0
+        self.lost: list[LostAttempt] = []
+        self.ready_sent = False
+        self.respawn_at: dict[int, float] = {}
+        self.next_poll = 0.0
+        self.next_timer_check = 0.0
+        self.next_run_after: float | None = None
+        self.next_heartbeat = 0.0
+        self.next_watchdog = 0.0
+        self.signal_reader, self.signal_writer = socket.socketpair()
+        self.signal_writer.setblocking(False)
+        self.signal_reader.setblocking(False)
+        self.pending_signals: list[int] = []
+        self.listener = Listener(_conninfo())
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        workers.register(self.name, hostname=socket.gethostname(), pid=os.getpid(),
+                         concurrency=self.options.concurrency, queues=list(self.options.queues))
+        logger.info("worker starting name=%s concurrency=%s queues=%s burst=%s", self.name,
+                    self.options.concurrency, ",".join(self.options.queues) or "*",
+                    self.options.burst)
+        self.listener.ensure()
+        for slot in range(self.options.concurrency):
+            self._spawn(slot)
+        while self.children or not self.stopping:
+            self._loop_once()
+        self._finish()
+        return 0
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        if not self.stopping and self.listener.ensure():
+            self._wake(1)  # notifications may have been missed while disconnected
+        waitables: list[Any] = [self.signal_reader]
+        listen_fd = self.listener.fileno()
+        if listen_fd is not None:
+            waitables.append(listen_fd)
+        for child in self.children.values():
+            waitables.extend([child.pipe, child.process.sentinel])
+        ready = wait(waitables, timeout=self._timeout(now))
+        if self.signal_reader in ready:
+            self._handle_signals()
+        for child in list(self.children.values()):
+            if child.pipe in ready:
+                self._read_messages(child)
+        for child in list(self.children.values()):
+            if child.process.sentinel in ready or not child.process.is_alive():
+                self._reap(child)
+        if listen_fd is not None and listen_fd in ready:
+            self._on_notifications(self.listener.receive())
+        self._tick(time.monotonic())
+
+    def _timeout(self, now: float) -> float:
+        moments = [self.next_poll, self.next_heartbeat]
+        if self.next_run_after is not None:
+            moments.append(self.next_run_after)
+        if self.stop_deadline is not None:
+            moments.append(self.stop_deadline)
+        moments.extend(c.deadline for c in self.children.values() if c.deadline is not None)
+        moments.extend(self.respawn_at.values())
+        if self.notifier.watchdog_interval:
+            moments.append(self.next_watchdog)
+        return max(0.0, min(moments) - now)
+
+    def _tick(self, now: float) -> None:
+        for slot, when in list(self.respawn_at.items()):
+            if when <= now and not self.stopping:
+                del self.respawn_at[slot]
+                self._spawn(slot)
+        for child in self.children.values():
+            if child.deadline is not None and now >= child.deadline and not child.killed_for_timeout:
+                logger.warning("job timed out, killing its child id=%s pid=%s", child.job_id,
+                               child.process.pid)
+                child.killed_for_timeout = True
+                _kill(child.process.pid)
+        if self.stopping:
+            if self.stop_deadline is not None and now >= self.stop_deadline:
+                self._kill_all("shutdown timeout reached")
+            return
+        if now >= self.next_poll:
+            self.next_poll = now + self.options.poll_interval
+            self._wake(1, reason="poll")
+        if self.next_run_after is not None and now >= self.next_run_after:
+            self.next_run_after = None
+            self._wake(1)
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + workers.HEARTBEAT_SECONDS
+            self._heartbeat()
+        if self.notifier.watchdog_interval and now >= self.next_watchdog:
+            self.next_watchdog = now + self.notifier.watchdog_interval
+            self.notifier.watchdog()
+        if self.options.burst and self._all_idle():
+            logger.info("burst: no due job left, stopping")
+            self._stop(graceful=True)
+
+    def _finish(self) -> None:
+        self._record_lost()
+        try:
+            workers.mark_stopped(self.name, jobs_done=self.jobs_done)
+        except Exception as exc:
+            logger.warning("could not mark this worker stopped error=%s", exc)
+        self.listener.close()
+        connections.close_all()
+        logger.info("worker stopped name=%s jobs_done=%s%s", self.name, self.jobs_done,
+                    " (forced)" if self.forced else "")
+
+    # -- children ---------------------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        # Never let a child inherit an open connection: close ours before forking.
+        connections.close_all()
+        parent_end, child_end = self.context.Pipe(duplex=True)
+        options = ChildOptions(self.options.queues, self.options.batch_size,
+                               self.options.max_jobs_per_child)
+        process = self.context.Process(
+            target=child_main, args=(child_end, options, os.getpid()), name=f"djasync-child-{slot}",
+            daemon=False,
+        )
+        process.start()
+        child_end.close()
+        self.children[slot] = ChildState(slot, process, parent_end)
+        logger.debug("child started slot=%s pid=%s", slot, process.pid)
+
+    def _read_messages(self, child: ChildState) -> None:
+        while True:
+            try:
+                if not child.pipe.poll():
+                    return
+                message = child.pipe.recv()
+            except (EOFError, OSError):
+                return
+            self._on_message(child, message)
+
+    def _on_message(self, child: ChildState, message: tuple) -> None:
+        kind = message[0]
+        if not child.reported:
+            child.reported = True
+            if not self.ready_sent and all(c.reported for c in self.children.values()):
+                self.ready_sent = True
+                self.notifier.ready(self._status())
+                logger.info("worker ready children=%s", len(self.children))
+        if kind == "start":
+            _, job_id, timeout = message
+            child.idle = False
+            child.job_id, child.job_started = job_id, timezone.now()
+            child.deadline = (time.monotonic() + timeout + KILL_GRACE_SECONDS
+                              if timeout is not None else None)
+            if child.woken_by == "poll":
+                self.listener.poll_found_work()
+            child.woken_by = ""
+            self._wake(1)  # it found work: there may be more, wake another idle child
+        elif kind == "batch_done":
+            child.job_id = child.job_started = child.deadline = None
+            self.jobs_done += message[1]
+        elif kind == "idle":
+            child.idle = True
+            child.job_id = child.job_started = child.deadline = None
+            self._schedule_timer()
+
+    def _reap(self, child: ChildState) -> None:
+        self._read_messages(child)  # a last "start" may be in the pipe
+        child.process.join(timeout=5)
+        code = child.process.exitcode
+        del self.children[child.slot]
+        child.pipe.close()
+        if child.job_id is not None and not self.forced:
+            if child.killed_for_timeout:
+                outcome, reason = Outcome.TIMED_OUT, "ran past its timeout; its process was killed"
+            else:
+                outcome, reason = Outcome.CRASHED, f"its worker process died ({_describe(code)})"
+            logger.error("job lost its process id=%s pid=%s outcome=%s reason=%s", child.job_id,
+                         child.process.pid, outcome.value, reason)
+            self.lost.append(LostAttempt(child.job_id, outcome, child.job_started or timezone.now(),
+                                         reason, f"{socket.gethostname()}:{child.process.pid}"))
+            self._record_lost()
+        elif code != 0:
+            logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
+        if self.stopping:
+            return
+        # Replace it: a recycled child at once, a dead one after a short pause.
+        self.respawn_at[child.slot] = time.monotonic() + (0 if code == 0 else RESPAWN_DELAY_SECONDS)
+
+    def _record_lost(self) -> None:
+        """Write the attempts of jobs whose process died; keep them if the database is down."""
+        while self.lost:
+            lost = self.lost[0]
+            try:
+                executor.record_lost_attempt(lost.job_id, outcome=lost.outcome,
+                                             started=lost.started, worker=lost.worker,
+                                             reason=lost.reason)
+            except Exception as exc:
+                logger.warning("cannot record a lost attempt yet id=%s error=%s", lost.job_id, exc)
+                _close_quietly()
+                return
+            self.lost.pop(0)
+
+    def _wake(self, count: int, reason: str = "") -> int:
+        """Wake up to ``count`` idle children; return how many were woken."""
+        woken = 0
+        for child in self.children.values():
+            if woken >= count:
+                break
+            if child.idle:
+                try:
+                    child.pipe.send(("wake",))
+                except OSError:
+                    continue
+                child.idle = False
+                child.woken_by = reason
+                woken += 1
+        return woken
+
+    def _all_idle(self) -> bool:
+        return (bool(self.children) and not self.respawn_at
+                and all(c.idle for c in self.children.values()))
+
+    def _on_notifications(self, payloads: list[str]) -> None:
+        if self.stopping or not payloads:
+            return
+        served = set(self.options.queues)
+        relevant = [p for p in payloads if not served or p in served or p == "*"]
+        if relevant:
+            self._wake(1)
+            self._schedule_timer()
+
+    def _schedule_timer(self) -> None:
+        """Arrange to wake a child when the earliest future ``run_after`` comes due."""
+        if self.stopping or not any(c.idle for c in self.children.values()):
+            return
+        try:
+            pending = Job.objects.scheduled()
+            if self.options.queues:
+                pending = pending.filter(queue__in=self.options.queues)
+            when = pending.order_by("run_after").values_list("run_after", flat=True).first()
+        except Exception as exc:
+            logger.warning("cannot read the next run_after error=%s", exc)
+            _close_quietly()
+            return
+        if when is None:
+            self.next_run_after = None
+            return
+        delay = max(0.0, (when - timezone.now()).total_seconds())
+        self.next_run_after = time.monotonic() + delay
+
+    def _heartbeat(self) -> None:
+        running = [c.job_id for c in self.children.values() if c.job_id is not None]
+        try:
+            self._record_lost()
+            workers.heartbeat(self.name, running=running, jobs_done=self.jobs_done)
+        except Exception as exc:
+            logger.warning("heartbeat failed error=%s", exc)
+            _close_quietly()
+        self.notifier.status(self._status())
+
+    def _status(self) -> str:
+        busy = sum(1 for c in self.children.values() if c.job_id is not None)
+        return (f"{len(self.children)} children, {busy} busy, {self.jobs_done} jobs done, "
+                f"queues {','.join(self.options.queues) or '*'}")
+
+    # -- signals and stopping ---------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.signal_writer.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.pending_signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        try:
+            while self.signal_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self.pending_signals:
+            signum = self.pending_signals.pop(0)
+            name = signal.Signals(signum).name
+            if not self.stopping:
+                logger.info("%s: stopping after the running jobs (again to stop now)", name)
+                self._stop(graceful=True)
+            else:
+                logger.warning("%s again: stopping now; running jobs roll back", name)
+                self._kill_all(f"second {name}")
+
+    def _stop(self, graceful: bool) -> None:
+        self.stopping = True
+        self.respawn_at.clear()
+        self.stop_deadline = time.monotonic() + self.options.shutdown_timeout
+        self.notifier.stopping(f"stopping: {self._status()}")
+        for child in self.children.values():
+            try:
+                child.pipe.send(("stop",))
+            except OSError:
+                pass
+
+    def _kill_all(self, reason: str) -> None:
+        self.forced = True
+        self.stop_deadline = None
+        for child in self.children.values():
+            if child.process.is_alive():
+                logger.warning("killing child pid=%s job=%s reason=%s", child.process.pid,
+                               child.job_id, reason)
+                _kill(child.process.pid)
+
+
+def _kill(pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "unknown exit"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _close_quietly() -> None:
+    try:
+        connection.close()
+    except Exception:
+        pass
+
+
+def _conninfo() -> dict[str, Any]:
+    """Connection parameters of Django's default database, for the LISTEN connection."""
+    params = dict(connection.get_connection_params())
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    params.pop("prepare_threshold", None)
+    params.pop("server_side_binding", None)
+    return params
