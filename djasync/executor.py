@@ -21,7 +21,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg.errors
@@ -58,7 +58,8 @@ class ClaimedJob:
     queue: str
     priority: int
     group_id: int | None
-    previous_attempts: int
+    #: Attempts made before this one; read after the row is locked (see ``sql.START_JOB``).
+    previous_attempts: int = 0
 
     @property
     def attempt(self) -> int:
@@ -140,21 +141,34 @@ def run_job_now(job: Job) -> Any:
     Inside an open transaction (a request under ``ATOMIC_REQUESTS``, a test) this nests as a
     savepoint: the job's writes and its status then commit or roll back with that transaction.
     """
+    nested = connection.in_atomic_block
     with transaction.atomic():
         claimed = claim(1, job_id=job.pk)
         if not claimed:
-            job.refresh_from_db()
-            raise DjasyncError(
-                f"job #{job.pk} cannot run now: it is {job.status}"
-                + (" (or another worker holds it)" if job.status == Status.PENDING else "")
-            )
+            raise DjasyncError(f"job #{job.pk} cannot run now: {_why_not_runnable(job)}")
+        with connection.cursor() as cursor:
+            cursor.execute(sql.READ_TIMEOUTS)
+            statement, idle = cursor.fetchone()
         finished = _run_claimed(claimed[0], default_worker_name(), None)
+        if nested:  # SET LOCAL outlives the job's savepoint: give the caller its own back
+            with connection.cursor() as cursor:
+                cursor.execute(sql.RESTORE_TIMEOUTS, {"statement": statement, "idle": idle})
     job.refresh_from_db()
     if finished.exception is not None:
         raise finished.exception
     if finished.outcome != Outcome.SUCCEEDED:
         raise DjasyncError(f"job #{job.pk} {finished.outcome.label}: {finished.error}")
     return finished.result
+
+
+def _why_not_runnable(job: Job) -> str:
+    job.refresh_from_db()
+    if job.status != Status.PENDING:
+        return f"it is {job.status}"
+    group = job.final_of.first()
+    if group is not None and group.jobs.exclude(pk=job.pk).filter(status=Status.PENDING).exists():
+        return f"it is the final job of group {group} and other jobs of the group are pending"
+    return "another worker is running it right now"
 
 
 def _run_claimed(
@@ -168,23 +182,32 @@ def _run_claimed(
     try:
         function, args, kwargs, meta = _prepare(job)
     except Exception as exc:
+        job = replace(job, previous_attempts=_count_attempts(job.id))
         return _record_failure(job, worker, started, clock, exc, permanent=True)
     max_attempts = int(meta.get("max_attempts") or settings.MAX_ATTEMPTS)
-    if job.previous_attempts >= max_attempts:
-        # Its earlier attempts all crashed or timed out (a poison job): never run it again.
+    timeout = meta.get("timeout", settings.TIMEOUT)
+    try:
+        with transaction.atomic():  # the job's savepoint
+            job = replace(job, previous_attempts=_start(job.id, timeout))
+            if job.previous_attempts >= max_attempts:
+                raise _AttemptsUsedUp
+            if before_each is not None:
+                before_each(job)
+            logger.debug("job starting id=%s name=%s attempt=%s", job.id, job.name, job.attempt)
+            result = function(*args, **kwargs)
+            if transaction.get_rollback():
+                raise JobWritesLost(
+                    "the job caught a database error without rolling back to a savepoint of "
+                    "its own (wrap the statement in transaction.atomic()), so its writes are "
+                    "lost; the attempt counts as failed"
+                )
+            encoded = _json.encode(result)  # inside the savepoint: unencodable = failed attempt
+    except _AttemptsUsedUp:
+        # Its earlier attempts crashed or timed out (a poison job): never run it again.
         error = PermanentFailure(
             f"used up its {max_attempts} attempts (the last ones crashed or timed out)"
         )
         return _record_failure(job, worker, started, clock, error, permanent=True, counted=False)
-    timeout = meta.get("timeout", settings.TIMEOUT)
-    if before_each is not None:
-        before_each(job)
-    logger.debug("job starting id=%s name=%s attempt=%s", job.id, job.name, job.attempt)
-    try:
-        with transaction.atomic():
-            _set_timeouts(timeout)
-            result = function(*args, **kwargs)
-            encoded = _json.encode(result)  # inside the savepoint: unencodable = failed attempt
     except Exception as exc:
         return _record_failure(job, worker, started, clock, exc, max_attempts=max_attempts)
     with connection.cursor() as cursor:
@@ -197,6 +220,14 @@ def _run_claimed(
                 job.id, job.name, job.attempt, duration)
     return Finished(job.id, job.name, job.queue, job.attempt, Outcome.SUCCEEDED,
                     Status.SUCCEEDED, duration, result=result)
+
+
+class _AttemptsUsedUp(Exception):
+    pass
+
+
+class JobWritesLost(DjasyncError):
+    """The job left its transaction unusable (a caught database error), losing its writes."""
 
 
 def _prepare(job: ClaimedJob) -> tuple[Callable[..., Any], list[Any], dict[str, Any], dict]:
@@ -223,11 +254,20 @@ def _resolve(name: str) -> Callable[..., Any]:
     return function
 
 
-def _set_timeouts(timeout: float | None) -> None:
+def _start(job_id: int, timeout: float | None) -> int:
+    """Set the job's timeouts and return how many attempts it had before (one round trip)."""
     statement_ms = "0" if timeout is None else str(max(1, int(timeout * 1000)))
     idle_ms = "0" if timeout is None else str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))
     with connection.cursor() as cursor:
-        cursor.execute(sql.SET_JOB_TIMEOUTS, {"statement_ms": statement_ms, "idle_ms": idle_ms})
+        cursor.execute(sql.START_JOB, {"statement_ms": statement_ms, "idle_ms": idle_ms,
+                                       "job_id": job_id})
+        return int(cursor.fetchone()[2])
+
+
+def _count_attempts(job_id: int) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM djasync_attempt WHERE job_id = %s", [job_id])
+        return int(cursor.fetchone()[0])
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -276,7 +316,7 @@ def _record_failure(
             cursor.execute(sql.FINISH_ATTEMPT, params)
         else:  # nothing ran: mark the job failed without inventing an attempt
             cursor.execute(
-                "UPDATE djasync_job SET status = 'failed', finished_at = now() WHERE id = %s",
+                "UPDATE djasync_job SET status = 'failed', finished_at = clock_timestamp() WHERE id = %s",
                 [job.id],
             )
     duration = time.monotonic() - clock

@@ -15,7 +15,8 @@ GROUP = "djasync_group"
 
 
 @cache
-def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False) -> str:
+def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
+          exists: bool = False) -> str:
     """Lock and read up to ``%(limit)s`` runnable jobs, best first.
 
     - ``FOR NO KEY UPDATE``: a plain ``FOR UPDATE`` would conflict with the ``FOR KEY SHARE`` lock
@@ -27,9 +28,9 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False) -> str:
     - Every eligibility predicate sits inside this locked select (never in an outer query), so a
       row that is locked is always a row that will run.
     - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only).
-    - ``previous_attempts`` counts attempt rows, including ``crashed`` ones the supervisor wrote
-      after a child died: those are the only record of a crash, since the crash rolled back
-      everything the attempt wrote.
+
+    With ``exists``, return instead whether any such job exists, locked or not (a burst worker
+    uses it to tell "nothing due" from "due but held by someone right now").
     """
     filters = [
         "j.status = 'pending'",
@@ -47,9 +48,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False) -> str:
     if by_id:
         filters.append("j.id = %(job_id)s")
     where = "\n   AND ".join(filters)
+    if exists:
+        return f"SELECT EXISTS (SELECT 1 FROM {JOB} j WHERE {where})"
     return f"""
-SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
-       (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts
+SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id
   FROM {JOB} j
  WHERE {where}
  ORDER BY j.priority DESC, j.run_after, j.id
@@ -58,11 +60,30 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 """
 
 
-#: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
-#: ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode.
-SET_JOB_TIMEOUTS = """
+#: Start a job, in its savepoint, in one round trip:
+#: - bound its statements, and the time its transaction may sit idle (a frozen worker);
+#:   ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode;
+#: - count its earlier attempts, including ``crashed`` ones the supervisor wrote after a child
+#:   died (the only record of a crash: the crash rolled back all the attempt wrote). This is
+#:   a statement of its own, after the claim's lock, on purpose: under READ COMMITTED the
+#:   claim's snapshot may predate attempts committed by whoever held the row just before us;
+#:   this statement's snapshot cannot.
+START_JOB = f"""
 SELECT set_config('statement_timeout', %(statement_ms)s, true),
-       set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true)
+       set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true),
+       (SELECT count(*) FROM {ATTEMPT} WHERE job_id = %(job_id)s)
+"""
+
+#: The session's timeouts, read before ``job()`` runs inside a caller's transaction so that
+#: they can be put back afterwards (``SET LOCAL`` outlives a released savepoint).
+READ_TIMEOUTS = """
+SELECT current_setting('statement_timeout'),
+       current_setting('idle_in_transaction_session_timeout')
+"""
+
+RESTORE_TIMEOUTS = """
+SELECT set_config('statement_timeout', %(statement)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle)s, true)
 """
 
 #: Record an attempt and the job's new state in one statement (one round trip).
@@ -93,7 +114,7 @@ INSERT INTO {ATTEMPT}
     (job_id, number, started_at, finished_at, outcome,
      exception_type, exception_message, traceback, worker)
 SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
-       %(started_at)s, now(), %(outcome)s, %(exception_type)s, %(exception_message)s, '',
+       %(started_at)s, clock_timestamp(), %(outcome)s, %(exception_type)s, %(exception_message)s, '',
        %(worker)s
   FROM {JOB} j
  WHERE j.id = %(job_id)s AND j.status = 'pending'

@@ -12,9 +12,12 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
+from typing import Any
 
 from django.db import connection
+from django.db.backends.signals import connection_created
 
 from djasync import conf, executor
 from djasync.executor import ClaimedJob
@@ -66,6 +69,7 @@ class Child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.set_wakeup_fd(self._signal_writer.fileno())
+        connection_created.connect(self._share_socket)
         delay = RECONNECT_DELAY_SECONDS
         claim = True  # a new child looks for work at once
         while not self.stopping:
@@ -98,6 +102,23 @@ class Child:
                 break
         connection.close()
         return 0
+
+    def _share_socket(self, sender: Any, connection: Any, **kwargs: Any) -> None:
+        """Give the supervisor a duplicate of our database socket, before any claim.
+
+        If this process dies mid-job, the supervisor's copy keeps the session (and so the
+        job's row lock) alive until it has recorded the crash; only then does it close the
+        copy and let PostgreSQL roll the transaction back. So a job that kills its process
+        cannot be re-claimed before the crash is counted, and poison jobs stop at
+        ``max_attempts`` exactly.
+        """
+        if connection.alias != "default":
+            return
+        self._send(("conn",))
+        try:
+            reduction.send_handle(self.pipe, connection.connection.fileno(), self.parent_pid)
+        except OSError:
+            os._exit(1)
 
     def _tell_started(self, job: ClaimedJob) -> None:
         meta = job.meta if isinstance(job.meta, dict) else {}
@@ -169,7 +190,13 @@ class Child:
             logger.debug("closing the dead connection failed", exc_info=True)
 
 
-def child_main(pipe: Connection, options: ChildOptions, parent_pid: int) -> None:
+def child_main(pipe: Connection, options: ChildOptions, parent_pid: int,
+               inherited_sockets: list[int]) -> None:
     """Entry point of a child process (runs after fork)."""
+    for fd in inherited_sockets:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     code = Child(pipe, options, parent_pid).run()
     raise SystemExit(code)

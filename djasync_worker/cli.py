@@ -71,6 +71,7 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
 
     logs.configure(log_level, log_format)
     _setup_django(settings, pythonpath)
+    logs.configure(log_level, log_format)  # again: Django's LOGGING setting may have changed them
     _check_database()
 
     from djasync_worker.supervisor import Options, Supervisor

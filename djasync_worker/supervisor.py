@@ -19,13 +19,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from django.db import connection, connections
 from django.utils import timezone
 
-from djasync import executor, workers
+from djasync import executor, sql, workers
 from djasync.models import Job, Outcome
 from djasync_worker.child import ChildOptions, child_main
 from djasync_worker.listener import Listener
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a job may overrun its timeout (which its SQL already obeys) before it is killed.
 KILL_GRACE_SECONDS = 1.0
+#: In --burst, how soon to look again when due jobs exist but are locked.
+BURST_RECHECK_SECONDS = 0.05
 #: Shortest pause before replacing a child that died, so a crash loop cannot spin.
 RESPAWN_DELAY_SECONDS = 0.05
 
@@ -61,6 +64,8 @@ class ChildState:
     job_started: datetime.datetime | None = None
     deadline: float | None = None
     killed_for_timeout: bool = False
+    #: Our duplicate of the child's database socket (see ``Child._share_socket``).
+    db_socket: int | None = None
     #: Why it was last woken ("poll" matters: a poll that finds work hints LISTEN is broken).
     woken_by: str = ""
 
@@ -95,6 +100,7 @@ class Supervisor:
         self.next_run_after: float | None = None
         self.next_heartbeat = 0.0
         self.next_watchdog = 0.0
+        self.next_burst_check = 0.0
         self.signal_reader, self.signal_writer = socket.socketpair()
         self.signal_writer.setblocking(False)
         self.signal_reader.setblocking(False)
@@ -151,6 +157,8 @@ class Supervisor:
         moments.extend(self.respawn_at.values())
         if self.notifier.watchdog_interval:
             moments.append(self.next_watchdog)
+        if self.options.burst:
+            moments.append(self.next_burst_check)
         return max(0.0, min(moments) - now)
 
     def _tick(self, now: float) -> None:
@@ -177,12 +185,18 @@ class Supervisor:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + workers.HEARTBEAT_SECONDS
             self._heartbeat()
-        if self.notifier.watchdog_interval and now >= self.next_watchdog:
+        if self.notifier.watchdog_interval and self.ready_sent and now >= self.next_watchdog:
             self.next_watchdog = now + self.notifier.watchdog_interval
             self.notifier.watchdog()
-        if self.options.burst and self._all_idle():
-            logger.info("burst: no due job left, stopping")
-            self._stop(graceful=True)
+        if self.options.burst and self._all_idle() and now >= self.next_burst_check:
+            if self._due_jobs_exist():
+                # Due but locked: running in another daemon, or held by a dead child's
+                # session that PostgreSQL has not ended yet. Look again shortly.
+                self.next_burst_check = now + BURST_RECHECK_SECONDS
+                self._wake(len(self.children))
+            else:
+                logger.info("burst: no due job left, stopping")
+                self._stop(graceful=True)
 
     def _finish(self) -> None:
         self._record_lost()
@@ -203,9 +217,12 @@ class Supervisor:
         parent_end, child_end = self.context.Pipe(duplex=True)
         options = ChildOptions(self.options.queues, self.options.batch_size,
                                self.options.max_jobs_per_child)
+        # Our copies of other children's database sockets must not live on in the new child:
+        # they would keep a dead child's session, and its job's lock, alive.
+        copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
         process = self.context.Process(
-            target=child_main, args=(child_end, options, os.getpid()), name=f"djasync-child-{slot}",
-            daemon=False,
+            target=child_main, args=(child_end, options, os.getpid(), copies),
+            name=f"djasync-child-{slot}", daemon=False,
         )
         process.start()
         child_end.close()
@@ -230,7 +247,11 @@ class Supervisor:
                 self.ready_sent = True
                 self.notifier.ready(self._status())
                 logger.info("worker ready children=%s", len(self.children))
-        if kind == "start":
+        if kind == "conn":
+            fd = reduction.recv_handle(child.pipe)
+            _close_fd(child.db_socket)
+            child.db_socket = fd
+        elif kind == "start":
             _, job_id, timeout = message
             child.idle = False
             child.job_id, child.job_started = job_id, timezone.now()
@@ -263,15 +284,20 @@ class Supervisor:
                          child.process.pid, outcome.value, reason)
             self.lost.append(LostAttempt(child.job_id, outcome, child.job_started or timezone.now(),
                                          reason, f"{socket.gethostname()}:{child.process.pid}"))
-            self._record_lost()
-        elif code != 0:
+            if not self._record_lost():
+                self._record_lost()  # once more, on a fresh connection
+        elif code != 0 and not self.forced:
             logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
+        # Only now let PostgreSQL see the dead child's session end, roll back its transaction
+        # and release the job's row lock: the crash is already counted.
+        _close_fd(child.db_socket)
+        child.db_socket = None
         if self.stopping:
             return
         # Replace it: a recycled child at once, a dead one after a short pause.
         self.respawn_at[child.slot] = time.monotonic() + (0 if code == 0 else RESPAWN_DELAY_SECONDS)
 
-    def _record_lost(self) -> None:
+    def _record_lost(self) -> bool:
         """Write the attempts of jobs whose process died; keep them if the database is down."""
         while self.lost:
             lost = self.lost[0]
@@ -282,8 +308,9 @@ class Supervisor:
             except Exception as exc:
                 logger.warning("cannot record a lost attempt yet id=%s error=%s", lost.job_id, exc)
                 _close_quietly()
-                return
+                return False
             self.lost.pop(0)
+        return True
 
     def _wake(self, count: int, reason: str = "") -> int:
         """Wake up to ``count`` idle children; return how many were woken."""
@@ -333,6 +360,17 @@ class Supervisor:
         delay = max(0.0, (when - timezone.now()).total_seconds())
         self.next_run_after = time.monotonic() + delay
 
+    def _due_jobs_exist(self) -> bool:
+        query = sql.claim(by_queue=bool(self.options.queues), by_name_prefix=False, exists=True)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(query, {"queues": list(self.options.queues)})
+                return bool(cursor.fetchone()[0])
+        except Exception as exc:
+            logger.warning("cannot check for due jobs error=%s", exc)
+            _close_quietly()
+            return True
+
     def _heartbeat(self) -> None:
         running = [c.job_id for c in self.children.values() if c.job_id is not None]
         try:
@@ -341,7 +379,8 @@ class Supervisor:
         except Exception as exc:
             logger.warning("heartbeat failed error=%s", exc)
             _close_quietly()
-        self.notifier.status(self._status())
+        if self.ready_sent:
+            self.notifier.status(self._status())
 
     def _status(self) -> str:
         busy = sum(1 for c in self.children.values() if c.job_id is not None)
@@ -402,6 +441,14 @@ def _kill(pid: int | None) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _describe(exitcode: int | None) -> str:

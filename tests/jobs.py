@@ -96,3 +96,30 @@ def on_commit_then_return(key):
 
     transaction.on_commit(lambda: ON_COMMIT_CALLS.append(key))
     return key
+
+
+def record_pid_then_sleep(pidfile, seconds, key):
+    """Tell the test which process runs this job (outside the database), then work."""
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    Ledger.objects.create(key=key)
+    return key
+
+
+def busy_loop(seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+def swallow_integrity_error(key):
+    """Write, then catch a database error without a savepoint of its own (a user's mistake)."""
+    from django.db import IntegrityError
+
+    Ledger.objects.create(key=key)
+    try:
+        Ledger.objects.create(key=None)
+    except IntegrityError:
+        pass
+    return key

@@ -32,23 +32,32 @@ def test_flush_queue_runs_every_due_job_and_prints_a_line_each_and_a_summary():
     djasync.schedule(jobs.add, args=[1, 1], run_after=datetime.timedelta(hours=1))
     output = run("flush_queue").splitlines()
     assert len(output) == 4 and all("tests.jobs.write_ledger attempt 1 ok" in o for o in output[:3])
-    assert output[-1] == "3 jobs run: 3 succeeded, 0 failed"
+    assert output[-1] == ("3 attempts: 3 succeeded, 0 failed and will be retried, "
+                          "0 failed for good")
     assert Ledger.objects.count() == 3
 
 
 def test_flush_queue_keeps_going_after_a_failure_and_exits_with_an_error():
     djasync.schedule(jobs.always_raise, priority=5, meta={"max_attempts": 1})
     djasync.schedule(jobs.write_ledger, args=["after"])
-    with pytest.raises(CommandError, match="1 of 2 jobs failed"):
+    with pytest.raises(CommandError, match="1 jobs failed for good"):
         run("flush_queue")
     assert Ledger.objects.count() == 1
+
+
+def test_flush_queue_exits_0_when_failed_attempts_are_retried():
+    djasync.schedule(jobs.always_raise, priority=5, run_after=None)
+    out = StringIO()
+    # The test backoff is 0, so the retries are due at once: stop after two attempts.
+    call_command("flush_queue", "--jobs", "2", stdout=out)
+    assert out.getvalue().splitlines()[-1] == (
+        "2 attempts: 0 succeeded, 2 failed and will be retried, 0 failed for good")
 
 
 def test_flush_queue_fail_fast_stops_at_the_first_failure():
     djasync.schedule(jobs.always_raise, priority=5)
     djasync.schedule(jobs.write_ledger, args=["after"])
-    with pytest.raises(CommandError, match="1 of 1 jobs failed"):
-        run("flush_queue", "--fail-fast")
+    assert "1 failed and will be retried" in run("flush_queue", "--fail-fast")
     assert Ledger.objects.count() == 0
 
 
@@ -57,7 +66,7 @@ def test_flush_queue_jobs_limit_queue_and_filter():
         djasync.schedule(jobs.write_ledger, args=[f"d{i}"])
     djasync.schedule(jobs.write_ledger, args=["mail"], queue="mail")
     djasync.schedule(jobs.add, args=[1, 2], queue="mail")
-    assert run("flush_queue", "--jobs", "2").splitlines()[-1].startswith("2 jobs run")
+    assert run("flush_queue", "--jobs", "2").splitlines()[-1].startswith("2 attempts")
     run("flush_queue", "--queue", "mail", "--filter", "tests.jobs.add")
     assert Job.objects.get(name="tests.jobs.add").status == Status.SUCCEEDED
     assert Job.objects.get(args=["mail"]).status == Status.PENDING

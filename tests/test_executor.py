@@ -221,3 +221,44 @@ def test_on_commit_callbacks_of_a_failed_job_are_discarded():
     executor.run_batch()
     assert jobs.ON_COMMIT_CALLS == ["hook2"]
     assert {job.pk, job2.pk} == set(Job.objects.values_list("pk", flat=True))
+
+
+def test_a_job_that_swallows_a_database_error_is_a_failed_attempt_not_a_silent_success():
+    job = djasync.schedule(jobs.swallow_integrity_error, args=["lost"], meta={"max_attempts": 1})
+    [finished] = executor.run_batch()
+    assert (finished.outcome, finished.status) == (Outcome.ERROR, Status.FAILED)
+    assert "writes are lost" in finished.error
+    assert Ledger.objects.count() == 0
+    assert job.attempt_set.get().exception_type == "djasync.executor.JobWritesLost"
+
+
+def test_calling_a_job_inside_a_transaction_leaves_its_timeouts_alone():
+    job = djasync.schedule(jobs.add, args=[1, 1], meta={"timeout": 30})
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL statement_timeout = '2s'")
+        assert job() == 2
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW statement_timeout")
+            assert cursor.fetchone()[0] == "2s"
+
+
+def test_calling_a_final_job_before_its_group_is_done_says_why():
+    member = djasync.schedule(jobs.add, args=[1, 1], group="g")
+    final = member.group.on_completion(djasync.schedule(jobs.add, args=[2, 2]))
+    with pytest.raises(DjasyncError, match="other jobs of the group are pending"):
+        final()
+
+
+def test_an_attempt_committed_by_the_previous_holder_of_the_row_is_counted(other_connection):
+    # The claim's snapshot may predate the attempt the previous holder committed just before
+    # releasing the row: the attempt number must still be right.
+    job = djasync.schedule(jobs.always_raise, meta={"max_attempts": 5})
+    with other_connection.transaction():
+        other_connection.execute(
+            "INSERT INTO djasync_attempt (job_id, number, started_at, finished_at, outcome, "
+            "exception_type, exception_message, traceback, worker) "
+            "VALUES (%s, 1, now(), now(), 'crashed', '', '', '', 'w')", [job.pk])
+    [finished] = executor.run_batch()
+    assert finished.attempt == 2
+    assert list(job.attempt_set.values_list("number", flat=True)) == [1, 2]

@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from djasync.executor import Finished, drain
-from djasync.models import Job, Outcome
+from djasync.models import Job, Outcome, Status
 from djasync.validation import check_queue_name
 
 
@@ -30,7 +30,7 @@ class Command(BaseCommand):
         parser.add_argument("-f", "--filter", dest="name_prefix", metavar="PREFIX",
                             help="Only run jobs whose function name starts with PREFIX.")
         parser.add_argument("--fail-fast", action="store_true",
-                            help="Stop at the first job that fails.")
+                            help="Stop at the first failed attempt.")
 
     def handle(self, *args: Any, jobs: int | None, queues: list[str] | None,
                name_prefix: str | None, fail_fast: bool, **options: Any) -> None:
@@ -39,16 +39,16 @@ class Command(BaseCommand):
         queues = [_queue(q) for q in queues] if queues else None
         tty = self.stdout.isatty()
         total = Job.objects.due().count() if tty else 0
-        counts = {"ok": 0, "failed": 0}
+        counts = {"ok": 0, "retry": 0, "failed": 0}
 
         def report(finished: Finished) -> None:
             ok = finished.outcome == Outcome.SUCCEEDED
-            counts["ok" if ok else "failed"] += 1
+            counts["ok" if ok else "failed" if finished.status == Status.FAILED else "retry"] += 1
             what = "ok" if ok else f"{finished.outcome.label} ({finished.status}): {finished.error}"
             line = (f"{finished.job_id}: {finished.name} attempt {finished.attempt} "
                     f"{what} [{finished.duration * 1000:.1f} ms]")
             if tty:
-                done = counts["ok"] + counts["failed"]
+                done = sum(counts.values())
                 self.stdout.write(f"\r\x1b[K{line}\n{_bar(done, max(total, done))}", ending="")
             else:
                 self.stdout.write(line)
@@ -65,10 +65,12 @@ class Command(BaseCommand):
         if not finished:
             self.stdout.write("No jobs to execute")
             return
-        self.stdout.write(f"{len(finished)} jobs run: {counts['ok']} succeeded, "
-                          f"{counts['failed']} failed")
+        self.stdout.write(
+            f"{len(finished)} attempts: {counts['ok']} succeeded, {counts['retry']} failed and "
+            f"will be retried, {counts['failed']} failed for good"
+        )
         if counts["failed"]:
-            raise CommandError(f"{counts['failed']} of {len(finished)} jobs failed")
+            raise CommandError(f"{counts['failed']} jobs failed for good (attempts used up)")
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
