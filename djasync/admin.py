@@ -34,8 +34,8 @@ class AttemptInline(admin.TabularInline):
     extra = 0
     max_num = 0
     can_delete = False
-    fields = ["number", "outcome", "started_at", "finished_at", "worker", "exception_type",
-              "exception_message", "traceback"]
+    fields = ("number", "outcome", "started_at", "finished_at", "worker", "exception_type",
+              "exception_message", "traceback")
     readonly_fields = fields
     ordering = ["number", "id"]
 

@@ -99,8 +99,8 @@ def claim(
     query = sql.claim(
         by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None
     )
-    params = {"limit": limit, "queues": list(queues or []), "name_prefix": name_prefix,
-              "job_id": job_id}
+    params: dict[str, Any] = {"limit": limit, "queues": list(queues or []),
+                              "name_prefix": name_prefix, "job_id": job_id}
     with connection.cursor() as cursor:
         cursor.execute(query, params)
         rows = cursor.fetchall()
@@ -316,8 +316,7 @@ def _record_failure(
             cursor.execute(sql.FINISH_ATTEMPT, params)
         else:  # nothing ran: mark the job failed without inventing an attempt
             cursor.execute(
-                "UPDATE djasync_job SET status = 'failed', finished_at = clock_timestamp() WHERE id = %s",
-                [job.id],
+                sql.FAIL_WITHOUT_ATTEMPT, [job.id],
             )
     duration = time.monotonic() - clock
     logger.warning(

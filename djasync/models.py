@@ -171,7 +171,8 @@ class Group(models.Model):
     def progress(self) -> dict[str, int]:
         """Count this group's jobs (the final job excluded) by status, plus ``total``."""
         counts = {status.value: 0 for status in Status}
-        rows = self.jobs.exclude(pk=self.final_id).values_list("status").annotate(n=models.Count("id"))
+        members = self.jobs.exclude(pk=self.final_id) if self.final_id else self.jobs.all()
+        rows = members.values_list("status").annotate(n=models.Count("id"))
         for status, n in rows:
             counts[status] = n
         counts["total"] = sum(counts.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable
+from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -39,7 +40,7 @@ def prune(
                  WHERE o.group_id = j.group_id
                    AND (o.status = 'pending' OR o.finished_at >= %(cutoff)s)))
     """
-    params = {"statuses": statuses, "cutoff": cutoff, "batch": batch_size}
+    params: dict[str, Any] = {"statuses": statuses, "cutoff": cutoff, "batch": batch_size}
     with connection.cursor() as cursor:
         if dry_run:
             cursor.execute(f"SELECT count(*) FROM ({select}) AS old", params)

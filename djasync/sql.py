@@ -114,11 +114,16 @@ INSERT INTO {ATTEMPT}
     (job_id, number, started_at, finished_at, outcome,
      exception_type, exception_message, traceback, worker)
 SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
-       %(started_at)s, clock_timestamp(), %(outcome)s, %(exception_type)s, %(exception_message)s, '',
-       %(worker)s
+       %(started_at)s, clock_timestamp(), %(outcome)s, %(exception_type)s,
+       %(exception_message)s, '', %(worker)s
   FROM {JOB} j
  WHERE j.id = %(job_id)s AND j.status = 'pending'
 """
+
+#: Fail a job that may not run again, without inventing an attempt (nothing ran).
+FAIL_WITHOUT_ATTEMPT = (
+    f"UPDATE {JOB} SET status = 'failed', finished_at = clock_timestamp() WHERE id = %s"
+)
 
 #: Wake listening workers; sent inside the scheduling transaction, so delivered at its commit.
 NOTIFY = "SELECT pg_notify(%(channel)s, %(queue)s)"

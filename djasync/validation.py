@@ -62,12 +62,13 @@ def check_meta(meta: Any) -> dict[str, Any]:
             or value <= 0
             or value > 7 * 86400
         ):
-            raise ValueError(f"meta['timeout'] must be a number of seconds in (0, 604800], not {value!r}")
-    if "atomic" in meta:
-        if meta["atomic"] is not True:
             raise ValueError(
-                "meta['atomic'] must be True: leased non-atomic jobs are not supported yet"
+                f"meta['timeout'] must be a number of seconds in (0, 604800], not {value!r}"
             )
+    if "atomic" in meta and meta["atomic"] is not True:
+        raise ValueError(
+            "meta['atomic'] must be True: leased non-atomic jobs are not supported yet"
+        )
     return dict(meta)
 
 

@@ -6,6 +6,7 @@ notifications itself: the supervisor does, and wakes idle children over their pi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -162,10 +163,8 @@ class Child:
         return self.stopping
 
     def _drain_signals(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             self._signals.recv(4096)
-        except BlockingIOError:
-            pass
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         # systemd (KillMode=control-group) sends SIGTERM to every process: finish the current
@@ -194,9 +193,7 @@ def child_main(pipe: Connection, options: ChildOptions, parent_pid: int,
                inherited_sockets: list[int]) -> None:
     """Entry point of a child process (runs after fork)."""
     for fd in inherited_sockets:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     code = Child(pipe, options, parent_pid).run()
     raise SystemExit(code)

@@ -7,6 +7,7 @@ names the option at fault.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -69,6 +70,8 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
     """
     from djasync_worker import logs
 
+    # Until the supervisor installs its handlers, a stop request simply ends start-up.
+    signal.signal(signal.SIGTERM, _exit_during_startup)
     logs.configure(log_level, log_format)
     _setup_django(settings, pythonpath)
     logs.configure(log_level, log_format)  # again: Django's LOGGING setting may have changed them
@@ -80,6 +83,10 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
                       max_jobs_per_child=max_jobs_per_child, shutdown_timeout=shutdown_timeout,
                       poll_interval=poll_interval, batch_size=batch_size)
     sys.exit(Supervisor(options).run())
+
+
+def _exit_during_startup(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _setup_django(settings: str | None, pythonpath: tuple[str, ...]) -> None:

@@ -6,6 +6,7 @@ clean its notification queue while a listening session sits in a long transactio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -82,10 +83,8 @@ class Listener:
 
     def _close(self) -> None:
         if self.conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already dead
                 self.conn.close()
-            except Exception:  # already dead
-                pass
         self.conn = None
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ claimable again at once. The supervisor itself never runs a job.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import multiprocessing
@@ -167,7 +168,8 @@ class Supervisor:
                 del self.respawn_at[slot]
                 self._spawn(slot)
         for child in self.children.values():
-            if child.deadline is not None and now >= child.deadline and not child.killed_for_timeout:
+            overdue = child.deadline is not None and now >= child.deadline
+            if overdue and not child.killed_for_timeout:
                 logger.warning("job timed out, killing its child id=%s pid=%s", child.job_id,
                                child.process.pid)
                 child.killed_for_timeout = True
@@ -419,10 +421,8 @@ class Supervisor:
         self.stop_deadline = time.monotonic() + self.options.shutdown_timeout
         self.notifier.stopping(f"stopping: {self._status()}")
         for child in self.children.values():
-            try:
+            with contextlib.suppress(OSError):
                 child.pipe.send(("stop",))
-            except OSError:
-                pass
 
     def _kill_all(self, reason: str) -> None:
         self.forced = True
@@ -437,18 +437,14 @@ class Supervisor:
 def _kill(pid: int | None) -> None:
     if pid is None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _close_fd(fd: int | None) -> None:
     if fd is not None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _describe(exitcode: int | None) -> str:
@@ -460,10 +456,8 @@ def _describe(exitcode: int | None) -> str:
 
 
 def _close_quietly() -> None:
-    try:
+    with contextlib.suppress(Exception):
         connection.close()
-    except Exception:
-        pass
 
 
 def _conninfo() -> dict[str, Any]:

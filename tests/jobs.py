@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import os
@@ -118,8 +119,18 @@ def swallow_integrity_error(key):
     from django.db import IntegrityError
 
     Ledger.objects.create(key=key)
-    try:
+    with contextlib.suppress(IntegrityError):
         Ledger.objects.create(key=None)
-    except IntegrityError:
-        pass
     return key
+
+
+def raise_unless_ledger(key):
+    """Fail until a Ledger row with ``key`` exists: lets a test fix the cause, then retry."""
+    if not Ledger.objects.filter(key=key).exists():
+        raise LookupError(f"no ledger row {key!r} yet")
+    return key
+
+
+def hourly_backoff(attempt: int) -> float:
+    """Wait one hour per attempt made: easy to recognise in ``run_after``."""
+    return 3600.0 * attempt

@@ -12,6 +12,9 @@ class Ledger(models.Model):
     class Meta:
         app_label = "tests"
 
+    def __str__(self) -> str:
+        return self.key
+
 
 class JobReference(models.Model):
     """An application row that references a job (takes a FOR KEY SHARE lock on it)."""
@@ -20,3 +23,6 @@ class JobReference(models.Model):
 
     class Meta:
         app_label = "tests"
+
+    def __str__(self) -> str:
+        return f"reference to job #{self.job_id}"

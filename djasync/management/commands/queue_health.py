@@ -30,7 +30,8 @@ class Command(BaseCommand):
         age = report["oldest_due_age_seconds"]
         self.stdout.write(f"oldest due job waiting: {'-' if age is None else f'{age:.1f} s'}")
         for queue, counts in sorted(report["queues"].items()):
-            self.stdout.write(f"  queue {queue}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+            self.stdout.write(f"  queue {queue}: {summary}")
         last = report["last_hour"]
         self.stdout.write(
             f"last hour: {last['succeeded']} succeeded, {last['errors']} errors, "
