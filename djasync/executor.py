@@ -21,6 +21,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,6 +83,28 @@ class Finished:
     #: The exception the function raised (only in this process; never stored as such).
     exception: BaseException | None = None
     run_after: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """What a job function can learn about its own run, through :func:`current_job`."""
+
+    id: int
+    name: str
+    queue: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    worker: str
+    started_at: datetime.datetime
+
+
+_current: ContextVar[RunningJob | None] = ContextVar("djasync_current_job", default=None)
+
+
+def current_job() -> RunningJob | None:
+    """Return the job running in this context (inside a job function), else ``None``."""
+    return _current.get()
 
 
 class PermanentFailure(DjasyncError):
@@ -194,7 +217,12 @@ def _run_claimed(
             if before_each is not None:
                 before_each(job)
             logger.debug("job starting id=%s name=%s attempt=%s", job.id, job.name, job.attempt)
-            result = function(*args, **kwargs)
+            token = _current.set(RunningJob(job.id, job.name, job.queue, job.priority,
+                                            job.attempt, max_attempts, worker, started))
+            try:
+                result = function(*args, **kwargs)
+            finally:
+                _current.reset(token)
             if transaction.get_rollback():
                 raise JobWritesLost(
                     "the job caught a database error without rolling back to a savepoint of "

@@ -134,3 +134,12 @@ def raise_unless_ledger(key):
 def hourly_backoff(attempt: int) -> float:
     """Wait one hour per attempt made: easy to recognise in ``run_after``."""
     return 3600.0 * attempt
+
+
+def report_current_job():
+    from djasync.executor import current_job
+
+    running = current_job()
+    return {"id": running.id, "name": running.name, "queue": running.queue,
+            "priority": running.priority, "attempt": running.attempt,
+            "max_attempts": running.max_attempts}

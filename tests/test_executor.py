@@ -262,3 +262,12 @@ def test_an_attempt_committed_by_the_previous_holder_of_the_row_is_counted(other
     [finished] = executor.run_batch()
     assert finished.attempt == 2
     assert list(job.attempt_set.values_list("number", flat=True)) == [1, 2]
+
+
+def test_a_job_can_read_its_own_run_through_current_job():
+    job = djasync.schedule(jobs.report_current_job, meta={"max_attempts": 4}, queue="q1",
+                           priority=7)
+    [finished] = executor.run_batch()
+    assert finished.result == {"id": job.pk, "name": "tests.jobs.report_current_job",
+                               "queue": "q1", "priority": 7, "attempt": 1, "max_attempts": 4}
+    assert executor.current_job() is None
