@@ -79,9 +79,13 @@ def load(raw: Any) -> Settings:
     if "TIMEOUT" in values:
         timeout = values["TIMEOUT"]
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= 7 * 86400
         ):
-            raise ImproperlyConfigured("DJASYNC['TIMEOUT'] must be a positive number or None.")
+            raise ImproperlyConfigured(
+                "DJASYNC['TIMEOUT'] must be a number of seconds in (0, 604800], or None."
+            )
     if "ALLOWED_MODULES" in values:
         modules = values["ALLOWED_MODULES"]
         if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):

@@ -1,14 +1,19 @@
 """Run claimed jobs: the one place that knows djasync's transaction contract.
 
-For each claimed job, in the transaction that claimed (and locked) it:
+A job runs inside the transaction that claimed (and locked) it, so its writes and its
+``succeeded`` status commit together or not at all. On exception its writes roll back and, in
+the same transaction, an attempt row is written and the job is rescheduled with backoff or
+marked ``failed`` (see :mod:`djasync.attempts`).
 
-1. a savepoint (Django's nested ``atomic``) is opened and the function runs inside it;
-2. on return, the result is encoded and the job is marked ``succeeded`` in the same transaction,
-   so the job's writes and its status commit together or not at all;
-3. on exception, the savepoint rolls back the job's writes, and in the still-open transaction an
-   attempt row is written and the job is rescheduled with backoff or marked ``failed``.
+Two ways to run, one contract:
 
-A batch claims several jobs and runs each in its own savepoint, committing once.
+- **One job per transaction** (the worker's default, and ``flush_queue``): claim, run, finish,
+  commit. No savepoint is needed: if the job raises, the whole transaction rolls back, then a
+  new one takes the row again and records the failure. (If another worker re-claims the row in
+  that instant, it simply runs the job again; its attempt is still recorded.)
+- **Batches and nested calls**: each job runs in its own savepoint (Django's nested
+  ``atomic``), so a failure rolls back only that job's writes; ``job()`` inside a caller's
+  transaction nests the same way and commits with the caller.
 """
 
 from __future__ import annotations
@@ -19,21 +24,23 @@ import logging
 import os
 import socket
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import psycopg.errors
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
-from djasync import conf, registry, sql
-from djasync.exceptions import DjasyncError, ForbiddenFunction, FunctionNotFound
+from djasync import attempts, conf, registry, sql
+from djasync.attempts import Finished, PermanentFailure, Run
+from djasync.exceptions import DjasyncError
 from djasync.models import Job, Outcome, Status
 from djasync.validation import check_meta
+
+__all__ = ["ClaimedJob", "Finished", "RunningJob", "claim", "current_job", "drain",
+           "record_lost_attempt", "run_batch", "run_job_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ _json = DjangoJSONEncoder(allow_nan=False)
 
 #: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
 IDLE_MARGIN_SECONDS = 10
+#: Recount attempts exactly when a job is this close to ``max_attempts`` (see ``sql.claim``).
+RECOUNT_MARGIN = 2
+
+record_lost_attempt = attempts.record_lost
 
 
 def default_worker_name() -> str:
@@ -59,30 +70,8 @@ class ClaimedJob:
     queue: str
     priority: int
     group_id: int | None
-    #: Attempts made before this one; read after the row is locked (see ``sql.START_JOB``).
+    #: Attempts before this one, as the claim saw them (may be one short; see ``sql.claim``).
     previous_attempts: int = 0
-
-    @property
-    def attempt(self) -> int:
-        return self.previous_attempts + 1
-
-
-@dataclass(frozen=True)
-class Finished:
-    """What happened to one job in one attempt."""
-
-    job_id: int
-    name: str
-    queue: str
-    attempt: int
-    outcome: Outcome
-    status: Status
-    duration: float
-    result: Any = None
-    error: str = ""
-    #: The exception the function raised (only in this process; never stored as such).
-    exception: BaseException | None = None
-    run_after: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +96,30 @@ def current_job() -> RunningJob | None:
     return _current.get()
 
 
-class PermanentFailure(DjasyncError):
-    """The job row can never run (bad row, forbidden or unknown function): fail it now."""
+class JobWritesLost(DjasyncError):
+    """The job left its transaction unusable (a caught database error), losing its writes."""
+
+
+class _Raised(Exception):
+    """Carries what the job function raised out of the transaction that ran it."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def timeout_settings(timeout: float | None) -> dict[str, str]:
+    """The ``statement_timeout`` and idle-in-transaction timeout (ms) for a job's timeout."""
+    if timeout is None:
+        return {"statement": "0", "idle": "0"}
+    return {"statement": str(max(1, int(timeout * 1000))),
+            "idle": str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))}
+
+
+def set_session_timeouts() -> None:
+    """Make the default job timeout this session's own (a worker does it once per connection),
+    so that only jobs with another ``timeout`` need a ``SET LOCAL``."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.SET_SESSION_TIMEOUTS, timeout_settings(conf.get().TIMEOUT))
 
 
 def claim(
@@ -145,17 +156,68 @@ def run_batch(
     name_prefix: str | None = None,
     worker: str | None = None,
     before_each: Callable[[ClaimedJob], None] | None = None,
+    session_timeouts: bool = False,
 ) -> list[Finished]:
     """Claim up to ``limit`` due jobs and run them in one transaction; return what happened.
 
     ``before_each`` is called with each job just before it runs: the worker uses it to tell its
     supervisor which job it is on, so that a crash can be charged to that job alone.
-    An empty list means nothing was due.
+    ``session_timeouts`` says the session already has the default timeouts
+    (:func:`set_session_timeouts`). An empty list means nothing was due.
     """
     worker = worker or default_worker_name()
+    if limit == 1 and not connection.in_atomic_block:
+        return _run_one(queues, name_prefix, worker, before_each, session_timeouts)
     with transaction.atomic():
         jobs = claim(limit, queues=queues, name_prefix=name_prefix)
-        return [_run_claimed(job, worker, before_each) for job in jobs]
+        return [_run_in_savepoint(job, worker, before_each, session_timeouts) for job in jobs]
+
+
+def _run_one(queues: Sequence[str] | None, name_prefix: str | None, worker: str,
+             before_each: Callable[[ClaimedJob], None] | None,
+             session_timeouts: bool) -> list[Finished]:
+    """Claim one job and run it in the claiming transaction, without a savepoint."""
+    with transaction.atomic():
+        jobs = claim(1, queues=queues, name_prefix=name_prefix)
+        if not jobs:
+            return []
+        job = jobs[0]
+        run = _begin(job, worker)
+        if isinstance(run, Finished):
+            return [run]
+        _apply_timeout(run, session_timeouts)
+        if before_each is not None:
+            before_each(job)
+        try:
+            result, encoded = _call(run, job)
+        except _Raised as raised:
+            failure = raised.exc
+            transaction.set_rollback(True)  # the job's writes go; the failure is written next
+        else:
+            return [attempts.succeed(run, result, encoded)]
+    return [_record_after_rollback(run, failure)]
+
+
+def _run_in_savepoint(job: ClaimedJob, worker: str,
+                      before_each: Callable[[ClaimedJob], None] | None,
+                      session_timeouts: bool) -> Finished:
+    """Run one claimed job in a savepoint of the open transaction."""
+    run = _begin(job, worker)
+    if isinstance(run, Finished):
+        return run
+    custom_timeout = _apply_timeout(run, session_timeouts)
+    try:
+        with transaction.atomic():
+            if before_each is not None:
+                before_each(job)
+            result, encoded = _call(run, job)
+    except _Raised as raised:
+        finished = attempts.fail(run, raised.exc)
+    else:
+        finished = attempts.succeed(run, result, encoded)
+    if custom_timeout and session_timeouts:  # the next job of the batch gets the default again
+        _set_local_timeouts(conf.get().TIMEOUT)
+    return finished
 
 
 def run_job_now(job: Job) -> Any:
@@ -172,10 +234,10 @@ def run_job_now(job: Job) -> Any:
         with connection.cursor() as cursor:
             cursor.execute(sql.READ_TIMEOUTS)
             statement, idle = cursor.fetchone()
-        finished = _run_claimed(claimed[0], default_worker_name(), None)
+        finished = _run_in_savepoint(claimed[0], default_worker_name(), None, False)
         if nested:  # SET LOCAL outlives the job's savepoint: give the caller its own back
             with connection.cursor() as cursor:
-                cursor.execute(sql.RESTORE_TIMEOUTS, {"statement": statement, "idle": idle})
+                cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})
     job.refresh_from_db()
     if finished.exception is not None:
         raise finished.exception
@@ -194,207 +256,103 @@ def _why_not_runnable(job: Job) -> str:
     return "another worker is running it right now"
 
 
-def _run_claimed(
-    job: ClaimedJob,
-    worker: str,
-    before_each: Callable[[ClaimedJob], None] | None,
-) -> Finished:
+def _begin(job: ClaimedJob, worker: str) -> Run | Finished:
+    """Check the row and its attempts; return the run, or how it ended if it may not run."""
     settings = conf.get()
-    started = timezone.now()
-    clock = time.monotonic()
+    meta = job.meta if isinstance(job.meta, dict) else {}
+    max_attempts = meta.get("max_attempts")
+    run = Run(job.id, job.name, job.queue, job.priority, worker,
+              max_attempts if isinstance(max_attempts, int) else settings.MAX_ATTEMPTS,
+              meta.get("timeout", settings.TIMEOUT), timezone.now(), time.monotonic())
     try:
-        function, args, kwargs, meta = _prepare(job)
+        _check_row(job)
+        _resolve(job.name)
     except Exception as exc:
-        job = replace(job, previous_attempts=_count_attempts(job.id))
-        return _record_failure(job, worker, started, clock, exc, permanent=True)
-    max_attempts = int(meta.get("max_attempts") or settings.MAX_ATTEMPTS)
-    timeout = meta.get("timeout", settings.TIMEOUT)
-    try:
-        with transaction.atomic():  # the job's savepoint
-            job = replace(job, previous_attempts=_start(job.id, timeout))
-            if job.previous_attempts >= max_attempts:
-                raise _AttemptsUsedUp
-            if before_each is not None:
-                before_each(job)
-            logger.debug("job starting id=%s name=%s attempt=%s", job.id, job.name, job.attempt)
-            token = _current.set(RunningJob(job.id, job.name, job.queue, job.priority,
-                                            job.attempt, max_attempts, worker, started))
-            try:
-                result = function(*args, **kwargs)
-            finally:
-                _current.reset(token)
-            if transaction.get_rollback():
-                raise JobWritesLost(
-                    "the job caught a database error without rolling back to a savepoint of "
-                    "its own (wrap the statement in transaction.atomic()), so its writes are "
-                    "lost; the attempt counts as failed"
-                )
-            encoded = _json.encode(result)  # inside the savepoint: unencodable = failed attempt
-    except _AttemptsUsedUp:
+        return attempts.fail(run, exc, permanent=True)
+    previous = job.previous_attempts
+    if previous + RECOUNT_MARGIN >= run.max_attempts:
+        previous = attempts.count(job.id)
+    run.attempt = previous + 1
+    if previous >= run.max_attempts:
         # Its earlier attempts crashed or timed out (a poison job): never run it again.
         error = PermanentFailure(
-            f"used up its {max_attempts} attempts (the last ones crashed or timed out)"
+            f"used up its {run.max_attempts} attempts (the last ones crashed or timed out)"
         )
-        return _record_failure(job, worker, started, clock, error, permanent=True, counted=False)
-    except Exception as exc:
-        return _record_failure(job, worker, started, clock, exc, max_attempts=max_attempts)
-    with connection.cursor() as cursor:
-        cursor.execute(sql.FINISH_ATTEMPT, _attempt_params(
-            job, worker, started, outcome=Outcome.SUCCEEDED, status=Status.SUCCEEDED,
-            result=encoded,
-        ))
-    duration = time.monotonic() - clock
-    logger.info("job succeeded id=%s name=%s attempt=%s duration=%.3f",
-                job.id, job.name, job.attempt, duration)
-    return Finished(job.id, job.name, job.queue, job.attempt, Outcome.SUCCEEDED,
-                    Status.SUCCEEDED, duration, result=result)
+        return attempts.fail(run, error, permanent=True, counted=False)
+    return run
 
 
-class _AttemptsUsedUp(Exception):
-    pass
-
-
-class JobWritesLost(DjasyncError):
-    """The job left its transaction unusable (a caught database error), losing its writes."""
-
-
-def _prepare(job: ClaimedJob) -> tuple[Callable[..., Any], list[Any], dict[str, Any], dict]:
-    """Check a row's contents (it may have been written by hand) and resolve its function."""
+def _check_row(job: ClaimedJob) -> None:
+    """Refuse a row whose contents cannot be a job (it may have been written by hand)."""
     if not isinstance(job.args, list):
         raise PermanentFailure(f"args must be a JSON array, not {type(job.args).__name__}")
     if not isinstance(job.kwargs, dict):
         raise PermanentFailure(f"kwargs must be a JSON object, not {type(job.kwargs).__name__}")
     try:
-        meta = check_meta(job.meta)
+        check_meta(job.meta)
     except (TypeError, ValueError) as exc:
         raise PermanentFailure(f"bad meta: {exc}") from None
-    return _resolve(job.name), job.args, job.kwargs, meta
+
+
+def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
+    """Call the job's function; return its result and its JSON, or raise :class:`_Raised`."""
+    logger.debug("job starting id=%s name=%s", run.job_id, run.name)
+    token = _current.set(RunningJob(run.job_id, run.name, run.queue, run.priority,
+                                    run.attempt, run.max_attempts, run.worker, run.started))
+    try:
+        result = _resolve(job.name)(*job.args, **job.kwargs)
+        if transaction.get_rollback():
+            raise JobWritesLost(
+                "the job caught a database error without rolling back to a savepoint of its "
+                "own (wrap the statement in transaction.atomic()), so its writes are lost; the "
+                "attempt counts as failed"
+            )
+        return result, _json.encode(result)  # an unencodable result is a failed attempt
+    except Exception as exc:
+        raise _Raised(exc) from exc
+    finally:
+        _current.reset(token)
+
+
+def _record_after_rollback(run: Run, exc: Exception) -> Finished:
+    """Record a failure after the job's whole transaction rolled back."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql.RELOCK, [run.job_id])
+            locked = cursor.fetchone() is not None
+        if locked:
+            return attempts.fail(run, exc)
+        # Another worker took the row in the instant it was free and runs the job again: only
+        # add our attempt, without touching the row it holds.
+        attempts.record_lost(run.job_id, outcome=Outcome.ERROR, started=run.started,
+                             worker=run.worker, reason=f"{type(exc).__name__}: {exc}")
+    return Finished(run.job_id, run.name, run.queue, 0, Outcome.ERROR, Status.PENDING,
+                    run.elapsed, error=f"{type(exc).__name__}: {exc}", exception=exc)
+
+
+def _apply_timeout(run: Run, session_timeouts: bool) -> bool:
+    """Give the job its timeout; return whether it differs from the session's default."""
+    custom = run.timeout != conf.get().TIMEOUT
+    if custom or not session_timeouts:
+        _set_local_timeouts(run.timeout)
+    return custom
+
+
+def _set_local_timeouts(timeout: float | None) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql.SET_TIMEOUTS, timeout_settings(timeout))
 
 
 _resolved: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
 
 
 def _resolve(name: str) -> Callable[..., Any]:
+    """Resolve (and cache) an allowed function; the allow-list is checked before any import."""
     key = (name, registry.allowed_prefixes())
     function = _resolved.get(key)
     if function is None:
         function = _resolved[key] = registry.resolve(name)
     return function
-
-
-def _start(job_id: int, timeout: float | None) -> int:
-    """Set the job's timeouts and return how many attempts it had before (one round trip)."""
-    statement_ms = "0" if timeout is None else str(max(1, int(timeout * 1000)))
-    idle_ms = "0" if timeout is None else str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))
-    with connection.cursor() as cursor:
-        cursor.execute(sql.START_JOB, {"statement_ms": statement_ms, "idle_ms": idle_ms,
-                                       "job_id": job_id})
-        return int(cursor.fetchone()[2])
-
-
-def _count_attempts(job_id: int) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM djasync_attempt WHERE job_id = %s", [job_id])
-        return int(cursor.fetchone()[0])
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, psycopg.errors.QueryCanceled):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _record_failure(
-    job: ClaimedJob,
-    worker: str,
-    started: datetime.datetime,
-    clock: float,
-    exc: Exception,
-    *,
-    permanent: bool = False,
-    counted: bool = True,
-    max_attempts: int | None = None,
-) -> Finished:
-    """Write the failed attempt and reschedule or fail the job, in the claiming transaction."""
-    settings = conf.get()
-    permanent = permanent or isinstance(exc, ForbiddenFunction | FunctionNotFound)
-    outcome = Outcome.TIMED_OUT if _is_timeout(exc) else Outcome.ERROR
-    max_attempts = max_attempts or settings.MAX_ATTEMPTS
-    attempt = job.attempt if counted else job.previous_attempts
-    run_after = None
-    if permanent or attempt >= max_attempts:
-        status = Status.FAILED
-    else:
-        status = Status.PENDING
-        run_after = timezone.now() + datetime.timedelta(seconds=settings.backoff(attempt))
-    error = f"{type(exc).__name__}: {exc}"
-    params = _attempt_params(
-        job, worker, started, outcome=outcome, status=status, run_after=run_after,
-        exception_type=_qualified_name(type(exc)),
-        exception_message=str(exc)[:10_000],
-        traceback=_clip("".join(traceback.format_exception(exc)), settings.TRACEBACK_MAX_CHARS),
-    )
-    with connection.cursor() as cursor:
-        if counted:
-            cursor.execute(sql.FINISH_ATTEMPT, params)
-        else:  # nothing ran: mark the job failed without inventing an attempt
-            cursor.execute(
-                sql.FAIL_WITHOUT_ATTEMPT, [job.id],
-            )
-    duration = time.monotonic() - clock
-    logger.warning(
-        "job %s id=%s name=%s attempt=%s duration=%.3f error=%s%s",
-        "failed" if status == Status.FAILED else "will retry", job.id, job.name, attempt,
-        duration, type(exc).__name__,
-        f" retry_at={run_after.isoformat()}" if run_after else "",
-    )
-    return Finished(job.id, job.name, job.queue, attempt, outcome, status, duration,
-                    error=error, exception=exc, run_after=run_after)
-
-
-def _attempt_params(job: ClaimedJob, worker: str, started: datetime.datetime, *,
-                    outcome: Outcome, status: Status, result: str | None = None,
-                    run_after: datetime.datetime | None = None, exception_type: str = "",
-                    exception_message: str = "", traceback: str = "") -> dict[str, Any]:
-    return {
-        "job_id": job.id, "number": job.attempt, "started_at": started,
-        "outcome": outcome.value, "status": status.value, "result": result,
-        "run_after": run_after, "exception_type": exception_type,
-        "exception_message": exception_message, "traceback": traceback, "worker": worker[:255],
-    }
-
-
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"[:255]
-
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n… {len(text) - limit} characters cut …\n{text[-half:]}"
-
-
-def record_lost_attempt(job_id: int, *, outcome: Outcome, started: datetime.datetime,
-                        worker: str, reason: str) -> None:
-    """Record that a job's process died (crashed) or was stopped (timed out) while running it.
-
-    Called by whoever watched the process (the worker's supervisor), on its own connection and
-    outside any job transaction: the dead process's transaction, and everything it wrote, is
-    gone. Only an attempt row is inserted, so this never waits on the job row's lock.
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(sql.RECORD_LOST_ATTEMPT, {
-            "job_id": job_id, "started_at": started, "outcome": outcome.value,
-            "exception_type": "djasync.WorkerLost" if outcome == Outcome.CRASHED
-            else "djasync.Timeout",
-            "exception_message": reason[:10_000], "worker": worker[:255],
-        })
 
 
 def drain(

@@ -28,6 +28,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
     - Every eligibility predicate sits inside this locked select (never in an outer query), so a
       row that is locked is always a row that will run.
     - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only).
+    - ``previous_attempts`` counts the attempt rows. It may miss an attempt committed by the
+      transaction that held the row just before us (the statement's snapshot predates that
+      commit), so the executor recounts exactly (:data:`COUNT_ATTEMPTS`) when a job is near its
+      ``max_attempts``, and the finishing statements number attempts with a fresh count.
 
     With ``exists``, return instead whether any such job exists, locked or not (a burst worker
     uses it to tell "nothing due" from "due but held by someone right now").
@@ -51,7 +55,8 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
     if exists:
         return f"SELECT EXISTS (SELECT 1 FROM {JOB} j WHERE {where})"
     return f"""
-SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id
+SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+       (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts
   FROM {JOB} j
  WHERE {where}
  ORDER BY j.priority DESC, j.run_after, j.id
@@ -60,18 +65,18 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id
 """
 
 
-#: Start a job, in its savepoint, in one round trip:
-#: - bound its statements, and the time its transaction may sit idle (a frozen worker);
-#:   ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode;
-#: - count its earlier attempts, including ``crashed`` ones the supervisor wrote after a child
-#:   died (the only record of a crash: the crash rolled back all the attempt wrote). This is
-#:   a statement of its own, after the claim's lock, on purpose: under READ COMMITTED the
-#:   claim's snapshot may predate attempts committed by whoever held the row just before us;
-#:   this statement's snapshot cannot.
-START_JOB = f"""
-SELECT set_config('statement_timeout', %(statement_ms)s, true),
-       set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true),
-       (SELECT count(*) FROM {ATTEMPT} WHERE job_id = %(job_id)s)
+#: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
+#: ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode.
+#: A worker sets its default timeouts once per session and sends this only for jobs whose
+#: ``timeout`` differs.
+SET_TIMEOUTS = """
+SELECT set_config('statement_timeout', %(statement)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle)s, true)
+"""
+
+SET_SESSION_TIMEOUTS = """
+SELECT set_config('statement_timeout', %(statement)s, false),
+       set_config('idle_in_transaction_session_timeout', %(idle)s, false)
 """
 
 #: The session's timeouts, read before ``job()`` runs inside a caller's transaction so that
@@ -81,13 +86,35 @@ SELECT current_setting('statement_timeout'),
        current_setting('idle_in_transaction_session_timeout')
 """
 
-RESTORE_TIMEOUTS = """
-SELECT set_config('statement_timeout', %(statement)s, true),
-       set_config('idle_in_transaction_session_timeout', %(idle)s, true)
+#: Attempts so far, seen by a fresh snapshot (READ COMMITTED: each statement takes one).
+COUNT_ATTEMPTS = f"SELECT count(*) FROM {ATTEMPT} WHERE job_id = %s"
+
+#: After a job's whole transaction rolled back (a failed attempt run without a savepoint),
+#: take the row again to record the failure; skip it if another worker holds it already.
+RELOCK = f"""
+SELECT 1 FROM {JOB} WHERE id = %s AND status = 'pending' FOR NO KEY UPDATE SKIP LOCKED
 """
 
-#: Record an attempt and the job's new state in one statement (one round trip).
-FINISH_ATTEMPT = f"""
+#: Mark a job succeeded and record its attempt, numbered by a fresh count, in one statement.
+FINISH_SUCCESS = f"""
+WITH n AS (SELECT count(*) + 1 AS number FROM {ATTEMPT} WHERE job_id = %(job_id)s),
+attempt AS (
+    INSERT INTO {ATTEMPT}
+        (job_id, number, started_at, finished_at, outcome,
+         exception_type, exception_message, traceback, worker)
+    SELECT %(job_id)s, n.number, %(started_at)s, clock_timestamp(), 'succeeded', '', '', '',
+           %(worker)s
+      FROM n
+)
+UPDATE {JOB}
+   SET status = 'succeeded', result = %(result)s::jsonb, attempts = (SELECT number FROM n),
+       started_at = %(started_at)s, finished_at = clock_timestamp(), worker = %(worker)s
+ WHERE id = %(job_id)s
+RETURNING attempts
+"""
+
+#: Record a failed attempt and the job's new state (retry later, or failed) in one statement.
+FINISH_FAILURE = f"""
 WITH attempt AS (
     INSERT INTO {ATTEMPT}
         (job_id, number, started_at, finished_at, outcome,
@@ -97,7 +124,6 @@ WITH attempt AS (
 )
 UPDATE {JOB}
    SET status = %(status)s,
-       result = %(result)s::jsonb,
        run_after = coalesce(%(run_after)s, run_after),
        attempts = %(number)s,
        started_at = %(started_at)s,

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
@@ -28,6 +29,14 @@ logger = logging.getLogger(__name__)
 #: Seconds to wait before retrying after the database went away, doubling up to the maximum.
 RECONNECT_DELAY_SECONDS = 0.05
 RECONNECT_DELAY_MAX_SECONDS = 2.0
+
+
+#: Layout of the array a child shares with its supervisor (written by the child only).
+#: The job id is written last when a job starts and cleared first when it ends, so a reader
+#: that sees an id sees that job's start and timeout.
+JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE = range(5)
+SHARED_SIZE = 5
+NO_TIMEOUT = -1.0
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,10 @@ def _die_with_parent() -> None:
 
 
 class Child:
-    def __init__(self, pipe: Connection, options: ChildOptions, parent_pid: int) -> None:
+    def __init__(self, pipe: Connection, shared: Any, options: ChildOptions,
+                 parent_pid: int) -> None:
         self.pipe = pipe
+        self.shared = shared
         self.options = options
         self.parent_pid = parent_pid
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -73,6 +84,7 @@ class Child:
         connection_created.connect(self._share_socket)
         delay = RECONNECT_DELAY_SECONDS
         claim = True  # a new child looks for work at once
+        idle = True  # as far as the supervisor knows
         while not self.stopping:
             if not claim:
                 claim = self._wait_for_wake()
@@ -82,22 +94,27 @@ class Child:
                     self.options.batch_size,
                     queues=self.options.queues or None,
                     worker=self.name,
-                    before_each=self._tell_started,
+                    before_each=self._started,
+                    session_timeouts=True,
                 )
             except Exception as exc:
-                self._send(("batch_done", 0))
                 self._after_error(exc)
                 if self._sleep(delay):
                     break
                 delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
                 continue
+            finally:
+                self.shared[JOB_ID] = 0
             delay = RECONNECT_DELAY_SECONDS
             if not batch:
-                self._send(("idle", self.jobs_done))
-                claim = False
+                self._send(("idle",))
+                idle, claim = True, False
                 continue
             self.jobs_done += len(batch)
-            self._send(("batch_done", len(batch)))
+            self.shared[JOBS_DONE] = self.jobs_done
+            if idle:  # found work: the supervisor may wake another idle child
+                self._send(("busy",))
+                idle = False
             if self.options.max_jobs and self.jobs_done >= self.options.max_jobs:
                 logger.info("child recycling jobs_done=%s", self.jobs_done)
                 break
@@ -120,10 +137,16 @@ class Child:
             reduction.send_handle(self.pipe, connection.connection.fileno(), self.parent_pid)
         except OSError:
             os._exit(1)
+        executor.set_session_timeouts()
 
-    def _tell_started(self, job: ClaimedJob) -> None:
+    def _started(self, job: ClaimedJob) -> None:
+        """Publish the job we start in shared memory: no message, no system call per job."""
         meta = job.meta if isinstance(job.meta, dict) else {}
-        self._send(("start", job.id, meta.get("timeout", conf.get().TIMEOUT)))
+        timeout = meta.get("timeout", conf.get().TIMEOUT)
+        self.shared[STARTED_MONOTONIC] = time.monotonic()
+        self.shared[TIMEOUT] = NO_TIMEOUT if timeout is None else float(timeout)
+        self.shared[STARTED_EPOCH] = time.time()
+        self.shared[JOB_ID] = job.id
 
     def _send(self, message: tuple) -> None:
         try:
@@ -189,11 +212,11 @@ class Child:
             logger.debug("closing the dead connection failed", exc_info=True)
 
 
-def child_main(pipe: Connection, options: ChildOptions, parent_pid: int,
+def child_main(pipe: Connection, shared: Any, options: ChildOptions, parent_pid: int,
                inherited_sockets: list[int]) -> None:
     """Entry point of a child process (runs after fork)."""
     for fd in inherited_sockets:
         with contextlib.suppress(OSError):
             os.close(fd)
-    code = Child(pipe, options, parent_pid).run()
+    code = Child(pipe, shared, options, parent_pid).run()
     raise SystemExit(code)

@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from djasync import executor, sql, workers
 from djasync.models import Job, Outcome
+from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
 from djasync_worker.listener import Listener
 from djasync_worker.systemd import Notifier
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a job may overrun its timeout (which its SQL already obeys) before it is killed.
 KILL_GRACE_SECONDS = 1.0
+#: While a child is busy, how often to look for jobs past their deadline.
+DEADLINE_CHECK_SECONDS = 0.1
 #: In --burst, how soon to look again when due jobs exist but are locked.
 BURST_RECHECK_SECONDS = 0.05
 #: Shortest pause before replacing a child that died, so a crash loop cannot spin.
@@ -59,16 +62,30 @@ class ChildState:
     slot: int
     process: Any
     pipe: Connection
+    #: The array the child publishes its current job in (see ``child.JOB_ID`` and friends).
+    shared: Any
     idle: bool = False
     reported: bool = False
-    job_id: int | None = None
-    job_started: datetime.datetime | None = None
-    deadline: float | None = None
     killed_for_timeout: bool = False
     #: Our duplicate of the child's database socket (see ``Child._share_socket``).
     db_socket: int | None = None
     #: Why it was last woken ("poll" matters: a poll that finds work hints LISTEN is broken).
     woken_by: str = ""
+
+
+def running_job(child: ChildState) -> tuple[int, float, float | None, float] | None:
+    """Read (job id, started monotonic, timeout, started epoch) of the child's job, if any."""
+    shared = child.shared
+    for _ in range(3):  # the child may be writing; a consistent read sees the same id twice
+        job_id = int(shared[shared_layout.JOB_ID])
+        if not job_id:
+            return None
+        started, timeout, epoch = (shared[shared_layout.STARTED_MONOTONIC],
+                                   shared[shared_layout.TIMEOUT],
+                                   shared[shared_layout.STARTED_EPOCH])
+        if int(shared[shared_layout.JOB_ID]) == job_id:
+            return job_id, started, None if timeout < 0 else timeout, epoch
+    return None
 
 
 @dataclass
@@ -92,7 +109,7 @@ class Supervisor:
         self.stopping = False
         self.forced = False
         self.stop_deadline: float | None = None
-        self.jobs_done = 0
+        self.jobs_done_by_exited = 0
         self.lost: list[LostAttempt] = []
         self.ready_sent = False
         self.respawn_at: dict[int, float] = {}
@@ -154,7 +171,8 @@ class Supervisor:
             moments.append(self.next_run_after)
         if self.stop_deadline is not None:
             moments.append(self.stop_deadline)
-        moments.extend(c.deadline for c in self.children.values() if c.deadline is not None)
+        if any(not c.idle for c in self.children.values()):
+            moments.append(now + DEADLINE_CHECK_SECONDS)  # jobs start without telling us
         moments.extend(self.respawn_at.values())
         if self.notifier.watchdog_interval:
             moments.append(self.next_watchdog)
@@ -168,9 +186,12 @@ class Supervisor:
                 del self.respawn_at[slot]
                 self._spawn(slot)
         for child in self.children.values():
-            overdue = child.deadline is not None and now >= child.deadline
-            if overdue and not child.killed_for_timeout:
-                logger.warning("job timed out, killing its child id=%s pid=%s", child.job_id,
+            running = running_job(child)
+            if running is None or running[2] is None or child.killed_for_timeout:
+                continue
+            job_id, started, timeout, _ = running
+            if now >= started + timeout + KILL_GRACE_SECONDS:
+                logger.warning("job timed out, killing its child id=%s pid=%s", job_id,
                                child.process.pid)
                 child.killed_for_timeout = True
                 _kill(child.process.pid)
@@ -222,13 +243,14 @@ class Supervisor:
         # Our copies of other children's database sockets must not live on in the new child:
         # they would keep a dead child's session, and its job's lock, alive.
         copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
+        shared = self.context.Array("d", shared_layout.SHARED_SIZE, lock=False)
         process = self.context.Process(
-            target=child_main, args=(child_end, options, os.getpid(), copies),
+            target=child_main, args=(child_end, shared, options, os.getpid(), copies),
             name=f"djasync-child-{slot}", daemon=False,
         )
         process.start()
         child_end.close()
-        self.children[slot] = ChildState(slot, process, parent_end)
+        self.children[slot] = ChildState(slot, process, parent_end, shared)
         logger.debug("child started slot=%s pid=%s", slot, process.pid)
 
     def _read_messages(self, child: ChildState) -> None:
@@ -253,39 +275,35 @@ class Supervisor:
             fd = reduction.recv_handle(child.pipe)
             _close_fd(child.db_socket)
             child.db_socket = fd
-        elif kind == "start":
-            _, job_id, timeout = message
+        elif kind == "busy":
             child.idle = False
-            child.job_id, child.job_started = job_id, timezone.now()
-            child.deadline = (time.monotonic() + timeout + KILL_GRACE_SECONDS
-                              if timeout is not None else None)
             if child.woken_by == "poll":
                 self.listener.poll_found_work()
             child.woken_by = ""
             self._wake(1)  # it found work: there may be more, wake another idle child
-        elif kind == "batch_done":
-            child.job_id = child.job_started = child.deadline = None
-            self.jobs_done += message[1]
         elif kind == "idle":
             child.idle = True
-            child.job_id = child.job_started = child.deadline = None
             self._schedule_timer()
 
     def _reap(self, child: ChildState) -> None:
-        self._read_messages(child)  # a last "start" may be in the pipe
+        self._read_messages(child)  # a last socket copy may be in the pipe
         child.process.join(timeout=5)
         code = child.process.exitcode
         del self.children[child.slot]
         child.pipe.close()
-        if child.job_id is not None and not self.forced:
+        self.jobs_done_by_exited += int(child.shared[shared_layout.JOBS_DONE])
+        running = running_job(child)
+        if running is not None and not self.forced:
+            job_id, _, _, epoch = running
             if child.killed_for_timeout:
                 outcome, reason = Outcome.TIMED_OUT, "ran past its timeout; its process was killed"
             else:
                 outcome, reason = Outcome.CRASHED, f"its worker process died ({_describe(code)})"
-            logger.error("job lost its process id=%s pid=%s outcome=%s reason=%s", child.job_id,
+            logger.error("job lost its process id=%s pid=%s outcome=%s reason=%s", job_id,
                          child.process.pid, outcome.value, reason)
-            self.lost.append(LostAttempt(child.job_id, outcome, child.job_started or timezone.now(),
-                                         reason, f"{socket.gethostname()}:{child.process.pid}"))
+            started = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
+            self.lost.append(LostAttempt(job_id, outcome, started, reason,
+                                         f"{socket.gethostname()}:{child.process.pid}"))
             if not self._record_lost():
                 self._record_lost()  # once more, on a fresh connection
         elif code != 0 and not self.forced:
@@ -373,8 +391,17 @@ class Supervisor:
             _close_quietly()
             return True
 
+    @property
+    def jobs_done(self) -> int:
+        return self.jobs_done_by_exited + sum(
+            int(c.shared[shared_layout.JOBS_DONE]) for c in self.children.values()
+        )
+
+    def _running(self) -> list[int]:
+        return [r[0] for r in map(running_job, self.children.values()) if r is not None]
+
     def _heartbeat(self) -> None:
-        running = [c.job_id for c in self.children.values() if c.job_id is not None]
+        running = self._running()
         try:
             self._record_lost()
             workers.heartbeat(self.name, running=running, jobs_done=self.jobs_done)
@@ -385,7 +412,7 @@ class Supervisor:
             self.notifier.status(self._status())
 
     def _status(self) -> str:
-        busy = sum(1 for c in self.children.values() if c.job_id is not None)
+        busy = len(self._running())
         return (f"{len(self.children)} children, {busy} busy, {self.jobs_done} jobs done, "
                 f"queues {','.join(self.options.queues) or '*'}")
 
@@ -429,8 +456,9 @@ class Supervisor:
         self.stop_deadline = None
         for child in self.children.values():
             if child.process.is_alive():
+                running = running_job(child)
                 logger.warning("killing child pid=%s job=%s reason=%s", child.process.pid,
-                               child.job_id, reason)
+                               running[0] if running else None, reason)
                 _kill(child.process.pid)
 
 

@@ -1,0 +1,169 @@
+"""Write down how an attempt ended: the attempt row and the job's new state, in one statement.
+
+Every function here runs on Django's default connection inside a transaction that holds the
+job's row lock (except :func:`record_lost`, which needs no lock by design).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg.errors
+from django.db import connection
+from django.utils import timezone
+
+from djasync import conf, sql
+from djasync.exceptions import DjasyncError, ForbiddenFunction, FunctionNotFound
+from djasync.models import Outcome, Status
+
+logger = logging.getLogger("djasync.executor")
+
+
+class PermanentFailure(DjasyncError):
+    """The job row can never run (bad row, forbidden or unknown function): fail it now."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What happened to one job in one attempt."""
+
+    job_id: int
+    name: str
+    queue: str
+    attempt: int
+    outcome: Outcome
+    status: Status
+    duration: float
+    result: Any = None
+    error: str = ""
+    #: The exception the function raised (only in this process; never stored as such).
+    exception: BaseException | None = None
+    run_after: datetime.datetime | None = None
+
+
+@dataclass
+class Run:
+    """One attempt in progress: the claimed job, who runs it, and since when."""
+
+    job_id: int
+    name: str
+    queue: str
+    priority: int
+    worker: str
+    max_attempts: int
+    timeout: float | None
+    started: datetime.datetime
+    clock: float
+    #: This attempt's number, as far as the claim knows (exact near ``max_attempts``).
+    attempt: int = 1
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.clock
+
+
+def count(job_id: int) -> int:
+    """Count the job's attempts so far, as committed now (a statement of its own)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.COUNT_ATTEMPTS, [job_id])
+        return int(cursor.fetchone()[0])
+
+
+def succeed(run: Run, result: Any, encoded: str) -> Finished:
+    """Mark the job succeeded with its result, in the transaction that ran it."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.FINISH_SUCCESS, {
+            "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
+            "result": encoded,
+        })
+        (number,) = cursor.fetchone()
+    duration = run.elapsed
+    logger.info("job succeeded id=%s name=%s attempt=%s duration=%.3f",
+                run.job_id, run.name, number, duration)
+    return Finished(run.job_id, run.name, run.queue, number, Outcome.SUCCEEDED,
+                    Status.SUCCEEDED, duration, result=result)
+
+
+def fail(run: Run, exc: BaseException, *, permanent: bool = False,
+         counted: bool = True) -> Finished:
+    """Record a failed attempt, and reschedule the job with backoff or mark it failed.
+
+    ``permanent`` fails the job whatever its attempts; ``counted=False`` fails it without
+    writing an attempt (nothing ran: its attempts were used up before).
+    """
+    settings = conf.get()
+    permanent = permanent or isinstance(exc, ForbiddenFunction | FunctionNotFound)
+    outcome = Outcome.TIMED_OUT if _is_timeout(exc) else Outcome.ERROR
+    number = count(run.job_id) + (1 if counted else 0)
+    run_after = None
+    if permanent or number >= run.max_attempts:
+        status = Status.FAILED
+    else:
+        status = Status.PENDING
+        run_after = timezone.now() + datetime.timedelta(seconds=settings.backoff(number))
+    with connection.cursor() as cursor:
+        if counted:
+            cursor.execute(sql.FINISH_FAILURE, {
+                "job_id": run.job_id, "number": number, "started_at": run.started,
+                "outcome": outcome.value, "status": status.value, "run_after": run_after,
+                "exception_type": _qualified_name(type(exc)),
+                "exception_message": str(exc)[:10_000],
+                "traceback": _clip("".join(traceback.format_exception(exc)),
+                                   settings.TRACEBACK_MAX_CHARS),
+                "worker": run.worker[:255],
+            })
+        else:
+            cursor.execute(sql.FAIL_WITHOUT_ATTEMPT, [run.job_id])
+    duration = run.elapsed
+    log = logger.error if status == Status.FAILED else logger.warning
+    log("job %s id=%s name=%s attempt=%s duration=%.3f error=%s: %s%s",
+        "failed" if status == Status.FAILED else "will retry", run.job_id, run.name, number,
+        duration, type(exc).__name__, str(exc)[:200],
+        f" retry_at={run_after.isoformat()}" if run_after else "")
+    return Finished(run.job_id, run.name, run.queue, number, outcome, status, duration,
+                    error=f"{type(exc).__name__}: {exc}", exception=exc, run_after=run_after)
+
+
+def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, worker: str,
+                reason: str) -> None:
+    """Record an attempt whose process died (crashed) or was stopped (timed out), or whose
+    failure could not be written in its own transaction.
+
+    Only an attempt row is inserted (the foreign key takes a KEY SHARE lock, which does not
+    conflict with a worker's NO KEY UPDATE), so this never waits on the job row's lock; the
+    next claim counts it.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql.RECORD_LOST_ATTEMPT, {
+            "job_id": job_id, "started_at": started, "outcome": outcome.value,
+            "exception_type": {Outcome.CRASHED: "djasync.WorkerLost",
+                               Outcome.TIMED_OUT: "djasync.Timeout"}.get(outcome, "djasync.Error"),
+            "exception_message": reason[:10_000], "worker": worker[:255],
+        })
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, psycopg.errors.QueryCanceled):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"[:255]
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n… {len(text) - limit} characters cut …\n{text[-half:]}"

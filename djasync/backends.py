@@ -1,0 +1,464 @@
+"""A backend for Django's Tasks framework (``django.tasks``) that stores Tasks as djasync jobs.
+
+Configure it with::
+
+    TASKS = {"default": {"BACKEND": "djasync.backends.DjasyncBackend"}}
+
+``enqueue()`` calls :func:`djasync.schedule`, so a Task enqueued in a transaction exists only if
+that transaction commits. Every Task job names :func:`run_task`, which the worker runs like any
+other job, inside the transaction that claimed it. ``run_task`` rebuilds the Task, sends Django's
+``task_started`` and ``task_finished`` signals, and calls the function. The executor records each
+attempt and retries failures. ``get_result()`` reads the job row and its attempt rows.
+
+Django 6.0 and later ship ``django.tasks``. On Django 5.2 the ``django-tasks`` backport
+(``django_tasks``) provides the same API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+import traceback
+from dataclasses import dataclass
+from importlib.util import find_spec
+from inspect import iscoroutinefunction
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import async_to_sync
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection, connections, transaction
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from djasync import registry
+from djasync.exceptions import DjasyncError, ForbiddenFunction, FunctionNotFound
+from djasync.validation import check_meta, check_queue_name, to_json
+
+# The backport's Task and BaseTaskBackend are different classes from django.tasks': a backend
+# works only with the @task of the package it subclasses. So use django.tasks when it exists,
+# as django-tasks-db does, and the backport only where it does not (Django 5.2).
+if find_spec("django.tasks") is not None:
+    from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
+    from django.tasks.backends.base import BaseTaskBackend
+    from django.tasks.base import Task, TaskContext, TaskError, TaskResult, TaskResultStatus
+    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+    from django.tasks.signals import task_enqueued, task_finished, task_started
+    from django.utils.json import normalize_json
+elif find_spec("django_tasks") is not None:  # pragma: no cover - Django 5.2 only
+    from django_tasks import (  # type: ignore[no-redef]
+        DEFAULT_TASK_BACKEND_ALIAS,
+        task_backends,
+    )
+    from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef]
+    from django_tasks.base import (  # type: ignore[no-redef]
+        Task,
+        TaskContext,
+        TaskError,
+        TaskResult,
+        TaskResultStatus,
+    )
+    from django_tasks.exceptions import (  # type: ignore[no-redef]
+        InvalidTaskError as InvalidTask,
+    )
+    from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[no-redef]
+    from django_tasks.signals import (  # type: ignore[no-redef]
+        task_enqueued,
+        task_finished,
+        task_started,
+    )
+    from django_tasks.utils import normalize_json  # type: ignore[no-redef]
+else:
+    raise ImportError(
+        "djasync.backends needs Django's Tasks framework: Django 6.0 or later, or on Django 5.2 "
+        "the django-tasks backport (pip install django-tasks)."
+    )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from djasync.executor import RunningJob
+    from djasync.models import Attempt, Job
+
+__all__ = ["DjasyncBackend", "DjasyncTask", "run_task"]
+
+#: The dotted name of the function every Task job runs (``Job.name`` of a Task).
+RUNNER = "djasync.backends.run_task"
+
+#: OPTIONS keys, with the ``meta`` key each one sets on every job of the backend.
+OPTION_META_KEYS = {"MAX_ATTEMPTS": "max_attempts", "TIMEOUT": "timeout"}
+
+_RESULT_ID = re.compile(r"[1-9][0-9]{0,18}")
+_BIGINT_MAX = 2**63 - 1
+
+#: Lock the row if no one else holds it; a worker running the job holds it (FOR NO KEY UPDATE).
+#: FOR SHARE is the weakest lock that conflicts with that one, and SKIP LOCKED means this never
+#: waits. The caller rolls back at once, so the share lock lasts only this statement.
+_PROBE = "SELECT 1 FROM djasync_job WHERE id = %s AND status = 'pending' FOR SHARE SKIP LOCKED"
+
+
+class WorkerLost(DjasyncError):
+    """The worker process running the task died (killed, crashed, out of memory)."""
+
+
+class TaskTimedOut(DjasyncError):
+    """The task ran past its timeout and its worker process was stopped."""
+
+
+#: The supervisor records lost attempts under names that are not importable classes; TaskError
+#: resolves ``exception_class_path``, so those names are reported as these classes.
+_LOST_ATTEMPT_CLASSES = {
+    "djasync.WorkerLost": f"{__name__}.{WorkerLost.__qualname__}",
+    "djasync.Timeout": f"{__name__}.{TaskTimedOut.__qualname__}",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DjasyncTask(Task):
+    """A Task that may carry djasync execution options, given as ``@task(max_attempts=3)``.
+
+    Django 6.1 (and the backport) pass extra ``@task`` keyword arguments to the backend's
+    ``task_class``. ``None`` means the backend's OPTIONS, then the DJASYNC setting, decide.
+    ``max_attempts`` is the name Django's retry proposal uses as well.
+    """
+
+    #: Attempts before the task is FAILED (errors, crashes and timeouts all count).
+    max_attempts: int | None = None
+    #: Seconds one attempt may run.
+    timeout: float | None = None
+
+
+class DjasyncBackend(BaseTaskBackend):
+    """Store Tasks as djasync jobs; ``djasync-worker`` runs them in their claiming transaction."""
+
+    task_class = DjasyncTask
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = True
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        # Backends are built when a tasks.py module is imported, possibly before the app
+        # registry is ready: no model imports and no queries here.
+        super().__init__(alias, params)
+        self.meta = _meta_from_options(alias, self.options)
+
+    def validate_task(self, task: Task) -> None:
+        super().validate_task(task)
+        try:
+            check_queue_name(task.queue_name)
+            check_meta(_task_meta(task))
+        except (TypeError, ValueError) as exc:
+            raise InvalidTask(str(exc)) from None
+
+    def enqueue(self, task: Task, args: Any, kwargs: Any) -> TaskResult:
+        """Write the Task's job in the caller's transaction and return a READY result.
+
+        No ``transaction.on_commit`` wrapper is needed: if the caller rolls back, the job never
+        existed, and no worker sees it before the commit.
+        """
+        from djasync.scheduling import schedule
+
+        self.validate_task(task)
+        registry.resolve(task.module_path)  # the allow-list applies to the Task's function
+        args, kwargs = normalize_json(args), normalize_json(kwargs)
+        enqueued_at = timezone.now()
+        job = schedule(
+            RUNNER,
+            args=[task.module_path, args, kwargs],
+            kwargs=_envelope(self.alias, task, enqueued_at),
+            run_after=task.run_after,
+            meta={**self.meta, **_task_meta(task)},
+            priority=int(task.priority),
+            queue=task.queue_name,
+        )
+        result = TaskResult(
+            task=task, id=str(job.pk), status=TaskResultStatus.READY,
+            enqueued_at=enqueued_at, started_at=None, finished_at=None, last_attempted_at=None,
+            args=args, kwargs=kwargs, backend=self.alias, errors=[], worker_ids=[],
+        )
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
+    def get_result(self, result_id: str) -> TaskResult:
+        """Read a Task's result from its job row and attempt rows, in any process.
+
+        A pending job is RUNNING while a worker holds its row lock, else READY (see
+        :func:`_held_by_a_worker`).
+        """
+        from djasync.models import Status
+
+        job_id = _job_id(result_id)
+        job, attempts = self._load(job_id)
+        running = False
+        if job.status == Status.PENDING and _held_by_a_worker(job_id):
+            # It may have finished between the read and the probe: read it again.
+            job, attempts = self._load(job_id)
+            running = job.status == Status.PENDING
+        return _result_of(job, attempts, running=running)
+
+    def _load(self, job_id: int) -> tuple[Job, list[Attempt]]:
+        from djasync.models import Job
+
+        job = Job.objects.filter(pk=job_id, name=RUNNER, kwargs__backend=self.alias).first()
+        if job is None or not _is_envelope(job):
+            raise TaskResultDoesNotExist(f"no task result {str(job_id)!r} in backend "
+                                         f"{self.alias!r}")
+        return job, list(job.attempt_set.order_by("number", "id"))
+
+    def check(self, **kwargs: Any) -> list[Any]:
+        from django.apps import apps
+        from django.core import checks
+
+        errors: list[Any] = []
+        if not apps.is_installed("djasync"):
+            errors.append(checks.Error(
+                f"TASKS[{self.alias!r}] uses djasync.backends.DjasyncBackend, but 'djasync' is "
+                "not in INSTALLED_APPS.",
+                hint="Add 'djasync' to INSTALLED_APPS and run migrate.",
+                id="djasync.E101",
+            ))
+        vendor = connection.vendor if "default" in connections else "missing"
+        if vendor != "postgresql":
+            errors.append(checks.Error(
+                f"TASKS[{self.alias!r}] uses djasync, which needs PostgreSQL; the default "
+                f"database is {vendor}.",
+                hint="Set DATABASES['default']['ENGINE'] to 'django.db.backends.postgresql'.",
+                id="djasync.E102",
+            ))
+        for queue in sorted(self.queues):
+            try:
+                check_queue_name(queue)
+            except ValueError as exc:
+                errors.append(checks.Error(f"TASKS[{self.alias!r}]['QUEUES']: {exc}",
+                                           id="djasync.E103"))
+        return errors
+
+
+def run_task(
+    task_path: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    *,
+    backend: str = DEFAULT_TASK_BACKEND_ALIAS,
+    takes_context: bool = False,
+    enqueued_at: str | None = None,
+    run_after: str | None = None,
+) -> Any:
+    """Run one Task inside the executor (the function of every Task job); return its result.
+
+    It runs in the job's savepoint, in the transaction that claimed the job, so everything the
+    Task writes commits with the job's status. ``task_finished`` for a failure is sent inside
+    the ``except`` (Django's log receiver attaches ``sys.exc_info()``), then the exception is
+    re-raised so that the executor rolls back the Task's writes, records the attempt and
+    retries it.
+    """
+    from djasync.executor import JobWritesLost, current_job
+
+    running = current_job()
+    if running is None:
+        raise DjasyncError("run_task runs Task jobs inside djasync's executor; enqueue the Task")
+    task = _task_as_enqueued(task_path, backend, takes_context=takes_context,
+                             priority=running.priority, queue=running.queue,
+                             run_after=_parse_time(run_after))
+    result = _result_in_flight(task, running, args, kwargs, _parse_time(enqueued_at))
+    sender = type(task.get_backend())
+    task_started.send(sender, task_result=result)
+    call_args = [TaskContext(task_result=result), *args] if task.takes_context else args
+    try:
+        if iscoroutinefunction(task.func):
+            # One event loop per call (asgiref makes it in a new thread): the simplest, and it
+            # keeps the job in its transaction. Django's connections are per thread; asgiref
+            # sends thread-sensitive sync_to_async calls, which is what the async ORM methods
+            # (acreate, aget, ...) use, back to this thread. So they run on this thread's
+            # connection, inside the job's savepoint, and commit or roll back with the job.
+            value = async_to_sync(task.func)(*call_args, **kwargs)
+        else:
+            value = task.func(*call_args, **kwargs)
+        if transaction.get_rollback():
+            raise JobWritesLost(
+                "the task caught a database error without rolling back to a savepoint of its "
+                "own (wrap the statement in transaction.atomic()), so its writes are lost"
+            )
+        # Fail the attempt here, not after task_finished said SUCCESSFUL, if the value cannot
+        # be stored: Tasks return JSON (Django's rule), and jsonb refuses NaN and NUL.
+        value = to_json(normalize_json(value), "the task's return value")
+    except Exception as exc:
+        retried = running.attempt < running.max_attempts and not isinstance(
+            exc, ForbiddenFunction | FunctionNotFound)
+        result.errors.append(TaskError(exception_class_path=_class_path(type(exc)),
+                                       traceback="".join(traceback.format_exception(exc))))
+        # A failed attempt that will be retried leaves the Task READY, as get_result() will
+        # report it once the attempt is recorded; FAILED means no attempt is left.
+        if retried:
+            _set(result, status=TaskResultStatus.READY)
+        else:
+            _set(result, status=TaskResultStatus.FAILED, finished_at=timezone.now())
+        task_finished.send(sender, task_result=result)
+        raise
+    _set(result, status=TaskResultStatus.SUCCESSFUL, finished_at=timezone.now(),
+         _return_value=value)
+    task_finished.send(sender, task_result=result)
+    return value
+
+
+def _meta_from_options(alias: str, options: Any) -> dict[str, Any]:
+    """Return the ``meta`` a backend's OPTIONS give each of its jobs."""
+    if not isinstance(options, dict):
+        raise ImproperlyConfigured(f"TASKS[{alias!r}]['OPTIONS'] must be a dict.")
+    if "BACKOFF" in options:
+        raise ImproperlyConfigured(
+            f"TASKS[{alias!r}]['OPTIONS']['BACKOFF'] is not supported yet: the wait before a "
+            "retry comes from DJASYNC['BACKOFF'] for every job."
+        )
+    unknown = sorted(set(options) - set(OPTION_META_KEYS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"TASKS[{alias!r}]['OPTIONS'] has unknown key(s) {', '.join(unknown)}; known keys: "
+            f"{', '.join(OPTION_META_KEYS)}."
+        )
+    meta = {OPTION_META_KEYS[key]: value for key, value in options.items()}
+    try:
+        return check_meta(meta)
+    except (TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(f"TASKS[{alias!r}]['OPTIONS']: {exc}") from None
+
+
+def _task_meta(task: Task) -> dict[str, Any]:
+    """Return the ``meta`` a Task's own options set (only a :class:`DjasyncTask` has them)."""
+    meta = {}
+    for key in ("max_attempts", "timeout"):
+        value = getattr(task, key, None)
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
+def _envelope(alias: str, task: Task, enqueued_at: datetime.datetime) -> dict[str, Any]:
+    """Return the job kwargs that let ``run_task`` and ``get_result`` rebuild the Task.
+
+    ``enqueued_at`` is kept (exactly) so the runner's results agree with ``get_result``'s
+    without reading the job row; ``run_after`` is the one asked for, which retries do not move.
+    """
+    return {
+        "backend": alias,
+        "takes_context": task.takes_context,
+        "enqueued_at": enqueued_at.isoformat(),
+        "run_after": task.run_after.isoformat() if task.run_after else None,
+    }
+
+
+def _is_envelope(job: Job) -> bool:
+    return (isinstance(job.args, list) and len(job.args) == 3 and isinstance(job.args[0], str)
+            and isinstance(job.args[1], list) and isinstance(job.args[2], dict)
+            and isinstance(job.kwargs, dict))
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    return datetime.datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def _job_id(result_id: Any) -> int:
+    if isinstance(result_id, str) and _RESULT_ID.fullmatch(result_id):
+        job_id = int(result_id)
+        if job_id <= _BIGINT_MAX:
+            return job_id
+    raise TaskResultDoesNotExist(f"{result_id!r} is not a djasync task result id")
+
+
+def _task_as_enqueued(task_path: str, alias: str, *, takes_context: bool, priority: int,
+                      queue: str, run_after: datetime.datetime | None) -> Task:
+    """Return the module's Task with the options it was enqueued with."""
+    function = registry.resolve(task_path)  # the allow-list, as a string, before any import
+    try:
+        task = import_string(task_path)  # the module is imported by now: this walks attributes
+    except ImportError:
+        task = None
+    if not isinstance(task, Task) or task.func is not function:
+        raise FunctionNotFound(f"{task_path!r} is not a Task (decorate it with @task)")
+    return dataclasses.replace(task, backend=alias, priority=priority, queue_name=queue,
+                               run_after=run_after, takes_context=takes_context)
+
+
+def _result_in_flight(task: Task, running: RunningJob, args: list[Any], kwargs: dict[str, Any],
+                      enqueued_at: datetime.datetime | None) -> TaskResult:
+    """Return the RUNNING result that the signals and ``TaskContext`` see."""
+    from djasync.models import Attempt, Outcome
+
+    # The executor counted the earlier attempts after locking the row; only read them if any.
+    earlier = [] if running.attempt == 1 else list(
+        Attempt.objects.filter(job_id=running.id).order_by("number", "id"))
+    return TaskResult(
+        task=task, id=str(running.id), status=TaskResultStatus.RUNNING, enqueued_at=enqueued_at,
+        started_at=earlier[0].started_at if earlier else running.started_at,
+        finished_at=None, last_attempted_at=running.started_at, args=args, kwargs=kwargs,
+        backend=task.backend, errors=[_error_of(a) for a in earlier if a.outcome != Outcome.SUCCEEDED],
+        worker_ids=[a.worker for a in earlier] + [running.worker],
+    )
+
+
+def _result_of(job: Job, attempts: list[Attempt], *, running: bool) -> TaskResult:
+    """Return the result a job row and its attempt rows describe."""
+    from djasync.models import Outcome, Status
+
+    task_path, args, kwargs = job.args
+    envelope = job.kwargs
+    task = _task_as_enqueued(
+        task_path, envelope["backend"], takes_context=bool(envelope.get("takes_context")),
+        priority=job.priority, queue=job.queue, run_after=_parse_time(envelope.get("run_after")))
+    if job.status == Status.PENDING:
+        status = TaskResultStatus.RUNNING if running else TaskResultStatus.READY
+    elif job.status == Status.SUCCEEDED:
+        status = TaskResultStatus.SUCCESSFUL
+    else:  # failed, or cancelled before it ran ("unable to start": Django has no CANCELLED)
+        status = TaskResultStatus.FAILED
+    result = TaskResult(
+        task=task, id=str(job.pk), status=status,
+        enqueued_at=_parse_time(envelope.get("enqueued_at")) or job.created_at,
+        started_at=attempts[0].started_at if attempts else None,
+        finished_at=job.finished_at if status in (TaskResultStatus.SUCCESSFUL,
+                                                  TaskResultStatus.FAILED) else None,
+        last_attempted_at=attempts[-1].started_at if attempts else None,
+        args=args, kwargs=kwargs, backend=envelope["backend"],
+        errors=[_error_of(a) for a in attempts if a.outcome != Outcome.SUCCEEDED],
+        worker_ids=[a.worker for a in attempts],
+    )
+    if status == TaskResultStatus.SUCCESSFUL:
+        _set(result, _return_value=job.result)
+    return result
+
+
+def _held_by_a_worker(job_id: int) -> bool:
+    """Tell whether a worker is running this pending job right now (holds its row lock).
+
+    The lock *is* djasync's "running" mark, so this is exact, not a heartbeat's guess, with
+    two limits: a job claimed in a batch is RUNNING while it waits its turn, and a row locked
+    for a moment by an admin action (cancel, retry) or an UPDATE looks RUNNING for that moment.
+    The probe's share lock is rolled back at once (a savepoint rollback releases row locks
+    too), so inside a caller's transaction it is not held until that transaction ends; a
+    worker whose claim meets it in that instant skips the row until its next poll.
+    """
+    from djasync.executor import current_job
+
+    running = current_job()
+    if running is not None and running.id == job_id:
+        return True  # our own transaction holds the lock, which the probe cannot see
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_PROBE, [job_id])
+        free = cursor.fetchone() is not None
+        transaction.set_rollback(True)
+    return not free
+
+
+def _error_of(attempt: Attempt) -> TaskError:
+    path = attempt.exception_type or "builtins.Exception"
+    text = attempt.traceback or f"{path}: {attempt.exception_message}"
+    return TaskError(exception_class_path=_LOST_ATTEMPT_CLASSES.get(path, path), traceback=text)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _set(result: TaskResult, **values: Any) -> None:
+    # TaskResult is frozen; Django's own backends change theirs this way too.
+    for name, value in values.items():
+        object.__setattr__(result, name, value)
