@@ -187,10 +187,10 @@ class Supervisor:
                 self._spawn(slot)
         for child in self.children.values():
             running = running_job(child)
-            if running is None or running[2] is None or child.killed_for_timeout:
+            if running is None or child.killed_for_timeout:
                 continue
             job_id, started, timeout, _ = running
-            if now >= started + timeout + KILL_GRACE_SECONDS:
+            if timeout is not None and now >= started + timeout + KILL_GRACE_SECONDS:
                 logger.warning("job timed out, killing its child id=%s pid=%s", job_id,
                                child.process.pid)
                 child.killed_for_timeout = True
