@@ -237,3 +237,31 @@ def test_sd_notify_messages_reach_the_notify_socket(tmp_path, request):
     assert messages[0].startswith("READY=1\nSTATUS=2 children"), messages
     assert "WATCHDOG=1" in text
     assert "STOPPING=1" in messages[-1]
+
+
+def test_max_jobs_per_child_replaces_children_to_bound_memory():
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [i, i]) for i in range(30)])
+    result = run_worker("--concurrency", "1", "--max-jobs-per-child", "5", "--burst")
+    assert result.returncode == 0, result.stderr
+    assert statuses() == {Status.SUCCEEDED: 30}
+    children = set(Attempt.objects.values_list("worker", flat=True))
+    assert len(children) == 6, children
+
+
+def test_jobs_found_only_by_polling_raise_one_warning_and_still_run(tmp_path, other_connection):
+    log = tmp_path / "w.log"
+    daemon = start_worker("--concurrency", "1", "--poll-interval", "0.2", log=log)
+    try:
+        wait_for(lambda: "worker ready" in log.read_text(), what="ready")
+        for i in range(5):
+            # Written without NOTIFY, as if a PgBouncer in transaction mode dropped it.
+            other_connection.execute(
+                "INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, run_after, "
+                "status, attempts, identity, created_at, worker) VALUES ('tests.jobs.add', "
+                "'[1, 2]', '{}', '{}', 'default', 0, now(), 'pending', 0, '', now(), '')")
+            wait_for(lambda n=i + 1: Job.objects.filter(status=Status.SUCCEEDED).count() == n,
+                     what=f"polled job {i}")
+        text = log.read_text()
+        assert text.count("notifications are not arriving") == 1, text[-3000:]
+    finally:
+        assert stop(daemon) == 0
