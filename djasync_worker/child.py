@@ -210,6 +210,8 @@ class Child:
             connection.close()
         except Exception:  # closing a dead connection may itself fail; it is gone either way
             logger.debug("closing the dead connection failed", exc_info=True)
+        # The supervisor's copy of the socket must not keep a half-dead session alive.
+        self._send(("conn_closed",))
 
 
 def child_main(pipe: Connection, shared: Any, options: ChildOptions, parent_pid: int,

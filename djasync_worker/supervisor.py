@@ -275,6 +275,9 @@ class Supervisor:
             fd = reduction.recv_handle(child.pipe)
             _close_fd(child.db_socket)
             child.db_socket = fd
+        elif kind == "conn_closed":
+            _close_fd(child.db_socket)
+            child.db_socket = None
         elif kind == "busy":
             child.idle = False
             if child.woken_by == "poll":
