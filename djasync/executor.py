@@ -1,19 +1,15 @@
 """Run claimed jobs: the one place that knows djasync's transaction contract.
 
-A job runs inside the transaction that claimed (and locked) it, so its writes and its
-``succeeded`` status commit together or not at all. On exception its writes roll back and, in
-the same transaction, an attempt row is written and the job is rescheduled with backoff or
-marked ``failed`` (see :mod:`djasync.attempts`).
+A job runs inside the transaction that claimed (and locked) it, in a savepoint of its own
+(Django's nested ``atomic``), so its writes and its ``succeeded`` status commit together or
+not at all. On exception the savepoint rolls back the job's writes and, in the same
+transaction, still holding the row lock, an attempt row is written and the job is rescheduled
+with backoff or marked ``failed`` (see :mod:`djasync.attempts`). A batch claims several jobs
+and runs each in its own savepoint, committing once; ``job()`` inside a caller's transaction
+nests the same way and commits with the caller.
 
-Two ways to run, one contract:
-
-- **One job per transaction** (the worker's default, and ``flush_queue``): claim, run, finish,
-  commit. No savepoint is needed: if the job raises, the whole transaction rolls back, then a
-  new one takes the row again and records the failure. (If another worker re-claims the row in
-  that instant, it simply runs the job again; its attempt is still recorded.)
-- **Batches and nested calls**: each job runs in its own savepoint (Django's nested
-  ``atomic``), so a failure rolls back only that job's writes; ``job()`` inside a caller's
-  transaction nests the same way and commits with the caller.
+Per job, in the worker: BEGIN, claim (one statement that locks and reads), SAVEPOINT, the
+job, RELEASE, finish (one statement that writes the attempt and the status), COMMIT.
 """
 
 from __future__ import annotations
@@ -166,36 +162,9 @@ def run_batch(
     (:func:`set_session_timeouts`). An empty list means nothing was due.
     """
     worker = worker or default_worker_name()
-    if limit == 1 and not connection.in_atomic_block:
-        return _run_one(queues, name_prefix, worker, before_each, session_timeouts)
     with transaction.atomic():
         jobs = claim(limit, queues=queues, name_prefix=name_prefix)
         return [_run_in_savepoint(job, worker, before_each, session_timeouts) for job in jobs]
-
-
-def _run_one(queues: Sequence[str] | None, name_prefix: str | None, worker: str,
-             before_each: Callable[[ClaimedJob], None] | None,
-             session_timeouts: bool) -> list[Finished]:
-    """Claim one job and run it in the claiming transaction, without a savepoint."""
-    with transaction.atomic():
-        jobs = claim(1, queues=queues, name_prefix=name_prefix)
-        if not jobs:
-            return []
-        job = jobs[0]
-        run = _begin(job, worker)
-        if isinstance(run, Finished):
-            return [run]
-        _apply_timeout(run, session_timeouts)
-        if before_each is not None:
-            before_each(job)
-        try:
-            result, encoded = _call(run, job)
-        except _Raised as raised:
-            failure = raised.exc
-            transaction.set_rollback(True)  # the job's writes go; the failure is written next
-        else:
-            return [attempts.succeed(run, result, encoded)]
-    return [_record_after_rollback(run, failure)]
 
 
 def _run_in_savepoint(job: ClaimedJob, worker: str,
@@ -312,22 +281,6 @@ def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
         raise _Raised(exc) from exc
     finally:
         _current.reset(token)
-
-
-def _record_after_rollback(run: Run, exc: Exception) -> Finished:
-    """Record a failure after the job's whole transaction rolled back."""
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(sql.RELOCK, [run.job_id])
-            locked = cursor.fetchone() is not None
-        if locked:
-            return attempts.fail(run, exc)
-        # Another worker took the row in the instant it was free and runs the job again: only
-        # add our attempt, without touching the row it holds.
-        attempts.record_lost(run.job_id, outcome=Outcome.ERROR, started=run.started,
-                             worker=run.worker, reason=f"{type(exc).__name__}: {exc}")
-    return Finished(run.job_id, run.name, run.queue, 0, Outcome.ERROR, Status.PENDING,
-                    run.elapsed, error=f"{type(exc).__name__}: {exc}", exception=exc)
 
 
 def _apply_timeout(run: Run, session_timeouts: bool) -> bool:

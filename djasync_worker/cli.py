@@ -14,6 +14,11 @@ from typing import Any
 import click
 
 
+#: Each job of a batch is a subtransaction; past 64 in one transaction PostgreSQL's
+#: subtransaction cache overflows and every session's snapshots get slower.
+MAX_BATCH_SIZE = 50
+
+
 def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     from djasync.validation import check_queue_name
 
@@ -46,7 +51,7 @@ def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @click.option("--poll-interval", type=click.FloatRange(min=0.05), default=5.0,
               envvar="DJASYNC_WORKER_POLL_INTERVAL", show_envvar=True,
               help="Seconds between polls when no notification arrives (fallback).")
-@click.option("--batch-size", type=click.IntRange(min=1, max=1000), default=1,
+@click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH_SIZE), default=1,
               envvar="DJASYNC_WORKER_BATCH_SIZE", show_envvar=True,
               help="Jobs a child claims per transaction, each in its own savepoint.")
 @click.option("--settings", envvar="DJANGO_SETTINGS_MODULE", show_envvar=True,
