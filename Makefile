@@ -20,7 +20,7 @@ PYTHON_CANDIDATES := $(or $(PYTHON),python3.13 python3.12 python3.11 \
 	$$(pyenv root 2>/dev/null)/versions/3.1[123]*/bin/python3)
 VERSION_IF_SUPPORTED := import sys; print(sys.hexversion if (3, 11) <= sys.version_info[:2] <= (3, 13) else 0)
 
-.PHONY: venv test demo check bench clean distclean
+.PHONY: venv test demo check bench chaos clean distclean
 
 venv: $(STAMP)
 
@@ -66,6 +66,11 @@ check: venv
 
 bench: venv
 	$(WITH_DB) $(PY) bench/run.py $(BENCH_ARGS)
+
+# Fault injection: its own throwaway PostgreSQL, 3 daemons, kill -9 / restarts / cut connections.
+CHAOS_ARGS ?=
+chaos: venv
+	$(PY) chaos/run.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf build dist .eggs *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
