@@ -73,6 +73,10 @@ class Job(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text="Attempts made so far.")
     result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
     identity = models.CharField(max_length=40, db_index=True, editable=False)
+    unique_key = models.CharField(
+        max_length=255, null=True, blank=True, editable=False,
+        help_text="At most one pending job per key (schedule(..., unique=...)).",
+    )
     group = models.ForeignKey(
         "Group", null=True, blank=True, on_delete=models.CASCADE, related_name="jobs"
     )
@@ -93,6 +97,10 @@ class Job(models.Model):
             models.CheckConstraint(
                 condition=Q(status__in=[s.value for s in Status]),
                 name="djasync_job_status_valid",
+            ),
+            models.UniqueConstraint(
+                fields=["unique_key"], condition=Q(status="pending"),
+                name="djasync_job_unique_pending",
             ),
         ]
         indexes = [

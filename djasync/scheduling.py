@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 
 from djasync import conf, registry, sql
 from djasync.conf import NOTIFY_CHANNEL
@@ -44,6 +44,8 @@ class JobSpec:
     priority: int | None = None
     queue: str | None = None
     group: Group | str | None = field(default=None)
+    #: True: unique by function and arguments; a string: unique by that key.
+    unique: bool | str = False
 
 
 def schedule(
@@ -56,6 +58,7 @@ def schedule(
     priority: int | None = None,
     queue: str | None = None,
     group: Group | str | None = None,
+    unique: bool | str = False,
 ) -> Job:
     """Add a job to the queue in the caller's transaction and return the saved row.
 
@@ -63,9 +66,12 @@ def schedule(
     ``run_after`` is an aware datetime or a timedelta from now. ``meta`` may hold
     ``max_attempts``, ``timeout`` (seconds) and ``atomic``. ``group`` is a :class:`Group` or a
     group reference (the newest unfinished group of that reference, or a new one).
+    ``unique=True`` (same function and arguments) or ``unique="some-key"`` keeps at most one
+    pending job per key, enforced by a partial unique index: if one is pending (or running),
+    it is returned and nothing is added.
     """
     (job,) = schedule_many(
-        [JobSpec(function, args, kwargs, run_after, meta, priority, queue, group)]
+        [JobSpec(function, args, kwargs, run_after, meta, priority, queue, group, unique)]
     )
     return job
 
@@ -96,15 +102,49 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
         )
         if spec.group is not None:
             job.group = _open_group(spec.group, groups)
+        job.unique_key = _unique_key(spec.unique, job.identity)
         jobs.append(job)
     if not jobs:
         return []
     with transaction.atomic():
-        Job.objects.bulk_create(jobs)
+        plain = [job for job in jobs if job.unique_key is None]
+        Job.objects.bulk_create(plain)
+        jobs = [job if job.unique_key is None else _insert_unique(job) for job in jobs]
         with connection.cursor() as cursor:
             for queue in sorted({job.queue for job in jobs}):
                 cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": queue})
     return jobs
+
+
+def _unique_key(unique: Any, identity: str) -> str | None:
+    if unique is False or unique is None:
+        return None
+    if unique is True:
+        return identity
+    if not isinstance(unique, str) or not 1 <= len(unique) <= 255:
+        raise ValueError("unique must be True, False or a key of 1-255 characters")
+    return unique
+
+
+def _insert_unique(job: Job) -> Job:
+    """Insert a unique job, or return the pending job that already holds its key.
+
+    The partial unique index makes PostgreSQL serialise concurrent schedulers: a second insert
+    of the same key waits for the first transaction, then fails if it committed (and we return
+    its job) or succeeds if it rolled back.
+    """
+    while True:
+        try:
+            with transaction.atomic():
+                job.save(force_insert=True)
+            return job
+        except IntegrityError as exc:
+            if "djasync_job_unique_pending" not in str(exc):
+                raise
+        existing = Job.objects.pending().filter(unique_key=job.unique_key).first()
+        if existing is not None:
+            return existing
+        # The holder finished between our insert and our read: try again.
 
 
 def _open_group(group: Group | str, cache: dict[str, Group]) -> Group:
@@ -201,9 +241,14 @@ def retry_now(job_ids: Iterable[int]) -> int:
             attempts_made = job.attempt_set.count()
             if attempts_made >= job.max_attempts:
                 meta["max_attempts"] = attempts_made + 1
-            count += Job.objects.filter(id=job.id).update(
-                status=Status.PENDING, run_after=timezone.now(), meta=meta, finished_at=None
-            )
+            try:
+                with transaction.atomic():
+                    count += Job.objects.filter(id=job.id).update(
+                        status=Status.PENDING, run_after=timezone.now(), meta=meta,
+                        finished_at=None,
+                    )
+            except IntegrityError:  # another pending job holds its unique key: leave it be
+                continue
         if count:
             with connection.cursor() as cursor:
                 cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": "*"})
