@@ -21,8 +21,11 @@ class ReadOnlyMixin:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # The change permission is what the actions check; the forms stay read-only through
-        # get_readonly_fields, so viewing needs only the view permission.
+        # The change permission is what the list's actions ("retry now", "cancel") check. A
+        # single object's form is never editable: a Save would write back every column as it
+        # was read, and could undo what a worker committed meanwhile.
+        if obj is not None:
+            return False
         return super().has_change_permission(request, obj)  # type: ignore[misc]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -48,7 +51,7 @@ class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = ["id", "name", "queue", "priority", "status", "attempts", "run_after",
                     "finished_at", "group"]
     list_filter = ["status", "queue", "name"]
-    search_fields = ["name", "=id", "identity"]
+    search_fields = ["name", "=id", "=identity"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline]
     actions = ["retry_now", "cancel"]

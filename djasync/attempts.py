@@ -18,7 +18,13 @@ from django.db import connection
 from django.utils import timezone
 
 from djasync import conf, sql
-from djasync.exceptions import DjasyncError, ForbiddenFunction, FunctionNotFound
+from djasync.exceptions import (
+    DjasyncError,
+    ForbiddenFunction,
+    FunctionNotFound,
+    JobTimedOut,
+    WorkerLost,
+)
 from djasync.models import Outcome, Status
 
 logger = logging.getLogger("djasync.executor")
@@ -141,8 +147,10 @@ def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, wo
     with connection.cursor() as cursor:
         cursor.execute(sql.RECORD_LOST_ATTEMPT, {
             "job_id": job_id, "started_at": started, "outcome": outcome.value,
-            "exception_type": {Outcome.CRASHED: "djasync.WorkerLost",
-                               Outcome.TIMED_OUT: "djasync.Timeout"}.get(outcome, "djasync.Error"),
+            "exception_type": _qualified_name(
+                {Outcome.CRASHED: WorkerLost, Outcome.TIMED_OUT: JobTimedOut}.get(
+                    outcome, DjasyncError)
+            ),
             "exception_message": reason[:10_000], "worker": worker[:255],
         })
 

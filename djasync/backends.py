@@ -31,7 +31,7 @@ from django.db import connection, connections, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from djasync import registry
+from djasync import exceptions, registry
 from djasync.exceptions import DjasyncError, ForbiddenFunction, FunctionNotFound
 from djasync.validation import check_meta, check_queue_name, to_json
 
@@ -39,17 +39,14 @@ from djasync.validation import check_meta, check_queue_name, to_json
 # works only with the @task of the package it subclasses. So use django.tasks when it exists,
 # as django-tasks-db does, and the backport only where it does not (Django 5.2).
 if find_spec("django.tasks") is not None:
-    from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
+    from django.tasks import DEFAULT_TASK_BACKEND_ALIAS
     from django.tasks.backends.base import BaseTaskBackend
     from django.tasks.base import Task, TaskContext, TaskError, TaskResult, TaskResultStatus
     from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
     from django.tasks.signals import task_enqueued, task_finished, task_started
     from django.utils.json import normalize_json
 elif find_spec("django_tasks") is not None:  # pragma: no cover - Django 5.2 only
-    from django_tasks import (  # type: ignore[no-redef]
-        DEFAULT_TASK_BACKEND_ALIAS,
-        task_backends,
-    )
+    from django_tasks import DEFAULT_TASK_BACKEND_ALIAS  # type: ignore[no-redef]
     from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef]
     from django_tasks.base import (  # type: ignore[no-redef]
         Task,
@@ -95,20 +92,9 @@ _BIGINT_MAX = 2**63 - 1
 _PROBE = "SELECT 1 FROM djasync_job WHERE id = %s AND status = 'pending' FOR SHARE SKIP LOCKED"
 
 
-class WorkerLost(DjasyncError):
-    """The worker process running the task died (killed, crashed, out of memory)."""
-
-
-class TaskTimedOut(DjasyncError):
-    """The task ran past its timeout and its worker process was stopped."""
-
-
-#: The supervisor records lost attempts under names that are not importable classes; TaskError
-#: resolves ``exception_class_path``, so those names are reported as these classes.
-_LOST_ATTEMPT_CLASSES = {
-    "djasync.WorkerLost": f"{__name__}.{WorkerLost.__qualname__}",
-    "djasync.Timeout": f"{__name__}.{TaskTimedOut.__qualname__}",
-}
+#: Attempts lost with their process are recorded as these (importable) classes.
+WorkerLost = exceptions.WorkerLost
+TaskTimedOut = exceptions.JobTimedOut
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +144,7 @@ class DjasyncBackend(BaseTaskBackend):
         from djasync.scheduling import schedule
 
         self.validate_task(task)
-        registry.resolve(task.module_path)  # the allow-list applies to the Task's function
+        _task_at(task.module_path)  # refuse now what the worker could not run
         args, kwargs = normalize_json(args), normalize_json(kwargs)
         enqueued_at = timezone.now()
         job = schedule(
@@ -170,7 +156,7 @@ class DjasyncBackend(BaseTaskBackend):
             priority=int(task.priority),
             queue=task.queue_name,
         )
-        result = TaskResult(
+        result: TaskResult = TaskResult(
             task=task, id=str(job.pk), status=TaskResultStatus.READY,
             enqueued_at=enqueued_at, started_at=None, finished_at=None, last_attempted_at=None,
             args=args, kwargs=kwargs, backend=self.alias, errors=[], worker_ids=[],
@@ -364,18 +350,31 @@ def _job_id(result_id: Any) -> int:
     raise TaskResultDoesNotExist(f"{result_id!r} is not a djasync task result id")
 
 
-def _task_as_enqueued(task_path: str, alias: str, *, takes_context: bool, priority: int,
-                      queue: str, run_after: datetime.datetime | None) -> Task:
-    """Return the module's Task with the options it was enqueued with."""
-    function = registry.resolve(task_path)  # the allow-list, as a string, before any import
+def _task_at(task_path: str) -> Task:
+    """Return the Task a dotted path names, if its function is allowed to run.
+
+    The path goes through djasync's allow-list (as a string, before anything is imported), so
+    a Task job can run no more than a plain job can.
+    """
+    function = registry.resolve(task_path)
     try:
         task = import_string(task_path)  # the module is imported by now: this walks attributes
     except ImportError:
         task = None
     if not isinstance(task, Task) or task.func is not function:
-        raise FunctionNotFound(f"{task_path!r} is not a Task (decorate it with @task)")
-    return dataclasses.replace(task, backend=alias, priority=priority, queue_name=queue,
-                               run_after=run_after, takes_context=takes_context)
+        raise FunctionNotFound(
+            f"{task_path!r} is not a Task: the module-level name of a Task must be its "
+            "function's name (decorate the function with @task)"
+        )
+    return task
+
+
+def _task_as_enqueued(task_path: str, alias: str, *, takes_context: bool, priority: int,
+                      queue: str, run_after: datetime.datetime | None) -> Task:
+    """Return the module's Task with the options it was enqueued with."""
+    return dataclasses.replace(_task_at(task_path), backend=alias, priority=priority,
+                               queue_name=queue, run_after=run_after,
+                               takes_context=takes_context)
 
 
 def _result_in_flight(task: Task, running: RunningJob, args: list[Any], kwargs: dict[str, Any],
@@ -383,14 +382,16 @@ def _result_in_flight(task: Task, running: RunningJob, args: list[Any], kwargs: 
     """Return the RUNNING result that the signals and ``TaskContext`` see."""
     from djasync.models import Attempt, Outcome
 
-    # The executor counted the earlier attempts after locking the row; only read them if any.
+    # ``running.attempt`` comes from the claim's count of attempt rows (exact near max_attempts,
+    # rarely one short otherwise). Read the rows, which cost a query, only if there are any.
     earlier = [] if running.attempt == 1 else list(
         Attempt.objects.filter(job_id=running.id).order_by("number", "id"))
     return TaskResult(
         task=task, id=str(running.id), status=TaskResultStatus.RUNNING, enqueued_at=enqueued_at,
         started_at=earlier[0].started_at if earlier else running.started_at,
         finished_at=None, last_attempted_at=running.started_at, args=args, kwargs=kwargs,
-        backend=task.backend, errors=[_error_of(a) for a in earlier if a.outcome != Outcome.SUCCEEDED],
+        backend=task.backend,
+        errors=[_error_of(a) for a in earlier if a.outcome != Outcome.SUCCEEDED],
         worker_ids=[a.worker for a in earlier] + [running.worker],
     )
 
@@ -401,16 +402,22 @@ def _result_of(job: Job, attempts: list[Attempt], *, running: bool) -> TaskResul
 
     task_path, args, kwargs = job.args
     envelope = job.kwargs
-    task = _task_as_enqueued(
-        task_path, envelope["backend"], takes_context=bool(envelope.get("takes_context")),
-        priority=job.priority, queue=job.queue, run_after=_parse_time(envelope.get("run_after")))
+    try:
+        task = _task_as_enqueued(
+            task_path, envelope["backend"], takes_context=bool(envelope.get("takes_context")),
+            priority=job.priority, queue=job.queue,
+            run_after=_parse_time(envelope.get("run_after")))
+    except (ForbiddenFunction, FunctionNotFound) as exc:
+        # A TaskResult needs its Task: a job naming a Task that is gone from the code (or
+        # one written by hand) has no result this process can build.
+        raise TaskResultDoesNotExist(f"task result {str(job.pk)!r}: {exc}") from exc
     if job.status == Status.PENDING:
         status = TaskResultStatus.RUNNING if running else TaskResultStatus.READY
     elif job.status == Status.SUCCEEDED:
         status = TaskResultStatus.SUCCESSFUL
     else:  # failed, or cancelled before it ran ("unable to start": Django has no CANCELLED)
         status = TaskResultStatus.FAILED
-    result = TaskResult(
+    result: TaskResult = TaskResult(
         task=task, id=str(job.pk), status=status,
         enqueued_at=_parse_time(envelope.get("enqueued_at")) or job.created_at,
         started_at=attempts[0].started_at if attempts else None,
@@ -451,7 +458,7 @@ def _held_by_a_worker(job_id: int) -> bool:
 def _error_of(attempt: Attempt) -> TaskError:
     path = attempt.exception_type or "builtins.Exception"
     text = attempt.traceback or f"{path}: {attempt.exception_message}"
-    return TaskError(exception_class_path=_LOST_ATTEMPT_CLASSES.get(path, path), traceback=text)
+    return TaskError(exception_class_path=path, traceback=text)
 
 
 def _class_path(cls: type) -> str:

@@ -7,6 +7,7 @@ Every knob lives in one dict so that a typo is an error instead of a silently ig
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from django.conf import settings as django_settings
 from django.utils.module_loading import import_string
 
 from djasync.exceptions import ImproperlyConfigured
+
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 #: The LISTEN/NOTIFY channel that ``schedule()`` notifies and workers listen on.
 NOTIFY_CHANNEL = "djasync"
@@ -88,8 +91,13 @@ def load(raw: Any) -> Settings:
             )
     if "ALLOWED_MODULES" in values:
         modules = values["ALLOWED_MODULES"]
-        if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):
-            raise ImproperlyConfigured("DJASYNC['ALLOWED_MODULES'] must be a list of module names.")
+        if not isinstance(modules, list | tuple) or not all(
+            isinstance(m, str) and MODULE_NAME.match(m) for m in modules
+        ):
+            raise ImproperlyConfigured(
+                "DJASYNC['ALLOWED_MODULES'] must be a list of dotted module names such as "
+                "'myproject.jobs'."
+            )
         values["ALLOWED_MODULES"] = tuple(modules)
     if "DEFAULT_QUEUE" in values:
         from djasync.validation import check_queue_name

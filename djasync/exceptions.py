@@ -17,6 +17,14 @@ class FunctionNotFound(DjasyncError):
     """The dotted name is in an allowed module but does not resolve to a callable."""
 
 
+class WorkerLost(DjasyncError):
+    """The worker process running the job died (killed, crashed, out of memory)."""
+
+
+class JobTimedOut(DjasyncError):
+    """The job ran past its timeout and its worker process was stopped."""
+
+
 class GroupClosed(DjasyncError):
     """The group has started running (a job of it finished), so it takes no new jobs."""
 

@@ -15,6 +15,7 @@ job, RELEASE, finish (one statement that writes the attempt and the status), COM
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
@@ -124,13 +126,17 @@ def claim(
     queues: Sequence[str] | None = None,
     name_prefix: str | None = None,
     job_id: int | None = None,
+    now: datetime.datetime | None = None,
 ) -> list[ClaimedJob]:
-    """Lock and return up to ``limit`` runnable jobs. Call inside a transaction."""
+    """Lock and return up to ``limit`` runnable jobs. Call inside a transaction.
+
+    ``now`` pretends the time is ``now`` when deciding which ``run_after`` has passed.
+    """
     query = sql.claim(
         by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None
     )
     params: dict[str, Any] = {"limit": limit, "queues": list(queues or []),
-                              "name_prefix": name_prefix, "job_id": job_id}
+                              "name_prefix": name_prefix, "job_id": job_id, "now": now}
     with connection.cursor() as cursor:
         cursor.execute(query, params)
         rows = cursor.fetchall()
@@ -153,6 +159,7 @@ def run_batch(
     worker: str | None = None,
     before_each: Callable[[ClaimedJob], None] | None = None,
     session_timeouts: bool = False,
+    now: datetime.datetime | None = None,
 ) -> list[Finished]:
     """Claim up to ``limit`` due jobs and run them in one transaction; return what happened.
 
@@ -163,7 +170,7 @@ def run_batch(
     """
     worker = worker or default_worker_name()
     with transaction.atomic():
-        jobs = claim(limit, queues=queues, name_prefix=name_prefix)
+        jobs = claim(limit, queues=queues, name_prefix=name_prefix, now=now)
         return [_run_in_savepoint(job, worker, before_each, session_timeouts) for job in jobs]
 
 
@@ -304,7 +311,13 @@ def _resolve(name: str) -> Callable[..., Any]:
     key = (name, registry.allowed_prefixes())
     function = _resolved.get(key)
     if function is None:
-        function = _resolved[key] = registry.resolve(name)
+        function = registry.resolve(name)
+        if inspect.iscoroutinefunction(function):
+            # One event loop per call, in this thread: the coroutine's database calls
+            # (sync_to_async with thread_sensitive=True, or the ORM's a* methods) come back to
+            # this thread and its connection, so they belong to the job's transaction.
+            function = async_to_sync(function)
+        _resolved[key] = function
     return function
 
 

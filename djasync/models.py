@@ -73,7 +73,7 @@ class Job(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text="Attempts made so far.")
     result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
     identity = models.CharField(max_length=40, db_index=True, editable=False)
-    unique_key = models.CharField(
+    unique_key = models.CharField(  # noqa: DJ001  (NULL: not unique; "" would be a key)
         max_length=255, null=True, blank=True, editable=False,
         help_text="At most one pending job per key (schedule(..., unique=...)).",
     )
@@ -86,6 +86,10 @@ class Job(models.Model):
     worker = models.CharField(max_length=255, blank=True, help_text="Who ran the last attempt.")
 
     objects = JobQuerySet.as_manager()
+
+    #: Jobs are callable (``job()`` runs it); Django templates call callables, so rendering a
+    #: job in the admin would run it. Never.
+    do_not_call_in_templates = True
 
     class Meta:
         ordering = ["-id"]

@@ -39,7 +39,9 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
     filters = [
         "j.status = 'pending'",
         # ``job()`` (by id) runs a job now even if its run_after is in the future.
-        "TRUE" if by_id else "j.run_after <= now()",
+        # clock_timestamp(), not now(): inside a long transaction (a TestCase) now() stands
+        # still. ``%(now)s`` lets djasync.testing run jobs "later" without waiting.
+        "TRUE" if by_id else "j.run_after <= coalesce(%(now)s::timestamptz, clock_timestamp())",
         # A group's final job waits until no other job of its group is pending.
         f"""(j.group_id IS NULL OR NOT EXISTS (
               SELECT 1 FROM {GROUP} g JOIN {JOB} o ON o.group_id = g.id

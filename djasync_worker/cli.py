@@ -6,13 +6,13 @@ names the option at fault.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 from typing import Any
 
 import click
-
 
 #: Each job of a batch is a subtransaction; past 64 in one transaction PostgreSQL's
 #: subtransaction cache overflows and every session's snapshots get slower.
@@ -32,6 +32,12 @@ def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
     return tuple(dict.fromkeys(names))
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=os.cpu_count() or 1,
               envvar="DJASYNC_WORKER_CONCURRENCY", show_envvar=True,
@@ -45,10 +51,12 @@ def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
               envvar="DJASYNC_WORKER_MAX_JOBS_PER_CHILD", show_envvar=True,
               help="Replace a child after it ran this many jobs (bounds memory growth).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0,
+              callback=_finite,
               envvar="DJASYNC_WORKER_SHUTDOWN_TIMEOUT", show_envvar=True,
               help="Seconds running jobs get to finish after SIGTERM; then they are killed "
                    "and roll back.")
 @click.option("--poll-interval", type=click.FloatRange(min=0.05), default=5.0,
+              callback=_finite,
               envvar="DJASYNC_WORKER_POLL_INTERVAL", show_envvar=True,
               help="Seconds between polls when no notification arrives (fallback).")
 @click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH_SIZE), default=1,
@@ -61,9 +69,11 @@ def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
               help="Directory to add to the import path (repeatable).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
                                                case_sensitive=False),
-              default="info", envvar="DJASYNC_WORKER_LOG_LEVEL", show_envvar=True)
+              default="info", envvar="DJASYNC_WORKER_LOG_LEVEL", show_envvar=True,
+              help="Level of the djasync, djasync_worker and django.tasks loggers.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-              envvar="DJASYNC_WORKER_LOG_FORMAT", show_envvar=True)
+              envvar="DJASYNC_WORKER_LOG_FORMAT", show_envvar=True,
+              help="One line per event: plain text, or a JSON object.")
 def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_child: int | None,
         shutdown_timeout: float, poll_interval: float, batch_size: int, settings: str | None,
         pythonpath: tuple[str, ...], log_level: str, log_format: str) -> None:
@@ -108,6 +118,10 @@ def _setup_django(settings: str | None, pythonpath: tuple[str, ...]) -> None:
     try:
         django.setup()
     except ModuleNotFoundError as exc:
+        if exc.name and not settings.startswith(exc.name):
+            raise click.ClickException(
+                f"Django settings {settings!r} import {exc.name!r}, which is not installed: {exc}"
+            ) from None
         raise click.BadParameter(
             f"cannot import {settings!r}: {exc}. Is its directory on the path (--pythonpath)?",
             param_hint="--settings",

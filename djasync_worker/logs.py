@@ -35,7 +35,7 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
         )
-    for name in ("djasync", "djasync_worker"):
+    for name in ("djasync", "djasync_worker", "django.tasks", "django_tasks"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())

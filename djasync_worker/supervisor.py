@@ -387,7 +387,7 @@ class Supervisor:
         query = sql.claim(by_queue=bool(self.options.queues), by_name_prefix=False, exists=True)
         try:
             with connection.cursor() as cursor:
-                cursor.execute(query, {"queues": list(self.options.queues)})
+                cursor.execute(query, {"queues": list(self.options.queues), "now": None})
                 return bool(cursor.fetchone()[0])
         except Exception as exc:
             logger.warning("cannot check for due jobs error=%s", exc)

@@ -143,3 +143,14 @@ def report_current_job():
     return {"id": running.id, "name": running.name, "queue": running.queue,
             "priority": running.priority, "attempt": running.attempt,
             "max_attempts": running.max_attempts}
+
+
+async def async_write_ledger(key):
+    """An async job: its ORM writes go through the job's own connection and transaction."""
+    await Ledger.objects.acreate(key=key)
+    return key
+
+
+async def async_write_then_raise(key):
+    await Ledger.objects.acreate(key=key)
+    raise RuntimeError(f"async boom after writing {key}")

@@ -67,3 +67,13 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"djasync": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# Django's Tasks framework (django.tasks, or the django-tasks backport on Django 5.2).
+TASKS = {
+    "default": {
+        "BACKEND": "djasync.backends.DjasyncBackend",
+        "QUEUES": ["default", "emails"],
+        "OPTIONS": {"MAX_ATTEMPTS": 3},
+    },
+    "other": {"BACKEND": "djasync.backends.DjasyncBackend", "QUEUES": []},
+}

@@ -107,7 +107,8 @@ def test_queue_health_counts_a_locked_job_as_running(other_connection):
 
     djasync.schedule(jobs.add, args=[1, 1])
     with other_connection.transaction():
-        other_connection.execute(sql.claim(by_queue=False, by_name_prefix=False), {"limit": 1})
+        other_connection.execute(sql.claim(by_queue=False, by_name_prefix=False),
+                                 {"limit": 1, "now": None})
         assert json.loads(run("queue_health", "--json"))["running"] == 1
     assert json.loads(run("queue_health", "--json"))["running"] == 0
 

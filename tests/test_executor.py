@@ -94,7 +94,7 @@ def test_two_connections_claiming_at_once_never_get_the_same_job(other_connectio
     claim_sql = executor.sql.claim(by_queue=False, by_name_prefix=False)
     with other_connection.transaction():
         other_connection.execute("SET LOCAL lock_timeout = '2s'")
-        [held] = other_connection.execute(claim_sql, {"limit": 1}).fetchall()
+        [held] = other_connection.execute(claim_sql, {"limit": 1, "now": None}).fetchall()
         assert held[0] == first.pk
         with transaction.atomic():
             # SKIP LOCKED: the locked row is passed over at once, never waited on.
@@ -271,3 +271,18 @@ def test_a_job_can_read_its_own_run_through_current_job():
     assert finished.result == {"id": job.pk, "name": "tests.jobs.report_current_job",
                                "queue": "q1", "priority": 7, "attempt": 1, "max_attempts": 4}
     assert executor.current_job() is None
+
+
+def test_an_async_job_runs_and_its_writes_commit_with_it():
+    job = djasync.schedule(jobs.async_write_ledger, args=["async"])
+    [finished] = executor.run_batch()
+    assert (finished.outcome, finished.result) == (Outcome.SUCCEEDED, "async")
+    assert list(Ledger.objects.values_list("key", flat=True)) == ["async"]
+    assert Job.objects.get(pk=job.pk).status == Status.SUCCEEDED
+
+
+def test_an_async_job_that_raises_rolls_back_its_writes():
+    djasync.schedule(jobs.async_write_then_raise, args=["gone"], meta={"max_attempts": 1})
+    [finished] = executor.run_batch()
+    assert (finished.outcome, finished.status) == (Outcome.ERROR, Status.FAILED)
+    assert Ledger.objects.count() == 0

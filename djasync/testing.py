@@ -1,0 +1,92 @@
+"""Helpers for testing code that schedules jobs, inside an ordinary Django ``TestCase``.
+
+Jobs run on the test's own connection, inside the test's transaction (each in a savepoint, as a
+worker would run it), so no commit is needed and everything rolls back when the test ends::
+
+    from djasync.testing import assert_scheduled, run_jobs
+
+    class SignupTests(TestCase):
+        def test_signup_sends_a_welcome_mail(self):
+            self.client.post("/signup/", {"email": "a@example.com"})
+            assert_scheduled("accounts.jobs.send_welcome", kwargs={"email": "a@example.com"})
+            run_jobs()
+            self.assertEqual(len(mail.outbox), 1)
+
+``run_jobs(later=timedelta(days=1))`` runs what would be due a day from now, so a job
+scheduled with ``run_after`` need not be waited for.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from djasync import executor, registry
+from djasync.attempts import Finished
+from djasync.models import Job, identity_of
+from djasync.validation import check_args, check_kwargs
+
+#: A job that keeps rescheduling itself would make run_jobs() loop for ever.
+DEFAULT_MAX_JOBS = 1000
+
+
+def run_jobs(
+    *,
+    later: datetime.timedelta | None = None,
+    at: datetime.datetime | None = None,
+    queues: Iterable[str] | None = None,
+    max_jobs: int = DEFAULT_MAX_JOBS,
+    raise_errors: bool = True,
+) -> list[Finished]:
+    """Run every job due now (or due ``later`` from now, or ``at`` a time); return what ran.
+
+    Retries that come due within the same window run too, up to ``max_jobs`` attempts. With
+    ``raise_errors`` (the default) the first job that failed for good re-raises its exception
+    after the run, so a failing job fails the test.
+    """
+    if later is not None and at is not None:
+        raise ValueError("pass later= or at=, not both")
+    now = at if at is not None else (timezone.now() + later if later is not None else None)
+    queue_list = list(queues) if queues else None
+    finished: list[Finished] = []
+    with transaction.atomic():  # outside a TestCase, still one transaction of savepoints
+        while len(finished) < max_jobs:
+            batch = executor.run_batch(1, queues=queue_list, now=now)
+            if not batch:
+                break
+            finished.extend(batch)
+    if raise_errors:
+        for item in finished:
+            if item.exception is not None and item.status == "failed":
+                raise item.exception
+    return finished
+
+
+def scheduled(function: Any = None, *, args: Any = None, kwargs: Any = None) -> QuerySet[Job]:
+    """Return the pending jobs, of ``function`` (and exactly these arguments) if given."""
+    jobs = Job.objects.pending()
+    if function is None:
+        return jobs
+    name = registry.name_of(function)
+    if args is None and kwargs is None:
+        return jobs.filter(name=name)
+    return jobs.filter(identity=identity_of(name, check_args(args), check_kwargs(kwargs)))
+
+
+def assert_scheduled(function: Any, *, args: Any = None, kwargs: Any = None,
+                     count: int = 1) -> list[Job]:
+    """Fail unless exactly ``count`` pending jobs of ``function`` (with these arguments) exist."""
+    jobs = list(scheduled(function, args=args, kwargs=kwargs))
+    if len(jobs) != count:
+        pending = [f"{job.name}({job.args}, {job.kwargs})" for job in Job.objects.pending()[:20]]
+        raise AssertionError(
+            f"expected {count} pending job(s) of {registry.name_of(function)}"
+            f"{'' if args is None and kwargs is None else f' with {args!r}, {kwargs!r}'}, "
+            f"found {len(jobs)}; pending: {pending or 'none'}"
+        )
+    return jobs

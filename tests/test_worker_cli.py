@@ -1,0 +1,276 @@
+"""``djasync-worker`` options and start-up errors: each fails at once, naming what to fix."""
+
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import djasync
+from djasync.models import Job, Status, Worker
+from djasync_worker import cli as worker_cli
+from tests import jobs
+from tests.daemon import ROOT, database_url, worker_env
+
+#: Start-up errors must come well within this (the bad database is refused, not retried).
+STARTUP_TIMEOUT_SECONDS = 30
+
+OPTION_ENV_VARS = {
+    "--concurrency": "DJASYNC_WORKER_CONCURRENCY",
+    "--queue": "DJASYNC_WORKER_QUEUES",
+    "--burst": "DJASYNC_WORKER_BURST",
+    "--max-jobs-per-child": "DJASYNC_WORKER_MAX_JOBS_PER_CHILD",
+    "--shutdown-timeout": "DJASYNC_WORKER_SHUTDOWN_TIMEOUT",
+    "--poll-interval": "DJASYNC_WORKER_POLL_INTERVAL",
+    "--batch-size": "DJASYNC_WORKER_BATCH_SIZE",
+    "--settings": "DJANGO_SETTINGS_MODULE",
+    "--pythonpath": "DJASYNC_WORKER_PYTHONPATH",
+    "--log-level": "DJASYNC_WORKER_LOG_LEVEL",
+    "--log-format": "DJASYNC_WORKER_LOG_FORMAT",
+}
+
+
+@pytest.fixture
+def options_only(monkeypatch):
+    """Clear DJASYNC_WORKER_* variables; fail the test if start-up (Django, logging) begins."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("the options were accepted and start-up began")
+
+    monkeypatch.setattr(worker_cli, "_setup_django", touched)
+    monkeypatch.setattr("djasync_worker.logs.configure", touched)
+    for name in OPTION_ENV_VARS.values():
+        if name != "DJANGO_SETTINGS_MODULE":
+            monkeypatch.delenv(name, raising=False)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(worker_cli.cli, list(args), env=env, prog_name="djasync-worker")
+
+
+def assert_usage_error(result: Result, option: str, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert f"'{option}'" in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def bad(args: list[str], option: str, fragment: str, *marks: pytest.MarkDecorator):
+    return pytest.param(args, option, fragment, marks=marks, id=" ".join(args)[:40])
+
+
+@pytest.mark.parametrize("args, option, fragment", [
+    bad(["--concurrency", "0"], "--concurrency", "0 is not in the range x>=1"),
+    bad(["-c", "-3"], "--concurrency", "x>=1"),
+    bad(["--concurrency", "two"], "--concurrency", "'two' is not a valid integer"),
+    bad(["--queue", "a b!"], "--queue", "queue name 'b!' is invalid"),
+    bad(["-q", "ok", "-q", "-bad"], "--queue", "queue name '-bad' is invalid"),
+    bad(["--queue", "x" * 101], "--queue", "1-100 characters"),
+    bad(["--log-level", "loud"], "--log-level", "'loud' is not one of 'debug', 'info'"),
+    bad(["--log-format", "xml"], "--log-format", "'xml' is not one of 'text', 'json'"),
+    bad(["--batch-size", "0"], "--batch-size", "is not in the range 1<=x<="),
+    bad(["--batch-size", "100000"], "--batch-size", "is not in the range 1<=x<="),
+    bad(["--poll-interval", "0"], "--poll-interval", "x>=0.05"),
+    bad(["--poll-interval", "nan"], "--poll-interval", ""),
+    bad(["--shutdown-timeout", "-1"], "--shutdown-timeout", "x>=0"),
+    bad(["--shutdown-timeout", "nan"], "--shutdown-timeout", ""),
+    bad(["--max-jobs-per-child", "0"], "--max-jobs-per-child", "x>=1"),
+    bad(["--pythonpath", "/no/such/directory"], "--pythonpath", "does not exist"),
+])
+def test_a_bad_option_is_refused_before_django_is_touched_naming_the_option(
+        options_only, args, option, fragment):
+    assert_usage_error(invoke(*args), option, fragment)
+
+
+@pytest.mark.parametrize("env_var, value, option", [
+    ("DJASYNC_WORKER_CONCURRENCY", "0", "--concurrency"),
+    ("DJASYNC_WORKER_QUEUES", "a b!", "--queue"),
+    ("DJASYNC_WORKER_LOG_LEVEL", "loud", "--log-level"),
+    ("DJASYNC_WORKER_LOG_FORMAT", "xml", "--log-format"),
+    ("DJASYNC_WORKER_BATCH_SIZE", "0", "--batch-size"),
+    ("DJASYNC_WORKER_POLL_INTERVAL", "0", "--poll-interval"),
+    ("DJASYNC_WORKER_BURST", "maybe", "--burst"),
+])
+def test_a_bad_environment_variable_is_refused_like_the_option_it_sets(
+        options_only, env_var, value, option):
+    result = invoke(env={env_var: value})
+    assert_usage_error(result, option, env_var)
+
+
+def test_an_option_on_the_command_line_beats_its_environment_variable(options_only,
+                                                                         monkeypatch):
+    result = invoke("--concurrency", "0", env={"DJASYNC_WORKER_CONCURRENCY": "4"})
+    assert_usage_error(result, "--concurrency", "0 is not in the range")
+    monkeypatch.setenv("DJASYNC_WORKER_CONCURRENCY", "4")
+    context = worker_cli.cli.make_context("djasync-worker", ["-c", "3"])
+    assert context.params["concurrency"] == 3
+
+
+def test_queues_may_be_repeated_or_comma_separated_and_are_deduplicated(options_only,
+                                                                          monkeypatch):
+    context = worker_cli.cli.make_context(
+        "djasync-worker", ["-q", "mail,reports", "--queue", "reports", "-q", "low"])
+    assert context.params["queues"] == ("mail", "reports", "low")
+    monkeypatch.setenv("DJASYNC_WORKER_QUEUES", "a b,c")
+    monkeypatch.setenv("DJASYNC_WORKER_CONCURRENCY", "7")
+    context = worker_cli.cli.make_context("djasync-worker", [])
+    assert (context.params["queues"], context.params["concurrency"]) == (("a", "b", "c"), 7)
+
+
+def test_the_log_level_is_case_insensitive(options_only):
+    context = worker_cli.cli.make_context("djasync-worker", ["--log-level", "WARNING"])
+    assert context.params["log_level"] == "warning"
+
+
+def test_help_lists_every_option_with_its_environment_variable(options_only):
+    result = CliRunner().invoke(worker_cli.cli, ["--help"], prog_name="djasync-worker",
+                                terminal_width=400, max_content_width=400)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("Usage: djasync-worker [OPTIONS]")
+    options_text = text.split(" Options: ", 1)[1]
+    documented = {option for param in worker_cli.cli.params for option in param.opts
+                  if option.startswith("--") and option != "--help"}
+    assert documented == set(OPTION_ENV_VARS)  # a new option must be added to this test
+    for option, env_var in OPTION_ENV_VARS.items():
+        assert f"{option} " in options_text, f"{option} is not in --help"
+        after_option = options_text.split(f"{option} ", 1)[1]
+        assert after_option.split("env var: ", 1)[1].startswith(env_var), option
+    short = CliRunner().invoke(worker_cli.cli, ["-h"], prog_name="djasync-worker",
+                               terminal_width=400, max_content_width=400)
+    assert short.output == result.output
+
+
+# -- start-up errors, in a fresh process -------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``python -m djasync_worker`` with these arguments; return it and its run time."""
+    env = {k: v for k, v in env.items() if not k.startswith("DJASYNC_WORKER_")}
+    started = time.monotonic()
+    completed = subprocess.run([sys.executable, "-m", "djasync_worker", *args], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=STARTUP_TIMEOUT_SECONDS)
+    return completed, time.monotonic() - started
+
+
+def assert_refused(completed: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert completed.returncode not in (0, None), completed
+    for fragment in fragments:
+        assert fragment in completed.stderr, completed.stderr
+    assert "Traceback" not in completed.stderr, completed.stderr
+
+
+def settings_module(directory: Path, name: str, body: str) -> str:
+    (directory / f"{name}.py").write_text(body)
+    return name
+
+
+@pytest.mark.daemon
+def test_no_settings_at_all_is_refused_with_both_ways_to_give_them():
+    env = worker_env()
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    completed, _ = run_cli("--concurrency", "1", env=env)
+    assert completed.returncode == 2
+    assert_refused(completed, "--settings", "DJANGO_SETTINGS_MODULE")
+
+
+@pytest.mark.daemon
+def test_a_settings_module_that_does_not_exist_is_refused_naming_settings():
+    completed, _ = run_cli("--settings", "no_such_settings_xyz", env=worker_env())
+    assert completed.returncode == 2
+    assert_refused(completed, "--settings", "no_such_settings_xyz", "--pythonpath")
+
+
+@pytest.mark.daemon
+def test_a_settings_module_named_by_the_environment_that_does_not_exist_is_refused():
+    completed, _ = run_cli(env=worker_env(DJANGO_SETTINGS_MODULE="no_such_settings_xyz"))
+    assert_refused(completed, "--settings", "no_such_settings_xyz")
+
+
+@pytest.mark.daemon
+def test_a_settings_module_that_raises_on_import_is_refused_with_its_error(tmp_path):
+    name = settings_module(tmp_path, "exploding_settings",
+                           'raise RuntimeError("settings exploded")\n')
+    completed, _ = run_cli("--settings", name, "--pythonpath", str(tmp_path), env=worker_env())
+    assert_refused(completed, name, "RuntimeError: settings exploded")
+
+
+@pytest.mark.daemon
+def test_test_settings_without_database_url_are_refused_with_their_own_message():
+    env = worker_env()
+    del env["DATABASE_URL"]
+    completed, _ = run_cli("--settings", "tests.settings", env=env)
+    assert_refused(completed, "tests.settings", "DATABASE_URL is not set")
+
+
+@pytest.mark.daemon
+
+def test_a_settings_module_importing_a_missing_package_names_the_package_not_the_path(tmp_path):
+    name = settings_module(tmp_path, "needy_settings", "import missing_dependency_xyz\n")
+    completed, _ = run_cli("--settings", name, "--pythonpath", str(tmp_path), env=worker_env())
+    assert_refused(completed, "missing_dependency_xyz")
+    assert "Invalid value for --settings" not in completed.stderr
+
+
+@pytest.mark.daemon
+def test_an_unreachable_database_is_refused_with_its_host_and_port_and_what_to_check():
+    env = worker_env(DATABASE_URL=database_url(host="127.0.0.1", port="1"))
+    completed, elapsed = run_cli("--settings", "tests.settings", env=env)
+    assert_refused(completed, "cannot connect to PostgreSQL at 127.0.0.1:1",
+                   "Is the server running", "DATABASE_URL")
+    assert elapsed < STARTUP_TIMEOUT_SECONDS
+
+
+@pytest.mark.daemon
+def test_a_database_without_the_djasync_tables_is_refused_with_run_migrate():
+    # The same server and database, but a search_path that sees none of its tables.
+    env = worker_env(PGOPTIONS="-c search_path=djasync_no_such_schema")
+    completed, _ = run_cli("--settings", "tests.settings", env=env)
+    assert_refused(completed, "djasync tables are missing", "manage.py migrate")
+
+
+@pytest.mark.daemon
+def test_an_invalid_djasync_setting_is_refused_with_the_settings_message(tmp_path):
+    name = settings_module(tmp_path, "bad_djasync_settings",
+                           "from tests.settings import *  # noqa\n"
+                           'DJASYNC = {"MAX_ATTEMPTS": 0}\n')
+    completed, _ = run_cli("--settings", name, "--pythonpath", str(tmp_path), env=worker_env())
+    assert_refused(completed, "DJASYNC['MAX_ATTEMPTS'] must be an integer >= 1")
+
+
+@pytest.mark.daemon
+
+def test_allowed_modules_set_to_none_is_refused_without_a_traceback(tmp_path):
+    name = settings_module(tmp_path, "none_modules_settings",
+                           "from tests.settings import *  # noqa\n"
+                           'DJASYNC = {"ALLOWED_MODULES": None}\n')
+    completed, _ = run_cli("--settings", name, "--pythonpath", str(tmp_path), env=worker_env())
+    assert_refused(completed, "ALLOWED_MODULES")
+
+
+@pytest.mark.daemon
+def test_settings_without_djasync_in_installed_apps_are_refused(tmp_path):
+    name = settings_module(tmp_path, "no_djasync_settings",
+                           "from tests.settings import *  # noqa\n"
+                           'INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "djasync"]\n')
+    completed, _ = run_cli("--settings", name, "--pythonpath", str(tmp_path), env=worker_env())
+    assert_refused(completed, "'djasync' is not in INSTALLED_APPS")
+
+
+@pytest.mark.daemon
+@pytest.mark.django_db(transaction=True)
+def test_burst_on_an_empty_queue_exits_0_quickly_and_leaves_a_future_job_pending():
+    job = djasync.schedule(jobs.add, args=[1, 2], run_after=datetime.timedelta(hours=1))
+    completed, elapsed = run_cli("--settings", "tests.settings", "--burst", "--concurrency", "2",
+                                 env=worker_env())
+    assert completed.returncode == 0, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert "burst: no due job left" in completed.stderr
+    assert elapsed < STARTUP_TIMEOUT_SECONDS
+    assert Job.objects.get(pk=job.pk).status == Status.PENDING
+    worker = Worker.objects.get()
+    assert (worker.concurrency, worker.jobs_done) == (2, 0) and worker.stopped_at is not None
