@@ -21,6 +21,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return []
 
 
+@checks.register()
+def check_periodic(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from djasync import registry
+    from djasync.exceptions import DjasyncError
+
+    try:
+        entries = conf.get().PERIODIC
+    except ImproperlyConfigured:
+        return []  # reported by check_settings
+    errors = []
+    for entry in entries:
+        try:
+            registry.resolve(entry.function)
+        except (DjasyncError, ImportError) as exc:
+            errors.append(checks.Error(f"periodic job {entry.name!r}: {exc}", id="djasync.E004"))
+    return errors
+
+
 @checks.register(checks.Tags.database)
 def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list:
     if "default" not in connections:

@@ -45,6 +45,8 @@ class Settings:
     DEFAULT_PRIORITY: int = 0
     #: Tracebacks longer than this are cut in the middle before they are stored.
     TRACEBACK_MAX_CHARS: int = 20_000
+    #: Periodic jobs: a list of {"cron", "function", ...} dicts (see djasync.periodic).
+    PERIODIC: tuple[Any, ...] = ()
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
     def backoff(self, attempt: int) -> float:
@@ -106,6 +108,10 @@ def load(raw: Any) -> Settings:
             check_queue_name(values["DEFAULT_QUEUE"])
         except ValueError as exc:
             raise ImproperlyConfigured(f"DJASYNC['DEFAULT_QUEUE']: {exc}") from None
+    if "PERIODIC" in values:
+        from djasync.periodic import parse
+
+        values["PERIODIC"] = parse(values["PERIODIC"])
     backoff = values.get("BACKOFF", Settings.BACKOFF)
     if isinstance(backoff, str):
         try:

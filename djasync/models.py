@@ -204,6 +204,22 @@ class Group(models.Model):
         return job
 
 
+class PeriodicSlot(models.Model):
+    """One slot of a periodic job, enqueued: its primary key makes every slot happen once."""
+
+    name = models.CharField(max_length=200)
+    slot = models.DateTimeField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["name", "slot"], name="djasync_periodic_slot_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.slot.isoformat()}"
+
+
 class Worker(models.Model):
     """One running (or once running) ``djasync-worker`` daemon, kept fresh by its heartbeat."""
 

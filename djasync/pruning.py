@@ -53,6 +53,8 @@ def prune(
                 )
                 ids = [row[0] for row in cursor.fetchall()]
                 if not ids:
+                    # Slot records of periodic jobs only need to outlive the daemons' clocks.
+                    cursor.execute("DELETE FROM djasync_periodicslot WHERE slot < %s", [cutoff])
                     return total
                 cursor.execute(
                     "UPDATE djasync_group SET final_id = NULL WHERE final_id = ANY(%s)", [ids]

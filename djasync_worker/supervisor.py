@@ -27,7 +27,7 @@ from typing import Any
 from django.db import connection, connections
 from django.utils import timezone
 
-from djasync import executor, sql, workers
+from djasync import conf, executor, periodic, sql, workers
 from djasync.models import Job, Outcome
 from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
@@ -124,6 +124,10 @@ class Supervisor:
         self.signal_reader.setblocking(False)
         self.pending_signals: list[int] = []
         self.listener = Listener(_conninfo())
+        entries = conf.get().PERIODIC
+        self.periodic = periodic.Scheduler(entries) if entries else None
+        self.periodic_started = False
+        self.next_periodic = 0.0
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -178,6 +182,8 @@ class Supervisor:
             moments.append(self.next_watchdog)
         if self.options.burst:
             moments.append(self.next_burst_check)
+        if self.periodic is not None:
+            moments.append(self.next_periodic)
         return max(0.0, min(moments) - now)
 
     def _tick(self, now: float) -> None:
@@ -205,6 +211,8 @@ class Supervisor:
         if self.next_run_after is not None and now >= self.next_run_after:
             self.next_run_after = None
             self._wake(1)
+        if self.periodic is not None and now >= self.next_periodic:
+            self._run_periodic(now)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + workers.HEARTBEAT_SECONDS
             self._heartbeat()
@@ -382,6 +390,21 @@ class Supervisor:
             return
         delay = max(0.0, (when - timezone.now()).total_seconds())
         self.next_run_after = time.monotonic() + delay
+
+    def _run_periodic(self, now: float) -> None:
+        """Enqueue periodic slots that came due (each exactly once across all daemons)."""
+        assert self.periodic is not None
+        try:
+            if not self.periodic_started:
+                self.periodic.start(timezone.now())
+                self.periodic_started = True
+            wait = self.periodic.tick(timezone.now())
+        except Exception as exc:
+            logger.warning("cannot enqueue periodic jobs yet error=%s", exc)
+            _close_quietly()
+            self.next_periodic = now + 1.0
+            return
+        self.next_periodic = now + min(wait if wait is not None else 60.0, 60.0)
 
     def _due_jobs_exist(self) -> bool:
         query = sql.claim(by_queue=bool(self.options.queues), by_name_prefix=False, exists=True)

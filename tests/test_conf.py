@@ -18,7 +18,7 @@ from djasync.models import Job, Outcome, Status
 from tests import jobs
 
 KNOWN_KEYS = ["MAX_ATTEMPTS", "TIMEOUT", "BACKOFF", "ALLOWED_MODULES", "DEFAULT_QUEUE",
-              "DEFAULT_PRIORITY", "TRACEBACK_MAX_CHARS"]
+              "DEFAULT_PRIORITY", "TRACEBACK_MAX_CHARS", "PERIODIC"]
 
 
 
