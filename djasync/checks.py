@@ -30,7 +30,7 @@ def check_periodic(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         entries = conf.get().PERIODIC
     except ImproperlyConfigured:
         return []  # reported by check_settings
-    errors = []
+    errors: list[checks.CheckMessage] = []
     for entry in entries:
         try:
             registry.resolve(entry.function)
