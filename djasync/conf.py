@@ -45,6 +45,8 @@ class Settings:
     DEFAULT_PRIORITY: int = 0
     #: Tracebacks longer than this are cut in the middle before they are stored.
     TRACEBACK_MAX_CHARS: int = 20_000
+    #: Seconds a non-atomic job's lease lasts; the worker renews it every third of that.
+    LEASE_SECONDS: float = 60.0
     #: Periodic jobs: a list of {"cron", "function", ...} dicts (see djasync.periodic).
     PERIODIC: tuple[Any, ...] = ()
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
@@ -91,6 +93,10 @@ def load(raw: Any) -> Settings:
             raise ImproperlyConfigured(
                 "DJASYNC['TIMEOUT'] must be a number of seconds in (0, 604800], or None."
             )
+    if "LEASE_SECONDS" in values:
+        lease = values["LEASE_SECONDS"]
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not 1 <= lease <= 3600:
+            raise ImproperlyConfigured("DJASYNC['LEASE_SECONDS'] must be a number in [1, 3600].")
     if "ALLOWED_MODULES" in values:
         modules = values["ALLOWED_MODULES"]
         if not isinstance(modules, list | tuple) or not all(

@@ -31,7 +31,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
-from djasync import attempts, conf, registry, sql
+from djasync import attempts, conf, leases, registry, sql
 from djasync.attempts import Finished, PermanentFailure, Run
 from djasync.exceptions import DjasyncError
 from djasync.models import Job, Outcome, Status
@@ -70,6 +70,8 @@ class ClaimedJob:
     group_id: int | None
     #: Attempts before this one, as the claim saw them (may be one short; see ``sql.claim``).
     previous_attempts: int = 0
+    #: A non-atomic job whose previous holder's lease ran out.
+    lease_expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,23 @@ def run_batch(
     (:func:`set_session_timeouts`). An empty list means nothing was due.
     """
     worker = worker or default_worker_name()
+    finished: list[Finished] = []
+    leased: list[tuple[ClaimedJob, Run, str]] = []
     with transaction.atomic():
-        jobs = claim(limit, queues=queues, name_prefix=name_prefix, now=now)
-        return [_run_in_savepoint(job, worker, before_each, session_timeouts) for job in jobs]
+        for job in claim(limit, queues=queues, name_prefix=name_prefix, now=now):
+            if not leases.is_leased(job.meta):
+                finished.append(_run_in_savepoint(job, worker, before_each, session_timeouts))
+                continue
+            run = _begin(job, worker)
+            if isinstance(run, Finished):
+                finished.append(run)
+            else:  # a long job: lease it now, run it once the claim has committed
+                leased.append((job, run, leases.take(run, expired=job.lease_expired)))
+    for job, run, owner in leased:
+        if before_each is not None:
+            before_each(job)
+        finished.append(leases.run(run, owner, lambda j=job, r=run: _call(r, j), _Raised))
+    return finished
 
 
 def _run_in_savepoint(job: ClaimedJob, worker: str,
@@ -277,7 +293,7 @@ def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
                                     run.attempt, run.max_attempts, run.worker, run.started))
     try:
         result = _resolve(job.name)(*job.args, **job.kwargs)
-        if transaction.get_rollback():
+        if connection.in_atomic_block and transaction.get_rollback():
             raise JobWritesLost(
                 "the job caught a database error without rolling back to a savepoint of its "
                 "own (wrap the statement in transaction.atomic()), so its writes are lost; the "

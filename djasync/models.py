@@ -84,6 +84,11 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True, help_text="Start of the last attempt.")
     finished_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=255, blank=True, help_text="Who ran the last attempt.")
+    lease_owner = models.CharField(
+        max_length=255, blank=True, editable=False, default="", db_default="",
+        help_text="Who holds the lease of a running non-atomic job (meta atomic=False).",
+    )
+    lease_expires = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = JobQuerySet.as_manager()
 

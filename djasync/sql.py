@@ -47,6 +47,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
               SELECT 1 FROM {GROUP} g JOIN {JOB} o ON o.group_id = g.id
                WHERE g.final_id = j.id AND o.id <> j.id AND o.status = 'pending'))""",
     ]
+    if not by_id:
+        # A non-atomic job runs outside any transaction under a lease; it is free again only
+        # once the lease has expired (its worker died or froze) or was released.
+        filters.append("(j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())")
     if by_queue:
         filters.append("j.queue = ANY(%(queues)s)")
     if by_name_prefix:
@@ -58,7 +62,8 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
         return f"SELECT EXISTS (SELECT 1 FROM {JOB} j WHERE {where})"
     return f"""
 SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
-       (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts
+       (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts,
+       j.lease_expires IS NOT NULL AS lease_expired
   FROM {JOB} j
  WHERE {where}
  ORDER BY j.priority DESC, j.run_after, j.id
@@ -152,6 +157,28 @@ SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
 FAIL_WITHOUT_ATTEMPT = (
     f"UPDATE {JOB} SET status = 'failed', finished_at = clock_timestamp() WHERE id = %s"
 )
+
+#: Take (or renew) a non-atomic job's lease; renewals are fenced by the owner.
+TAKE_LEASE = f"""
+UPDATE {JOB} SET lease_owner = %(owner)s,
+       lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)
+ WHERE id = %(job_id)s
+"""
+RENEW_LEASE = f"""
+UPDATE {JOB} SET lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)
+ WHERE id = %(job_id)s AND lease_owner = %(owner)s AND status = 'pending'
+"""
+#: Lock a non-atomic job to finish it, only if we still hold its lease (the fence).
+LOCK_IF_LEASED = f"""
+SELECT 1 FROM {JOB} WHERE id = %(job_id)s AND lease_owner = %(owner)s AND status = 'pending'
+   FOR NO KEY UPDATE
+"""
+RELEASE_LEASE = f"UPDATE {JOB} SET lease_owner = '', lease_expires = NULL WHERE id = %s"
+#: The supervisor frees the leases a dead child held (after recording its crash).
+RELEASE_LEASES_OF = f"""
+UPDATE {JOB} SET lease_owner = '', lease_expires = NULL
+ WHERE status = 'pending' AND lease_owner LIKE %s
+"""
 
 #: Wake listening workers; sent inside the scheduling transaction, so delivered at its commit.
 NOTIFY = "SELECT pg_notify(%(channel)s, %(queue)s)"

@@ -17,7 +17,8 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 META_KEYS = {
     "max_attempts": "attempts before the job is marked failed (integer >= 1)",
     "timeout": "seconds the job may run (positive number)",
-    "atomic": "run inside the claiming transaction (True; leased long jobs are not built yet)",
+    "atomic": "run inside the claiming transaction (True, the default) or outside it under a "
+              "renewed lease (False: for long jobs; database effects become at-least-once)",
 }
 
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
@@ -65,10 +66,8 @@ def check_meta(meta: Any) -> dict[str, Any]:
             raise ValueError(
                 f"meta['timeout'] must be a number of seconds in (0, 604800], not {value!r}"
             )
-    if "atomic" in meta and meta["atomic"] is not True:
-        raise ValueError(
-            "meta['atomic'] must be True: leased non-atomic jobs are not supported yet"
-        )
+    if "atomic" in meta and not isinstance(meta["atomic"], bool):
+        raise ValueError(f"meta['atomic'] must be True or False, not {meta['atomic']!r}")
     return dict(meta)
 
 

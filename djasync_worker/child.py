@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import reduction
@@ -132,6 +133,8 @@ class Child:
         """
         if connection.alias != "default":
             return
+        if threading.current_thread() is not threading.main_thread():
+            return  # a lease-renewal thread's connection holds no job transaction
         self._send(("conn",))
         try:
             reduction.send_handle(self.pipe, connection.connection.fileno(), self.parent_pid)

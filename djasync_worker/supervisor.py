@@ -317,6 +317,7 @@ class Supervisor:
                                          f"{socket.gethostname()}:{child.process.pid}"))
             if not self._record_lost():
                 self._record_lost()  # once more, on a fresh connection
+            self._release_leases(f"{socket.gethostname()}:{child.process.pid}/%")
         elif code != 0 and not self.forced:
             logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
         # Only now let PostgreSQL see the dead child's session end, roll back its transaction
@@ -342,6 +343,16 @@ class Supervisor:
                 return False
             self.lost.pop(0)
         return True
+
+    def _release_leases(self, owner_pattern: str) -> None:
+        """Free the non-atomic jobs a dead child held, so they run again without waiting for
+        their leases to expire (their crash is already recorded)."""
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql.RELEASE_LEASES_OF, [owner_pattern])
+        except Exception as exc:  # the leases then expire on their own
+            logger.warning("cannot release the leases of a dead child error=%s", exc)
+            _close_quietly()
 
     def _wake(self, count: int, reason: str = "") -> int:
         """Wake up to ``count`` idle children; return how many were woken."""

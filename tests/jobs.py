@@ -154,3 +154,17 @@ async def async_write_ledger(key):
 async def async_write_then_raise(key):
     await Ledger.objects.acreate(key=key)
     raise RuntimeError(f"async boom after writing {key}")
+
+
+def long_job(key, gate=None, pidfile=None):
+    """A non-atomic job: writes, then waits (outside any transaction) until ``gate`` exists."""
+    from djasync.executor import current_job
+
+    Ledger.objects.create(key=key, note=f"attempt {current_job().attempt}")
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()

@@ -82,7 +82,7 @@ def test_a_non_json_argument_is_refused_with_its_name():
     ({"retries": 3}, "unknown meta key"),
     ({"max_attempts": 0}, "max_attempts"),
     ({"timeout": -1}, "timeout"),
-    ({"atomic": False}, "not supported yet"),
+    ({"atomic": "no"}, "must be True or False"),
     ("x", "must be a dict"),
 ])
 def test_bad_meta_is_refused(bad, error):

@@ -1,0 +1,120 @@
+"""Long jobs (``meta={"atomic": False}``): run outside any transaction, under a fenced lease.
+
+Holding a transaction for minutes hurts PostgreSQL (the vacuum horizon stops for the whole
+cluster, row locks are held), so a long job may opt out of the atomic contract:
+
+1. the claiming transaction takes a lease (owner token, expiry) and commits;
+2. the function runs in autocommit, while a thread renews the lease every third of its length;
+3. the outcome is written only if the worker still holds the lease (the fence): a worker that
+   froze past its lease, and whose job was re-queued and run again, cannot overwrite anything.
+
+If the worker dies, its supervisor records the crash and releases the lease at once; if the
+whole host dies, the lease expires and the next claim records the attempt as lost. The job's
+database effects are at-least-once: a re-run repeats whatever the lost attempt committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connection, transaction
+
+from djasync import attempts, conf, sql
+from djasync.attempts import Finished, Run
+from djasync.models import Outcome, Status
+
+logger = logging.getLogger("djasync.executor")
+
+
+def is_leased(meta: Any) -> bool:
+    return isinstance(meta, dict) and meta.get("atomic") is False
+
+
+def take(run: Run, *, expired: bool) -> str:
+    """Take the job's lease in the claiming transaction; return the owner token.
+
+    ``expired``: the previous holder's lease ran out, so its attempt is recorded as lost.
+    """
+    if expired:
+        attempts.record_lost(run.job_id, outcome=Outcome.CRASHED, started=run.started,
+                             worker=run.worker, reason="its lease expired (worker dead or frozen)")
+        run.attempt += 1
+    owner = f"{run.worker}/{uuid.uuid4().hex[:12]}"
+    with connection.cursor() as cursor:
+        cursor.execute(sql.TAKE_LEASE, {"owner": owner, "job_id": run.job_id,
+                                        "seconds": conf.get().LEASE_SECONDS})
+    return owner
+
+
+class _Renewer(threading.Thread):
+    """Renew a lease until stopped, on a connection of its own (Django's are per thread)."""
+
+    def __init__(self, job_id: int, owner: str) -> None:
+        super().__init__(name=f"djasync-lease-{job_id}", daemon=True)
+        self.job_id, self.owner = job_id, owner
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        seconds = conf.get().LEASE_SECONDS
+        try:
+            while not self.stopped.wait(seconds / 3):
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute(sql.RENEW_LEASE, {"owner": self.owner, "seconds": seconds,
+                                                         "job_id": self.job_id})
+                        renewed = cursor.rowcount == 1
+                except Exception as exc:  # the database may be back by the next renewal
+                    logger.warning("lease renewal failed id=%s error=%s", self.job_id, exc)
+                    connection.close()
+                    continue
+                if not renewed:
+                    self.lost = True
+                    logger.warning("lease lost id=%s: the job was re-queued; this run's outcome "
+                                   "will be discarded", self.job_id)
+                    return
+        finally:
+            connection.close()
+
+
+def run(run: Run, owner: str, call: Callable[[], tuple[Any, str]],
+        raised: type[Exception]) -> Finished:
+    """Run a leased job outside any transaction; record its outcome if we still hold the lease.
+
+    ``call`` runs the function and returns (result, JSON); it raises ``raised`` wrapping the
+    function's exception.
+    """
+    renewer = _Renewer(run.job_id, owner)
+    renewer.start()
+    failure: BaseException | None = None
+    result: Any = None
+    encoded = ""
+    try:
+        result, encoded = call()
+    except raised as exc:
+        failure = getattr(exc, "exc", exc)
+    finally:
+        renewer.stopped.set()
+        renewer.join()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql.LOCK_IF_LEASED, {"job_id": run.job_id, "owner": owner})
+            held = cursor.fetchone() is not None
+        if not held:
+            logger.warning("job finished after losing its lease id=%s: outcome discarded",
+                           run.job_id)
+            return Finished(run.job_id, run.name, run.queue, run.attempt, Outcome.ERROR,
+                            Status.PENDING, run.elapsed,
+                            error="lease lost before the job finished; outcome discarded")
+        if failure is not None:
+            assert isinstance(failure, BaseException)
+            finished = attempts.fail(run, failure)
+        else:
+            finished = attempts.succeed(run, result, encoded)
+        with connection.cursor() as cursor:
+            cursor.execute(sql.RELEASE_LEASE, [run.job_id])
+    return finished
