@@ -90,7 +90,8 @@ def succeed(run: Run, result: Any, encoded: str) -> Finished:
         (number,) = cursor.fetchone()
     duration = run.elapsed
     logger.info("job succeeded id=%s name=%s attempt=%s duration=%.3f",
-                run.job_id, run.name, number, duration)
+                run.job_id, run.name, number, duration,
+                extra=_fields(run, number, duration, Outcome.SUCCEEDED))
     return Finished(run.job_id, run.name, run.queue, number, Outcome.SUCCEEDED,
                     Status.SUCCEEDED, duration, result=result)
 
@@ -130,7 +131,9 @@ def fail(run: Run, exc: BaseException, *, permanent: bool = False,
     log("job %s id=%s name=%s attempt=%s duration=%.3f error=%s: %s%s",
         "failed" if status == Status.FAILED else "will retry", run.job_id, run.name, number,
         duration, type(exc).__name__, str(exc)[:200],
-        f" retry_at={run_after.isoformat()}" if run_after else "")
+        f" retry_at={run_after.isoformat()}" if run_after else "",
+        extra=_fields(run, number, duration, outcome, status=status.value,
+                      error=type(exc).__name__))
     return Finished(run.job_id, run.name, run.queue, number, outcome, status, duration,
                     error=f"{type(exc).__name__}: {exc}", exception=exc, run_after=run_after)
 
@@ -153,6 +156,14 @@ def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, wo
             ),
             "exception_message": reason[:10_000], "worker": worker[:255],
         })
+
+
+def _fields(run: Run, attempt: int, duration: float, outcome: Outcome,
+            **more: Any) -> dict[str, Any]:
+    """Structured fields of a job log line (``--log-format json`` prints them); never the
+    job's arguments, which may hold secrets."""
+    return {"job_id": run.job_id, "job_name": run.name, "queue": run.queue, "attempt": attempt,
+            "duration": round(duration, 6), "outcome": outcome.value, **more}
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -265,3 +265,14 @@ def test_jobs_found_only_by_polling_raise_one_warning_and_still_run(tmp_path, ot
         assert text.count("notifications are not arriving") == 1, text[-3000:]
     finally:
         assert stop(daemon) == 0
+
+
+def test_json_log_lines_carry_the_job_fields_but_never_its_arguments():
+    djasync.schedule(jobs.echo, args=["secret-token-123"], queue="mail")
+    result = run_worker("--concurrency", "1", "--burst", "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [done] = [line for line in lines if line.get("outcome") == "succeeded"]
+    assert (done["job_name"], done["queue"], done["attempt"]) == ("tests.jobs.echo", "mail", 1)
+    assert done["duration"] >= 0 and done["job_id"] > 0
+    assert "secret-token-123" not in result.stderr
