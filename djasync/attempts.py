@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import psycopg.errors
 from django.db import connection
 from django.utils import timezone
@@ -73,6 +74,18 @@ class Run:
         return time.monotonic() - self.clock
 
 
+def hot_cursor() -> psycopg.Cursor[Any]:
+    """A server-side-binding cursor on Django's connection, for the per-job statements.
+
+    Django's own cursors bind parameters on the client, so PostgreSQL parses and plans every
+    statement again; with server-side binding psycopg prepares a statement after a few runs
+    (``prepare_threshold``; set it to ``None`` in the database OPTIONS behind a PgBouncer that
+    cannot keep prepared statements). Same connection, same transaction.
+    """
+    connection.ensure_connection()
+    return psycopg.Cursor(connection.connection)
+
+
 def count(job_id: int) -> int:
     """Count the job's attempts so far, as committed now (a statement of its own)."""
     with connection.cursor() as cursor:
@@ -82,14 +95,16 @@ def count(job_id: int) -> int:
 
 def succeed(run: Run, result: Any, encoded: str) -> Finished:
     """Mark the job succeeded with its result, in the transaction that ran it."""
-    with connection.cursor() as cursor:
+    with hot_cursor() as cursor:
         cursor.execute(sql.FINISH_SUCCESS, {
             "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
             "result": encoded,
         })
-        (number,) = cursor.fetchone()
+        row = cursor.fetchone()
+    assert row is not None, "the claimed job row disappeared"
+    (number,) = row
     duration = run.elapsed
-    logger.info("job succeeded id=%s name=%s attempt=%s duration=%.3f",
+    logger.debug("job succeeded id=%s name=%s attempt=%s duration=%.3f",
                 run.job_id, run.name, number, duration,
                 extra=_fields(run, number, duration, Outcome.SUCCEEDED))
     return Finished(run.job_id, run.name, run.queue, number, Outcome.SUCCEEDED,

@@ -15,6 +15,7 @@ job, RELEASE, finish (one statement that writes the attempt and the status), COM
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import json
 import logging
@@ -139,7 +140,7 @@ def claim(
     )
     params: dict[str, Any] = {"limit": limit, "queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
-    with connection.cursor() as cursor:
+    with attempts.hot_cursor() as cursor:
         cursor.execute(query, params)
         rows = cursor.fetchall()
     # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
@@ -186,7 +187,7 @@ def run_batch(
     for job, run, owner in leased:
         if before_each is not None:
             before_each(job)
-        finished.append(leases.run(run, owner, lambda j=job, r=run: _call(r, j), _Raised))
+        finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
     return finished
 
 

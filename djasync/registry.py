@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from django.apps import apps
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 from djasync import conf
 from djasync.exceptions import ForbiddenFunction, FunctionNotFound
@@ -22,16 +24,31 @@ from djasync.exceptions import ForbiddenFunction, FunctionNotFound
 DOTTED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
+_prefixes: tuple[Any, tuple[str, ...]] | None = None
+
+
 def allowed_prefixes() -> tuple[str, ...]:
     """Module prefixes whose functions may run.
 
     The modules of INSTALLED_APPS, except Django's own (``django.contrib.auth`` is installed
     almost everywhere and holds nothing a queue should run), plus ``DJASYNC["ALLOWED_MODULES"]``.
+    Computed once per settings (the executor asks for every job).
     """
-    app_modules = [
-        app.name for app in apps.get_app_configs() if not app.name.startswith("django.")
-    ]
-    return tuple(app_modules) + conf.get().ALLOWED_MODULES
+    global _prefixes
+    settings = conf.get()
+    if _prefixes is None or _prefixes[0] is not settings:
+        app_modules = [
+            app.name for app in apps.get_app_configs() if not app.name.startswith("django.")
+        ]
+        _prefixes = (settings, tuple(app_modules) + settings.ALLOWED_MODULES)
+    return _prefixes[1]
+
+
+@receiver(setting_changed)
+def _forget_prefixes(*, setting: str, **kwargs: Any) -> None:
+    global _prefixes
+    if setting in ("INSTALLED_APPS", "DJASYNC"):
+        _prefixes = None
 
 
 def _in_prefixes(module: str, prefixes: tuple[str, ...]) -> bool:

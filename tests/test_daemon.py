@@ -269,7 +269,8 @@ def test_jobs_found_only_by_polling_raise_one_warning_and_still_run(tmp_path, ot
 
 def test_json_log_lines_carry_the_job_fields_but_never_its_arguments():
     djasync.schedule(jobs.echo, args=["secret-token-123"], queue="mail")
-    result = run_worker("--concurrency", "1", "--burst", "--log-format", "json")
+    result = run_worker("--concurrency", "1", "--burst", "--log-format", "json",
+                        "--log-level", "debug")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     [done] = [line for line in lines if line.get("outcome") == "succeeded"]
