@@ -11,7 +11,9 @@ from typing import Any
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils import timezone
 
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+#: A JSON ``\u0000`` escape (a NUL character), not the six characters ``\\u0000``.
+JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 #: The keys ``meta`` may carry, with what each controls.
 META_KEYS = {
@@ -25,7 +27,7 @@ PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 
 def check_queue_name(queue: Any) -> str:
-    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
         raise ValueError(
             f"queue name {queue!r} is invalid: use 1-100 characters from letters, digits and "
             "'_.:-', starting with a letter or digit"
@@ -74,12 +76,21 @@ def check_meta(meta: Any) -> dict[str, Any]:
 def to_json(value: Any, what: str) -> Any:
     """Return ``value`` as it will be stored (JSON types only), or raise ``TypeError`` naming it."""
     try:
-        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
+        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} cannot be stored as JSON: {exc}") from None
-    if "\\u0000" in text:
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to store") from None
+    if JSON_NUL.search(text):
         raise ValueError(f"{what} contains a NUL character, which PostgreSQL cannot store")
-    return json.loads(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} contains a lone surrogate, which is not valid text") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to store") from None
 
 
 def check_args(args: Any) -> list[Any]:
@@ -107,7 +118,10 @@ def check_run_after(run_after: Any) -> datetime.datetime:
     if run_after is None:
         return now
     if isinstance(run_after, datetime.timedelta):
-        return now + run_after
+        try:
+            return now + run_after
+        except OverflowError:
+            raise ValueError(f"run_after {run_after} is too far in the future") from None
     if isinstance(run_after, datetime.datetime):
         if timezone.is_naive(run_after):
             from django.conf import settings
@@ -117,7 +131,13 @@ def check_run_after(run_after: Any) -> datetime.datetime:
                     "run_after is a naive datetime while USE_TZ is on; pass an aware datetime "
                     "(django.utils.timezone.now() + ...) or a timedelta"
                 )
-        return run_after
+            return run_after
+        # Stored as UTC: PostgreSQL cannot take every offset Python can (over 15:59 hours, or
+        # with seconds), and the instant is all that matters.
+        try:
+            return run_after.astimezone(datetime.UTC)
+        except OverflowError:
+            raise ValueError(f"run_after {run_after} is out of range") from None
     raise TypeError(
         f"run_after must be an aware datetime, a timedelta or None, not {type(run_after).__name__}"
     )

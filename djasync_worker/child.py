@@ -60,6 +60,10 @@ def _die_with_parent() -> None:
         pass
 
 
+class _Stopping(Exception):
+    """Raised to leave a claim untouched because the worker is stopping."""
+
+
 class Child:
     def __init__(self, pipe: Connection, shared: Any, options: ChildOptions,
                  parent_pid: int) -> None:
@@ -98,6 +102,8 @@ class Child:
                     before_each=self._started,
                     session_timeouts=True,
                 )
+            except _Stopping:
+                break  # the claim rolled back: the job was never started and stays queued
             except Exception as exc:
                 self._after_error(exc)
                 if self._sleep(delay):
@@ -143,7 +149,13 @@ class Child:
         executor.set_session_timeouts()
 
     def _started(self, job: ClaimedJob) -> None:
-        """Publish the job we start in shared memory: no message, no system call per job."""
+        """Publish the job we start in shared memory: no message, no system call per job.
+
+        If a stop was asked for while we claimed it, don't start it: raising here rolls the
+        claim back, so the job stays queued for another worker.
+        """
+        if self.stopping:
+            raise _Stopping
         meta = job.meta if isinstance(job.meta, dict) else {}
         timeout = meta.get("timeout", conf.get().TIMEOUT)
         self.shared[STARTED_MONOTONIC] = time.monotonic()

@@ -97,7 +97,13 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
     options = Options(concurrency=concurrency, queues=queues, burst=burst,
                       max_jobs_per_child=max_jobs_per_child, shutdown_timeout=shutdown_timeout,
                       poll_interval=poll_interval, batch_size=batch_size)
-    sys.exit(Supervisor(options).run())
+    from django.db import DatabaseError
+
+    try:
+        code = Supervisor(options).run()
+    except DatabaseError as exc:  # the database went away between the check and the start
+        raise click.ClickException(f"lost the database while starting: {exc}") from None
+    sys.exit(code)
 
 
 def _exit_during_startup(signum: int, frame: object) -> None:

@@ -39,8 +39,8 @@ class Listener:
         if self.conn is not None or time.monotonic() < self._next_attempt:
             return False
         try:
-            self.conn = psycopg.connect(**self._conninfo, autocommit=True,
-                                        application_name="djasync-worker listener")
+            self.conn = psycopg.connect(**{**self._conninfo, "autocommit": True,
+                                           "application_name": "djasync-worker listener"})
             self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except psycopg.Error as exc:
             self._close()

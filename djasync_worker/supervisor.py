@@ -280,7 +280,11 @@ class Supervisor:
                 self.notifier.ready(self._status())
                 logger.info("worker ready children=%s", len(self.children))
         if kind == "conn":
-            fd = reduction.recv_handle(child.pipe)
+            try:
+                fd = reduction.recv_handle(child.pipe)
+            except (EOFError, OSError, RuntimeError):
+                return  # the child died between its message and its socket: reaped next
+
             _close_fd(child.db_socket)
             child.db_socket = fd
         elif kind == "conn_closed":
@@ -487,6 +491,11 @@ class Supervisor:
         for child in self.children.values():
             with contextlib.suppress(OSError):
                 child.pipe.send(("stop",))
+            # A busy child reads its pipe only when idle: the signal makes it stop claiming
+            # after the batch it is running.
+            with contextlib.suppress(ProcessLookupError):
+                if child.process.pid is not None:
+                    os.kill(child.process.pid, signal.SIGTERM)
 
     def _kill_all(self, reason: str) -> None:
         self.forced = True

@@ -1,0 +1,997 @@
+"""The chaos run: its own PostgreSQL, three worker daemons, a producer, seeded faults, checks.
+
+Phases (each printed with the seconds since the start):
+
+1. Start a throwaway PostgreSQL (tools/pg.py: random port, fsync on, short keepalives),
+   migrate, pre-queue the jobs (ledger jobs, a negative control, poison jobs spread mid-queue).
+2. Start 3 × ``python -m djasync_worker --concurrency 2`` (restarted whenever one exits) and
+   a producer thread that schedules batches in ``transaction.atomic()``, rolling back every
+   tenth. Measure throughput for a few seconds without faults.
+3. Chaos: one fault every 0.2-0.8 s, chosen by the seeded RNG (kill -9 of a child, kill -9 of
+   a supervisor, pg_terminate_backend, pg_cancel_backend, SIGSTOP of a child for longer than
+   the idle-in-transaction timeout); at set times a ``fast`` restart of PostgreSQL, an
+   ``immediate`` one, and an ``immediate`` one under ``synchronous_commit = off``.
+4. Stop the faults and the producer; the queue must drain within 30 s; no session may sit idle
+   in a transaction.
+5. SIGTERM every daemon while slow jobs run: each exits 0 within its grace period and the slow
+   jobs finish. Then a double SIGTERM: exit 0 at once, the job rolls back and later runs once.
+6. Check the invariants with SQL (chaos/checker.py) and write the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+import pg
+from chaos import checker
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = "chaos.settings"
+#: The chaos daemons serve this queue; the double-SIGTERM test's daemon serves its own.
+CHAOS_QUEUE = "default"
+SIGTERM_TEST_QUEUE = "sigterm-test"
+WORKER_APP_NAME = "chaos-worker"
+#: The double-SIGTERM test's daemon: its long job sits in its transaction on purpose.
+SIGTERM_TEST_APP_NAME = "chaos-sigterm-test"
+LISTENER_APP_NAME = "djasync-worker listener"
+DRAIN_LIMIT_SECONDS = 30.0
+#: djasync's extra idle-in-transaction time beyond a job's timeout (executor.IDLE_MARGIN_SECONDS).
+IDLE_MARGIN_SECONDS = 10
+
+FAULT_WEIGHTS = {
+    "kill_child": 55,
+    "pg_terminate_backend": 15,
+    "pg_cancel_backend": 12,
+    "kill_supervisor": 4,
+    "sigstop_child": 8,
+}
+READY_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC \[\d+\] LOG:  "
+    r"database system is ready to accept connections", re.M)
+
+
+@dataclass
+class Config:
+    seed: int
+    jobs: int
+    duration: float
+    short: bool
+    report: Path | None
+    keep: bool
+    workers: int = 3
+    concurrency: int = 2
+    poison_each: int = 5
+    control_share: float = 0.05
+    warmup: float = 3.0
+    batch_size: int = 10
+    batch_interval: float = 0.5
+    slow_seconds: float = 3.0
+    shutdown_timeout: float = 20.0
+    #: Keep faulting after ``duration`` until the backlog is this small (or 2 × duration).
+    backlog_target: int = 1000
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.start
+
+
+def say(clock: Clock, message: str) -> None:
+    print(f"[{clock():7.2f}] {message}", flush=True)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (a daemon's supervisor: its job children)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    alive = []
+    for child in map(int, text.split()):
+        with contextlib.suppress(OSError, IndexError):
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state not in ("Z", "X"):
+                alive.append(child)
+    return alive
+
+
+def _no_core_dumps() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the segfaulting jobs leave no core files
+
+
+# -- worker daemons ------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    slot: int
+    process: subprocess.Popen
+    log: Path
+    started: float
+    #: Where this process's output starts in the slot's log (shared by its predecessors).
+    log_offset: int = 0
+    killed_by_chaos: bool = False
+    #: Replaced when it exits (the chaos daemons); the SIGTERM test daemon is not.
+    respawn: bool = True
+
+
+@dataclass
+class Daemons:
+    clock: Clock
+    run_dir: Path
+    env: dict[str, str]
+    count: int
+    concurrency: int
+    shutdown_timeout: float
+    slots: dict[int, Daemon] = field(default_factory=dict)
+    exits: list[dict[str, Any]] = field(default_factory=list)
+    restart_after: dict[int, float] = field(default_factory=dict)
+    respawning: bool = True
+
+    def start_all(self) -> None:
+        for slot in range(self.count):
+            self.start(slot)
+
+    def start(self, slot: int, *extra: str, level: str = "warning", concurrency: int = 0,
+              queue: str = CHAOS_QUEUE, respawn: bool = True, app_name: str = "") -> Daemon:
+        log = self.run_dir / f"worker-{slot}.log"
+        command = [sys.executable, "-m", "djasync_worker", "--settings", SETTINGS,
+                   "--concurrency", str(concurrency or self.concurrency),
+                   "--queue", queue, "--shutdown-timeout", str(self.shutdown_timeout),
+                   "--poll-interval", "1", "--log-level", level, *extra]
+        env = {**self.env, "PGAPPNAME": app_name} if app_name else self.env
+        offset = log.stat().st_size if log.exists() else 0
+        with log.open("ab") as out:
+            # cwd: ``python -m`` puts it first on sys.path, before PYTHONPATH's code copy.
+            process = subprocess.Popen(command, cwd=self.run_dir / "src", env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       preexec_fn=_no_core_dumps)
+        daemon = Daemon(slot, process, log, time.monotonic(), offset, respawn=respawn)
+        self.slots[slot] = daemon
+        return daemon
+
+    def poll(self) -> None:
+        """Reap daemons that exited and start their replacements."""
+        now = time.monotonic()
+        for slot, daemon in list(self.slots.items()):
+            code = daemon.process.poll()
+            if code is None:
+                continue
+            del self.slots[slot]
+            expected = daemon.killed_by_chaos and code == -signal.SIGKILL
+            output = "" if expected else _tail(daemon.log, 10**7, daemon.log_offset)
+            tail = output[-1500:]
+            # A daemon started while PostgreSQL restarts cannot connect and exits 1 (with a
+            # message, or with a traceback if the server went away just after the check):
+            # expected; systemd (Restart=) or this harness starts it again.
+            refused = code == 1 and ("cannot connect to PostgreSQL" in tail or (
+                "OperationalError" in tail and "worker starting" not in output))
+            self.exits.append({"slot": slot, "pid": daemon.process.pid, "code": code,
+                               "at": round(self.clock(), 2),
+                               "expected": expected or refused,
+                               "refused_at_start": refused,
+                               "log_tail": "" if expected or refused else tail})
+            if not (expected or refused):
+                say(self.clock, f"daemon {slot} pid={daemon.process.pid} exited {code} "
+                    f"unexpectedly:\n{tail}")
+            if self.respawning and daemon.respawn:
+                self.restart_after[slot] = now + (0.5 if refused else 0.0)
+        for slot, when in list(self.restart_after.items()):
+            if when <= now and self.respawning:
+                del self.restart_after[slot]
+                self.start(slot)
+
+    def alive(self) -> list[Daemon]:
+        """The chaos daemons that are running (not the SIGTERM test's)."""
+        return [d for d in self.slots.values() if d.respawn and d.process.poll() is None]
+
+    def all_children(self) -> list[int]:
+        return [c for d in self.alive() for c in children_of(d.process.pid)]
+
+    def kill_all(self) -> None:
+        self.respawning = False
+        for daemon in self.slots.values():
+            with contextlib.suppress(ProcessLookupError):
+                daemon.process.kill()
+        for daemon in self.slots.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                daemon.process.wait(10)
+
+
+def _tail(path: Path, chars: int, offset: int = 0) -> str:
+    """The last ``chars`` characters of ``path`` written after byte ``offset``."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+# -- the producer ---------------------------------------------------------------------------------
+
+
+class Producer(threading.Thread):
+    """Schedule jobs in ``transaction.atomic()`` batches until stopped; roll back every 10th.
+
+    Each batch commits with ``synchronous_commit = on`` (SET LOCAL), so a batch acknowledged
+    as committed is durable even while the server runs with it off: only the workers' commits
+    may vanish in the ``synchronous_commit = off`` crash.
+    """
+
+    def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
+        super().__init__(name="producer", daemon=True)
+        self.config = config
+        self.expected = expected
+        self.clock = clock
+        self.rng = random.Random(config.seed * 7919 + 1)
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.batches = Counter[str]()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the harness
+            self.error = exc
+            raise
+
+    def _run(self) -> None:
+        from django.db import connection, transaction
+
+        import djasync
+
+        class RollBack(Exception):
+            pass
+
+        number = 0
+        while not self.stop_event.is_set():
+            number += 1
+            keys = [f"p{number:05d}-{i}" for i in range(self.config.batch_size)]
+            functions = [checker.EXTERNAL if self.rng.random() < self.config.control_share
+                         else checker.LEDGER for _ in keys]
+            priority = self.rng.choice([0, 0, 1])
+            roll_back = number % 10 == 0
+            phase = "schedule"
+            try:
+                with transaction.atomic():
+                    with connection.cursor() as cursor:
+                        cursor.execute("SET LOCAL synchronous_commit = on")
+                    for key, function in zip(keys, functions, strict=True):
+                        djasync.schedule(function, args=[key], priority=priority)
+                    if roll_back:
+                        raise RollBack
+                    phase = "commit"
+            except RollBack:
+                with self.lock:
+                    self.expected.rolled_back.update(keys)
+                    self.batches["rolled_back"] += 1
+            except Exception:
+                with self.lock:
+                    if phase == "commit":  # the COMMIT itself failed: it may have happened
+                        self.expected.uncertain.append(keys)
+                        self.batches["uncertain"] += 1
+                    else:
+                        self.batches["failed"] += 1
+                with contextlib.suppress(Exception):
+                    connection.close()
+                self.stop_event.wait(0.1)  # the server is restarting: try again shortly
+            else:
+                with self.lock:
+                    self.expected.committed.update(zip(keys, functions, strict=True))
+                    self.batches["committed"] += 1
+            self.stop_event.wait(self.config.batch_interval)
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+class ChaosRun:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.clock = Clock()
+        self.expected = checker.Expectations()
+        self.report: dict[str, Any] = {"seed": config.seed, "short": config.short,
+                                       "jobs_requested": config.jobs}
+        self.faults: Counter[str] = Counter()
+        self.fault_log: list[list[Any]] = []
+        self.restarts: list[dict[str, Any]] = []
+        self.stopped: dict[int, float] = {}  # pid -> when to SIGCONT
+        self.sigstop_outcomes: Counter[str] = Counter()
+        self.last_fault = 0.0
+        self.violations: list[str] = []
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"djasync-chaos-{config.seed}-"))
+        (self.run_dir / "started").mkdir()
+        self.server: pg.EmbeddedPostgres | None = None
+        self.daemons: Daemons | None = None
+        self.producer: Producer | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        say(self.clock, message)
+
+    def connect(self) -> psycopg.Connection:
+        assert self.server is not None
+        return psycopg.connect(self.server.url, autocommit=True, connect_timeout=5,
+                               application_name="chaos-harness")
+
+    def query(self, sql: str, params: Any = None, retry_for: float = 60.0) -> list[tuple]:
+        """Run one statement on a fresh connection, retrying while the server is away."""
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                with self.connect() as conn:
+                    cursor = conn.execute(sql, params)
+                    return cursor.fetchall() if cursor.description is not None else []
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # the server is restarting
+
+    def wait_for(self, condition: Callable[[], Any], timeout: float, what: str,
+                 interval: float = 0.05) -> tuple[Any, float]:
+        """Return (first truthy value of condition(), seconds waited), keeping daemons alive."""
+        started = time.monotonic()
+        while True:
+            if self.daemons is not None:
+                self.daemons.poll()
+            value = condition()
+            waited = time.monotonic() - started
+            if value:
+                return value, waited
+            if waited > timeout:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(interval)
+
+    def pending(self, queue: str | None = None) -> int:
+        """Jobs not finished yet (in ``queue``, or in all queues)."""
+        return int(self.query(
+            "SELECT count(*) FROM djasync_job WHERE status = 'pending' "
+            "AND (%(queue)s::text IS NULL OR queue = %(queue)s)", {"queue": queue})[0][0])
+
+    def fault(self, kind: str, detail: str) -> None:
+        self.faults[kind] += 1
+        self.last_fault = self.clock()
+        self.fault_log.append([round(self.last_fault, 2), kind, detail])
+        self.say(f"fault {sum(self.faults.values())}: {kind} {detail}")
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            self.setup()
+            self.start_workers()  # their start-up (Django, on a busy machine) overlaps ...
+            self.prequeue()  # ... the pre-queueing
+            self.warm_up()
+            self.chaos()
+            self.drain()
+            self.sigterm_with_slow_jobs()
+            self.double_sigterm()
+            self.final_drain()
+            self.check()
+        except Exception as exc:
+            import traceback
+
+            self.violations.append(f"harness error: {type(exc).__name__}: {exc}")
+            self.report["harness_traceback"] = traceback.format_exc()
+            self.say(f"HARNESS ERROR {type(exc).__name__}: {exc}")
+        finally:
+            self.teardown()
+        self.report["wall_seconds"] = round(time.monotonic() - started, 1)
+        self.report["violations"] = self.violations
+        self.report["ok"] = not self.violations
+        return self.report
+
+    def snapshot_code(self) -> None:
+        """Copy djasync and djasync_worker into the work directory and run them from there.
+
+        Every process of the run (this one, and daemons started minutes later) then runs the
+        same code, even while the working tree is being edited.
+        """
+        self.src = self.run_dir / "src"
+        ignore = shutil.ignore_patterns("__pycache__")
+        for package in ("djasync", "djasync_worker"):
+            shutil.copytree(ROOT / package, self.src / package, ignore=ignore)
+        sys.path.insert(0, str(self.src))
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                                   capture_output=True, text=True)
+        self.report["code"] = described.stdout.strip() or "unknown"
+
+    def setup(self) -> None:
+        self.say(f"seed {self.config.seed}; work directory {self.run_dir}")
+        self.snapshot_code()
+        self.server = pg.EmbeddedPostgres(settings={"log_timezone": "UTC", "timezone": "UTC"})
+        self.server.start()
+        self.say(f"PostgreSQL at {self.server.url} (data {self.server.datadir})")
+        os.environ["DATABASE_URL"] = self.server.url
+        os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
+        import django
+        from django.core.management import call_command
+
+        django.setup()
+        call_command("migrate", verbosity=0)
+
+    def prequeue(self) -> None:
+        from django.conf import settings
+        from django.db import connection, transaction
+
+        import djasync
+
+        config = self.config
+        specs: list[tuple[str, str, dict | None]] = []
+        for n in range(config.jobs):
+            function = checker.EXTERNAL if self.rng.random() < config.control_share \
+                else checker.LEDGER
+            specs.append((f"q{n:05d}", function, None))
+        # Poison jobs mid-queue (between 10 % and 90 % of it), with small max_attempts.
+        for function in checker.POISON:
+            short_name = function.rsplit(".", 1)[1]
+            for n in range(config.poison_each):
+                position = self.rng.randint(len(specs) // 10, len(specs) * 9 // 10)
+                specs.insert(position, (f"poison-{short_name}-{n}", function,
+                                        {"max_attempts": 3}))
+        chunk = 2000
+        for start in range(0, len(specs), chunk):
+            part = specs[start:start + chunk]
+            with transaction.atomic():
+                djasync.schedule_many([djasync.JobSpec(f, [k], meta=m) for k, f, m in part])
+            self.expected.committed.update((k, f) for k, f, _ in part)
+        connection.close()
+        self.report["settings"] = {"DJASYNC": dict(settings.DJASYNC),
+                                   "idle_in_transaction_timeout_s":
+                                       settings.CHAOS_TIMEOUT + IDLE_MARGIN_SECONDS}
+        self.say(f"pre-queued {len(specs)} jobs "
+                 f"({sum(f == checker.EXTERNAL for _, f, _ in specs)} negative controls, "
+                 f"{len(checker.POISON) * config.poison_each} poison)")
+
+    def start_workers(self) -> None:
+        env = dict(os.environ)
+        env.update({"PGAPPNAME": WORKER_APP_NAME, "CHAOS_RUN_DIR": str(self.run_dir),
+                    "PYTHONPATH": f"{self.src}{os.pathsep}{ROOT}",
+                    "DATABASE_URL": self.server.url})
+        env.pop("NOTIFY_SOCKET", None)
+        self.daemons = Daemons(self.clock, self.run_dir, env, self.config.workers,
+                               self.config.concurrency, self.config.shutdown_timeout)
+        self.daemons.start_all()
+
+    def warm_up(self) -> None:
+        self.producer = Producer(self.config, self.expected, self.clock)
+        self.producer.start()
+        daemons = self.daemons
+        self.wait_for(lambda: len(daemons.all_children()) == daemons.count * daemons.concurrency
+                      and self.query("SELECT EXISTS (SELECT 1 FROM djasync_job "
+                                     "WHERE status = 'succeeded')")[0][0],
+                      timeout=120, what="every child up and a first job done", interval=0.05)
+        self.say(f"{len(daemons.alive())} daemons running; {self.config.warmup:.0f} s without "
+                 "faults")
+        began = utcnow()
+        deadline = time.monotonic() + self.config.warmup
+        self.wait_for(lambda: time.monotonic() >= deadline, self.config.warmup + 5, "warm-up")
+        self.chaos_started_at = utcnow()
+        baseline = self.query(
+            "SELECT count(*) FROM djasync_job WHERE status = 'succeeded' AND finished_at "
+            "BETWEEN %s AND %s", [began, self.chaos_started_at])[0][0]
+        seconds = (self.chaos_started_at - began).total_seconds()
+        self.report["throughput"] = {"no_chaos_jobs_per_s": round(baseline / seconds, 1)}
+
+    def chaos(self) -> None:
+        config = self.config
+        from django.conf import settings
+
+        self.stop_seconds = settings.CHAOS_TIMEOUT + IDLE_MARGIN_SECONDS + 1
+        start = self.clock()
+        plan = [(start + config.duration * f, mode)
+                for f, mode in ((0.25, "fast"), (0.5, "immediate"), (0.75, "immediate-async"))]
+        self.say(f"chaos for {config.duration:.0f} s (longer while more than "
+                 f"{config.backlog_target} jobs wait); restarts at "
+                 + ", ".join(f"{t:.1f} s ({m})" for t, m in plan))
+        next_fault = self.clock() + self.rng.uniform(0.2, 0.8)
+        next_backlog_check = 0.0
+        backlog = None
+        cap = start + 2 * config.duration
+        while True:
+            now = self.clock()
+            self.daemons.poll()
+            self._resume_stopped(now)
+            if plan and now >= plan[0][0]:
+                _, mode = plan.pop(0)
+                self.restart_postgres(mode)
+                next_fault = self.clock() + self.rng.uniform(0.2, 0.8)
+                continue
+            if now >= next_fault:
+                self.random_fault()
+                next_fault = self.clock() + self.rng.uniform(0.2, 0.8)
+            if now >= next_backlog_check:
+                backlog = self.pending()
+                next_backlog_check = now + 1.0
+            if not plan and now >= start + config.duration and (
+                    backlog is not None and backlog <= config.backlog_target or now >= cap):
+                break
+            time.sleep(max(0.0, min(next_fault - self.clock(), 0.05)))
+        self._resume_stopped(float("inf"))
+        chaos_seconds = self.last_fault - start
+        self.chaos_ended_at = utcnow()
+        self.say(f"chaos over after {chaos_seconds:.1f} s; {backlog} jobs waiting")
+        self.producer.stop_event.set()
+        self.producer.join(30)
+        done = self.query(
+            "SELECT count(*) FROM djasync_job WHERE status = 'succeeded' AND finished_at "
+            "BETWEEN %s AND %s", [self.chaos_started_at, self.chaos_ended_at])[0][0]
+        self.report["throughput"].update({
+            "chaos_seconds": round(chaos_seconds, 1),
+            "chaos_jobs_per_s": round(done / max(chaos_seconds, 0.001), 1),
+            "backlog_at_last_fault": backlog,
+        })
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def random_fault(self) -> None:
+        # Each kind once first (in a seeded order), so that even a short run has them all;
+        # then by weight.
+        missing = [k for k in FAULT_WEIGHTS if not self.faults[k]]
+        kinds, weights = zip(*FAULT_WEIGHTS.items(), strict=True)
+        kind = self.rng.choice(missing) if missing else self.rng.choices(kinds, weights)[0]
+        if kind == "sigstop_child" and self.stopped:
+            kind = "kill_child"  # one stopped child at a time
+        getattr(self, f"fault_{kind}")()
+
+    def _children(self, daemon: Daemon) -> list[int]:
+        """The daemon's children, except a stopped one (it is left to its supervisor)."""
+        return [c for c in children_of(daemon.process.pid) if c not in self.stopped]
+
+    def fault_kill_child(self) -> None:
+        daemons = [d for d in self.daemons.alive() if self._children(d)]
+        if not daemons:
+            return
+        daemon = self.rng.choice(daemons)
+        children = self._children(daemon)
+        if not children:
+            return
+        pid = self.rng.choice(children)
+        self.expected.killed_children.add(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        self.fault("kill_child", f"pid={pid} of daemon {daemon.slot}")
+
+    def fault_kill_supervisor(self) -> None:
+        # Only while every daemon is up (has its children), so at most one is restarting at a
+        # time: on a busy machine a daemon needs seconds to start.
+        daemons = [d for d in self.daemons.alive() if children_of(d.process.pid)]
+        if len(daemons) < self.daemons.count:
+            self.fault_kill_child()
+            return
+        daemon = self.rng.choice(daemons)
+        daemon.killed_by_chaos = True
+        children = children_of(daemon.process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon.process.pid, signal.SIGKILL)
+        self.fault("kill_supervisor", f"pid={daemon.process.pid} (daemon {daemon.slot}; "
+                   f"children {children} die with it)")
+
+    def _worker_backends(self) -> list[tuple[int, str, str]]:
+        return [tuple(r) for r in self.query(
+            "SELECT pid, coalesce(state, ''), application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = ANY(%s) "
+            "ORDER BY pid", [[WORKER_APP_NAME, LISTENER_APP_NAME]], retry_for=5)]
+
+    def fault_pg_terminate_backend(self) -> None:
+        backends = self._worker_backends()
+        busy = [b for b in backends if b[1] in ("active", "idle in transaction")]
+        pool = busy if busy and self.rng.random() < 0.7 else backends
+        if not pool:
+            return
+        pid, state, app = self.rng.choice(pool)
+        self.query("SELECT pg_terminate_backend(%s)", [pid], retry_for=5)
+        self.fault("pg_terminate_backend", f"backend {pid} ({app}, {state})")
+
+    def fault_pg_cancel_backend(self) -> None:
+        backends = self._worker_backends()
+        active = [b for b in backends if b[1] == "active"]
+        pool = active or [b for b in backends if b[2] == WORKER_APP_NAME]
+        if not pool:
+            return
+        pid, state, app = self.rng.choice(pool)
+        self.query("SELECT pg_cancel_backend(%s)", [pid], retry_for=5)
+        self.fault("pg_cancel_backend", f"backend {pid} ({app}, {state})")
+
+    def fault_sigstop_child(self) -> None:
+        children = self.daemons.all_children()
+        if not children:
+            return
+        pid = self.rng.choice(children)
+        self.expected.stopped_children.add(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+        self.stopped[pid] = self.clock() + self.stop_seconds
+        self.fault("sigstop_child", f"pid={pid} for {self.stop_seconds} s")
+
+    def _resume_stopped(self, now: float) -> None:
+        for pid, when in list(self.stopped.items()):
+            if now >= when:
+                del self.stopped[pid]
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    outcome = "resumed"
+                except ProcessLookupError:
+                    outcome = "already gone (killed by its supervisor or by the chaos)"
+                self.sigstop_outcomes[outcome.split(" (")[0]] += 1
+                self.last_fault = self.clock()
+                self.say(f"SIGCONT pid={pid}: {outcome}")
+
+    def restart_postgres(self, mode: str) -> None:
+        asynchronous = mode == "immediate-async"
+        pg_mode = "immediate" if asynchronous else mode
+        record: dict[str, Any] = {"mode": pg_mode, "synchronous_commit_off": asynchronous}
+        count_succeeded = "SELECT count(*) FROM djasync_job WHERE status = 'succeeded'"
+        if asynchronous:
+            self.query("ALTER SYSTEM SET synchronous_commit = off")
+            self.query("SELECT pg_reload_conf()")
+            # Let the workers commit a while under the new setting before the crash.
+            base = self.query(count_succeeded)[0][0]
+            with contextlib.suppress(TimeoutError):
+                self.wait_for(lambda: self.query(count_succeeded)[0][0] >= base + 100, 5,
+                              "commits with synchronous_commit off")
+            record["succeeded_before_crash"] = self.query(count_succeeded)[0][0]
+        log_offset = self.server.logfile.stat().st_size
+        began = time.monotonic()
+        self.server.restart(mode=pg_mode)
+        record["restart_seconds"] = round(time.monotonic() - began, 2)
+        if asynchronous:
+            after = self.query(count_succeeded)[0][0]
+            record["succeeded_after_recovery"] = after
+            record["vanished_commits_lower_bound"] = max(0, record["succeeded_before_crash"]
+                                                         - after)
+            self.query("ALTER SYSTEM RESET synchronous_commit")
+            self.query("SELECT pg_reload_conf()")
+        with self.server.logfile.open("rb") as log:
+            log.seek(log_offset)
+            matches = READY_LINE.findall(log.read().decode(errors="replace"))
+        accepting = (datetime.datetime.fromisoformat(matches[-1]).replace(tzinfo=datetime.UTC)
+                     if matches else utcnow())
+        self.fault("pg_restart", f"{mode} in {record['restart_seconds']} s")
+        try:
+            first, _ = self.wait_for(lambda: self.query(
+                "SELECT min(finished_at) FROM djasync_job WHERE status = 'succeeded' "
+                "AND finished_at >= %s", [accepting])[0][0], timeout=60,
+                what=f"a commit after the {mode} restart", interval=0.02)
+            record["accept_to_first_commit_seconds"] = round(
+                (first - accepting).total_seconds(), 3)
+        except TimeoutError:
+            record["accept_to_first_commit_seconds"] = None
+            self.violations.append(f"I5: no job committed within 60 s of the {mode} restart")
+        record["at"] = round(self.clock(), 1)
+        self.restarts.append(record)
+        self.say(f"first commit {record['accept_to_first_commit_seconds']} s after PostgreSQL "
+                 f"accepted connections ({record})")
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        # The double-SIGTERM test's daemon starts now, on its own queue, so that its start-up
+        # overlaps the drain; its job runs (for minutes) until the test stops it.
+        self._schedule_now("double-sigterm", checker.SLOW, ["double-sigterm", 600],
+                           queue=SIGTERM_TEST_QUEUE)
+        self.double_daemon = self.daemons.start(99, level="info", concurrency=1,
+                                                queue=SIGTERM_TEST_QUEUE, respawn=False,
+                                                app_name=SIGTERM_TEST_APP_NAME)
+        # 30 s, plus the time the backlog left at the last fault needs at half the fault-free
+        # throughput (on a busy machine the faults may end before the backlog does).
+        backlog = self.report["throughput"]["backlog_at_last_fault"] or 0
+        rate = max(self.report["throughput"]["no_chaos_jobs_per_s"], 1.0)
+        limit = DRAIN_LIMIT_SECONDS + backlog / (rate / 2)
+        with contextlib.suppress(TimeoutError):  # reported below; the rest still runs
+            self.wait_for(lambda: self.pending(CHAOS_QUEUE) == 0, timeout=limit + 60,
+                          what="the queue to drain", interval=0.1)
+        since_fault = self.clock() - self.last_fault
+        self.report["drain_seconds_after_last_fault"] = round(since_fault, 1)
+        self.report["drain_limit_seconds"] = round(limit, 1)
+        self.say(f"queue drained {since_fault:.1f} s after the last fault (limit {limit:.0f} s)")
+        if since_fault > limit:
+            self.violations.append(f"I5: the queue drained {since_fault:.1f} s after the last "
+                                   f"fault (limit {limit:.0f} s for a backlog of {backlog})")
+        with self.connect() as conn:
+            idle = checker.idle_in_transaction(conn, exclude=(SIGTERM_TEST_APP_NAME,))
+        self.report["idle_in_transaction_after_drain"] = idle
+        if idle:
+            self.violations.append(f"I5: sessions idle in transaction after the drain: {idle}")
+
+    def _schedule_now(self, key: str, function: str, args: list, priority: int = 100,
+                      queue: str = CHAOS_QUEUE) -> None:
+        self._schedule_many([(key, function, args)], priority, queue)
+
+    def _schedule_many(self, jobs: list[tuple[str, str, list]], priority: int,
+                       queue: str = CHAOS_QUEUE) -> None:
+        from django.db import connection
+
+        import djasync
+
+        connection.close()  # the server restarted since this thread last used it
+        djasync.schedule_many([djasync.JobSpec(function, args, priority=priority, queue=queue,
+                                               meta={"timeout": 900})
+                               for _, function, args in jobs])
+        self.expected.committed.update((key, function) for key, function, _ in jobs)
+        connection.close()
+
+    def _started(self, key: str) -> int:
+        return sum(1 for p in (self.run_dir / "started").iterdir() if p.name.startswith(key + "."))
+
+    def sigterm_with_slow_jobs(self) -> None:
+        """SIGTERM every daemon while each child runs a slow job and more jobs wait: each must
+        finish its slow job, claim nothing more, and exit 0 within its grace period."""
+        daemons = self.daemons
+        self.wait_for(lambda: len(daemons.alive()) == daemons.count and
+                      len(daemons.all_children()) == daemons.count * daemons.concurrency,
+                      60, "every daemon and child to be up")
+        slots = daemons.count * daemons.concurrency
+        keys = [f"slow-{i}" for i in range(slots)]
+        self._schedule_many([(k, checker.SLOW, [k, self.config.slow_seconds]) for k in keys], 100)
+        waiting = [f"after-sigterm-{i}" for i in range(200)]
+        self._schedule_many([(k, checker.LEDGER, [k]) for k in waiting], -100)
+        with contextlib.suppress(TimeoutError):  # then report how many did
+            self.wait_for(lambda: all(self._started(k) for k in keys), 30,
+                          "the slow jobs to start")
+        running = sum(bool(self._started(k)) for k in keys)
+        daemons.respawning = False
+        alive = daemons.alive()
+        self.say(f"{running} slow jobs running, {len(waiting)} jobs waiting: SIGTERM to "
+                 f"{len(alive)} daemons")
+        sigterm_at = utcnow()
+        began = time.monotonic()
+        for daemon in alive:
+            daemon.process.send_signal(signal.SIGTERM)
+        result: dict[str, Any] = {"slow_jobs_running": running, "jobs_waiting": len(waiting),
+                                  "daemons": []}
+        for daemon in alive:
+            try:
+                code = daemon.process.wait(self.config.shutdown_timeout + 10)
+            except subprocess.TimeoutExpired:
+                code = None
+            seconds = round(time.monotonic() - began, 2)
+            result["daemons"].append({"pid": daemon.process.pid, "exit_code": code,
+                                      "seconds": seconds})
+            if code != 0 or seconds > self.config.shutdown_timeout:
+                self.violations.append(
+                    f"I5: daemon {daemon.process.pid} exited {code} {seconds} s after SIGTERM "
+                    f"with slow jobs running (grace {self.config.shutdown_timeout} s):\n"
+                    + _tail(daemon.log, 1500))
+            del daemons.slots[daemon.slot]
+        result["drain_seconds"] = max((d["seconds"] for d in result["daemons"]), default=None)
+        states = dict(self.query(
+            "SELECT args->>0, status FROM djasync_job WHERE args->>0 = ANY(%s)", [keys]))
+        result["slow_jobs_succeeded"] = sum(states.get(k) == "succeeded" for k in keys)
+        unfinished = [k for k in keys if self._started(k) and states.get(k) != "succeeded"]
+        if unfinished:
+            self.violations.append(f"I5: slow jobs running at SIGTERM did not finish: "
+                                   f"{unfinished}")
+        # A stopping daemon lets running jobs finish but claims nothing new.
+        claimed = self.query(
+            "SELECT count(*) FROM djasync_job WHERE args->>0 = ANY(%s) AND started_at > %s",
+            [waiting, sigterm_at])[0][0]
+        result["jobs_claimed_after_sigterm"] = claimed
+        if claimed:
+            self.violations.append(
+                f"SIGTERM: the stopping daemons claimed and ran {claimed} new jobs after the "
+                f"signal (and took {result['drain_seconds']} s to exit); a stopping worker "
+                "must only finish the jobs it is running")
+        self.report["sigterm"] = result
+        self.say(f"SIGTERM drain {result['drain_seconds']} s, exit codes "
+                 f"{[d['exit_code'] for d in result['daemons']]}, "
+                 f"{claimed} jobs claimed after SIGTERM")
+
+    def double_sigterm(self) -> None:
+        """SIGTERM twice the daemon running a long job: exit 0 at once, the job rolls back."""
+        key = "double-sigterm"
+        daemon = self.double_daemon
+        result: dict[str, Any] = {}
+        try:
+            self.wait_for(lambda: self._started(key), 60, "the long job to start")
+            daemon.process.send_signal(signal.SIGTERM)
+            self.wait_for(lambda: "stopping after the running jobs" in _tail(daemon.log, 20000),
+                          20, "the first SIGTERM to be handled")
+            began = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            code = daemon.process.wait(20)
+            result = {"exit_code": code, "seconds": round(time.monotonic() - began, 2)}
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                daemon.process.kill()
+            daemon.process.wait(10)
+            self.daemons.slots.pop(daemon.slot, None)
+        status, attempts = self.query(
+            "SELECT status, (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id) "
+            "FROM djasync_job j WHERE args->>0 = %s", [key])[0]
+        rows = self.query("SELECT count(*) FROM chaos_ledgerentry WHERE key = %s", [key])[0][0]
+        result.update({"job_status_after": status, "attempts_after": attempts,
+                       "ledger_rows_after": rows})
+        if result.get("exit_code") != 0 or result["seconds"] > 5 or status != "pending" or rows:
+            self.violations.append(f"I5: double SIGTERM: {result}")
+        self.report["double_sigterm"] = result
+        self.say(f"double SIGTERM: {result}")
+
+    def final_drain(self) -> None:
+        """Run what is left (the job cut by the double SIGTERM, jobs left waiting at SIGTERM)
+        here, through the executor, as ``flush_queue`` would."""
+        from django.db import connection
+
+        from djasync import executor
+
+        (self.run_dir / "fast").touch()  # the cut slow job's re-run need not take minutes
+        os.environ["CHAOS_RUN_DIR"] = str(self.run_dir)
+        connection.close()
+        done = executor.drain(worker="chaos-harness:final-drain")
+        connection.close()
+        self.report["final_drain_jobs"] = len(done)
+        rows = self.query("SELECT count(*) FROM chaos_ledgerentry WHERE key = 'double-sigterm'")
+        self.report["double_sigterm"]["ledger_rows_after_rerun"] = rows[0][0]
+        if rows[0][0] != 1:
+            self.violations.append(f"I5: the job cut by the double SIGTERM left {rows[0][0]} "
+                                   "ledger rows after its re-run (expected 1)")
+
+    def check(self) -> None:
+        with self.connect() as conn:
+            found = checker.check(conn, self.expected)
+            idle = checker.idle_in_transaction(conn, older_than=0)
+        self.violations.extend(found.pop("violations"))
+        if idle:
+            self.violations.append(f"I5: sessions idle in transaction at the end: {idle}")
+        committed = len(self.expected.committed)
+        producer = self.producer.batches if self.producer else Counter()
+        self.report["jobs"] = {
+            "scheduled": committed + len(self.expected.rolled_back)
+            + sum(len(b) for b in self.expected.uncertain),
+            "committed": committed + found["uncertain_batches_committed"]
+            * self.config.batch_size,
+            "rolled_back": len(self.expected.rolled_back),
+            "producer_batches": dict(producer),
+            "by_function": dict(Counter(f.rsplit(".", 1)[1]
+                                        for f in self.expected.committed.values())),
+        }
+        self.report["faults"] = dict(self.faults)
+        self.report["sigstop_outcomes"] = dict(self.sigstop_outcomes)
+        self.report["restarts"] = self.restarts
+        self.report["checks"] = found
+        if found["control_duplicates"] == 0:
+            self.violations.append("I6: the negative control shows no duplicates: the chaos "
+                                   "is not biting")
+        exits = self.daemons.exits if self.daemons else []
+        unexpected = [e for e in exits if not e["expected"]]
+        self.report["daemon_exits"] = {"total": len(exits), "unexpected": unexpected}
+        if unexpected:
+            self.violations.append(f"{len(unexpected)} daemons exited unexpectedly: "
+                                   f"{[(e['pid'], e['code']) for e in unexpected]}")
+        self.report["fault_log"] = self.fault_log
+
+    def teardown(self) -> None:
+        if self.producer is not None:
+            self.producer.stop_event.set()
+            self.producer.join(30)
+        for pid in list(self.stopped):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if self.daemons is not None:
+            self.daemons.kill_all()
+        with contextlib.suppress(Exception):
+            from django.db import connections
+
+            connections.close_all()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()
+            if self.violations:  # the server's log goes with the workers' logs
+                with contextlib.suppress(OSError):
+                    shutil.copy(self.server.logfile, self.run_dir / "postgres.log")
+            if self.config.keep:
+                # Keep the data directory to look at: close() would delete it.
+                self.server._temp_dirs = [d for d in self.server._temp_dirs
+                                          if d != self.server.datadir]
+                self.report["kept_datadir"] = str(self.server.datadir)
+            self.server.close()
+        if self.violations or self.config.keep:
+            self.report["kept_run_dir"] = str(self.run_dir)
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+# -- reporting ------------------------------------------------------------------------------------
+
+
+def summary(report: dict[str, Any]) -> str:
+    checks = report.get("checks", {})
+    jobs = report.get("jobs", {})
+    lines = [
+        f"seed {report['seed']}: {'OK' if report['ok'] else 'VIOLATIONS'} "
+        f"in {report.get('wall_seconds')} s (code {report.get('code')})",
+        f"  jobs: scheduled {jobs.get('scheduled')}, committed {jobs.get('committed')}, "
+        f"rolled back {jobs.get('rolled_back')}; by status {checks.get('jobs_by_status')}",
+        f"  attempts: {checks.get('attempts')}",
+        f"  faults: {report.get('faults')}",
+        f"  duplicates {checks.get('duplicates')}, losses {checks.get('losses')}, "
+        f"effect without completion {checks.get('effect_without_completion')}, "
+        f"completion without effect {checks.get('completion_without_effect')}, "
+        f"rolled back leaked {checks.get('rolled_back_leaked')}",
+        f"  poison: {checks.get('poison')}",
+        f"  false quarantines {checks.get('false_quarantines')}; chaos-charged attempts "
+        f"{checks.get('chaos_charged')}",
+        f"  negative control duplicates: {checks.get('control_duplicates')}",
+        "  restarts: " + "; ".join(
+            f"{r['mode']}{' (sync off)' if r['synchronous_commit_off'] else ''}: "
+            f"{r['accept_to_first_commit_seconds']} s to first commit"
+            for r in report.get("restarts", [])),
+        f"  drain after last fault {report.get('drain_seconds_after_last_fault')} s; "
+        f"SIGTERM drain {report.get('sigterm', {}).get('drain_seconds')} s; "
+        f"double SIGTERM {report.get('double_sigterm')}",
+        f"  throughput: {report.get('throughput')}",
+    ]
+    for violation in report["violations"]:
+        lines.append(f"  VIOLATION {violation}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     prog="chaos/run.py")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="RNG seed (default: random, printed)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="ledger jobs to pre-queue (default 20000, --short 2500)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of faults at least (default 60, --short 25)")
+    parser.add_argument("--short", action="store_true", help="the quick run for the test suite")
+    parser.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory and data directory even on success")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
+    if args.short:
+        config = Config(seed, args.jobs or 2500, args.duration or 25.0, True, args.report,
+                        args.keep, poison_each=2, control_share=0.08, warmup=2.0,
+                        slow_seconds=2.0, batch_size=5, backlog_target=300)
+    else:
+        config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
+                        args.keep)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse(argv)
+    report = ChaosRun(config).run()
+    path = config.report or Path(tempfile.gettempdir()) / f"djasync-chaos-{config.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(summary(report), flush=True)
+    print(f"report: {path}", flush=True)
+    return 0 if report["ok"] else 1

@@ -1,0 +1,98 @@
+"""Job functions the chaos workers run (``chaos`` is an installed app, so they are allowed).
+
+Every job takes its own unique ``key`` as first argument; its effects carry that key.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+
+from chaos.models import LedgerEntry
+
+#: Directory shared with the harness (markers of running slow jobs, the "fast" flag).
+RUN_DIR_ENV = "CHAOS_RUN_DIR"
+
+EXTERNAL_INSERT = (
+    "INSERT INTO chaos_ledgerentry (key, kind, pid, at) VALUES (%s, 'external', %s, now())"
+)
+
+
+def short_backoff(attempt: int) -> float:
+    """Retry after 0.2 s: failed attempts come back within the run."""
+    return 0.2
+
+
+def ledger(key: str) -> str:
+    """The innocent job: sleep 0-4 ms, write one ledger row in the job's transaction, sleep."""
+    time.sleep(random.uniform(0, 0.004))
+    LedgerEntry.objects.create(key=key, kind="txn", pid=os.getpid())
+    time.sleep(random.uniform(0, 0.004))
+    return key
+
+
+def external(key: str) -> str:
+    """Negative control: the same effect, committed on a second connection outside the job's
+    transaction. A crash after it re-runs the job and duplicates the row (expected).
+
+    The sleep after the write is longer than ``ledger``'s so that faults land in that window
+    often enough for the control to show duplicates in a short run.
+    """
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True, connect_timeout=5) as conn:
+        conn.execute(EXTERNAL_INSERT, (key, os.getpid()))
+    time.sleep(random.uniform(0.03, 0.08))
+    return key
+
+
+def segv(key: str) -> None:
+    """Poison: the process dies of a segmentation fault."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def sigkill(key: str) -> None:
+    """Poison: the process is killed (the OOM killer's way)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit1(key: str) -> None:
+    """Poison: the process exits at once, without cleanup."""
+    os._exit(1)
+
+
+def always_raise(key: str) -> None:
+    """Poison of the ordinary kind: it raises every time."""
+    raise RuntimeError(f"poison job {key} always raises")
+
+
+def slow(key: str, seconds: float) -> str:
+    """A long job for the SIGTERM tests: tell the harness it started, work, write its row.
+
+    If the harness has created ``<run dir>/fast``, the work is cut short (a re-run after a
+    forced stop need not wait again).
+    """
+    run_dir = Path(os.environ[RUN_DIR_ENV])
+    (run_dir / "started" / f"{key}.{os.getpid()}").write_text(str(time.time()))
+    if not (run_dir / "fast").exists():
+        time.sleep(seconds)
+    LedgerEntry.objects.create(key=key, kind="txn", pid=os.getpid())
+    return key
+
+
+def stop_supervisor_then_die(key: str, runs_file: str) -> None:
+    """Poison that freezes its supervisor (SIGSTOP) on its first run before dying, so that
+    its crash stays unrecorded meanwhile; each run appends a line to ``runs_file``.
+
+    Used by the reproduction of an early lock release (see chaos/README.md).
+    """
+    path = Path(runs_file)
+    first = not path.exists()
+    with path.open("a") as runs:
+        runs.write(f"{os.getpid()}\n")
+    if first:
+        os.kill(os.getppid(), signal.SIGSTOP)
+    os.kill(os.getpid(), signal.SIGKILL)

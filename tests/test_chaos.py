@@ -1,0 +1,129 @@
+"""The short chaos run (chaos/run.py --short): kill -9, cut connections, PostgreSQL restarts.
+
+The harness runs once per session, as a subprocess with its own PostgreSQL; each test below
+asserts one part of its JSON report. ``make chaos`` runs the long version.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 20240601
+WALL_LIMIT_SECONDS = 240
+
+pytestmark = [pytest.mark.daemon, pytest.mark.timeout(WALL_LIMIT_SECONDS + 60)]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = tmp_path_factory.mktemp("chaos") / "report.json"
+    result = subprocess.run(
+        [sys.executable, "chaos/run.py", "--short", "--seed", str(SEED), "--report", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=WALL_LIMIT_SECONDS,
+    )
+    assert path.exists(), f"no report; exit {result.returncode}\n{result.stdout[-4000:]}\n" \
+                          f"{result.stderr[-4000:]}"
+    data = json.loads(path.read_text())
+    data["_output"] = result.stdout[-6000:]
+    assert "harness_traceback" not in data, data["harness_traceback"]
+    return data
+
+
+def _checks(report: dict[str, Any]) -> dict[str, Any]:
+    return report["checks"]
+
+
+def test_no_in_transaction_effect_ran_twice(report):
+    checks = _checks(report)
+    assert checks["duplicates"] == 0, checks["duplicate_keys"]
+    assert checks["double_success_attempts"] == 0
+
+
+def test_no_committed_job_was_lost_and_rolled_back_jobs_never_existed(report):
+    checks = _checks(report)
+    assert checks["losses"] == 0, (checks["lost_keys"], checks["stuck_keys"])
+    assert checks["rolled_back_leaked"] == 0
+    assert report["jobs"]["rolled_back"] > 0  # the producer did roll batches back
+    assert not checks.get("unknown_jobs")
+
+
+def test_effects_and_completions_commit_together(report):
+    checks = _checks(report)
+    assert checks["effect_without_completion"] == 0
+    assert checks["completion_without_effect"] == 0
+
+
+def test_poison_jobs_are_quarantined_and_no_innocent_job_is(report):
+    checks = _checks(report)
+    poison = checks["poison"]
+    assert poison["jobs"] == poison["quarantined"] > 0
+    for function, rows in poison["attempt_rows_by_function"].items():
+        assert rows and all(0 < n <= 4 for n in rows), (function, rows)
+    assert checks["false_quarantines"] == 0, checks["false_quarantine_jobs"]
+    assert checks["unexplained_charges"] == [], checks["unexplained_charges"]
+
+
+@pytest.mark.xfail(strict=False, reason="bug (intermittent): when a dead child's session ends "
+                   "before its supervisor has recorded the crash (pg_terminate_backend of that "
+                   "'idle in transaction' session, a restart), the job is claimed and run again "
+                   "uncounted: a poison job can make max_attempts + 1 attempts")
+def test_poison_jobs_stop_at_exactly_max_attempts(report):
+    for function, rows in _checks(report)["poison"]["attempt_rows_by_function"].items():
+        assert all(n <= 3 for n in rows), (function, rows)
+
+
+def test_the_negative_control_shows_duplicates(report):
+    """Effects written outside the job's transaction do run twice: the chaos bites."""
+    assert _checks(report)["control_duplicates"] > 0, report["_output"]
+
+
+def test_every_kind_of_fault_was_injected(report):
+    faults = report["faults"]
+    for kind in ("kill_child", "pg_terminate_backend", "pg_cancel_backend", "pg_restart",
+                 "sigstop_child"):
+        assert faults.get(kind, 0) > 0, faults
+    assert faults["pg_restart"] == 3
+    modes = [(r["mode"], r["synchronous_commit_off"]) for r in report["restarts"]]
+    assert modes == [("fast", False), ("immediate", False), ("immediate", True)]
+
+
+def test_work_resumes_soon_after_each_postgresql_restart(report):
+    for restart in report["restarts"]:
+        assert restart["accept_to_first_commit_seconds"] is not None, restart
+        assert restart["accept_to_first_commit_seconds"] < 15, restart
+
+
+def test_the_queue_drains_after_the_last_fault_and_no_session_idles_in_a_transaction(report):
+    assert report["drain_seconds_after_last_fault"] <= report["drain_limit_seconds"]
+    assert report["idle_in_transaction_after_drain"] == []
+    assert not [v for v in report["violations"] if v.startswith("I5")], report["violations"]
+
+
+def test_sigterm_lets_slow_jobs_finish_and_every_daemon_exits_0_within_its_grace(report):
+    sigterm = report["sigterm"]
+    assert sigterm["slow_jobs_running"] > 0
+    assert sigterm["slow_jobs_succeeded"] >= sigterm["slow_jobs_running"]
+    assert [d["exit_code"] for d in sigterm["daemons"]] == [0] * len(sigterm["daemons"])
+    assert sigterm["drain_seconds"] < 20
+
+
+def test_a_second_sigterm_stops_at_once_and_the_cut_job_runs_once_later(report):
+    double = report["double_sigterm"]
+    assert double["exit_code"] == 0 and double["seconds"] < 5
+    assert (double["job_status_after"], double["ledger_rows_after"]) == ("pending", 0)
+    assert double["ledger_rows_after_rerun"] == 1
+
+
+def test_a_stopping_daemon_claims_no_new_job(report):
+    assert report["sigterm"]["jobs_claimed_after_sigterm"] == 0
+
+
+def test_no_daemon_exits_unless_the_chaos_killed_it(report):
+    assert report["daemon_exits"]["unexpected"] == []
