@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -199,14 +200,19 @@ def write(results: dict, out: Path, logdir: Path) -> None:
         for name, err in results["failures"].items():
             md.append(f"- **{name}**: `{err}`\n")
     md.append("\n## Exact commands\n")
-    md.append("```sh\n" + "\n".join(f"# {k}\n{v}" for k, v in results.get("commands", {}).items())
+    commands = {k: v.replace("'$DATABASE_URL'", '"$DATABASE_URL"')
+                for k, v in results.get("commands", {}).items()}
+    md.append("```sh\n" + "\n".join(f"# {k}\n{v}" for k, v in commands.items())
               + "\n```\n")
     md.append(f"\nThe whole suite: `.venv/bin/python tools/pg.py run -- .venv/bin/python "
               f"bench/run.py {' '.join(results.get('argv', []))}` (that is, `make bench"
               f"{' BENCH_ARGS=' + repr(' '.join(results['argv'])) if results.get('argv') else ''}`"
               "). Worker logs of this run were in "
               f"`{logdir}` (not kept).\n")
-    (out / "REPORT.md").write_text("".join(md))
+    parts = "".join(md).split("```")  # blank line after headings, outside code blocks only
+    parts[::2] = [re.sub(r"^(#+ .*)\n(?!\n)", r"\1\n\n", p, flags=re.M) for p in parts[::2]]
+    text = "```".join(parts)
+    (out / "REPORT.md").write_text(text)
 
 
 def summary(results: dict, floors: Floors) -> str:
@@ -405,6 +411,14 @@ def profile_section(results: dict) -> str:
                      "`" + s["query"][:160].replace("|", "\\|") + "`"]
                     for s in rec["statements"]]
             text.append(table(["calls/job", "µs per call (server)", "statement"], rows))
+            fk = sum(st["calls"] for st in rec["statements"] if "FOR KEY SHARE OF x" in st["query"])
+            polls = sum(st["calls"] for st in rec["statements"]
+                        if st["query"].startswith("SELECT EXISTS (SELECT $2 FROM djasync_job"))
+            text.append(
+                "\n`SELECT … FOR KEY SHARE OF x` is the foreign-key check PostgreSQL runs inside "
+                "the INSERT into `djasync_attempt` (a trigger), not a round trip; `SELECT EXISTS "
+                "…` is the benchmark's own poll in daemon mode. Worker round trips per job: "
+                f"{f2((rec['statements_total_calls'] - fk - polls) / n)}.\n")
         for who in ("pyspy_child", "pyspy_supervisor"):
             spy = rec.get(who)
             if not spy:
