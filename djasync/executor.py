@@ -73,6 +73,8 @@ class ClaimedJob:
     previous_attempts: int = 0
     #: A non-atomic job whose previous holder's lease ran out.
     lease_expired: bool = False
+    #: When the job became due (its ``run_after``): pickup latency is measured from here.
+    due_at: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
     return f"""
 SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
        (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts,
-       j.lease_expires IS NOT NULL AS lease_expired
+       j.lease_expires IS NOT NULL AS lease_expired, j.run_after
   FROM {JOB} j
  WHERE {where}
  ORDER BY j.priority DESC, j.run_after, j.id
