@@ -137,10 +137,13 @@ def claim(
 
     ``now`` pretends the time is ``now`` when deciding which ``run_after`` has passed.
     """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, not {limit!r}")
     query = sql.claim(
-        by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None
+        by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None,
+        limit=limit,
     )
-    params: dict[str, Any] = {"limit": limit, "queues": list(queues or []),
+    params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
     with attempts.hot_cursor() as cursor:
         cursor.execute(query, params)
@@ -256,9 +259,10 @@ def _begin(job: ClaimedJob, worker: str) -> Run | Finished:
     settings = conf.get()
     meta = job.meta if isinstance(job.meta, dict) else {}
     max_attempts = meta.get("max_attempts")
-    run = Run(job.id, job.name, job.queue, job.priority, worker,
+    run = Run(job.id, registry.display_name(job.name, job.args), job.queue, job.priority, worker,
               max_attempts if isinstance(max_attempts, int) else settings.MAX_ATTEMPTS,
-              meta.get("timeout", settings.TIMEOUT), timezone.now(), time.monotonic())
+              meta.get("timeout", settings.TIMEOUT), timezone.now(), time.monotonic(),
+              backoff=meta.get("backoff"))
     try:
         _check_row(job)
         _resolve(job.name)

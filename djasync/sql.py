@@ -16,8 +16,8 @@ GROUP = "djasync_group"
 
 @cache
 def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
-          exists: bool = False) -> str:
-    """Lock and read up to ``%(limit)s`` runnable jobs, best first.
+          exists: bool = False, limit: int = 1) -> str:
+    """Lock and read up to ``limit`` runnable jobs, best first.
 
     - ``FOR NO KEY UPDATE``: a plain ``FOR UPDATE`` would conflict with the ``FOR KEY SHARE`` lock
       that inserting a row with a foreign key to the job takes, so an application transaction
@@ -32,6 +32,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
       transaction that held the row just before us (the statement's snapshot predates that
       commit), so the executor recounts exactly (:data:`COUNT_ATTEMPTS`) when a job is near its
       ``max_attempts``, and the finishing statements number attempts with a fresh count.
+
+    - ``limit`` is written into the statement, not passed as a parameter: with ``LIMIT $1``
+      PostgreSQL's generic plan assumes a tenth of the table, so it keeps re-planning the
+      prepared statement for every call (about 0.2 ms of server CPU, twice the execution).
 
     With ``exists``, return instead whether any such job exists, locked or not (a burst worker
     uses it to tell "nothing due" from "due but held by someone right now").
@@ -67,7 +71,7 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
   FROM {JOB} j
  WHERE {where}
  ORDER BY j.priority DESC, j.run_after, j.id
- LIMIT %(limit)s
+ LIMIT {int(limit)}
    FOR NO KEY UPDATE OF j SKIP LOCKED
 """
 
