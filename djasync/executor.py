@@ -259,10 +259,9 @@ def _begin(job: ClaimedJob, worker: str) -> Run | Finished:
     settings = conf.get()
     meta = job.meta if isinstance(job.meta, dict) else {}
     max_attempts = meta.get("max_attempts")
-    run = Run(job.id, registry.display_name(job.name, job.args), job.queue, job.priority, worker,
+    run = Run(job.id, job.name, job.queue, job.priority, worker,
               max_attempts if isinstance(max_attempts, int) else settings.MAX_ATTEMPTS,
-              meta.get("timeout", settings.TIMEOUT), timezone.now(), time.monotonic(),
-              backoff=meta.get("backoff"))
+              meta.get("timeout", settings.TIMEOUT), timezone.now(), time.monotonic())
     try:
         _check_row(job)
         _resolve(job.name)
