@@ -48,7 +48,7 @@ class AttemptInline(admin.TabularInline):
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ["id", "name", "queue", "priority", "status", "attempts", "run_after",
+    list_display = ["id", "function", "queue", "priority", "status", "attempts", "run_after",
                     "finished_at", "group"]
     list_filter = ["status", "queue", "name"]
     search_fields = ["name", "=id", "=identity"]
@@ -60,6 +60,11 @@ class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [field.name for field in Job._meta.fields]
+
+    @admin.display(description="function", ordering="name")
+    def function(self, obj: Job) -> str:
+        # A Task job's function is djasync.backends.run_task: show the Task it runs instead.
+        return obj.display_name
 
     @admin.action(description="Retry the selected jobs now", permissions=["change"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:

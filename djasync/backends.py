@@ -77,11 +77,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DjasyncBackend", "DjasyncTask", "run_task"]
 
-#: The dotted name of the function every Task job runs (``Job.name`` of a Task).
-RUNNER = "djasync.backends.run_task"
+#: The dotted name of the function every Task job runs (``Job.name`` of a Task). The admin and
+#: the worker's log lines show a Task job by its Task's path instead (``registry.display_name``).
+RUNNER = registry.TASK_RUNNER
 
 #: OPTIONS keys, with the ``meta`` key each one sets on every job of the backend.
-OPTION_META_KEYS = {"MAX_ATTEMPTS": "max_attempts", "TIMEOUT": "timeout"}
+OPTION_META_KEYS = {"MAX_ATTEMPTS": "max_attempts", "TIMEOUT": "timeout", "BACKOFF": "backoff"}
+#: The ``DjasyncTask`` fields (``@task`` keyword arguments) that set the same ``meta`` keys.
+TASK_META_KEYS = ("max_attempts", "timeout", "backoff")
 
 _RESULT_ID = re.compile(r"[1-9][0-9]{0,18}")
 _BIGINT_MAX = 2**63 - 1
@@ -103,13 +106,17 @@ class DjasyncTask(Task):
 
     Django 6.1 (and the backport) pass extra ``@task`` keyword arguments to the backend's
     ``task_class``. ``None`` means the backend's OPTIONS, then the DJASYNC setting, decide.
-    ``max_attempts`` is the name Django's retry proposal uses as well.
+    ``max_attempts`` and ``backoff`` are the names Django's retry proposal uses as well.
     """
 
     #: Attempts before the task is FAILED (errors, crashes and timeouts all count).
     max_attempts: int | None = None
     #: Seconds one attempt may run.
     timeout: float | None = None
+    #: Seconds before each retry: a number, or ``{"base": s, "factor": f, "max": s}`` for
+    #: ``base·factor^(n-1)`` capped at ``max`` (see :func:`djasync.validation.check_backoff`).
+    #: Left out of the hash: a dict is unhashable, and equal Tasks still hash alike.
+    backoff: float | dict[str, float] | None = dataclasses.field(default=None, hash=False)
 
 
 class DjasyncBackend(BaseTaskBackend):
@@ -290,11 +297,6 @@ def _meta_from_options(alias: str, options: Any) -> dict[str, Any]:
     """Return the ``meta`` a backend's OPTIONS give each of its jobs."""
     if not isinstance(options, dict):
         raise ImproperlyConfigured(f"TASKS[{alias!r}]['OPTIONS'] must be a dict.")
-    if "BACKOFF" in options:
-        raise ImproperlyConfigured(
-            f"TASKS[{alias!r}]['OPTIONS']['BACKOFF'] is not supported yet: the wait before a "
-            "retry comes from DJASYNC['BACKOFF'] for every job."
-        )
     unknown = sorted(set(options) - set(OPTION_META_KEYS))
     if unknown:
         raise ImproperlyConfigured(
@@ -311,7 +313,7 @@ def _meta_from_options(alias: str, options: Any) -> dict[str, Any]:
 def _task_meta(task: Task) -> dict[str, Any]:
     """Return the ``meta`` a Task's own options set (only a :class:`DjasyncTask` has them)."""
     meta = {}
-    for key in ("max_attempts", "timeout"):
+    for key in TASK_META_KEYS:
         value = getattr(task, key, None)
         if value is not None:
             meta[key] = value

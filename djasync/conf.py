@@ -51,7 +51,13 @@ class Settings:
     PERIODIC: tuple[Any, ...] = ()
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
-    def backoff(self, attempt: int) -> float:
+    def backoff(self, attempt: int, job_backoff: Any = None) -> float:
+        """Return the seconds before retry ``attempt``: the job's own ``meta["backoff"]`` if it
+        has one (checked by :func:`djasync.validation.check_backoff`), else ``BACKOFF``."""
+        if job_backoff is not None:
+            from djasync.validation import backoff_seconds
+
+            return backoff_seconds(job_backoff, attempt)
         return float(self._backoff(attempt))
 
 

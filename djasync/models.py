@@ -128,7 +128,7 @@ class Job(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.name} #{self.pk}"
+        return f"{self.display_name} #{self.pk}"
 
     def __call__(self) -> Any:
         """Run this job now, in this process, through the executor; return its result.
@@ -139,6 +139,13 @@ class Job(models.Model):
         from djasync.executor import run_job_now
 
         return run_job_now(self)
+
+    @property
+    def display_name(self) -> str:
+        """The name shown for this job: its function's, or for a Task job the Task's path."""
+        from djasync.registry import display_name
+
+        return display_name(self.name, self.args)
 
     @property
     def max_attempts(self) -> int:

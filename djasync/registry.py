@@ -23,6 +23,10 @@ from djasync.exceptions import ForbiddenFunction, FunctionNotFound
 
 DOTTED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
+#: The function every Task job names (see :mod:`djasync.backends`); its first argument is the
+#: Task's dotted path.
+TASK_RUNNER = "djasync.backends.run_task"
+
 
 _prefixes: tuple[Any, tuple[str, ...]] | None = None
 
@@ -68,6 +72,21 @@ def check_name(name: Any) -> str:
             "module or in a module listed in DJASYNC['ALLOWED_MODULES']"
         )
     return name
+
+
+def display_name(name: str, args: Any) -> str:
+    """Return the name a job is shown by (admin list, log lines): for a Task job, the Task's path.
+
+    Display only: a worker still resolves ``name``, and ``run_task`` checks the Task's path
+    through the allow-list before importing it. A path the allow-list refuses (a row written by
+    hand naming ``os.system``, say) is not shown; this checks the string and imports nothing.
+    """
+    if name != TASK_RUNNER or not isinstance(args, list) or not args:
+        return name
+    try:
+        return check_name(args[0])
+    except ForbiddenFunction:
+        return name
 
 
 def name_of(function: Any) -> str:

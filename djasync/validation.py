@@ -21,7 +21,14 @@ META_KEYS = {
     "timeout": "seconds the job may run (positive number)",
     "atomic": "run inside the claiming transaction (True, the default) or outside it under a "
               "renewed lease (False: for long jobs; database effects become at-least-once)",
+    "backoff": "seconds before each retry, instead of DJASYNC['BACKOFF']: a number, or "
+               "{'base': seconds, 'factor': >= 1 (default 2), 'max': seconds}",
 }
+
+#: The longest wait before a retry that ``meta["backoff"]`` may ask for (30 days).
+BACKOFF_MAX_SECONDS = 30 * 86400
+#: The keys of an exponential ``meta["backoff"]``, with their defaults.
+BACKOFF_DEFAULTS = {"factor": 2.0, "max": float(BACKOFF_MAX_SECONDS)}
 
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
@@ -70,7 +77,59 @@ def check_meta(meta: Any) -> dict[str, Any]:
             )
     if "atomic" in meta and not isinstance(meta["atomic"], bool):
         raise ValueError(f"meta['atomic'] must be True or False, not {meta['atomic']!r}")
+    if "backoff" in meta:
+        check_backoff(meta["backoff"])
     return dict(meta)
+
+
+def _is_seconds(value: Any, low: float, high: float) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and math.isfinite(value) and low <= value <= high)
+
+
+def check_backoff(backoff: Any) -> Any:
+    """Refuse a ``meta["backoff"]`` that is not one of its two JSON shapes.
+
+    A number is the same wait before every retry; ``{"base": b, "factor": f, "max": m}`` waits
+    ``b·f^(n-1)`` seconds, at most ``m``, before retry ``n``. A backoff *function* is the
+    ``DJASYNC["BACKOFF"]`` setting: a job row is JSON, and a worker imports only job functions.
+    """
+    if _is_seconds(backoff, 0, BACKOFF_MAX_SECONDS):
+        return backoff
+    keys = {"base", *BACKOFF_DEFAULTS}
+    if isinstance(backoff, dict) and "base" in backoff and set(backoff) <= keys:
+        bounds = {"base": (0, BACKOFF_MAX_SECONDS), "factor": (1, 100),
+                  "max": (0, BACKOFF_MAX_SECONDS)}
+        for key, value in backoff.items():
+            low, high = bounds[key]
+            if not _is_seconds(value, low, high):
+                raise ValueError(f"meta['backoff'][{key!r}] must be a number in [{low}, {high}], "
+                                 f"not {value!r}")
+        return backoff
+    hint = (" (a backoff function belongs in the DJASYNC['BACKOFF'] setting)"
+            if isinstance(backoff, str) or callable(backoff) else "")
+    raise ValueError(
+        f"meta['backoff'] must be a number of seconds in [0, {BACKOFF_MAX_SECONDS}] or a dict "
+        f"{{'base': seconds, 'factor': number >= 1, 'max': seconds}} ('factor' and 'max' "
+        f"optional), not {backoff!r}{hint}"
+    )
+
+
+def backoff_seconds(backoff: Any, attempt: int) -> float:
+    """Return the seconds before retry ``attempt`` (1 after the first failure) that a checked
+    ``meta["backoff"]`` asks for."""
+    if not isinstance(backoff, dict):
+        return float(backoff)
+    base = float(backoff["base"])
+    factor = float(backoff.get("factor", BACKOFF_DEFAULTS["factor"]))
+    cap = float(backoff.get("max", BACKOFF_DEFAULTS["max"]))
+    if base == 0:
+        return 0.0
+    try:
+        delay = base * factor ** (attempt - 1)
+    except OverflowError:
+        delay = math.inf
+    return min(delay, cap)
 
 
 def to_json(value: Any, what: str) -> Any:

@@ -62,6 +62,17 @@ def fail_once(key):
     raise ValueError(f"{key} fails, and has one attempt")
 
 
+@with_options(max_attempts=2, backoff=120)
+def fail_with_backoff(key):
+    raise ValueError(f"{key} fails; its retry waits two minutes")
+
+
+@task
+def report_job_name():
+    running = current_job()
+    return running.name if running else None
+
+
 @task(queue_name="emails")
 def send_mail(to):
     return f"sent to {to}"

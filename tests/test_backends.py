@@ -36,7 +36,7 @@ from djasync.backends import (
     task_started,
 )
 from djasync.exceptions import ForbiddenFunction, FunctionNotFound
-from djasync.models import Attempt, Job, Status
+from djasync.models import Attempt, Job, Outcome, Status
 from tests import jobs, tasks
 from tests.daemon import ROOT, run_worker, start_worker, stop, wait_for, worker_env
 from tests.models import Ledger
@@ -189,11 +189,96 @@ def test_per_task_options_override_the_backend_options():
     ({"MAX_ATTEMPTS": 0}, "max_attempts"),
     ({"TIMEOUT": -1}, "timeout"),
     ({"RETRIES": 3}, "unknown key.*RETRIES"),
-    ({"BACKOFF": "myapp.backoff"}, r"DJASYNC\['BACKOFF'\]"),
+    # A backoff function is the DJASYNC setting: a job row holds JSON, not code to import.
+    ({"BACKOFF": "myapp.backoff"}, r"TASKS\['bad'\]\['OPTIONS'\].*belongs in the "
+                                   r"DJASYNC\['BACKOFF'\] setting"),
+    ({"BACKOFF": -1}, r"meta\['backoff'\] must be a number of seconds"),
+    ({"BACKOFF": float("inf")}, r"meta\['backoff'\] must be a number of seconds"),
+    ({"BACKOFF": True}, r"meta\['backoff'\] must be a number of seconds"),
+    ({"BACKOFF": None}, r"meta\['backoff'\] must be a number of seconds"),
+    ({"BACKOFF": {"factor": 2}}, r"meta\['backoff'\] must be .*'base'"),
+    ({"BACKOFF": {"base": 1, "jitter": 0.1}}, r"meta\['backoff'\] must be .*'base'"),
+    ({"BACKOFF": {"base": 1, "factor": 0.5}}, r"meta\['backoff'\]\['factor'\] must be"),
+    ({"BACKOFF": {"base": 1, "max": 31 * 86400}}, r"meta\['backoff'\]\['max'\] must be"),
 ])
 def test_bad_options_are_refused_when_the_backend_is_built(options, message):
     with pytest.raises(ImproperlyConfigured, match=message):
         DjasyncBackend("bad", {"OPTIONS": options})
+
+
+@pytest.mark.parametrize("backoff", [0, 30, 2.5, {"base": 5}, {"base": 5, "factor": 3, "max": 60}])
+def test_a_backoff_option_sets_the_backoff_of_every_job_of_the_backend(backoff):
+    built = DjasyncBackend("ok", {"OPTIONS": {"BACKOFF": backoff, "MAX_ATTEMPTS": 4}})
+    assert built.meta == {"backoff": backoff, "max_attempts": 4}
+    assert built.check() == []
+
+
+def retry_delay(job_id, failed_at):
+    """Seconds between a failed attempt's end (``failed_at``, taken just after it) and the
+    retry's stored ``run_after``, give or take the attempt's own duration."""
+    return (Job.objects.get(pk=job_id).run_after - failed_at).total_seconds()
+
+
+def test_a_tasks_own_backoff_sets_when_its_retry_runs():
+    result = tasks.fail_with_backoff.enqueue("k")
+    assert Job.objects.get().meta == {"max_attempts": 2, "backoff": 120}  # OPTIONS say 3
+    before = timezone.now()
+    [finished] = executor.run_batch()
+    after = timezone.now()
+    assert finished.status == Status.PENDING
+    run_after = Job.objects.get().run_after
+    # DJASYNC["BACKOFF"] of the tests is 0: the Task's 120 s is what decided.
+    assert before + datetime.timedelta(seconds=120) <= run_after
+    assert run_after <= after + datetime.timedelta(seconds=120)
+    assert executor.run_batch() == []  # not due for two minutes
+    result.refresh()
+    assert (result.status, result.attempts) == (READY, 1)
+    [finished] = executor.run_batch(now=run_after)
+    result.refresh()
+    assert (finished.status, result.status, result.attempts) == (Status.FAILED, FAILED, 2)
+
+
+@override_settings(TASKS={"default": {
+    "BACKEND": "djasync.backends.DjasyncBackend",
+    "OPTIONS": {"MAX_ATTEMPTS": 4, "BACKOFF": {"base": 10, "factor": 3, "max": 50}},
+}})
+def test_the_backoff_option_waits_base_times_factor_to_the_attempt_capped_at_max():
+    result = tasks.write_then_raise.enqueue("k")
+    job_id = int(result.id)
+    delays = []
+    for _ in range(3):
+        due = Job.objects.get(pk=job_id).run_after
+        [finished] = executor.run_batch(now=due)
+        failed_at = timezone.now()
+        assert finished.status == Status.PENDING
+        delays.append(retry_delay(job_id, failed_at))
+    # 10·3^0, 10·3^1, then 10·3^2 = 90 capped at 50 (each within the attempt's run time).
+    assert [round(d) for d in delays] == [10, 30, 50], delays
+    [finished] = executor.run_batch(now=Job.objects.get(pk=job_id).run_after)
+    assert finished.status == Status.FAILED and finished.run_after is None
+    result.refresh()
+    assert (result.status, len(result.errors)) == (FAILED, 4)
+
+
+@override_settings(TASKS={"default": {
+    "BACKEND": "djasync.backends.DjasyncBackend", "OPTIONS": {"BACKOFF": 3600},
+}})
+def test_a_tasks_backoff_overrides_the_backend_option():
+    tasks.fail_with_backoff.enqueue("mine")
+    tasks.write_then_raise.enqueue("the backend's")
+    assert [j.meta["backoff"] for j in Job.objects.order_by("id")] == [120, 3600]
+
+
+def test_a_per_task_backoff_that_is_not_a_valid_shape_is_an_invalid_task():
+    with pytest.raises(InvalidTask, match=r"meta\['backoff'\] must be"):
+        tasks.with_options(backoff="tests.jobs.hourly_backoff")(tasks.add.func)
+    with pytest.raises(InvalidTask, match=r"meta\['backoff'\]\['base'\] must be"):
+        tasks.with_options(backoff={"base": -5})(tasks.add.func)
+
+
+def test_a_task_with_a_dict_backoff_is_still_hashable():
+    task = tasks.with_options(backoff={"base": 5})(tasks.add.func)
+    assert hash(task) == hash(tasks.with_options(backoff={"base": 5})(tasks.add.func))
 
 
 def test_a_per_task_option_out_of_range_is_an_invalid_task():
@@ -243,6 +328,50 @@ def test_a_task_that_kills_its_worker_is_failed_with_a_worker_lost_error():
     assert (result.status, result.attempts) == (FAILED, 1)
     [error] = result.errors
     assert error.exception_class is WorkerLost and "SIGKILL" in error.traceback
+
+
+# -- how a Task job is shown ------------------------------------------------------------------
+
+
+def test_a_task_job_is_shown_by_its_tasks_path_in_the_worker_log_lines(caplog):
+    caplog.set_level(logging.DEBUG, logger="djasync.executor")
+    result = tasks.write_then_raise.enqueue("k")
+    executor.run_batch()
+    [line] = [r for r in caplog.records if r.getMessage().startswith("job will retry")]
+    assert f"id={result.id} name=tests.tasks.write_then_raise attempt=1" in line.getMessage()
+    assert line.job_name == "tests.tasks.write_then_raise"  # the --log-format json field
+    assert Job.objects.get().name == RUNNER  # what the worker resolves is unchanged
+
+
+def test_a_task_job_is_shown_by_its_tasks_path_in_flush_queue_and_str():
+    result = tasks.add.enqueue(1, 2)
+    assert str(Job.objects.get()) == f"tests.tasks.add #{result.id}"
+    out = StringIO()
+    call_command("flush_queue", stdout=out)
+    assert f"{result.id}: tests.tasks.add attempt 1" in out.getvalue()
+
+
+def test_current_job_inside_a_task_names_the_task():
+    result = tasks.report_job_name.enqueue()
+    executor.drain()
+    result.refresh()
+    assert result.return_value == "tests.tasks.report_job_name"
+
+
+def test_the_admin_job_list_shows_the_tasks_path(admin_client):
+    tasks.add.enqueue(1, 2)
+    plain = djasync.schedule(jobs.add, args=[1, 2])
+    html = admin_client.get("/admin/djasync/job/").content.decode()
+    assert '<td class="field-function">tests.tasks.add</td>' in html
+    assert f'<td class="field-function">{plain.name}</td>' in html
+
+
+@pytest.mark.parametrize("args", [["os.system", ["echo hi"], {}], ["not a name"], [7], []])
+def test_a_task_path_the_allow_list_refuses_is_never_shown(args):
+    job = djasync.schedule(RUNNER, args=args, kwargs={"backend": "default"})
+    assert job.display_name == RUNNER and str(job) == f"{RUNNER} #{job.pk}"
+    [finished] = executor.run_batch()  # the log lines and flush_queue show the same name
+    assert finished.name == RUNNER and finished.outcome == Outcome.ERROR
 
 
 # -- context ----------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import uuid
 
 import pytest
 from django.db import transaction
+from django.test import override_settings
 from django.utils import timezone
 
 import djasync
+from djasync import executor
 from djasync.exceptions import ForbiddenFunction, FunctionNotFound
 from djasync.models import Job, Status, identity_of
 from tests import jobs
@@ -91,8 +93,72 @@ def test_bad_meta_is_refused(bad, error):
 
 
 def test_unknown_meta_key_lists_the_known_ones():
-    with pytest.raises(ValueError, match="max_attempts.*timeout.*atomic"):
+    with pytest.raises(ValueError, match="max_attempts.*timeout.*atomic.*backoff"):
         djasync.schedule(jobs.add, meta={"retry": 1})
+
+
+@pytest.mark.parametrize("backoff, error", [
+    (-1, r"meta\['backoff'\] must be a number of seconds in \[0, 2592000\]"),
+    (30 * 86400 + 1, r"meta\['backoff'\] must be a number of seconds"),
+    (float("nan"), r"meta\['backoff'\] must be a number of seconds"),
+    (False, r"meta\['backoff'\] must be a number of seconds"),
+    ([1, 2], r"meta\['backoff'\] must be a number of seconds"),
+    ("tests.jobs.hourly_backoff", r"belongs in the DJASYNC\['BACKOFF'\] setting"),
+    ({}, r"or a dict \{'base': seconds"),
+    ({"max": 60}, r"or a dict \{'base': seconds"),
+    ({"base": 1, "cap": 60}, r"or a dict \{'base': seconds"),
+    ({"base": "1"}, r"meta\['backoff'\]\['base'\] must be a number in \[0, 2592000\]"),
+    ({"base": 1, "factor": 0}, r"meta\['backoff'\]\['factor'\] must be a number in \[1, 100\]"),
+    ({"base": 1, "factor": float("inf")}, r"meta\['backoff'\]\['factor'\]"),
+    ({"base": 1, "max": -1}, r"meta\['backoff'\]\['max'\]"),
+])
+def test_a_bad_backoff_in_meta_is_refused_and_nothing_is_written(backoff, error):
+    with pytest.raises(ValueError, match=error):
+        djasync.schedule(jobs.always_raise, meta={"backoff": backoff})
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("backoff, delays", [
+    (90, [90, 90, 90]),
+    (0, [0, 0, 0]),
+    ({"base": 60}, [60, 120, 240]),  # factor 2 by default
+    ({"base": 60, "factor": 10, "max": 3600}, [60, 600, 3600]),
+    ({"base": 2, "factor": 1.5, "max": 1e6}, [2, 3, 4.5]),
+])
+def test_a_backoff_in_meta_sets_when_each_retry_runs(backoff, delays):
+    with override_settings(DJASYNC={}):  # the default 60·n^1.6, which meta overrides
+        job = djasync.schedule(jobs.always_raise, meta={"backoff": backoff, "max_attempts": 4})
+        seen = retry_delays(job, len(delays))
+    assert seen == pytest.approx(delays, abs=0.5)
+
+
+def retry_delays(job, count):
+    """Fail the job ``count`` times; return the seconds each retry was put off by."""
+    seen = []
+    for _ in range(count):
+        job.refresh_from_db()
+        [finished] = executor.run_batch(now=job.run_after)
+        failed_at = timezone.now()
+        job.refresh_from_db()
+        assert (finished.status, finished.run_after) == (Status.PENDING, job.run_after)
+        # The stored run_after is the failure's time plus the delay (the attempt takes ms).
+        seen.append((job.run_after - failed_at).total_seconds())
+    return seen
+
+
+def test_a_huge_backoff_power_is_capped_at_its_max_instead_of_overflowing():
+    from djasync.validation import backoff_seconds
+
+    assert backoff_seconds({"base": 1, "factor": 100, "max": 7}, 1000) == 7.0
+    assert backoff_seconds({"base": 1, "factor": 100}, 1000) == 30 * 86400
+    assert backoff_seconds({"base": 0, "factor": 100}, 1000) == 0.0
+
+
+def test_a_hand_written_row_with_a_bad_backoff_fails_for_good():
+    job = djasync.schedule(jobs.always_raise)
+    Job.objects.filter(pk=job.pk).update(meta={"backoff": "os.system"})
+    [finished] = executor.run_batch()
+    assert finished.status == Status.FAILED and "bad meta" in finished.error
 
 
 def test_run_after_accepts_aware_datetimes_and_timedeltas_and_refuses_naive_ones():
