@@ -1,7 +1,8 @@
 """Read-only admin for jobs and groups, with "retry now" and "cancel" actions.
 
 Nobody types a function name or arguments into a form: jobs are created by code only.
-The two actions need the change permission on jobs.
+The two actions need the change permission on jobs. The queue dashboard
+(``admin/djasync/job/dashboard/``) needs the view permission on jobs.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
 
-from djasync import scheduling
+from djasync import charts, dashboard, scheduling
 from djasync.models import Attempt, Group, Job
 
 
@@ -60,6 +64,19 @@ class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [field.name for field in Job._meta.fields]
+
+    def get_urls(self) -> list[URLPattern]:
+        # Before the model's own URLs: "<path:object_id>/" would take "dashboard/" otherwise.
+        view = self.admin_site.admin_view(self.dashboard_view)
+        return [path("dashboard/", view, name="djasync_job_dashboard"), *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> TemplateResponse:
+        """The last hour of the queue: depth, attempts, pickup latency, names, workers."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {**self.admin_site.each_context(request), "opts": self.opts,
+                   "title": "Queue dashboard", **charts.context(dashboard.collect())}
+        return TemplateResponse(request, "admin/djasync/dashboard.html", context)
 
     @admin.display(description="function", ordering="name")
     def function(self, obj: Job) -> str:
