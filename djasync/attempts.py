@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from djasync import conf, sql
@@ -68,6 +68,8 @@ class Run:
     clock: float
     #: This attempt's number, as far as the claim knows (exact near ``max_attempts``).
     attempt: int = 1
+    #: The job's ``meta["backoff"]``, if it has one (else ``DJASYNC["BACKOFF"]`` decides).
+    backoff: Any = None
 
     @property
     def elapsed(self) -> float:
@@ -96,17 +98,27 @@ def count(job_id: int) -> int:
 def succeed(run: Run, result: Any, encoded: str) -> Finished:
     """Mark the job succeeded with its result, in the transaction that ran it."""
     with hot_cursor() as cursor:
-        cursor.execute(sql.FINISH_SUCCESS, {
-            "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
-            "result": encoded,
-        })
-        row = cursor.fetchone()
+        send_success(cursor, run, encoded)
+        return succeeded(cursor, run, result)
+
+
+def send_success(cursor: psycopg.Cursor[Any], run: Run, encoded: str) -> None:
+    """Send the statement that marks the job succeeded (in pipeline mode: queue it)."""
+    cursor.execute(sql.FINISH_SUCCESS, {
+        "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
+        "result": encoded,
+    })
+
+
+def succeeded(cursor: psycopg.Cursor[Any], run: Run, result: Any) -> Finished:
+    """Read back what :func:`send_success` wrote and report it."""
+    row = cursor.fetchone()
     assert row is not None, "the claimed job row disappeared"
     (number,) = row
     duration = run.elapsed
     logger.debug("job succeeded id=%s name=%s attempt=%s duration=%.3f",
-                run.job_id, run.name, number, duration,
-                extra=_fields(run, number, duration, Outcome.SUCCEEDED))
+                 run.job_id, run.name, number, duration,
+                 extra=_fields(run, number, duration, Outcome.SUCCEEDED))
     return Finished(run.job_id, run.name, run.queue, number, Outcome.SUCCEEDED,
                     Status.SUCCEEDED, duration, result=result)
 
@@ -127,7 +139,8 @@ def fail(run: Run, exc: BaseException, *, permanent: bool = False,
         status = Status.FAILED
     else:
         status = Status.PENDING
-        run_after = timezone.now() + datetime.timedelta(seconds=settings.backoff(number))
+        run_after = timezone.now() + datetime.timedelta(
+            seconds=settings.backoff(number, run.backoff))
     with connection.cursor() as cursor:
         if counted:
             cursor.execute(sql.FINISH_FAILURE, {
@@ -153,24 +166,47 @@ def fail(run: Run, exc: BaseException, *, permanent: bool = False,
                     error=f"{type(exc).__name__}: {exc}", exception=exc, run_after=run_after)
 
 
+#: Appended to the message of a lost attempt counted after its run's database session had
+#: ended (killed by pg_terminate_backend, a restart, a timeout): until then the job was
+#: claimable with this attempt uncounted, so it may have run once more than ``max_attempts``.
+LATE_NOTE = (" [counted late: its database session had ended before the crash was recorded, "
+             "so the job could run again meanwhile]")
+
+
 def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, worker: str,
-                reason: str) -> None:
+                reason: str, late: bool = False) -> int | None:
     """Record an attempt whose process died (crashed) or was stopped (timed out), or whose
-    failure could not be written in its own transaction.
+    failure could not be written in its own transaction; return the attempt row's id (None
+    when no row was written: the job is gone, or finished and ``late`` is false).
 
     Only an attempt row is inserted (the foreign key takes a KEY SHARE lock, which does not
     conflict with a worker's NO KEY UPDATE), so this never waits on the job row's lock; the
-    next claim counts it.
+    next claim counts it. ``late``: the run's session had already ended (see
+    :data:`LATE_NOTE`); the row is then written whatever the job's status.
+
+    The commit is synchronous even under ``synchronous_commit = off``: this row is the only
+    trace of a run whose transaction rolled back, and the caller lets the job be claimed again
+    once it returns (a crash path only, so the flush costs nothing on the hot path).
     """
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit = on")
         cursor.execute(sql.RECORD_LOST_ATTEMPT, {
             "job_id": job_id, "started_at": started, "outcome": outcome.value,
             "exception_type": _qualified_name(
                 {Outcome.CRASHED: WorkerLost, Outcome.TIMED_OUT: JobTimedOut}.get(
                     outcome, DjasyncError)
             ),
-            "exception_message": reason[:10_000], "worker": worker[:255],
+            "exception_message": reason[:10_000] + (LATE_NOTE if late else ""),
+            "worker": worker[:255], "late": late,
         })
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def mark_lost_late(attempt_id: int) -> None:
+    """Add :data:`LATE_NOTE` to a lost attempt found, once written, to have been counted late."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.MARK_LOST_ATTEMPT_LATE, [LATE_NOTE, attempt_id])
 
 
 def _fields(run: Run, attempt: int, duration: float, outcome: Outcome,
