@@ -17,13 +17,16 @@ import time
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import connection
 from django.db.backends.signals import connection_created
 
 from djasync import conf, executor
 from djasync.executor import ClaimedJob
+
+if TYPE_CHECKING:
+    from djasync_worker.metrics import Exporter
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class ChildOptions:
     queues: tuple[str, ...]
     batch_size: int
     max_jobs: int | None
+    #: Prometheus metrics (``--metrics-port``), or None: then nothing is counted.
+    metrics: Exporter | None = None
 
 
 def _die_with_parent() -> None:
@@ -74,6 +79,7 @@ class Child:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = False
         self.jobs_done = 0
+        self.metrics = options.metrics
         self._signals, signal_writer = socket.socketpair()
         signal_writer.setblocking(False)
         self._signal_writer = signal_writer
@@ -117,6 +123,8 @@ class Child:
                 self._send(("idle",))
                 idle, claim = True, False
                 continue
+            if self.metrics is not None:
+                self.metrics.jobs_finished(batch)
             self.jobs_done += len(batch)
             self.shared[JOBS_DONE] = self.jobs_done
             if idle:  # found work: the supervisor may wake another idle child
@@ -162,6 +170,8 @@ class Child:
         self.shared[TIMEOUT] = NO_TIMEOUT if timeout is None else float(timeout)
         self.shared[STARTED_EPOCH] = time.time()
         self.shared[JOB_ID] = job.id
+        if self.metrics is not None:
+            self.metrics.job_started(job)
 
     def _send(self, message: tuple) -> None:
         try:

@@ -74,9 +74,17 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               envvar="DJASYNC_WORKER_LOG_FORMAT", show_envvar=True,
               help="One line per event: plain text, or a JSON object.")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
+              envvar="DJASYNC_WORKER_METRICS_PORT", show_envvar=True,
+              help="Serve Prometheus metrics on this port at /metrics (needs "
+                   "djasync[metrics]); off by default.")
+@click.option("--metrics-host", default="127.0.0.1",
+              envvar="DJASYNC_WORKER_METRICS_HOST", show_envvar=True,
+              help="Address the metrics endpoint listens on (0.0.0.0: every interface).")
 def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_child: int | None,
         shutdown_timeout: float, poll_interval: float, batch_size: int, settings: str | None,
-        pythonpath: tuple[str, ...], log_level: str, log_format: str) -> None:
+        pythonpath: tuple[str, ...], log_level: str, log_format: str, metrics_port: int | None,
+        metrics_host: str) -> None:
     """Run djasync jobs: a supervisor and --concurrency child processes.
 
     SIGTERM or SIGINT stops claiming and lets running jobs finish (up to --shutdown-timeout);
@@ -87,6 +95,7 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
 
     # Until the supervisor installs its handlers, a stop request simply ends start-up.
     signal.signal(signal.SIGTERM, _exit_during_startup)
+    metrics = _start_metrics(metrics_host, metrics_port) if metrics_port else None
     logs.configure(log_level, log_format)
     _setup_django(settings, pythonpath)
     logs.configure(log_level, log_format)  # again: Django's LOGGING setting may have changed them
@@ -100,10 +109,22 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
     from django.db import DatabaseError
 
     try:
-        code = Supervisor(options).run()
+        code = Supervisor(options, metrics=metrics).run()
     except DatabaseError as exc:  # the database went away between the check and the start
         raise click.ClickException(f"lost the database while starting: {exc}") from None
     sys.exit(code)
+
+
+def _start_metrics(host: str, port: int) -> Any:
+    """Bind the metrics port before Django is set up (see ``metrics.start``); undo at exit."""
+    from djasync_worker import metrics
+
+    try:
+        exporter = metrics.start(host, port)
+    except metrics.MetricsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.get_current_context().call_on_close(exporter.close)
+    return exporter
 
 
 def _exit_during_startup(signum: int, frame: object) -> None:

@@ -30,6 +30,8 @@ class Listener:
         self._delay = 0.1
         self._suspicious_polls = 0
         self._warned = False
+        #: Successful LISTENs: the first connection, then one per reconnect (for metrics).
+        self.connects = 0
 
     def fileno(self) -> int | None:
         return self.conn.fileno() if self.conn is not None else None
@@ -50,6 +52,7 @@ class Listener:
                            self._delay, exc)
             return False
         self._delay = 0.1
+        self.connects += 1
         logger.info("listening channel=%s", NOTIFY_CHANNEL)
         return True
 

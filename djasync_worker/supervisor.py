@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import connection, connections
 from django.utils import timezone
@@ -33,6 +33,9 @@ from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
 from djasync_worker.listener import Listener
 from djasync_worker.systemd import Notifier
+
+if TYPE_CHECKING:
+    from djasync_worker.metrics import Exporter
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,8 @@ class LostAttempt:
 class Supervisor:
     options: Options
     notifier: Notifier = field(default_factory=Notifier)
+    #: Prometheus metrics (``--metrics-port``), or None: then nothing is counted.
+    metrics: Exporter | None = None
 
     def __post_init__(self) -> None:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -139,6 +144,8 @@ class Supervisor:
                     self.options.concurrency, ",".join(self.options.queues) or "*",
                     self.options.burst)
         self.listener.ensure()
+        if self.metrics is not None:
+            self.metrics.watch(self)
         for slot in range(self.options.concurrency):
             self._spawn(slot)
         while self.children or not self.stopping:
@@ -154,6 +161,8 @@ class Supervisor:
         listen_fd = self.listener.fileno()
         if listen_fd is not None:
             waitables.append(listen_fd)
+        if self.metrics is not None:
+            waitables.append(self.metrics)
         for child in self.children.values():
             waitables.extend([child.pipe, child.process.sentinel])
         ready = wait(waitables, timeout=self._timeout(now))
@@ -167,6 +176,8 @@ class Supervisor:
                 self._reap(child)
         if listen_fd is not None and listen_fd in ready:
             self._on_notifications(self.listener.receive())
+        if self.metrics is not None and self.metrics in ready:
+            self.metrics.serve()
         self._tick(time.monotonic())
 
     def _timeout(self, now: float) -> float:
@@ -247,7 +258,7 @@ class Supervisor:
         connections.close_all()
         parent_end, child_end = self.context.Pipe(duplex=True)
         options = ChildOptions(self.options.queues, self.options.batch_size,
-                               self.options.max_jobs_per_child)
+                               self.options.max_jobs_per_child, self.metrics)
         # Our copies of other children's database sockets must not live on in the new child:
         # they would keep a dead child's session, and its job's lock, alive.
         copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
@@ -321,6 +332,8 @@ class Supervisor:
                                          f"{socket.gethostname()}:{child.process.pid}"))
             if not self._record_lost():
                 self._record_lost()  # once more, on a fresh connection
+            if self.metrics is not None:
+                self.metrics.job_lost(job_id, outcome)
             self._release_leases(f"{socket.gethostname()}:{child.process.pid}/%")
         elif code != 0 and not self.forced:
             logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
@@ -328,6 +341,8 @@ class Supervisor:
         # and release the job's row lock: the crash is already counted.
         _close_fd(child.db_socket)
         child.db_socket = None
+        if self.metrics is not None:
+            self.metrics.child_exited(child.process.pid)
         if self.stopping:
             return
         # Replace it: a recycled child at once, a dead one after a short pause.

@@ -168,3 +168,10 @@ def long_job(key, gate=None, pidfile=None):
     while gate and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
     return os.getpid()
+
+
+def modules_imported(*names):
+    """Report which of these modules the worker process running the job has imported."""
+    import sys
+
+    return [name for name in names if name in sys.modules]

@@ -30,6 +30,8 @@ OPTION_ENV_VARS = {
     "--pythonpath": "DJASYNC_WORKER_PYTHONPATH",
     "--log-level": "DJASYNC_WORKER_LOG_LEVEL",
     "--log-format": "DJASYNC_WORKER_LOG_FORMAT",
+    "--metrics-port": "DJASYNC_WORKER_METRICS_PORT",
+    "--metrics-host": "DJASYNC_WORKER_METRICS_HOST",
 }
 
 
