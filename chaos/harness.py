@@ -615,7 +615,9 @@ class ChaosRun:
         if not pool:
             return
         pid, state, app = self.rng.choice(pool)
+        began = utcnow()
         self.query("SELECT pg_terminate_backend(%s)", [pid], retry_for=5)
+        self.expected.sessions_ended.append((began, utcnow()))
         self.fault("pg_terminate_backend", f"backend {pid} ({app}, {state})")
 
     def fault_pg_cancel_backend(self) -> None:
@@ -668,7 +670,9 @@ class ChaosRun:
             record["succeeded_before_crash"] = self.query(count_succeeded)[0][0]
         log_offset = self.server.logfile.stat().st_size
         began = time.monotonic()
+        began_at = utcnow()
         self.server.restart(mode=pg_mode)
+        self.expected.sessions_ended.append((began_at, utcnow()))
         record["restart_seconds"] = round(time.monotonic() - began, 2)
         if asynchronous:
             after = self.query(count_succeeded)[0][0]

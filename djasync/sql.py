@@ -146,6 +146,10 @@ UPDATE {JOB}
 #: Written by whoever saw a job's process die (the supervisor), outside any job transaction.
 #: It inserts an attempt row only: the job row may already be locked by the worker that
 #: re-claimed it, and the next claim counts this row in ``previous_attempts``.
+#: Normally only for a pending job (a finished one was finished by the very run that died just
+#: after its commit); ``late`` (the dead run's session had ended before this is written, so the
+#: job may have run again and finished meanwhile) records it whatever the job's status: attempt
+#: rows are append-only, and this run did happen.
 RECORD_LOST_ATTEMPT = f"""
 INSERT INTO {ATTEMPT}
     (job_id, number, started_at, finished_at, outcome,
@@ -154,8 +158,14 @@ SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
        %(started_at)s, clock_timestamp(), %(outcome)s, %(exception_type)s,
        %(exception_message)s, '', %(worker)s
   FROM {JOB} j
- WHERE j.id = %(job_id)s AND j.status = 'pending'
+ WHERE j.id = %(job_id)s AND (j.status = 'pending' OR %(late)s)
+RETURNING id
 """
+
+#: Note that a lost attempt was counted late (see :data:`attempts.LATE_NOTE`).
+MARK_LOST_ATTEMPT_LATE = (
+    f"UPDATE {ATTEMPT} SET exception_message = exception_message || %s WHERE id = %s"
+)
 
 #: Fail a job that may not run again, without inventing an attempt (nothing ran).
 FAIL_WITHOUT_ATTEMPT = (

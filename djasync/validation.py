@@ -68,9 +68,9 @@ def check_meta(meta: Any) -> dict[str, Any]:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not math.isfinite(value)
             or value <= 0
-            or value > 7 * 86400
+            or value > 7 * 86400  # before isfinite(), which overflows on a huge int
+            or not math.isfinite(value)
         ):
             raise ValueError(
                 f"meta['timeout'] must be a number of seconds in (0, 604800], not {value!r}"

@@ -15,6 +15,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import time
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import connection, connections
 from django.utils import timezone
 
-from djasync import conf, executor, periodic, sql, workers
+from djasync import attempts, conf, executor, periodic, sql, workers
 from djasync.models import Job, Outcome
 from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
@@ -47,6 +48,8 @@ DEADLINE_CHECK_SECONDS = 0.1
 BURST_RECHECK_SECONDS = 0.05
 #: Shortest pause before replacing a child that died, so a crash loop cannot spin.
 RESPAWN_DELAY_SECONDS = 0.05
+#: How often to try again to write a lost attempt while the database is away (a restart).
+LOST_RETRY_SECONDS = 0.2
 
 
 @dataclass
@@ -98,6 +101,8 @@ class LostAttempt:
     started: datetime.datetime
     reason: str
     worker: str
+    #: Our copy of the dead child's database socket, closed once the attempt is written.
+    db_socket: int | None = None
 
 
 @dataclass
@@ -116,6 +121,7 @@ class Supervisor:
         self.stop_deadline: float | None = None
         self.jobs_done_by_exited = 0
         self.lost: list[LostAttempt] = []
+        self.next_lost_retry = 0.0
         self.ready_sent = False
         self.respawn_at: dict[int, float] = {}
         self.next_poll = 0.0
@@ -189,6 +195,8 @@ class Supervisor:
         if any(not c.idle for c in self.children.values()):
             moments.append(now + DEADLINE_CHECK_SECONDS)  # jobs start without telling us
         moments.extend(self.respawn_at.values())
+        if self.lost:
+            moments.append(self.next_lost_retry)
         if self.notifier.watchdog_interval:
             moments.append(self.next_watchdog)
         if self.options.burst and self._all_idle():  # else it would spin while they work
@@ -198,6 +206,9 @@ class Supervisor:
         return max(0.0, min(moments) - now)
 
     def _tick(self, now: float) -> None:
+        if self.lost and now >= self.next_lost_retry:  # not written yet: the database was away
+            self.next_lost_retry = now + LOST_RETRY_SECONDS
+            self._record_lost()
         for slot, when in list(self.respawn_at.items()):
             if when <= now and not self.stopping:
                 del self.respawn_at[slot]
@@ -242,6 +253,8 @@ class Supervisor:
 
     def _finish(self) -> None:
         self._record_lost()
+        for lost in self.lost:  # the database is away: these attempts stay unwritten
+            _close_fd(lost.db_socket)
         try:
             workers.mark_stopped(self.name, jobs_done=self.jobs_done)
         except Exception as exc:
@@ -262,6 +275,7 @@ class Supervisor:
         # Our copies of other children's database sockets must not live on in the new child:
         # they would keep a dead child's session, and its job's lock, alive.
         copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
+        copies += [lost.db_socket for lost in self.lost if lost.db_socket is not None]
         shared = self.context.Array("d", shared_layout.SHARED_SIZE, lock=False)
         process = self.context.Process(
             target=child_main, args=(child_end, shared, options, os.getpid(), copies),
@@ -328,17 +342,20 @@ class Supervisor:
             logger.error("job lost its process id=%s pid=%s outcome=%s reason=%s", job_id,
                          child.process.pid, outcome.value, reason)
             started = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
+            # Our copy of its socket goes with the lost attempt: the session, its transaction
+            # and the job's row lock live on until the attempt is written (_record_lost).
             self.lost.append(LostAttempt(job_id, outcome, started, reason,
-                                         f"{socket.gethostname()}:{child.process.pid}"))
+                                         f"{socket.gethostname()}:{child.process.pid}",
+                                         child.db_socket))
+            child.db_socket = None
             if not self._record_lost():
                 self._record_lost()  # once more, on a fresh connection
             if self.metrics is not None:
                 self.metrics.job_lost(job_id, outcome)
-            self._release_leases(f"{socket.gethostname()}:{child.process.pid}/%")
         elif code != 0 and not self.forced:
             logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
-        # Only now let PostgreSQL see the dead child's session end, roll back its transaction
-        # and release the job's row lock: the crash is already counted.
+        # A child that died idle held no job: its session may end now. (A lost job's session
+        # ends when _record_lost has written its attempt.)
         _close_fd(child.db_socket)
         child.db_socket = None
         if self.metrics is not None:
@@ -349,18 +366,43 @@ class Supervisor:
         self.respawn_at[child.slot] = time.monotonic() + (0 if code == 0 else RESPAWN_DELAY_SECONDS)
 
     def _record_lost(self) -> bool:
-        """Write the attempts of jobs whose process died; keep them if the database is down."""
+        """Write the attempts of jobs whose process died; keep them if the database is down.
+
+        Only once an attempt is written do we close our copy of its dead child's socket: until
+        then PostgreSQL keeps that session, its transaction and the job's row lock, so nobody
+        can run the job again with this attempt uncounted, and a poison job stops at
+        ``max_attempts``. Only the end of that session by someone else (pg_terminate_backend,
+        a restart or crash of PostgreSQL, its idle timeout) before the attempt is written
+        frees the job early. Then the attempt is still written, whatever the job's status,
+        and marked counted late (``attempts.LATE_NOTE``): the job may have run once more.
+        """
         while self.lost:
             lost = self.lost[0]
+            late = not _session_alive(lost.db_socket)
             try:
-                executor.record_lost_attempt(lost.job_id, outcome=lost.outcome,
-                                             started=lost.started, worker=lost.worker,
-                                             reason=lost.reason)
+                attempt_id = executor.record_lost_attempt(
+                    lost.job_id, outcome=lost.outcome, started=lost.started, worker=lost.worker,
+                    reason=lost.reason, late=late)
             except Exception as exc:
                 logger.warning("cannot record a lost attempt yet id=%s error=%s", lost.job_id, exc)
                 _close_quietly()
                 return False
             self.lost.pop(0)
+            if attempt_id is not None and not late and not _session_alive(lost.db_socket):
+                late = True  # it ended between our look and our commit: perhaps before the write
+                try:
+                    attempts.mark_lost_late(attempt_id)
+                except Exception as exc:
+                    logger.warning("cannot mark a lost attempt late id=%s error=%s",
+                                   lost.job_id, exc)
+                    _close_quietly()
+            if late:
+                logger.warning("lost attempt counted late id=%s worker=%s: its session had "
+                               "ended first, so the job could run again meanwhile",
+                               lost.job_id, lost.worker)
+            _close_fd(lost.db_socket)
+            # Free the non-atomic jobs the dead child held (their crash is counted now).
+            self._release_leases(f"{lost.worker}/%")
         return True
 
     def _release_leases(self, owner_pattern: str) -> None:
@@ -528,6 +570,25 @@ def _kill(pid: int | None) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+#: poll() events saying the server end of a socket is closed (Linux: POLLRDHUP, the FIN).
+_GONE_EVENTS = (select.POLLHUP | select.POLLERR | select.POLLNVAL
+                | getattr(select, "POLLRDHUP", select.POLLIN))
+
+
+def _session_alive(fd: int | None) -> bool:
+    """Whether PostgreSQL still has the session of this (dead child's) socket, as far as our
+    end can see: a session the server ended has closed its end (FIN or reset)."""
+    if fd is None:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(fd, _GONE_EVENTS)
+        events = poller.poll(0)
+    except OSError:
+        return False
+    return not any(mask & _GONE_EVENTS for _, mask in events)
 
 
 def _close_fd(fd: int | None) -> None:

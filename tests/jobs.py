@@ -76,6 +76,22 @@ def exit_hard():
     os._exit(1)
 
 
+def stop_parent_then_die(runs_file):
+    """Poison that, on its first run, freezes its supervisor (SIGSTOP) before dying, so that
+    its crash stays unrecorded while the test ends the dead child's session; each run appends
+    its pid to ``runs_file``."""
+    first = not os.path.exists(runs_file)
+    with open(runs_file, "a") as runs:
+        runs.write(f"{os.getpid()}\n")
+    if first:
+        os.kill(os.getppid(), signal.SIGSTOP)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def count_args(*args):
+    return len(args)
+
+
 class Maths:
     @classmethod
     def double(cls, x):
