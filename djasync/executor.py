@@ -404,9 +404,6 @@ def _check_row(job: ClaimedJob) -> None:
     for column, value in (("args", job.args), ("kwargs", job.kwargs), ("meta", job.meta)):
         if isinstance(value, Unreadable):
             raise PermanentFailure(f"{column} cannot be read: {value.reason}")
-    for column, value in (("args", job.args), ("kwargs", job.kwargs), ("meta", job.meta)):
-        if isinstance(value, Unreadable):
-            raise PermanentFailure(f"{column} cannot be read: {value.reason}")
     if not isinstance(job.args, list):
         raise PermanentFailure(f"args must be a JSON array, not {type(job.args).__name__}")
     if not isinstance(job.kwargs, dict):
