@@ -10,6 +10,7 @@ import datetime
 import logging
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,13 +80,44 @@ class Run:
 def hot_cursor() -> psycopg.Cursor[Any]:
     """A server-side-binding cursor on Django's connection, for the per-job statements.
 
-    Django's own cursors bind parameters on the client, so PostgreSQL parses and plans every
-    statement again; with server-side binding psycopg prepares a statement after a few runs
-    (``prepare_threshold``; set it to ``None`` in the database OPTIONS behind a PgBouncer that
-    cannot keep prepared statements). Same connection, same transaction.
+    Same connection, same transaction. Run its statements with ``prepare=True``: see
+    :func:`allow_prepared`.
     """
     connection.ensure_connection()
-    return psycopg.Cursor(connection.connection)
+    raw = connection.connection
+    cursor = _hot_cursors.get(raw)
+    if cursor is None or cursor.closed:
+        cursor = _hot_cursors[raw] = psycopg.Cursor(allow_prepared(raw))
+    return cursor
+
+
+#: One reusable cursor per connection (a new psycopg cursor per statement costs more than
+#: the statement's own client-side work); weak keys, so a closed connection takes its along.
+_hot_cursors: weakref.WeakKeyDictionary[psycopg.Connection[Any], psycopg.Cursor[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+#: What djasync sets psycopg's ``prepare_threshold`` to: high enough that nothing is prepared
+#: because it ran often, so only statements executed with ``prepare=True`` are.
+PREPARE_ONLY_WHEN_ASKED = 1_000_000
+
+
+def allow_prepared(raw: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """Let djasync's own statements be prepared on this connection, once per connection.
+
+    Django turns psycopg's prepared statements off (``prepare_threshold=None``) unless the
+    database OPTIONS say otherwise, so PostgreSQL would parse and plan the claim for every job
+    (planning it costs twice what running it does). djasync's per-job statements ask to be
+    prepared (``execute(..., prepare=True)``); nothing else is prepared that Django would not
+    prepare. If the OPTIONS set ``prepare_threshold`` themselves (``None`` behind a PgBouncer
+    older than 1.21 in transaction mode), that choice stands.
+    """
+    if raw.prepare_threshold is None and (
+        "prepare_threshold" not in connection.settings_dict.get("OPTIONS", {})
+    ):
+        raw.prepare_threshold = PREPARE_ONLY_WHEN_ASKED
+    return raw
 
 
 def count(job_id: int) -> int:
@@ -97,9 +129,9 @@ def count(job_id: int) -> int:
 
 def succeed(run: Run, result: Any, encoded: str) -> Finished:
     """Mark the job succeeded with its result, in the transaction that ran it."""
-    with hot_cursor() as cursor:
-        send_success(cursor, run, encoded)
-        return succeeded(cursor, run, result)
+    cursor = hot_cursor()
+    send_success(cursor, run, encoded)
+    return succeeded(cursor, run, result)
 
 
 def send_success(cursor: psycopg.Cursor[Any], run: Run, encoded: str) -> None:
@@ -107,7 +139,7 @@ def send_success(cursor: psycopg.Cursor[Any], run: Run, encoded: str) -> None:
     cursor.execute(sql.FINISH_SUCCESS, {
         "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
         "result": encoded,
-    })
+    }, prepare=True)
 
 
 def succeeded(cursor: psycopg.Cursor[Any], run: Run, result: Any) -> Finished:
@@ -116,9 +148,10 @@ def succeeded(cursor: psycopg.Cursor[Any], run: Run, result: Any) -> Finished:
     assert row is not None, "the claimed job row disappeared"
     (number,) = row
     duration = run.elapsed
-    logger.debug("job succeeded id=%s name=%s attempt=%s duration=%.3f",
-                 run.job_id, run.name, number, duration,
-                 extra=_fields(run, number, duration, Outcome.SUCCEEDED))
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("job succeeded id=%s name=%s attempt=%s duration=%.3f",
+                     run.job_id, run.name, number, duration,
+                     extra=_fields(run, number, duration, Outcome.SUCCEEDED))
     return Finished(run.job_id, run.name, run.queue, number, Outcome.SUCCEEDED,
                     Status.SUCCEEDED, duration, result=result)
 

@@ -14,7 +14,6 @@ job, RELEASE, finish (one statement that writes the attempt and the status), COM
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import inspect
@@ -28,7 +27,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from asgiref.sync import async_to_sync
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
@@ -147,9 +145,9 @@ def claim(
     )
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
-    with attempts.hot_cursor() as cursor:
-        cursor.execute(query, params)
-        rows = cursor.fetchall()
+    cursor = attempts.hot_cursor()
+    cursor.execute(query, params, prepare=True)
+    rows = cursor.fetchall()
     # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
     return [
         ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
@@ -192,28 +190,18 @@ def run_batch(
     (:func:`set_session_timeouts`). An empty list means nothing was due.
     """
     worker = worker or default_worker_name()
-    query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
-    params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
     finished: list[Finished] = []
     leased: list[tuple[ClaimedJob, Run, str]] = []
-    outermost = not connection.in_atomic_block
     with transaction.atomic():
-        batch = _Batch(worker, before_each, session_timeouts, may_commit=outermost)
-        try:
-            jobs = batch.claim(query, params)
-            for number, job in enumerate(jobs, 1):
-                if not leases.is_leased(job.meta):
-                    finished.append(batch.run(job, last=number == len(jobs)))
-                    continue
-                run = _begin(job, worker)
-                if isinstance(run, Finished):
-                    finished.append(run)
-                else:  # a long job: lease it now, run it once the claim has committed
-                    leased.append((job, run, leases.take(run, expired=job.lease_expired)))
-            batch.close()
-        except BaseException as exc:
-            batch.abort(exc)
-            raise
+        for job in claim(limit, queues=queues, name_prefix=name_prefix, now=now):
+            if not leases.is_leased(job.meta):
+                finished.append(_run_in_savepoint(job, worker, before_each, session_timeouts))
+                continue
+            run = _begin(job, worker)
+            if isinstance(run, Finished):
+                finished.append(run)
+            else:  # a long job: lease it now, run it once the claim has committed
+                leased.append((job, run, leases.take(run, expired=job.lease_expired)))
     for job, run, owner in leased:
         if before_each is not None:
             before_each(job)
@@ -221,113 +209,26 @@ def run_batch(
     return finished
 
 
-class _Batch:
-    """Runs claimed jobs, each in a savepoint of the claiming transaction, in few round trips.
-
-    Per job the worker needs BEGIN, the claim, SAVEPOINT, the job, RELEASE, the finishing
-    statement and COMMIT. Everything but the job itself goes in psycopg's pipeline mode, so that
-    a job costs two round trips: [BEGIN, claim, SAVEPOINT] before it and [RELEASE, finish,
-    COMMIT] after it (in a batch, [RELEASE, finish, next SAVEPOINT] between jobs). The job's own
-    code never runs in pipeline mode. Savepoints are Django ``atomic`` blocks entered and exited
-    at those moments, so the job's nested ``atomic`` blocks and its ``on_commit`` callbacks
-    behave exactly as in a ``with transaction.atomic():``. The first savepoint is opened with
-    the claim before it is known whether a job is due (an empty claim releases it).
-
-    Failures (an exception, a row that cannot run) leave the fast path: they are rare, and each
-    takes its plain round trips.
-    """
-
-    def __init__(self, worker: str, before_each: Callable[[ClaimedJob], None] | None,
-                 session_timeouts: bool, *, may_commit: bool) -> None:
-        self.worker = worker
-        self.before_each = before_each
-        self.session_timeouts = session_timeouts
-        #: Only a transaction this batch began may be committed by it (not a caller's).
-        self.may_commit = may_commit
-        self.savepoint: transaction.Atomic | None = None
-
-    def claim(self, query: str, params: dict[str, Any]) -> list[ClaimedJob]:
-        connection.ensure_connection()
-        raw = connection.connection
-        cursor = psycopg.Cursor(raw)
-        with raw.pipeline():
-            cursor.execute(query, params)
-            self._open_savepoint()
-        rows = cursor.fetchall()
-        if not rows:
-            self._end(raw)
-        return [
-            ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
-            for id, name, args, kwargs, meta, *rest in rows
-        ]
-
-    def run(self, job: ClaimedJob, *, last: bool) -> Finished:
-        run = _begin(job, self.worker)
-        if isinstance(run, Finished):
-            return run  # written inside the savepoint, which the next job may use
-        if self.savepoint is None:
-            self._open_savepoint()
-        custom_timeout = _apply_timeout(run, self.session_timeouts)
-        try:
-            if self.before_each is not None:
-                self.before_each(job)
+def _run_in_savepoint(job: ClaimedJob, worker: str,
+                      before_each: Callable[[ClaimedJob], None] | None,
+                      session_timeouts: bool) -> Finished:
+    """Run one claimed job in a savepoint of the open transaction."""
+    run = _begin(job, worker)
+    if isinstance(run, Finished):
+        return run
+    custom_timeout = _apply_timeout(run, session_timeouts)
+    try:
+        with transaction.atomic():
+            if before_each is not None:
+                before_each(job)
             result, encoded = _call(run, job)
-        except BaseException as exc:
-            self._rollback_savepoint(exc)  # also undoes a custom timeout's SET LOCAL
-            if isinstance(exc, _Raised):
-                return attempts.fail(run, exc.exc)
-            raise
-        raw = connection.connection
-        cursor = psycopg.Cursor(raw)
-        with raw.pipeline():
-            self._release_savepoint()
-            if custom_timeout and self.session_timeouts:
-                _set_local_timeouts(conf.get().TIMEOUT)  # the next job gets the default again
-            attempts.send_success(cursor, run, encoded)
-            if last:
-                self._end(raw, pipelined=True)
-            else:
-                self._open_savepoint()
-        return attempts.succeeded(cursor, run, result)
-
-    def close(self) -> None:
-        """Release a savepoint no job used (the claim found nothing runnable)."""
-        if self.savepoint is not None:
-            self._release_savepoint()
-
-    def abort(self, exc: BaseException) -> None:
-        """Leave Django's transaction state sound on the way out of an error."""
-        if self.savepoint is not None:
-            self._rollback_savepoint(exc)
-
-    def _end(self, raw: Any, *, pipelined: bool = False) -> None:
-        """Release the open savepoint and commit in the same round trip, if ours to commit.
-
-        The transaction then ends at the server; Django's outer ``atomic`` finds nothing left
-        to commit when it exits, and runs the ``on_commit`` callbacks as usual.
-        """
-        if not self.may_commit:
-            return
-        with contextlib.ExitStack() as stack:
-            if not pipelined:
-                stack.enter_context(raw.pipeline())
-            self.close()
-            raw.cursor().execute("COMMIT")
-
-    def _open_savepoint(self) -> None:
-        atomic = transaction.atomic()
-        atomic.__enter__()
-        self.savepoint = atomic
-
-    def _release_savepoint(self) -> None:
-        atomic, self.savepoint = self.savepoint, None
-        assert atomic is not None
-        atomic.__exit__(None, None, None)
-
-    def _rollback_savepoint(self, exc: BaseException) -> None:
-        atomic, self.savepoint = self.savepoint, None
-        if atomic is not None:
-            atomic.__exit__(type(exc), exc, exc.__traceback__)
+    except _Raised as raised:
+        finished = attempts.fail(run, raised.exc)
+    else:
+        finished = attempts.succeed(run, result, encoded)
+    if custom_timeout and session_timeouts:  # the next job of the batch gets the default again
+        _set_local_timeouts(conf.get().TIMEOUT)
+    return finished
 
 
 def run_job_now(job: Job) -> Any:
@@ -344,13 +245,7 @@ def run_job_now(job: Job) -> Any:
         with connection.cursor() as cursor:
             cursor.execute(sql.READ_TIMEOUTS)
             statement, idle = cursor.fetchone()
-        batch = _Batch(default_worker_name(), None, False, may_commit=False)
-        try:
-            finished = batch.run(claimed[0], last=True)
-            batch.close()
-        except BaseException as exc:
-            batch.abort(exc)
-            raise
+        finished = _run_in_savepoint(claimed[0], default_worker_name(), None, False)
         if nested:  # SET LOCAL outlives the job's savepoint: give the caller its own back
             with connection.cursor() as cursor:
                 cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})

@@ -286,3 +286,43 @@ def test_an_async_job_that_raises_rolls_back_its_writes():
     [finished] = executor.run_batch()
     assert (finished.outcome, finished.status) == (Outcome.ERROR, Status.FAILED)
     assert Ledger.objects.count() == 0
+
+
+def _prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [statement for (statement,) in cursor.fetchall()]
+
+
+def test_the_claim_and_the_finish_are_prepared_once_per_connection():
+    """Django turns psycopg's prepared statements off; without them PostgreSQL plans the
+    claim for every job. djasync prepares its own per-job statements and nothing else."""
+    connection.close()
+    for key in "abc":
+        djasync.schedule(jobs.write_ledger, args=[key])
+    assert len(executor.drain()) == 3
+    prepared = _prepared_statements()
+    assert sum("FOR NO KEY UPDATE OF j SKIP LOCKED" in s for s in prepared) == 1
+    assert sum(s.lstrip().startswith("WITH n AS") for s in prepared) == 1
+    assert not any("tests_ledger" in s for s in prepared)  # the job's own statement is not
+
+
+def test_prepare_threshold_in_the_database_options_is_respected():
+    """Behind a PgBouncer that cannot keep prepared statements the OPTIONS say
+    ``prepare_threshold: None``; then djasync prepares nothing either."""
+    options = connection.settings_dict["OPTIONS"]
+    connection.close()
+    options["prepare_threshold"] = None
+    try:
+        djasync.schedule(jobs.write_ledger, args=["x"])
+        assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+        assert _prepared_statements() == []
+    finally:
+        del options["prepare_threshold"]
+        connection.close()
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5, "3"])
+def test_a_claim_limit_that_is_not_a_positive_integer_is_refused(limit):
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        executor.run_batch(limit)
