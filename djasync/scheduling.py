@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from djasync import conf, registry, sql
+from djasync.attempts import hot_cursor
 from djasync.conf import NOTIFY_CHANNEL
 from djasync.exceptions import GroupClosed, GroupInUse
 from djasync.models import Group, Job, Status, identity_of
@@ -79,41 +82,85 @@ def schedule(
 def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
     """Add many jobs with one INSERT (and one NOTIFY per queue); return the saved rows.
 
-    All jobs are validated before anything is written: one bad job writes none.
+    All jobs are validated before anything is written: one bad job writes none. Inside a
+    transaction this adds one statement to it (no savepoint); outside one, it is its own.
     """
     settings = conf.get()
+    now = timezone.now()
     jobs: list[Job] = []
     groups: dict[str, Group] = {}
+    resolved: set[str] = set()
     for spec in specs:
         name = registry.name_of(spec.function)
-        registry.resolve(name)  # refuse forbidden or missing functions now, not at run time
+        if name not in resolved:  # refuse forbidden or missing functions now, not at run time
+            registry.resolve(name)
+            resolved.add(name)
         args, kwargs = check_args(spec.args), check_kwargs(spec.kwargs)
-        job = Job(
-            name=name,
-            args=args,
-            kwargs=kwargs,
-            meta=check_meta(spec.meta),
-            queue=check_queue_name(settings.DEFAULT_QUEUE if spec.queue is None else spec.queue),
-            priority=check_priority(
-                settings.DEFAULT_PRIORITY if spec.priority is None else spec.priority
-            ),
-            run_after=check_run_after(spec.run_after),
-            identity=identity_of(name, args, kwargs),
-        )
-        if spec.group is not None:
-            job.group = _open_group(spec.group, groups)
-        job.unique_key = _unique_key(spec.unique, job.identity)
+        identity = identity_of(name, args, kwargs)
+        group = None if spec.group is None else _open_group(spec.group, groups)
+        values = {
+            **_DEFAULTS, "name": name, "args": args, "kwargs": kwargs,
+            "meta": check_meta(spec.meta),
+            "queue": check_queue_name(settings.DEFAULT_QUEUE if spec.queue is None
+                                      else spec.queue),
+            "priority": check_priority(settings.DEFAULT_PRIORITY if spec.priority is None
+                                       else spec.priority),
+            "run_after": check_run_after(spec.run_after), "identity": identity,
+            "unique_key": _unique_key(spec.unique, identity),
+            "group_id": None if group is None else group.pk, "created_at": now,
+        }
+        job = Job.from_db(connection.alias, None, [values[f] for f in _ATTNAMES])
+        job._state.adding = True  # not saved yet (from_db builds it the fast way)
+        if group is not None:
+            job.group = group
         jobs.append(job)
     if not jobs:
         return []
-    with transaction.atomic():
-        plain = [job for job in jobs if job.unique_key is None]
-        Job.objects.bulk_create(plain)
+    with transaction.atomic(savepoint=False):
+        _insert([job for job in jobs if job.unique_key is None], now)
         jobs = [job if job.unique_key is None else _insert_unique(job) for job in jobs]
-        with connection.cursor() as cursor:
-            for queue in sorted({job.queue for job in jobs}):
-                cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": queue})
     return jobs
+
+
+#: Every concrete field's value for a new job, in field order (``Job.from_db`` takes them so).
+_ATTNAMES = [f.attname for f in Job._meta.concrete_fields]
+_DEFAULTS = {
+    "id": None, "status": Status.PENDING.value, "attempts": 0, "result": None,
+    "started_at": None, "finished_at": None, "worker": "", "lease_owner": "",
+    "lease_expires": None,
+}
+_json = DjangoJSONEncoder(allow_nan=False, ensure_ascii=False)
+
+
+def _insert(jobs: list[Job], now: datetime.datetime) -> None:
+    """Insert ``jobs`` and notify their queues in one prepared statement; set their ids."""
+    if not jobs:
+        return
+    cursor = hot_cursor()
+    with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
+        _execute_insert(cursor, jobs, now)
+        ids = cursor.fetchall()
+    assert len(ids) == len(jobs), "the INSERT returned fewer rows than jobs"
+    for job, (pk,) in zip(jobs, ids, strict=True):
+        job.pk = pk
+        job._state.adding = False
+        job._state.db = connection.alias
+
+
+def _execute_insert(cursor: Any, jobs: list[Job], now: datetime.datetime) -> None:
+    encode = _json.encode
+    cursor.execute(sql.INSERT_JOBS, {
+        "name": [job.name for job in jobs],
+        "args": [encode(job.args) for job in jobs],
+        "kwargs": [encode(job.kwargs) for job in jobs],
+        "meta": [encode(job.meta) for job in jobs],
+        "queue": [job.queue for job in jobs],
+        "priority": [job.priority for job in jobs],
+        "run_after": [job.run_after for job in jobs],
+        "identity": [job.identity for job in jobs],
+        "group_id": [job.group_id for job in jobs],
+        "now": now, "channel": NOTIFY_CHANNEL,
+    }, prepare=True)
 
 
 def _unique_key(unique: Any, identity: str) -> str | None:
@@ -137,6 +184,8 @@ def _insert_unique(job: Job) -> Job:
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
+                with connection.cursor() as cursor:
+                    cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": job.queue})
             return job
         except IntegrityError as exc:
             if "djasync_job_unique_pending" not in str(exc):

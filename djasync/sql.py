@@ -194,5 +194,27 @@ UPDATE {JOB} SET lease_owner = '', lease_expires = NULL
  WHERE status = 'pending' AND lease_owner LIKE %s
 """
 
+#: Insert many jobs in one statement (arrays in, ids out in the order given) and wake the
+#: workers of each queue in it. One prepared statement whatever the number of jobs; the NOTIFY
+#: is sent in the caller's transaction, so PostgreSQL delivers it at commit.
+INSERT_JOBS = f"""
+WITH j AS (
+    INSERT INTO {JOB} (name, args, kwargs, meta, queue, priority, run_after, status, attempts,
+                       identity, group_id, created_at, worker, lease_owner)
+    SELECT r.name, r.args::jsonb, r.kwargs::jsonb, r.meta::jsonb, r.queue, r.priority,
+           r.run_after, 'pending', 0, r.identity, r.group_id, %(now)s, '', ''
+      FROM unnest(%(name)s::text[], %(args)s::text[], %(kwargs)s::text[], %(meta)s::text[],
+                  %(queue)s::text[], %(priority)s::int2[], %(run_after)s::timestamptz[],
+                  %(identity)s::text[], %(group_id)s::int8[])
+           WITH ORDINALITY AS r(name, args, kwargs, meta, queue, priority, run_after, identity,
+                                group_id, n)
+     ORDER BY r.n
+    RETURNING id, queue
+)
+SELECT id FROM j
+ WHERE (SELECT count(pg_notify(%(channel)s, q.queue)) FROM (SELECT DISTINCT queue FROM j) q) >= 0
+ ORDER BY id
+"""
+
 #: Wake listening workers; sent inside the scheduling transaction, so delivered at its commit.
 NOTIFY = "SELECT pg_notify(%(channel)s, %(queue)s)"
