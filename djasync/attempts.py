@@ -146,8 +146,41 @@ def succeeded(cursor: psycopg.Cursor[Any], run: Run, result: Any) -> Finished:
     """Read back what :func:`send_success` wrote and report it."""
     row = cursor.fetchone()
     assert row is not None, "the claimed job row disappeared"
-    (number,) = row
-    duration = run.elapsed
+    return _report_success(run, result, row[0], run.elapsed)
+
+
+@dataclass
+class Succeeded:
+    """A job that succeeded in a batch, its success not written yet (see :func:`succeed_many`)."""
+
+    run: Run
+    result: Any
+    encoded: str
+    finished_at: datetime.datetime
+    duration: float
+
+
+def succeeded_now(run: Run, result: Any, encoded: str) -> Succeeded:
+    return Succeeded(run, result, encoded, timezone.now(), run.elapsed)
+
+
+def succeed_many(done: list[Succeeded]) -> dict[int, Finished]:
+    """Mark the jobs of a batch succeeded in one statement (same transaction that ran them)."""
+    cursor = hot_cursor()
+    cursor.execute(sql.FINISH_SUCCESS_MANY, {
+        "job_id": [d.run.job_id for d in done],
+        "started_at": [d.run.started for d in done],
+        "finished_at": [d.finished_at for d in done],
+        "result": [d.encoded for d in done],
+        "worker": [d.run.worker[:255] for d in done],
+    }, prepare=True)
+    numbers = dict(cursor.fetchall())
+    assert len(numbers) == len(done), "a claimed job row disappeared"
+    return {d.run.job_id: _report_success(d.run, d.result, numbers[d.run.job_id], d.duration)
+            for d in done}
+
+
+def _report_success(run: Run, result: Any, number: int, duration: float) -> Finished:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("job succeeded id=%s name=%s attempt=%s duration=%.3f",
                      run.job_id, run.name, number, duration,

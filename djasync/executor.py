@@ -190,18 +190,24 @@ def run_batch(
     (:func:`set_session_timeouts`). An empty list means nothing was due.
     """
     worker = worker or default_worker_name()
-    finished: list[Finished] = []
+    outcomes: list[Finished | attempts.Succeeded] = []
     leased: list[tuple[ClaimedJob, Run, str]] = []
     with transaction.atomic():
         for job in claim(limit, queues=queues, name_prefix=name_prefix, now=now):
             if not leases.is_leased(job.meta):
-                finished.append(_run_in_savepoint(job, worker, before_each, session_timeouts))
+                outcomes.append(_run_in_savepoint(job, worker, before_each, session_timeouts,
+                                                  defer_success=limit > 1))
                 continue
             run = _begin(job, worker)
             if isinstance(run, Finished):
-                finished.append(run)
+                outcomes.append(run)
             else:  # a long job: lease it now, run it once the claim has committed
                 leased.append((job, run, leases.take(run, expired=job.lease_expired)))
+        # A batch writes its successes in one statement, before its one COMMIT.
+        succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
+        written = attempts.succeed_many(succeeded) if succeeded else {}
+    finished = [written[o.run.job_id] if isinstance(o, attempts.Succeeded) else o
+                for o in outcomes]
     for job, run, owner in leased:
         if before_each is not None:
             before_each(job)
@@ -211,8 +217,13 @@ def run_batch(
 
 def _run_in_savepoint(job: ClaimedJob, worker: str,
                       before_each: Callable[[ClaimedJob], None] | None,
-                      session_timeouts: bool) -> Finished:
-    """Run one claimed job in a savepoint of the open transaction."""
+                      session_timeouts: bool,
+                      defer_success: bool = False) -> Finished | attempts.Succeeded:
+    """Run one claimed job in a savepoint of the open transaction.
+
+    With ``defer_success`` a success is returned unwritten, for the batch to write with the
+    others (:func:`attempts.succeed_many`); a failure is always written at once.
+    """
     run = _begin(job, worker)
     if isinstance(run, Finished):
         return run
@@ -223,9 +234,10 @@ def _run_in_savepoint(job: ClaimedJob, worker: str,
                 before_each(job)
             result, encoded = _call(run, job)
     except _Raised as raised:
-        finished = attempts.fail(run, raised.exc)
+        finished: Finished | attempts.Succeeded = attempts.fail(run, raised.exc)
     else:
-        finished = attempts.succeed(run, result, encoded)
+        finished = (attempts.succeeded_now(run, result, encoded) if defer_success
+                    else attempts.succeed(run, result, encoded))
     if custom_timeout and session_timeouts:  # the next job of the batch gets the default again
         _set_local_timeouts(conf.get().TIMEOUT)
     return finished
@@ -246,6 +258,7 @@ def run_job_now(job: Job) -> Any:
             cursor.execute(sql.READ_TIMEOUTS)
             statement, idle = cursor.fetchone()
         finished = _run_in_savepoint(claimed[0], default_worker_name(), None, False)
+        assert isinstance(finished, Finished)
         if nested:  # SET LOCAL outlives the job's savepoint: give the caller its own back
             with connection.cursor() as cursor:
                 cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})

@@ -124,6 +124,30 @@ UPDATE {JOB}
 RETURNING attempts
 """
 
+#: The same for the jobs of a batch, in one statement at the end of the batch (arrays in, one
+#: element per job). Each job's own start and end times are kept.
+FINISH_SUCCESS_MANY = f"""
+WITH r AS (
+    SELECT r.job_id, r.started_at, r.finished_at, r.result, r.worker,
+           (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = r.job_id) AS number
+      FROM unnest(%(job_id)s::int8[], %(started_at)s::timestamptz[],
+                  %(finished_at)s::timestamptz[], %(result)s::text[], %(worker)s::text[])
+           AS r(job_id, started_at, finished_at, result, worker)
+),
+attempt AS (
+    INSERT INTO {ATTEMPT}
+        (job_id, number, started_at, finished_at, outcome,
+         exception_type, exception_message, traceback, worker)
+    SELECT job_id, number, started_at, finished_at, 'succeeded', '', '', '', worker FROM r
+)
+UPDATE {JOB} j
+   SET status = 'succeeded', result = r.result::jsonb, attempts = r.number,
+       started_at = r.started_at, finished_at = r.finished_at, worker = r.worker
+  FROM r
+ WHERE j.id = r.job_id
+RETURNING j.id, j.attempts
+"""
+
 #: Record a failed attempt and the job's new state (retry later, or failed) in one statement.
 FINISH_FAILURE = f"""
 WITH attempt AS (

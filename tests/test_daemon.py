@@ -39,6 +39,35 @@ def test_burst_drains_the_queue_with_four_children_and_exits_0():
     assert len(workers_used) >= 2, workers_used  # the children really shared the work
 
 
+def test_batched_mode_runs_each_job_exactly_once_even_when_a_job_kills_its_batch():
+    """--batch-size 10: ten jobs per transaction, each in its own savepoint, one COMMIT. A
+    failing job's writes roll back alone; a job that kills its process rolls its whole batch
+    back, and those jobs run again (once: their first run never committed)."""
+    good = [djasync.JobSpec(jobs.write_ledger, [f"k{i}"]) for i in range(300)]
+    failing = [djasync.JobSpec(jobs.write_then_raise, [f"bad{i}"], meta={"max_attempts": 2})
+               for i in range(20)]
+    mixed = [spec for i, spec in enumerate(good)
+             for spec in ([spec, failing[i // 15]] if i % 15 == 7 else [spec])]
+    # The poison sits mid-batch: jobs before it in its batch ran, then their batch died.
+    mixed.insert(105, djasync.JobSpec(jobs.kill_self, ["poison"], meta={"max_attempts": 2}))
+    djasync.schedule_many(mixed)  # a failing job in every other batch or so
+    poison = Job.objects.get(name="tests.jobs.kill_self")
+    result = run_worker("--concurrency", "2", "--batch-size", "10", "--burst", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert statuses() == {Status.SUCCEEDED: 300, Status.FAILED: 21}
+    assert ledger_counts() == {f"k{i}": 1 for i in range(300)}  # no bad*, no poison row
+    succeeded = Attempt.objects.filter(outcome=Outcome.SUCCEEDED)
+    assert succeeded.count() == 300 and succeeded.values("job").distinct().count() == 300
+    assert list(poison.attempt_set.values_list("outcome", flat=True)) == [Outcome.CRASHED] * 2
+    failed_attempts = Attempt.objects.filter(job__name="tests.jobs.write_then_raise")
+    assert set(failed_attempts.values_list("outcome", flat=True)) == {Outcome.ERROR}
+    assert failed_attempts.count() == 40
+    # No innocent job was charged a crash, though the poison rolled back whole batches.
+    assert not Attempt.objects.filter(outcome=Outcome.CRASHED).exclude(job=poison).exists()
+    # Jobs of one batch share a transaction: the attempts show up to ten per worker commit.
+    assert Job.objects.filter(status=Status.SUCCEEDED).values("worker").distinct().count() >= 2
+
+
 def test_two_daemons_on_the_same_queue_never_run_a_job_twice(tmp_path):
     djasync.schedule_many([djasync.JobSpec(jobs.write_ledger, [f"k{i}"]) for i in range(600)])
     daemons = [start_worker("--concurrency", "3", "--burst", log=tmp_path / f"w{i}.log")
