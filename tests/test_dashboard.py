@@ -24,7 +24,15 @@ from tests import jobs
 pytestmark = pytest.mark.django_db(transaction=True)
 
 URL = "/admin/djasync/job/dashboard/"
+#: The end of the hour the tests look at; set again before each test (:func:`fresh_now`).
 NOW = timezone.now().replace(microsecond=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NOW`` is the moment the test starts, not the moment this module was imported: the page
+    tests ask for the hour ending at the request, and a whole test run can take minutes."""
+    monkeypatch.setitem(globals(), "NOW", timezone.now().replace(microsecond=0))
 
 
 def at(**delta: float) -> datetime.datetime:
@@ -327,24 +335,37 @@ def browser_missing() -> str:
     return ""
 
 
+#: How long after :func:`a_busy_hour` the page may ask for its hour and still see every series
+#: well above zero over most of the hour (see the test below).
+LATE_BY_AT_MOST = datetime.timedelta(seconds=30)
+
+
 def a_busy_hour(now: datetime.datetime) -> None:
-    """Three queues, a few hundred jobs over the hour, some failing, and a worker."""
+    """Three queues, a few hundred jobs over the hour, some failing, and a worker.
+
+    Every default and mail job waits longer than ``LATE_BY_AT_MOST``, and each minute has one
+    of each, so the sample points (a minute apart, ending whenever the page asks) always find
+    a backlog in both; reports have a burst half an hour ago. A job that would not have finished
+    by ``now`` is still pending.
+    """
     rows, attempts = [], []
-    for minute in range(60):
+    for minute in range(65):  # from a little before the hour, so that it starts busy
         for k in range(3 + (minute * 7) % 11):
             queue = ("default", "mail", "reports")[k % 3]
             name = ("shop.jobs.write_receipt", "shop.jobs.send_mail",
                     "shop.jobs.monthly_report")[k % 3]
             due = now - datetime.timedelta(minutes=minute, seconds=k)
             wait = 0.05 + ((minute * 13 + k * 5) % 17) / 10
-            if queue == "default":  # a steady small backlog
-                wait += 10 + (minute % 12) * 5
-            elif queue == "reports" and abs(30 - minute) < 15:  # a burst half an hour ago
+            if queue == "default":  # a steady small backlog: each job waits 40 s to 1.6 min
+                wait += 40 + (minute % 12) * 5
+            elif queue == "mail":  # a steady larger one: 2.5 to 4 min
+                wait += 150 + (minute % 7) * 15
+            elif abs(30 - minute) < 15:  # reports: a burst half an hour ago
                 wait += (15 - abs(30 - minute)) * 25
             started = due + datetime.timedelta(seconds=wait)
             failed = (k + minute) % 9 == 0
             finished = started + datetime.timedelta(seconds=0.2 + (k % 3) * 1.5)
-            if minute < 2 and k > 4:
+            if finished > now or (minute < 2 and k > 4):
                 rows.append(Job(name=name, queue=queue, created_at=due, run_after=due))
                 continue
             rows.append(Job(name=name, queue=queue, created_at=due, run_after=due,
@@ -359,16 +380,45 @@ def a_busy_hour(now: datetime.datetime) -> None:
                           queues=["default", "mail", "reports"], last_seen=now, jobs_done=312)
 
 
+@pytest.mark.parametrize("late", [datetime.timedelta(0), datetime.timedelta(seconds=0.5),
+                                  datetime.timedelta(seconds=1), datetime.timedelta(seconds=7),
+                                  datetime.timedelta(seconds=19.9), LATE_BY_AT_MOST])
+def test_the_busy_hour_has_every_series_well_above_zero_whenever_the_page_asks(late):
+    """What the browser test draws: whatever second the page's hour ends at (up to
+    ``LATE_BY_AT_MOST`` after the data was made), no series is flat on zero."""
+    a_busy_hour(NOW)
+    data = dashboard.collect(NOW + late)
+    assert sorted(data.depth) == ["default", "mail", "reports"]
+    assert min(data.depth["default"]) >= 1 and sum(data.depth["default"]) >= 100
+    assert min(data.depth["mail"]) >= 2 and sum(data.depth["mail"]) >= 200
+    assert sum(1 for n in data.depth["reports"] if n >= 2) >= 20
+    assert max(data.depth["reports"]) >= 10
+    assert sum(1 for n in data.throughput.succeeded if n) >= 50
+    assert sum(1 for n in data.throughput.failed if n) >= 20
+    for series in (data.latency.p50, data.latency.p95):
+        assert sum(1 for v in series if v is not None and v >= 10) >= 45
+
+
 def pixels(image) -> list[tuple[int, int, int]]:
     data = image.convert("RGB").tobytes()
     return [tuple(data[i:i + 3]) for i in range(0, len(data), 3)]
 
 
-def count_near(image, color: str, tolerance: int = 40) -> int:
-    """Pixels of ``image`` within ``tolerance`` (per channel) of the hex ``color``."""
+def drawn_above_zero(chart, color: str, tolerance: int = 40) -> tuple[int, int]:
+    """Pixels of a chart's screenshot within ``tolerance`` (per channel) of the hex ``color``
+    inside the plot and clear of its zero line, and how many pixel columns they fill."""
     target = tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
-    return sum(1 for pixel in pixels(image)
-               if all(abs(a - b) <= tolerance for a, b in zip(pixel, target, strict=True)))
+    scale = chart.width / charts.WIDTH
+    left, right = int(charts.LEFT * scale), int((charts.LEFT + charts.PLOT_W) * scale)
+    top, zero = int(charts.TOP * scale), int((charts.TOP + charts.PLOT_H) * scale)
+    image = chart.load()
+    count, columns = 0, set()
+    for x in range(left, right):
+        for y in range(top, zero - 5):  # a line on zero (2 px wide) is not drawn above it
+            if all(abs(a - b) <= tolerance for a, b in zip(image[x, y], target, strict=True)):
+                count += 1
+                columns.add(x)
+    return count, len(columns)
 
 
 @pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "browser present")
@@ -379,7 +429,6 @@ def test_the_charts_render_in_headless_chromium(live_server, tmp_path: Path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    a_busy_hour(timezone.now())  # the page's hour ends a moment later, at the request
     User.objects.create_user("viewer", password="secret-password", is_staff=True
                              ).user_permissions.set(Permission.objects.filter(codename="view_job"))
     options = webdriver.ChromeOptions()
@@ -390,12 +439,17 @@ def test_the_charts_render_in_headless_chromium(live_server, tmp_path: Path):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
+        # Made once the browser is up: the page's hour ends at its request, a moment later.
+        made = timezone.now()
+        a_busy_hour(made)
         wait = WebDriverWait(driver, 20)
         driver.get(f"{live_server.url}/admin/login/?next={URL}")
         driver.find_element(By.NAME, "username").send_keys("viewer")
         driver.find_element(By.NAME, "password").send_keys("secret-password")
         driver.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
         wait.until(lambda d: d.find_elements(By.ID, "djasync-depth"))
+        late = timezone.now() - made
+        assert late <= LATE_BY_AT_MOST, f"the page came {late} after its data was made"
         assert driver.title.startswith("Queue dashboard")
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1400, height + 100)
@@ -433,8 +487,12 @@ def test_the_charts_render_in_headless_chromium(live_server, tmp_path: Path):
     }
     for chart_id, colors in expected.items():
         crop = region(chart_id)
+        plot_width = charts.PLOT_W * crop.width / charts.WIDTH
         for color in colors:
-            assert count_near(crop, color) > 150, (chart_id, color, shot)
+            # every series is drawn clearly, off zero, over a good part of the hour
+            count, columns = drawn_above_zero(crop, color)
+            assert count > 300 and columns > plot_width * 0.3, (chart_id, color, count, columns,
+                                                                 shot)
         background = crop.getpixel((2, 2))
         inked = sum(1 for pixel in pixels(crop) if pixel != background)
         assert inked > crop.width * crop.height * 0.03, (chart_id, inked, shot)
