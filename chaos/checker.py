@@ -248,14 +248,17 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
     found["late_counted_attempts"] = sum(j["late"] for j in jobs.values())
     # A late count is allowed only where the chaos ended a session from outside (between the
     # attempt's start and its writing): anything else would be a bug hiding behind the mark.
-    unexplained_late = [
+    late_counts = [
         {"attempt": attempt_id, "key": key, "outcome": outcome, "started": str(started),
-         "written": str(written), "worker": worker}
+         "written": str(written), "worker": worker,
+         "sessions_ended_meanwhile": [
+             [str(began), str(ended)] for began, ended in expected.sessions_ended
+             if began <= written + LATE_SLACK and ended >= started - LATE_SLACK]}
         for attempt_id, key, outcome, started, written, worker
         in conn.execute(LATE_ATTEMPTS, [LATE_MARK])
-        if not any(began <= written + LATE_SLACK and ended >= started - LATE_SLACK
-                   for began, ended in expected.sessions_ended)
     ]
+    found["late_counts"] = late_counts[:SAMPLE]
+    unexplained_late = [c for c in late_counts if not c["sessions_ended_meanwhile"]]
     found["unexplained_late_counts"] = unexplained_late[:SAMPLE]
     if unexplained_late:
         violations.append(f"I4: {len(unexplained_late)} lost attempts counted late with no "
