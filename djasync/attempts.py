@@ -78,16 +78,13 @@ class Run:
 
 
 def hot_cursor() -> psycopg.Cursor[Any]:
-    """A server-side-binding cursor on Django's connection, for the per-job statements.
-
-    Same connection, same transaction. Run its statements with ``prepare=True``: see
-    :func:`allow_prepared`.
-    """
+    """A reusable psycopg cursor on Django's connection (same transaction) for djasync's own
+    statements off the worker's fast path (:mod:`djasync.wire` has that one)."""
     connection.ensure_connection()
     raw = connection.connection
     cursor = _hot_cursors.get(raw)
     if cursor is None or cursor.closed:
-        cursor = _hot_cursors[raw] = psycopg.Cursor(allow_prepared(raw))
+        cursor = _hot_cursors[raw] = psycopg.Cursor(raw)
     return cursor
 
 
@@ -96,28 +93,6 @@ def hot_cursor() -> psycopg.Cursor[Any]:
 _hot_cursors: weakref.WeakKeyDictionary[psycopg.Connection[Any], psycopg.Cursor[Any]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-#: What djasync sets psycopg's ``prepare_threshold`` to: high enough that nothing is prepared
-#: because it ran often, so only statements executed with ``prepare=True`` are.
-PREPARE_ONLY_WHEN_ASKED = 1_000_000
-
-
-def allow_prepared(raw: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    """Let djasync's own statements be prepared on this connection, once per connection.
-
-    Django turns psycopg's prepared statements off (``prepare_threshold=None``) unless the
-    database OPTIONS say otherwise, so PostgreSQL would parse and plan the claim for every job
-    (planning it costs twice what running it does). djasync's per-job statements ask to be
-    prepared (``execute(..., prepare=True)``); nothing else is prepared that Django would not
-    prepare. If the OPTIONS set ``prepare_threshold`` themselves (``None`` behind a PgBouncer
-    older than 1.21 in transaction mode), that choice stands.
-    """
-    if raw.prepare_threshold is None and (
-        "prepare_threshold" not in connection.settings_dict.get("OPTIONS", {})
-    ):
-        raw.prepare_threshold = PREPARE_ONLY_WHEN_ASKED
-    return raw
 
 
 def count(job_id: int) -> int:
@@ -139,7 +114,7 @@ def send_success(cursor: psycopg.Cursor[Any], run: Run, encoded: str) -> None:
     cursor.execute(sql.FINISH_SUCCESS, {
         "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
         "result": encoded,
-    }, prepare=True)
+    })
 
 
 def succeeded(cursor: psycopg.Cursor[Any], run: Run, result: Any) -> Finished:
@@ -167,14 +142,22 @@ def succeeded_now(run: Run, result: Any, encoded: str) -> Succeeded:
 def succeed_many(done: list[Succeeded]) -> dict[int, Finished]:
     """Mark the jobs of a batch succeeded in one statement (same transaction that ran them)."""
     cursor = hot_cursor()
-    cursor.execute(sql.FINISH_SUCCESS_MANY, {
+    cursor.execute(sql.FINISH_SUCCESS_MANY, success_params(done))
+    return report_successes(done, dict(cursor.fetchall()))
+
+
+def success_params(done: list[Succeeded]) -> dict[str, Any]:
+    return {
         "job_id": [d.run.job_id for d in done],
         "started_at": [d.run.started for d in done],
         "finished_at": [d.finished_at for d in done],
         "result": [d.encoded for d in done],
         "worker": [d.run.worker[:255] for d in done],
-    }, prepare=True)
-    numbers = dict(cursor.fetchall())
+    }
+
+
+def report_successes(done: list[Succeeded], numbers: dict[int, int]) -> dict[int, Finished]:
+    """Log and report written successes; ``numbers`` maps each job to its attempt number."""
     assert len(numbers) == len(done), "a claimed job row disappeared"
     return {d.run.job_id: _report_success(d.run, d.result, numbers[d.run.job_id], d.duration)
             for d in done}

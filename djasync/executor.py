@@ -32,7 +32,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
-from djasync import attempts, conf, leases, registry, sql
+from djasync import attempts, conf, leases, registry, sql, wire
 from djasync.attempts import Finished, PermanentFailure, Run
 from djasync.exceptions import DjasyncError
 from djasync.models import Job, Outcome, Status
@@ -137,8 +137,7 @@ def claim(
 
     ``now`` pretends the time is ``now`` when deciding which ``run_after`` has passed.
     """
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be a positive integer, not {limit!r}")
+    _check_limit(limit)
     query = sql.claim(
         by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None,
         limit=limit,
@@ -146,13 +145,18 @@ def claim(
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
     cursor = attempts.hot_cursor()
-    cursor.execute(query, params, prepare=True)
+    cursor.execute(query, params)
     rows = cursor.fetchall()
     # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
     return [
         ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
         for id, name, args, kwargs, meta, *rest in rows
     ]
+
+
+def _check_limit(limit: Any) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, not {limit!r}")
 
 
 def _loads(value: Any) -> Any:
@@ -189,7 +193,11 @@ def run_batch(
     ``session_timeouts`` says the session already has the default timeouts
     (:func:`set_session_timeouts`). An empty list means nothing was due.
     """
+    _check_limit(limit)
     worker = worker or default_worker_name()
+    if not connection.in_atomic_block:  # the worker, flush_queue, drain(): a transaction of ours
+        return _FastBatch(worker, before_each, session_timeouts).run(
+            limit, queues=queues, name_prefix=name_prefix, now=now)
     outcomes: list[Finished | attempts.Succeeded] = []
     leased: list[tuple[ClaimedJob, Run, str]] = []
     with transaction.atomic():
@@ -213,6 +221,143 @@ def run_batch(
             before_each(job)
         finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
     return finished
+
+
+#: The savepoint each job of a worker's batch runs in (one at a time, released between jobs).
+JOB_SAVEPOINT = "djasync_job"
+
+
+class _FastBatch:
+    """A batch in the fewest round trips (:mod:`djasync.wire`), with Django's state kept true.
+
+    Django's outer ``atomic`` block still brackets the batch, so the job sees
+    ``in_atomic_block``, its nested ``atomic`` blocks make savepoints as usual, and its
+    ``on_commit`` callbacks run after the commit. What changes is who sends BEGIN, SAVEPOINT,
+    RELEASE and COMMIT: this class, in the same messages as the claim and the finish. For
+    that, psycopg is put in autocommit mode (so it sends no BEGIN of its own; the server is in
+    our transaction all the same), and the job's savepoint is entered in Django's books by hand
+    exactly as ``atomic`` would (its id on ``savepoint_ids``, so that ``on_commit`` callbacks
+    registered in a job that fails are dropped with its savepoint). Once we COMMIT, Django's
+    ``atomic`` finds the transaction ended and only runs the callbacks. Any error leaves through
+    Django's ``atomic``, which rolls back.
+
+    Jobs run one at a time in ``SAVEPOINT djasync_job``: a failure rolls back to it and is
+    written after it; between jobs ``RELEASE …; SAVEPOINT …`` goes in one message; successes are
+    written together with the last RELEASE and the COMMIT.
+    """
+
+    def __init__(self, worker: str, before_each: Callable[[ClaimedJob], None] | None,
+                 session_timeouts: bool) -> None:
+        self.worker = worker
+        self.before_each = before_each
+        self.session_timeouts = session_timeouts
+        self.in_savepoint = False
+
+    def run(self, limit: int, *, queues: Sequence[str] | None, name_prefix: str | None,
+            now: datetime.datetime | None) -> list[Finished]:
+        statements = wire.statements()
+        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
+        claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
+        claim_text = statements.render(query, claim_params)  # may PREPARE: before our BEGIN
+        outcomes: list[Finished | attempts.Succeeded] = []
+        leased: list[tuple[ClaimedJob, Run, str]] = []
+        with transaction.atomic():
+            statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
+            try:
+                cursor = statements.send(f'BEGIN; {claim_text}; SAVEPOINT "{JOB_SAVEPOINT}"')
+                self._entered()
+                cursor.nextset()
+                jobs = [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
+                        for id, name, args, kwargs, meta, *rest in cursor.fetchall()]
+                for number, job in enumerate(jobs):
+                    if number:
+                        self._next_savepoint(statements)
+                    if leases.is_leased(job.meta):
+                        run = _begin(job, self.worker)
+                        if isinstance(run, Finished):
+                            outcomes.append(run)
+                        else:  # a long job: lease it now, run it once the claim has committed
+                            leased.append((job, run, leases.take(run, expired=job.lease_expired)))
+                        continue
+                    outcomes.append(self._run_one(job))
+                succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
+                written = self._finish(statements, succeeded)
+            except BaseException:
+                self._left()  # before Django's atomic sees its books (it pops savepoint ids)
+                raise
+        finished = [written[o.run.job_id] if isinstance(o, attempts.Succeeded) else o
+                    for o in outcomes]
+        for job, run, owner in leased:
+            if self.before_each is not None:
+                self.before_each(job)
+            finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
+        return finished
+
+    def _run_one(self, job: ClaimedJob) -> Finished | attempts.Succeeded:
+        run = _begin(job, self.worker)  # a row that may not run is failed inside the savepoint
+        if isinstance(run, Finished):
+            return run
+        custom_timeout = _apply_timeout(run, self.session_timeouts)
+        try:
+            if self.before_each is not None:
+                self.before_each(job)
+            result, encoded = _call(run, job)
+        except _Raised as raised:
+            self._roll_back()  # also undoes a custom timeout's SET LOCAL
+            return attempts.fail(run, raised.exc)
+        except BaseException:
+            self._roll_back()
+            raise
+        if custom_timeout and self.session_timeouts:  # the next job gets the default again
+            _set_local_timeouts(conf.get().TIMEOUT)
+        return attempts.succeeded_now(run, result, encoded)
+
+    def _finish(self, statements: wire.Statements,
+                succeeded: list[attempts.Succeeded]) -> dict[int, Finished]:
+        """RELEASE, write the successes and COMMIT, in one message."""
+        if not succeeded:
+            statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; COMMIT')
+            self._left()
+            return {}
+        if len(succeeded) == 1:
+            (one,) = succeeded
+            finish = statements.render(sql.FINISH_SUCCESS, {
+                "job_id": one.run.job_id, "started_at": one.run.started,
+                "worker": one.run.worker[:255], "result": one.encoded})
+        else:
+            finish = statements.render(sql.FINISH_SUCCESS_MANY,
+                                       attempts.success_params(succeeded))
+        cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; {finish}; COMMIT')
+        self._left()
+        cursor.nextset()
+        rows = cursor.fetchall()
+        numbers = {row[0]: row[-1] for row in rows} if len(succeeded) > 1 else {
+            succeeded[0].run.job_id: rows[0][0]}
+        return attempts.report_successes(succeeded, numbers)
+
+    def _next_savepoint(self, statements: wire.Statements) -> None:
+        """Keep what the previous job wrote (or its failure record), and start a new savepoint."""
+        if self.in_savepoint:
+            self._left()
+            statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; SAVEPOINT "{JOB_SAVEPOINT}"')
+        else:
+            statements.send(f'SAVEPOINT "{JOB_SAVEPOINT}"')
+        self._entered()
+
+    def _entered(self) -> None:
+        connection.savepoint_ids.append(JOB_SAVEPOINT)
+        self.in_savepoint = True
+
+    def _left(self) -> None:
+        if self.in_savepoint:
+            self.in_savepoint = False
+            connection.savepoint_ids.remove(JOB_SAVEPOINT)
+
+    def _roll_back(self) -> None:
+        """What ``atomic`` does when its block raises: back to the savepoint, forgetting the
+        ``on_commit`` callbacks registered since, and clearing a pending rollback mark."""
+        connection.needs_rollback = False
+        connection.savepoint_rollback(JOB_SAVEPOINT)
 
 
 def _run_in_savepoint(job: ClaimedJob, worker: str,

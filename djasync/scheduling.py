@@ -17,8 +17,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from djasync import conf, registry, sql
-from djasync.attempts import hot_cursor
+from djasync import conf, registry, sql, wire
 from djasync.conf import NOTIFY_CHANNEL
 from djasync.exceptions import GroupClosed, GroupInUse
 from djasync.models import Group, Job, Status, identity_of
@@ -109,7 +108,7 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
             "unique_key": _unique_key(spec.unique, identity),
             "group_id": None if group is None else group.pk, "created_at": now,
         }
-        job = Job.from_db(connection.alias, None, [values[f] for f in _ATTNAMES])
+        job = Job.from_db(connection.alias, _ATTNAMES, [values[f] for f in _ATTNAMES])
         job._state.adding = True  # not saved yet (from_db builds it the fast way)
         if group is not None:
             job.group = group
@@ -136,20 +135,9 @@ def _insert(jobs: list[Job], now: datetime.datetime) -> None:
     """Insert ``jobs`` and notify their queues in one prepared statement; set their ids."""
     if not jobs:
         return
-    cursor = hot_cursor()
-    with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
-        _execute_insert(cursor, jobs, now)
-        ids = cursor.fetchall()
-    assert len(ids) == len(jobs), "the INSERT returned fewer rows than jobs"
-    for job, (pk,) in zip(jobs, ids, strict=True):
-        job.pk = pk
-        job._state.adding = False
-        job._state.db = connection.alias
-
-
-def _execute_insert(cursor: Any, jobs: list[Job], now: datetime.datetime) -> None:
     encode = _json.encode
-    cursor.execute(sql.INSERT_JOBS, {
+    statements = wire.statements()
+    text = statements.render(sql.INSERT_JOBS, {
         "name": [job.name for job in jobs],
         "args": [encode(job.args) for job in jobs],
         "kwargs": [encode(job.kwargs) for job in jobs],
@@ -160,7 +148,14 @@ def _execute_insert(cursor: Any, jobs: list[Job], now: datetime.datetime) -> Non
         "identity": [job.identity for job in jobs],
         "group_id": [job.group_id for job in jobs],
         "now": now, "channel": NOTIFY_CHANNEL,
-    }, prepare=True)
+    })
+    with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
+        ids = statements.send(text).fetchall()
+    assert len(ids) == len(jobs), "the INSERT returned fewer rows than jobs"
+    for job, (pk,) in zip(jobs, ids, strict=True):
+        job.pk = pk
+        job._state.adding = False
+        job._state.db = connection.alias
 
 
 def _unique_key(unique: Any, identity: str) -> str | None:

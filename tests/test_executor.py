@@ -3,8 +3,9 @@
 import datetime
 import sys
 
+import psycopg
 import pytest
-from django.db import connection, transaction
+from django.db import ProgrammingError, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 
@@ -298,25 +299,53 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
     """Django turns psycopg's prepared statements off; without them PostgreSQL plans the
     claim for every job. djasync prepares its own per-job statements and nothing else."""
     connection.close()
-    for key in "abc":
+    for key in "abcd":
         djasync.schedule(jobs.write_ledger, args=[key])
-    assert len(executor.drain()) == 3
+    assert len(executor.drain()) == 4
+    assert [f.outcome for f in executor.run_batch(5)] == []
     prepared = _prepared_statements()
-    assert sum("FOR NO KEY UPDATE OF j SKIP LOCKED" in s for s in prepared) == 1
-    assert sum(s.lstrip().startswith("WITH n AS") for s in prepared) == 1
+    assert sum("FOR NO KEY UPDATE OF j SKIP LOCKED" in s for s in prepared) == 2  # limits 1, 5
+    assert sum("WITH n AS" in s for s in prepared) == 1  # the finish
+    assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
     assert not any("tests_ledger" in s for s in prepared)  # the job's own statement is not
+    assert all(s.startswith("PREPARE djasync_") for s in prepared)
 
 
-def test_prepare_threshold_in_the_database_options_is_respected():
-    """Behind a PgBouncer that cannot keep prepared statements the OPTIONS say
-    ``prepare_threshold: None``; then djasync prepares nothing either."""
+def test_prepared_statements_dropped_by_someone_else_are_prepared_again():
+    """DEALLOCATE ALL or DISCARD ALL (someone's code, a pooler) drops djasync's prepared
+    statements: the one transaction that finds them gone fails and rolls back, whole and
+    loudly; the next one prepares them again."""
+    djasync.schedule(jobs.write_ledger, args=["a"])
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    with connection.cursor() as cursor:
+        cursor.execute("DISCARD ALL")
+    with pytest.raises(ProgrammingError, match="does not exist"):
+        djasync.schedule(jobs.write_ledger, args=["lost"])
+    djasync.schedule(jobs.write_ledger, args=["b"])
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    djasync.schedule(jobs.write_ledger, args=["c"])
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+        executor.run_batch()
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["a", "b", "c"]
+    assert Job.objects.count() == 3  # the failed schedule() left nothing
+
+
+@pytest.mark.parametrize("threshold", [None, 5])
+def test_prepare_threshold_in_the_database_options_means_no_prepared_statements(threshold):
+    """``prepare_threshold: None`` says a PgBouncer that cannot keep prepared statements is in
+    front; a number turns psycopg's own on (and its DEALLOCATE ALL after a ROLLBACK). Either
+    way djasync prepares nothing of its own, and jobs still run."""
     options = connection.settings_dict["OPTIONS"]
     connection.close()
-    options["prepare_threshold"] = None
+    options["prepare_threshold"] = threshold
     try:
         djasync.schedule(jobs.write_ledger, args=["x"])
-        assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
-        assert _prepared_statements() == []
+        djasync.schedule(jobs.write_then_raise, args=["y"], meta={"max_attempts": 1})
+        assert sorted(f.outcome for f in executor.drain()) == [Outcome.ERROR, Outcome.SUCCEEDED]
+        assert not any(s.startswith("PREPARE djasync_") for s in _prepared_statements())
     finally:
         del options["prepare_threshold"]
         connection.close()

@@ -1,0 +1,109 @@
+"""The worker's transaction in two round trips: statements sent together, plans kept.
+
+Run through Django's ``atomic`` and psycopg one statement at a time, a job costs six round trips
+(BEGIN, claim, SAVEPOINT, RELEASE, finish, COMMIT). On this kind of machine each one costs more
+in system calls and wake-ups than the statement itself, so the worker sends them in two
+messages of PostgreSQL's simple query protocol instead::
+
+    BEGIN; EXECUTE djasync_claim_…(…); SAVEPOINT djasync_job
+    … the job runs …
+    RELEASE SAVEPOINT djasync_job; EXECUTE djasync_finish_…(…); COMMIT
+
+The claim and the finish are server-side prepared statements (``PREPARE`` once per
+connection, a separate round trip the first time), so PostgreSQL plans them once (planning
+the claim costs about twice what running it does). Their parameters are written into the
+``EXECUTE`` as literals by psycopg's client-side binding. If the database OPTIONS turn
+prepared statements off (``prepare_threshold: None``, for a PgBouncer that cannot keep them),
+the statements are sent whole instead. djasync never asks psycopg itself to prepare
+(``prepare=True``): psycopg answers a ROLLBACK with DEALLOCATE ALL when it has prepared
+statements of its own, which would drop these too.
+
+:class:`djasync.executor` keeps Django's view of the transaction right (see its ``_FastBatch``).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Any
+
+import psycopg
+from django.db import connection
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+class Statements:
+    """Prepared statements of one connection, and its client-side-binding cursor."""
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+        self.cursor = psycopg.ClientCursor(raw)
+        self.prepare = prepared_statements_allowed()
+        self._templates: dict[str, str] = {}
+        self._count = 0
+
+    def render(self, query: str, params: dict[str, Any]) -> str:
+        """Return ``query`` with ``params`` as one SQL string: an EXECUTE of it, prepared."""
+        template = self._templates.get(query)
+        if template is None:
+            template = self._templates[query] = self._prepare(query) if self.prepare else query
+        return self.cursor.mogrify(template, params)
+
+    def _prepare(self, query: str) -> str:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match[1] not in names:
+                names.append(match[1])
+            return f"${names.index(match[1]) + 1}"
+
+        body = _PLACEHOLDER.sub(number, query)
+        self._count += 1  # never reuse a name: one dropped by someone may still exist
+        name = f"djasync_{self._count}"
+        cursor = psycopg.Cursor(self.raw)
+        try:
+            cursor.execute(f"PREPARE {name} AS {body}")
+        except psycopg.errors.DuplicatePreparedStatement:  # not ours after all: replace it
+            cursor.execute(f"DEALLOCATE {name}")
+            cursor.execute(f"PREPARE {name} AS {body}")
+        return f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
+
+    def send(self, text: str) -> psycopg.ClientCursor[Any]:
+        """Send several statements in one message; return the cursor on their results."""
+        try:
+            self.cursor.execute(text)
+        except psycopg.errors.InvalidSqlStatementName:
+            # Someone ran DEALLOCATE ALL or DISCARD ALL on this session (psycopg does when
+            # its own prepared statements are on and it sees a ROLLBACK): prepare again
+            # next time. This transaction fails and rolls back; the worker retries it.
+            self._templates.clear()
+            raise
+        return self.cursor
+
+
+def prepared_statements_allowed() -> bool:
+    """Whether djasync may keep server-side prepared statements on Django's connection.
+
+    Yes with Django's default, where psycopg prepares nothing itself. Not if the database
+    OPTIONS set ``prepare_threshold``: ``None`` is how to say that a PgBouncer in transaction
+    mode sits in front (it cannot keep SQL-level prepared statements), and with a number
+    psycopg prepares statements of its own and answers every ROLLBACK with DEALLOCATE ALL,
+    which would drop djasync's too. Then the statements are sent whole, planned every time.
+    """
+    return "prepare_threshold" not in connection.settings_dict.get("OPTIONS", {})
+
+
+_statements: weakref.WeakKeyDictionary[psycopg.Connection[Any], Statements] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def statements() -> Statements:
+    """The :class:`Statements` of Django's connection (made once per connection)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    found = _statements.get(raw)
+    if found is None or found.cursor.closed:
+        found = _statements[raw] = Statements(raw)
+    return found
