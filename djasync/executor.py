@@ -145,8 +145,10 @@ def claim(
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
     cursor = attempts.hot_cursor()
+    cursor.execute(sql.CLAIM_PLAN)
     cursor.execute(query, params)
     rows = cursor.fetchall()
+    cursor.execute(sql.CLAIM_PLAN_DONE)
     # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
     return [
         ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
@@ -264,8 +266,10 @@ class _FastBatch:
         with transaction.atomic():
             statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
             try:
-                cursor = statements.send(f'BEGIN; {claim_text}; SAVEPOINT "{JOB_SAVEPOINT}"')
+                cursor = statements.send(f"BEGIN; {sql.CLAIM_PLAN}; {claim_text}; "
+                                         f'{sql.CLAIM_PLAN_DONE}; SAVEPOINT "{JOB_SAVEPOINT}"')
                 self._entered()
+                cursor.nextset()
                 cursor.nextset()
                 jobs = [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
                         for id, name, args, kwargs, meta, *rest in cursor.fetchall()]

@@ -76,6 +76,14 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 """
 
 
+#: Sent around every claim. The claim must walk ``djasync_job_claim`` in index order; on a table
+#: PostgreSQL has no statistics for yet (a new queue, a burst right after a TRUNCATE, before
+#: autovacuum's ANALYZE) the planner prefers to sort the whole backlog for each claim instead,
+#: 100 times slower (2.8 ms instead of 0.03 ms per claim on 10,000 jobs). Sorting is never the
+#: right plan for it, so it is turned off for that one statement.
+CLAIM_PLAN = "SET LOCAL enable_sort = off"
+CLAIM_PLAN_DONE = "SET LOCAL enable_sort TO DEFAULT"
+
 #: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
 #: ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode.
 #: A worker sets its default timeouts once per session and sends this only for jobs whose

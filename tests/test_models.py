@@ -51,3 +51,33 @@ def test_the_claim_uses_the_partial_index_on_100000_rows():
             plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "Index Scan using djasync_job_claim" in plan, plan
     assert "Sort" not in plan.split("SubPlan")[0], plan
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_walks_its_index_even_before_the_table_has_statistics():
+    """A new queue, or a burst right after a TRUNCATE: PostgreSQL has no statistics yet and,
+    left alone, plans the claim as a sort of the whole backlog (2.8 ms instead of 0.03 ms per
+    claim at 10,000 jobs). The worker turns sorting off for the claim."""
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [i, i]) for i in range(10_000)])
+    claim = sql.claim(by_queue=False, by_name_prefix=False)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not cursor.fetchone()[0]:
+            pytest.skip("forgetting a table's statistics needs a superuser")
+        # What the catalogs say of a table never analyzed (PostgreSQL 14+).
+        cursor.execute("DELETE FROM pg_statistic WHERE starelid = 'djasync_job'::regclass")
+        cursor.execute("UPDATE pg_class SET reltuples = -1, relpages = 0 "
+                       "WHERE oid = 'djasync_job'::regclass OR oid IN (SELECT indexrelid "
+                       "FROM pg_index WHERE indrelid = 'djasync_job'::regclass)")
+        try:
+            with transaction.atomic():
+                cursor.execute("EXPLAIN " + claim, {"now": None})
+                unaided = "\n".join(row[0] for row in cursor.fetchall())
+                cursor.execute(sql.CLAIM_PLAN)
+                cursor.execute("EXPLAIN " + claim, {"now": None})
+                planned = "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            cursor.execute("ANALYZE djasync_job")
+    assert "Sort" in unaided.split("SubPlan")[0], unaided  # the trap is real ...
+    assert "Index Scan using djasync_job_claim" in planned, planned  # ... and avoided
+    assert "Sort" not in planned.split("SubPlan")[0], planned
