@@ -415,9 +415,14 @@ def profile_section(results: dict) -> str:
             polls = sum(st["calls"] for st in rec["statements"]
                         if st["query"].startswith("SELECT EXISTS (SELECT $2 FROM djasync_job"))
             text.append(
-                "\n`SELECT … FOR KEY SHARE OF x` is the foreign-key check PostgreSQL runs inside "
-                "the INSERT into `djasync_attempt` (a trigger), not a round trip; `SELECT EXISTS "
-                "…` is the benchmark's own poll in daemon mode. Worker round trips per job: "
+                "\n`SELECT … FOR KEY SHARE OF x` is the foreign-key check of the INSERT into "
+                "`djasync_attempt` (a deferred trigger, run at COMMIT), not a statement the "
+                "worker sends; "
+                "`SELECT EXISTS …` is the benchmark's own poll in daemon mode. The worker sends "
+                "its statements several per message (simple query protocol: `BEGIN; SET …; "
+                "EXECUTE claim; SET …; SAVEPOINT` and `RELEASE …; EXECUTE finish; COMMIT`), so "
+                "round trips are fewer than statements: 2 per job at batch size 1, K + 1 per "
+                "batch of K. Worker statements per job: "
                 f"{f2((rec['statements_total_calls'] - fk - polls) / n)}.\n")
         for who in ("pyspy_child", "pyspy_supervisor"):
             spy = rec.get(who)

@@ -308,19 +308,6 @@ def test_without_metrics_port_no_process_of_the_daemon_imports_the_client_librar
 # -- options ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def options_only(monkeypatch):
-    """Fail the test if start-up (Django, logging) begins; clear the metrics variables."""
-
-    def touched(*args, **kwargs):
-        raise AssertionError("the options were accepted and start-up began")
-
-    monkeypatch.setattr(worker_cli, "_setup_django", touched)
-    monkeypatch.setattr("djasync_worker.logs.configure", touched)
-    monkeypatch.delenv("DJASYNC_WORKER_METRICS_PORT", raising=False)
-    monkeypatch.delenv("DJASYNC_WORKER_METRICS_HOST", raising=False)
-
-
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(worker_cli.cli, list(args), env=env, prog_name="djasync-worker")
 

@@ -35,20 +35,6 @@ OPTION_ENV_VARS = {
 }
 
 
-@pytest.fixture
-def options_only(monkeypatch):
-    """Clear DJASYNC_WORKER_* variables; fail the test if start-up (Django, logging) begins."""
-
-    def touched(*args, **kwargs):
-        raise AssertionError("the options were accepted and start-up began")
-
-    monkeypatch.setattr(worker_cli, "_setup_django", touched)
-    monkeypatch.setattr("djasync_worker.logs.configure", touched)
-    for name in OPTION_ENV_VARS.values():
-        if name != "DJANGO_SETTINGS_MODULE":
-            monkeypatch.delenv(name, raising=False)
-
-
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(worker_cli.cli, list(args), env=env, prog_name="djasync-worker")
 
