@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -237,9 +238,11 @@ class _FastBatch:
     ``on_commit`` callbacks run after the commit. What changes is who sends BEGIN, SAVEPOINT,
     RELEASE and COMMIT: this class, in the same messages as the claim and the finish. For
     that, psycopg is put in autocommit mode (so it sends no BEGIN of its own; the server is in
-    our transaction all the same), and the job's savepoint is entered in Django's books by hand
-    exactly as ``atomic`` would (its id on ``savepoint_ids``, so that ``on_commit`` callbacks
-    registered in a job that fails are dropped with its savepoint). Once we COMMIT, Django's
+    our transaction all the same; once our BEGIN has gone through, psycopg's flag is turned off
+    again, as job code and Django read it: see ``wire.Statements.began``), and the job's
+    savepoint is entered in Django's books by hand exactly as ``atomic`` would (its id on
+    ``savepoint_ids``, so that ``on_commit`` callbacks registered in a job that fails are
+    dropped with its savepoint). Once we COMMIT, Django's
     ``atomic`` finds the transaction ended and only runs the callbacks. Any error leaves through
     Django's ``atomic``, which rolls back.
 
@@ -266,8 +269,10 @@ class _FastBatch:
         with transaction.atomic():
             statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
             try:
-                cursor = statements.send(f"BEGIN; {sql.CLAIM_PLAN}; {claim_text}; "
-                                         f'{sql.CLAIM_PLAN_DONE}; SAVEPOINT "{JOB_SAVEPOINT}"')
+                cursor = statements.send(f"{statements.begin()}; {sql.CLAIM_PLAN}; "
+                                         f"{claim_text}; {sql.CLAIM_PLAN_DONE}; "
+                                         f'SAVEPOINT "{JOB_SAVEPOINT}"')
+                statements.began()
                 self._entered()
                 cursor.nextset()
                 cursor.nextset()
@@ -484,11 +489,30 @@ def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
                 "own (wrap the statement in transaction.atomic()), so its writes are lost; the "
                 "attempt counts as failed"
             )
-        return result, _json.encode(result)  # an unencodable result is a failed attempt
+        encoded = _json.encode(result)  # an unencodable result is a failed attempt
+        if "\\u" in encoded:
+            _check_storable(encoded)
+        return result, encoded
     except Exception as exc:
         raise _Raised(exc) from exc
     finally:
         _current.reset(token)
+
+
+#: A JSON escape: a surrogate pair, another ``\\uXXXX``, or a one-character escape.
+_ESCAPE = re.compile(r"\\(?:u(d[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|[0-9a-f]{4})|.)")
+
+
+def _check_storable(encoded: str) -> None:
+    """Refuse JSON that jsonb cannot store (``\\u0000``, an unpaired surrogate). Found only by
+    the statement that writes the success, it would fail the whole transaction with the attempt
+    unrecorded, and the job (and the rest of its batch) would run again and again."""
+    for match in _ESCAPE.finditer(encoded):
+        code = match[1]
+        if code is not None and len(code) == 4 and (
+                code == "0000" or (code[0] == "d" and code[1] in "89abcdef")):
+            raise ValueError("the result holds a NUL character or an unpaired surrogate, "
+                             "which PostgreSQL's jsonb cannot store")
 
 
 def _apply_timeout(run: Run, session_timeouts: bool) -> bool:

@@ -69,6 +69,30 @@ class Statements:
             cursor.execute(f"PREPARE {name} AS {body}")
         return f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
 
+    def begin(self) -> str:
+        """The BEGIN psycopg itself would send: Django's ``isolation_level`` option (psycopg's
+        ``isolation_level``, ``read_only``, ``deferrable``) applies to the worker's transaction
+        as to any ``atomic`` block."""
+        raw = self.raw
+        parts = ["BEGIN"]
+        if raw.isolation_level is not None:
+            level = psycopg.IsolationLevel(raw.isolation_level).name.replace("_", " ")
+            parts.append(f"ISOLATION LEVEL {level}")
+        if raw.read_only is not None:
+            parts.append("READ ONLY" if raw.read_only else "READ WRITE")
+        if raw.deferrable is not None:
+            parts.append("DEFERRABLE" if raw.deferrable else "NOT DEFERRABLE")
+        return " ".join(parts)
+
+    def began(self) -> None:
+        """After our BEGIN went through in autocommit mode: turn psycopg's autocommit flag off
+        again, as it is in any Django ``atomic`` block. Code in the job reads it: Django makes
+        ``QuerySet.iterator()`` cursors ``WITH HOLD`` under autocommit, which PostgreSQL refuses
+        with ``select_for_update()`` and materialises at COMMIT. psycopg's setter refuses
+        inside a transaction, hence the attribute; psycopg sends no BEGIN of its own while
+        the server is in a transaction, and Django's ``atomic`` turns autocommit back on."""
+        self.raw._autocommit = False
+
     def send(self, text: str) -> psycopg.ClientCursor[Any]:
         """Send several statements in one message; return the cursor on their results."""
         try:

@@ -1,0 +1,89 @@
+"""The worker's fast path (djasync.wire) must look to the job like any Django ``atomic``."""
+
+import pytest
+from django.db import connection
+
+import djasync
+from djasync import executor
+from djasync.models import Job, Outcome
+from tests.models import Ledger
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def read_transaction_isolation():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('transaction_isolation')")
+        return cursor.fetchone()[0]
+
+
+def lock_rows_with_iterator(key):
+    Ledger.objects.create(key=key)
+    return [row.key for row in Ledger.objects.select_for_update().iterator(chunk_size=10)]
+
+
+@pytest.mark.parametrize("level, name", [(3, "repeatable read"), (4, "serializable")])
+def test_the_isolation_level_in_the_database_options_applies_to_the_workers_transaction(
+        level, name):
+    """Django's atomic begins with psycopg's BEGIN ISOLATION LEVEL …; so must the worker's."""
+    options = connection.settings_dict["OPTIONS"]
+    connection.close()
+    options["isolation_level"] = level
+    try:
+        djasync.schedule(read_transaction_isolation)
+        djasync.schedule(read_transaction_isolation)
+        assert [f.result for f in executor.run_batch()] == [name]
+        assert [f.result for f in executor.run_batch(5)] == [name]
+    finally:
+        del options["isolation_level"]
+        connection.close()
+
+
+def test_a_job_can_lock_rows_through_a_server_side_cursor():
+    """psycopg's autocommit flag is off inside the job, as in any atomic block: Django's
+    iterator() cursor is then not WITH HOLD, which PostgreSQL refuses with FOR UPDATE."""
+    djasync.schedule(lock_rows_with_iterator, args=["a"])
+    djasync.schedule(lock_rows_with_iterator, args=["b"])
+    first = executor.run_batch()
+    assert [(f.outcome, f.error, f.result) for f in first] == [(Outcome.SUCCEEDED, "", ["a"])]
+    assert connection.get_autocommit() and connection.connection.autocommit
+    [second] = executor.run_batch(3)
+    assert (second.outcome, second.error) == (Outcome.SUCCEEDED, "")
+    assert sorted(second.result) == ["a", "b"]
+    assert connection.get_autocommit() and connection.connection.autocommit
+
+
+def return_text(text, *codes):
+    return text + "".join(map(chr, codes))  # schedule() refuses NUL and surrogates in args
+
+
+def write_then_return_text(key, text, *codes):
+    Ledger.objects.create(key=key)
+    return return_text(text, *codes)
+
+
+@pytest.mark.parametrize("codes", [[0], [0xD800], [0xDC00], [0xD83D, 0x41], [0xDE00, 0xD83D]])
+def test_a_result_jsonb_cannot_store_is_a_failed_attempt_not_a_rolled_back_batch(codes):
+    """jsonb refuses \\u0000 and unpaired surrogates. Found by the statement that writes the
+    successes, the whole transaction rolled back with nothing recorded: the job (and its
+    batch) ran again at every claim, forever."""
+    poison = djasync.schedule(write_then_return_text, args=["poison", "x", *codes],
+                              meta={"max_attempts": 1})
+    fine = djasync.schedule(write_then_return_text, args=["fine", "ok"])
+    finished = {f.job_id: f for f in executor.run_batch(5)}
+    assert finished[poison.pk].outcome == Outcome.ERROR
+    assert "jsonb cannot store" in finished[poison.pk].error
+    assert finished[fine.pk].outcome == Outcome.SUCCEEDED
+    assert list(Ledger.objects.values_list("key", flat=True)) == ["fine"]
+
+
+@pytest.mark.parametrize("text, codes, stored", [
+    ("\\u0000", [], "\\u0000"), ("\\\\u0000", [], "\\\\u0000"), ("\\ud800", [], "\\ud800"),
+    ("\U0001f600", [], "\U0001f600"), ("", [0xD83D, 0xDE00], "\U0001f600"),
+    ("é\\", [], "é\\"), ("it's \\' \"; --", [1], "it's \\' \"; --\x01"),
+])
+def test_results_jsonb_can_store_are_kept(text, codes, stored):
+    djasync.schedule(return_text, args=[text, *codes])
+    [finished] = executor.run_batch()
+    assert finished.outcome == Outcome.SUCCEEDED, finished.error
+    assert Job.objects.get(pk=finished.job_id).result == stored
