@@ -10,7 +10,6 @@ import datetime
 import logging
 import time
 import traceback
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,17 +81,15 @@ def hot_cursor() -> psycopg.Cursor[Any]:
     statements off the worker's fast path (:mod:`djasync.wire` has that one)."""
     connection.ensure_connection()
     raw = connection.connection
-    cursor = _hot_cursors.get(raw)
-    if cursor is None or cursor.closed:
-        cursor = _hot_cursors[raw] = psycopg.Cursor(raw)
+    cursor = _hot_cursors.get(connection.alias)
+    if cursor is None or cursor.connection is not raw or cursor.closed:
+        cursor = _hot_cursors[connection.alias] = psycopg.Cursor(raw)
     return cursor
 
 
-#: One reusable cursor per connection (a new psycopg cursor per statement costs more than
-#: the statement's own client-side work); weak keys, so a closed connection takes its along.
-_hot_cursors: weakref.WeakKeyDictionary[psycopg.Connection[Any], psycopg.Cursor[Any]] = (
-    weakref.WeakKeyDictionary()
-)
+#: One reusable cursor per database alias's current connection (a new psycopg cursor per
+#: statement costs more than the statement's own client-side work); a reconnect replaces it.
+_hot_cursors: dict[str, psycopg.Cursor[Any]] = {}
 
 
 def count(job_id: int) -> int:
@@ -157,9 +154,13 @@ def success_params(done: list[Succeeded]) -> dict[str, Any]:
 
 
 def report_successes(done: list[Succeeded], numbers: dict[int, int]) -> dict[int, Finished]:
-    """Log and report written successes; ``numbers`` maps each job to its attempt number."""
-    assert len(numbers) == len(done), "a claimed job row disappeared"
-    return {d.run.job_id: _report_success(d.run, d.result, numbers[d.run.job_id], d.duration)
+    """Log and report written successes; ``numbers`` maps each job to its attempt number.
+
+    This runs after the COMMIT: it must not raise. A job missing from ``numbers`` deleted its
+    own row (its success was written to nothing); it is reported with the claim's count.
+    """
+    return {d.run.job_id: _report_success(d.run, d.result,
+                                          numbers.get(d.run.job_id, d.run.attempt), d.duration)
             for d in done}
 
 

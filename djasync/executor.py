@@ -340,8 +340,11 @@ class _FastBatch:
         self._left()
         cursor.nextset()
         rows = cursor.fetchall()
-        numbers = {row[0]: row[-1] for row in rows} if len(succeeded) > 1 else {
-            succeeded[0].run.job_id: rows[0][0]}
+        # Committed: nothing below may raise (see attempts.report_successes).
+        if len(succeeded) > 1:
+            numbers = {row[0]: row[-1] for row in rows}
+        else:  # FINISH_SUCCESS returns the attempt number alone (no row: the job deleted it)
+            numbers = {succeeded[0].run.job_id: rows[0][0]} if rows else {}
         return attempts.report_successes(succeeded, numbers)
 
     def _next_savepoint(self, statements: wire.Statements) -> None:

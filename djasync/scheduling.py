@@ -149,8 +149,7 @@ def _insert(jobs: list[Job], now: datetime.datetime) -> None:
         "group_id": [job.group_id for job in jobs],
         "now": now, "channel": NOTIFY_CHANNEL,
     })
-    with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
-        ids = statements.send(text).fetchall()
+    ids = statements.send(text).fetchall()
     assert len(ids) == len(jobs), "the INSERT returned fewer rows than jobs"
     for job, (pk,) in zip(jobs, ids, strict=True):
         job.pk = pk

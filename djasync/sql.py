@@ -124,6 +124,7 @@ attempt AS (
     SELECT %(job_id)s, n.number, %(started_at)s, clock_timestamp(), 'succeeded', '', '', '',
            %(worker)s
       FROM n
+     WHERE EXISTS (SELECT FROM {JOB} WHERE id = %(job_id)s)  -- unless the job deleted itself
 )
 UPDATE {JOB}
    SET status = 'succeeded', result = %(result)s::jsonb, attempts = (SELECT number FROM n),
@@ -147,6 +148,7 @@ attempt AS (
         (job_id, number, started_at, finished_at, outcome,
          exception_type, exception_message, traceback, worker)
     SELECT job_id, number, started_at, finished_at, 'succeeded', '', '', '', worker FROM r
+     WHERE EXISTS (SELECT FROM {JOB} j WHERE j.id = r.job_id)  -- unless it deleted itself
 )
 UPDATE {JOB} j
    SET status = 'succeeded', result = r.result::jsonb, attempts = r.number,

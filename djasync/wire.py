@@ -23,8 +23,9 @@ statements of its own, which would drop these too.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
-import weakref
 from typing import Any
 
 import psycopg
@@ -41,7 +42,6 @@ class Statements:
         self.cursor = psycopg.ClientCursor(raw)
         self.prepare = prepared_statements_allowed()
         self._templates: dict[str, str] = {}
-        self._count = 0
 
     def render(self, query: str, params: dict[str, Any]) -> str:
         """Return ``query`` with ``params`` as one SQL string: an EXECUTE of it, prepared."""
@@ -59,14 +59,12 @@ class Statements:
             return f"${names.index(match[1]) + 1}"
 
         body = _PLACEHOLDER.sub(number, query)
-        self._count += 1  # never reuse a name: one dropped by someone may still exist
-        name = f"djasync_{self._count}"
-        cursor = psycopg.Cursor(self.raw)
-        try:
-            cursor.execute(f"PREPARE {name} AS {body}")
-        except psycopg.errors.DuplicatePreparedStatement:  # not ours after all: replace it
-            cursor.execute(f"DEALLOCATE {name}")
-            cursor.execute(f"PREPARE {name} AS {body}")
+        # The name is the statement's digest: a session (a pooled server connection, one this
+        # process prepared on before an error made it forget) that already has the name has
+        # the very same statement, never another one.
+        name = "djasync_" + hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()[:20]
+        with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+            psycopg.Cursor(self.raw).execute(f"PREPARE {name} AS {body}")
         return f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
 
     def begin(self) -> str:
@@ -95,14 +93,15 @@ class Statements:
 
     def send(self, text: str) -> psycopg.ClientCursor[Any]:
         """Send several statements in one message; return the cursor on their results."""
-        try:
-            self.cursor.execute(text)
-        except psycopg.errors.InvalidSqlStatementName:
-            # Someone ran DEALLOCATE ALL or DISCARD ALL on this session (psycopg does when
-            # its own prepared statements are on and it sees a ROLLBACK): prepare again
-            # next time. This transaction fails and rolls back; the worker retries it.
-            self._templates.clear()
-            raise
+        with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
+            try:
+                self.cursor.execute(text)
+            except psycopg.errors.InvalidSqlStatementName:
+                # Someone ran DEALLOCATE ALL or DISCARD ALL on this session (psycopg does when
+                # its own prepared statements are on and it sees a ROLLBACK): prepare again
+                # next time. This transaction fails and rolls back; the worker retries it.
+                self._templates.clear()
+                raise
         return self.cursor
 
 
@@ -118,16 +117,17 @@ def prepared_statements_allowed() -> bool:
     return "prepare_threshold" not in connection.settings_dict.get("OPTIONS", {})
 
 
-_statements: weakref.WeakKeyDictionary[psycopg.Connection[Any], Statements] = (
-    weakref.WeakKeyDictionary()
-)
+#: The :class:`Statements` of each database alias's current connection. One slot per alias:
+#: a reconnect replaces it (a weak-keyed cache would never let go, as its value refers to
+#: its key).
+_statements: dict[str, Statements] = {}
 
 
 def statements() -> Statements:
     """The :class:`Statements` of Django's connection (made once per connection)."""
     connection.ensure_connection()
     raw = connection.connection
-    found = _statements.get(raw)
-    if found is None or found.cursor.closed:
-        found = _statements[raw] = Statements(raw)
+    found = _statements.get(connection.alias)
+    if found is None or found.raw is not raw or found.cursor.closed:
+        found = _statements[connection.alias] = Statements(raw)
     return found

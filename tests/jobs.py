@@ -191,3 +191,15 @@ def modules_imported(*names):
     import sys
 
     return [name for name in names if name in sys.modules]
+
+
+def delete_own_row(key):
+    """A job that deletes its own job row (and registers an on_commit callback)."""
+    from django.db import transaction
+
+    from djasync.executor import current_job
+    from djasync.models import Job
+
+    transaction.on_commit(lambda: ON_COMMIT_CALLS.append(key))
+    Job.objects.filter(pk=current_job().id).delete()
+    return key

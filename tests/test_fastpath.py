@@ -87,3 +87,19 @@ def test_results_jsonb_can_store_are_kept(text, codes, stored):
     [finished] = executor.run_batch()
     assert finished.outcome == Outcome.SUCCEEDED, finished.error
     assert Job.objects.get(pk=finished.job_id).result == stored
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_job_that_deletes_its_own_row_commits_and_its_callbacks_run(batch):
+    """Its success is written to no row after the COMMIT went through: nothing may raise then,
+    or Django's atomic would drop the committed job's on_commit callbacks."""
+    from tests import jobs
+
+    jobs.ON_COMMIT_CALLS.clear()
+    djasync.schedule(jobs.delete_own_row, args=["gone"])
+    djasync.schedule(jobs.write_ledger, args=["kept"])
+    finished = executor.run_batch(batch) + (executor.run_batch(batch) if batch == 1 else [])
+    assert [f.outcome for f in finished] == [Outcome.SUCCEEDED, Outcome.SUCCEEDED]
+    assert jobs.ON_COMMIT_CALLS == ["gone"]
+    assert list(Job.objects.values_list("name", flat=True)) == ["tests.jobs.write_ledger"]
+    assert list(Ledger.objects.values_list("key", flat=True)) == ["kept"]
