@@ -146,10 +146,12 @@ def claim(
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
     cursor = attempts.hot_cursor()
-    cursor.execute(sql.CLAIM_PLAN)
+    for statement in sql.CLAIM_PLAN.split("; "):
+        cursor.execute(statement)
     cursor.execute(query, params)
     rows = cursor.fetchall()
-    cursor.execute(sql.CLAIM_PLAN_DONE)
+    for statement in sql.CLAIM_PLAN_DONE.split("; "):
+        cursor.execute(statement)
     # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
     return [
         ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
@@ -274,8 +276,8 @@ class _FastBatch:
                                          f'SAVEPOINT "{JOB_SAVEPOINT}"')
                 statements.began()
                 self._entered()
-                cursor.nextset()
-                cursor.nextset()
+                for _ in range(1 + sql.CLAIM_PLAN.count(";") + 1):  # to the claim's rows
+                    cursor.nextset()
                 jobs = [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
                         for id, name, args, kwargs, meta, *rest in cursor.fetchall()]
                 for number, job in enumerate(jobs):
@@ -336,9 +338,11 @@ class _FastBatch:
         else:
             finish = statements.render(sql.FINISH_SUCCESS_MANY,
                                        attempts.success_params(succeeded))
-        cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; {finish}; COMMIT')
+        cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; {sql.FINISH_PLAN}; '
+                                 f"{finish}; COMMIT")
         self._left()
-        cursor.nextset()
+        for _ in range(2):  # to the finish's rows
+            cursor.nextset()
         rows = cursor.fetchall()
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:
