@@ -115,6 +115,12 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
         jobs.append(job)
     if not jobs:
         return []
+    if not connection.in_atomic_block and not groups and all(
+            job.unique_key is None and job.group_id is None for job in jobs):
+        # Autocommit and plain jobs: the one statement is its own transaction (one round trip;
+        # the NOTIFY in it is delivered when it commits).
+        _insert(jobs, now)
+        return jobs
     with transaction.atomic(savepoint=False):
         _insert([job for job in jobs if job.unique_key is None], now)
         jobs = [job if job.unique_key is None else _insert_unique(job) for job in jobs]

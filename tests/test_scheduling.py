@@ -5,7 +5,7 @@ import decimal
 import uuid
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 
@@ -47,6 +47,17 @@ def test_the_notify_is_delivered_at_commit_and_not_on_rollback(other_connection)
         assert list(other_connection.notifies(timeout=0.2, stop_after=1)) == []
     received = list(other_connection.notifies(timeout=5, stop_after=1))
     assert [(n.channel, n.payload) for n in received] == [("djasync", "mail")]
+
+
+def test_outside_a_transaction_schedule_commits_at_once_and_notifies(other_connection):
+    """Autocommit: one statement, its own transaction; the NOTIFY comes with its commit."""
+    other_connection.execute("LISTEN djasync")
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [1, 2], queue="mail"),
+                           djasync.JobSpec(jobs.add, [3, 4], queue="sms")])
+    assert not connection.in_atomic_block
+    assert count_pending_seen_by(other_connection) == 2
+    received = list(other_connection.notifies(timeout=5, stop_after=2))
+    assert sorted(n.payload for n in received) == ["mail", "sms"]
 
 
 def test_schedule_stores_name_arguments_and_defaults():
