@@ -1,0 +1,69 @@
+"""Per-job CPU of the executor alone: one process calling ``run_batch`` in a loop, no daemon.
+
+Fills ``djasync_job`` with N no-op jobs (one INSERT … generate_series), drains them with
+``executor.run_batch(K)`` and prints jobs/s, this process's CPU per job and the CPU per job of
+its PostgreSQL backend (from /proc, so the server must run on this machine). This is how the
+hot-path changes of issue 5 were measured one by one, between full ``make bench`` runs:
+
+    DATABASE_URL=postgresql://… .venv/bin/python bench/loop.py --jobs 4000 --batch 1
+
+It empties the djasync tables of that database (run ``migrate`` there first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]
+
+
+def backend_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchproject.settings")
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    from djasync import executor
+
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE djasync_attempt, djasync_job CASCADE")
+        cursor.execute("""
+            INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, status,
+                                     run_after, created_at, attempts, worker, identity)
+            SELECT 'benchapp.jobs.noop', '[]', '{}', '{}', 'default', 0, 'pending',
+                   now() - interval '1 s', now(), 0, '', ''
+              FROM generate_series(1, %s)""", [args.jobs])
+        cursor.execute("VACUUM ANALYZE djasync_job")
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    executor.set_session_timeouts()
+    server0, client0, wall0 = backend_cpu(pid), time.process_time(), time.perf_counter()
+    done = 0
+    while batch := executor.run_batch(args.batch, worker="loop", session_timeouts=True):
+        done += len(batch)
+    server1, client1, wall1 = backend_cpu(pid), time.process_time(), time.perf_counter()
+    print(json.dumps({
+        "jobs": done, "batch": args.batch, "jobs_per_s": round(done / (wall1 - wall0)),
+        "client_cpu_us_per_job": round((client1 - client0) / done * 1e6),
+        "server_cpu_us_per_job": round((server1 - server0) / done * 1e6),
+    }))
+
+
+if __name__ == "__main__":
+    main()
