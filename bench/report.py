@@ -345,11 +345,12 @@ def w3_section(results: dict) -> str:
         base = base_bulk if ("many" in label or "COPY" in label) else base_single
         rows.append([label, f0(v), raw(recs, "jobs_per_s"), pc(ratio(v, base))])
     return ("\n## W3 enqueue\n"
-            "One client in the benchmark process. `schedule()` outside any `atomic` block "
-            "(so one transaction each: INSERT via `bulk_create` + `pg_notify` + COMMIT); the raw "
-            "loop does the same INSERT (RETURNING id), `pg_notify` and COMMIT with psycopg "
-            "(prepared after 5 uses). Bulk: one `schedule_many` call vs psycopg `COPY` of the "
-            "same rows.\n\n"
+            "One client in the benchmark process. `schedule()` outside any `atomic` block: "
+            "one prepared `INSERT … RETURNING` that also sends the NOTIFY, its own transaction "
+            "(validation, the allow-list check and the `Job` object included); the raw loop "
+            "does an INSERT (RETURNING id), `pg_notify` and COMMIT with psycopg (prepared after "
+            "5 uses). Bulk: one `schedule_many` call (the same statement with arrays) vs "
+            "psycopg `COPY` of the same rows (no validation, no objects, no ids back).\n\n"
             + table(["method", "jobs/s (median)", "raw", "vs raw baseline"], rows))
 
 
