@@ -19,7 +19,7 @@ What the tables cannot tell (and so the dashboard does not pretend to):
 - Queue depth at a past time is rebuilt from each job's row: a job counts from
   ``greatest(created_at, run_after)`` until its ``finished_at``. A job stores only its *latest*
   ``run_after``, so a job now waiting for a retry is not counted during the hour before that
-  retry is due; a cancelled job has no ``finished_at`` and is left out of the history. Running
+  retry is due; a cancelled job counts until it was cancelled (its ``finished_at``). Running
   jobs are pending rows, so depth counts "due and not finished" (waiting or running).
 - Pickup latency is ``started_at - greatest(created_at, run_after)`` of jobs that finished in
   the hour (succeeded or failed): only a finished job's row still holds the due time of the

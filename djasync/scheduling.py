@@ -259,7 +259,7 @@ def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
         )
-        return Job.objects.filter(id__in=ids).update(status=Status.CANCELLED)
+        return _mark_cancelled(ids)
 
 
 def cancel(job_ids: Iterable[int]) -> int:
@@ -271,7 +271,7 @@ def cancel(job_ids: Iterable[int]) -> int:
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
         )
-        return Job.objects.filter(id__in=ids).update(status=Status.CANCELLED)
+        return _mark_cancelled(ids)
 
 
 def retry_now(job_ids: Iterable[int]) -> int:
@@ -308,3 +308,10 @@ def retry_now(job_ids: Iterable[int]) -> int:
             with connection.cursor() as cursor:
                 cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": "*"})
         return count
+
+
+def _mark_cancelled(ids: list[int]) -> int:
+    """Cancel these (locked, pending) jobs; ``finished_at`` is when, for pruning and the
+    dashboard, as for any job that ended."""
+    return Job.objects.filter(id__in=ids).update(status=Status.CANCELLED,
+                                                 finished_at=timezone.now())

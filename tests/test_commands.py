@@ -9,6 +9,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 import djasync
+from djasync import scheduling
 from djasync.models import Attempt, Group, Job, Status
 from tests import jobs
 from tests.models import Ledger
@@ -137,6 +138,21 @@ def test_prune_jobs_deletes_old_finished_jobs_and_their_attempts_only():
     assert "deleted 1 jobs" in run("prune_jobs", "--older-than", "30")
     assert set(Job.objects.values_list("pk", flat=True)) == {young.pk, pending.pk}
     assert set(Attempt.objects.values_list("job_id", flat=True)) == {young.pk}
+
+
+def test_cancelled_jobs_are_finished_then_and_pruned_like_the_others():
+    cancelled = djasync.schedule(jobs.add, args=[1, 1])
+    descheduled = djasync.schedule(jobs.add, args=[2, 2])
+    before = timezone.now()
+    assert scheduling.cancel([cancelled.pk]) == 1
+    assert djasync.deschedule(jobs.add, args=[2, 2]) == 1
+    for job in (cancelled, descheduled):
+        job.refresh_from_db()
+        assert job.status == Status.CANCELLED and job.finished_at >= before
+    assert "deleted 0 jobs" in run("prune_jobs", "--older-than", "30")
+    _age(cancelled, 40)
+    assert "deleted 1 jobs" in run("prune_jobs", "--older-than", "30", "--status", "cancelled")
+    assert list(Job.objects.values_list("pk", flat=True)) == [descheduled.pk]
 
 
 def test_prune_jobs_keeps_a_group_until_all_of_it_is_old():
