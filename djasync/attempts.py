@@ -102,20 +102,10 @@ def count(job_id: int) -> int:
 def succeed(run: Run, result: Any, encoded: str) -> Finished:
     """Mark the job succeeded with its result, in the transaction that ran it."""
     cursor = hot_cursor()
-    send_success(cursor, run, encoded)
-    return succeeded(cursor, run, result)
-
-
-def send_success(cursor: psycopg.Cursor[Any], run: Run, encoded: str) -> None:
-    """Send the statement that marks the job succeeded (in pipeline mode: queue it)."""
     cursor.execute(sql.FINISH_SUCCESS, {
         "job_id": run.job_id, "started_at": run.started, "worker": run.worker[:255],
         "result": encoded,
     })
-
-
-def succeeded(cursor: psycopg.Cursor[Any], run: Run, result: Any) -> Finished:
-    """Read back what :func:`send_success` wrote and report it."""
     row = cursor.fetchone()
     assert row is not None, "the claimed job row disappeared"
     return _report_success(run, result, row[0], run.elapsed)

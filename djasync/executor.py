@@ -219,6 +219,14 @@ def run_batch(
         # A batch writes its successes in one statement, before its one COMMIT.
         succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
         written = attempts.succeed_many(succeeded) if succeeded else {}
+    return _after_commit(outcomes, written, leased, before_each)
+
+
+def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[int, Finished],
+                  leased: list[tuple[ClaimedJob, Run, str]],
+                  before_each: Callable[[ClaimedJob], None] | None) -> list[Finished]:
+    """Once the claiming transaction committed: what happened to each job, in claim order, and
+    the long (leased) jobs of the batch run, outside any transaction."""
     finished = [written[o.run.job_id] if isinstance(o, attempts.Succeeded) else o
                 for o in outcomes]
     for job, run, owner in leased:
@@ -296,13 +304,7 @@ class _FastBatch:
             except BaseException:
                 self._left()  # before Django's atomic sees its books (it pops savepoint ids)
                 raise
-        finished = [written[o.run.job_id] if isinstance(o, attempts.Succeeded) else o
-                    for o in outcomes]
-        for job, run, owner in leased:
-            if self.before_each is not None:
-                self.before_each(job)
-            finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
-        return finished
+        return _after_commit(outcomes, written, leased, self.before_each)
 
     def _run_one(self, job: ClaimedJob) -> Finished | attempts.Succeeded:
         run = _begin(job, self.worker)  # a row that may not run is failed inside the savepoint

@@ -115,7 +115,7 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
         jobs.append(job)
     if not jobs:
         return []
-    if not connection.in_atomic_block and not groups and all(
+    if not connection.in_atomic_block and all(
             job.unique_key is None and job.group_id is None for job in jobs):
         # Autocommit and plain jobs: the one statement is its own transaction (one round trip;
         # the NOTIFY in it is delivered when it commits).
@@ -129,11 +129,10 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
 
 #: Every concrete field's value for a new job, in field order (``Job.from_db`` takes them so).
 _ATTNAMES = [f.attname for f in Job._meta.concrete_fields]
-_DEFAULTS = {
-    "id": None, "status": Status.PENDING.value, "attempts": 0, "result": None,
-    "started_at": None, "finished_at": None, "worker": "", "lease_owner": "",
-    "lease_expires": None,
-}
+#: The model's own defaults of the fields schedule_many() does not set itself (those with a
+#: callable default: args, kwargs, meta, run_after, created_at, all set per job).
+_DEFAULTS = {f.attname: f.get_default() for f in Job._meta.concrete_fields
+             if not (f.has_default() and callable(f.default))}
 _json = DjangoJSONEncoder(allow_nan=False, ensure_ascii=False)
 
 

@@ -12,11 +12,11 @@ messages of PostgreSQL's simple query protocol instead::
 The claim and the finish are server-side prepared statements (``PREPARE`` once per
 connection, a separate round trip the first time), so PostgreSQL plans them once (planning
 the claim costs about twice what running it does). Their parameters are written into the
-``EXECUTE`` as literals by psycopg's client-side binding. If the database OPTIONS turn
-prepared statements off (``prepare_threshold: None``, for a PgBouncer that cannot keep them),
-the statements are sent whole instead. djasync never asks psycopg itself to prepare
-(``prepare=True``): psycopg answers a ROLLBACK with DEALLOCATE ALL when it has prepared
-statements of its own, which would drop these too.
+``EXECUTE`` as literals by psycopg's client-side binding. If the database OPTIONS set
+``prepare_threshold`` (``None`` for a PgBouncer that cannot keep prepared statements), the
+statements are sent whole instead (see :func:`prepared_statements_allowed`). djasync never
+asks psycopg itself to prepare (``prepare=True``): psycopg answers a ROLLBACK with DEALLOCATE
+ALL when it has prepared statements of its own, which would drop these too.
 
 :class:`djasync.executor` keeps Django's view of the transaction right (see its ``_FastBatch``).
 """
