@@ -1,7 +1,8 @@
-"""Per-job CPU of the executor alone: one process calling ``run_batch`` in a loop, no daemon.
+"""Per-job CPU of the executor alone: one process draining the queue, no daemon.
 
 Fills ``djasync_job`` with N no-op jobs (one INSERT … generate_series), drains them with
-``executor.run_batch(K)`` and prints jobs/s, this process's CPU per job and the CPU per job of
+``executor.run_batches(K)`` as the worker does (``--unchained``: ``run_batch(K)`` in a loop,
+as ``flush_queue`` does) and prints jobs/s, this process's CPU per job and the CPU per job of
 its PostgreSQL backend (from /proc, so the server must run on this machine). This is how the
 hot-path changes of issue 5 were measured one by one, between full ``make bench`` runs:
 
@@ -32,6 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--unchained", action="store_true",
+                        help="call run_batch per batch (flush_queue's way) instead of the "
+                             "worker's run_batches, which claims each batch in the previous "
+                             "one's finish message")
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchproject.settings")
     import django
@@ -55,11 +60,20 @@ def main() -> None:
     executor.set_session_timeouts()
     server0, client0, wall0 = backend_cpu(pid), time.process_time(), time.perf_counter()
     done = 0
-    while batch := executor.run_batch(args.batch, worker="loop", session_timeouts=True):
-        done += len(batch)
+    if args.unchained:
+        while batch := executor.run_batch(args.batch, worker="loop", session_timeouts=True):
+            done += len(batch)
+    else:
+        def count(batch: list) -> bool:
+            nonlocal done
+            done += len(batch)
+            return True
+
+        executor.run_batches(args.batch, count, worker="loop", session_timeouts=True)
     server1, client1, wall1 = backend_cpu(pid), time.process_time(), time.perf_counter()
     print(json.dumps({
-        "jobs": done, "batch": args.batch, "jobs_per_s": round(done / (wall1 - wall0)),
+        "jobs": done, "batch": args.batch, "chained": not args.unchained,
+        "jobs_per_s": round(done / (wall1 - wall0)),
         "client_cpu_us_per_job": round((client1 - client0) / done * 1e6),
         "server_cpu_us_per_job": round((server1 - server0) / done * 1e6),
     }))

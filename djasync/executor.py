@@ -40,7 +40,7 @@ from djasync.models import Job, Outcome, Status
 from djasync.validation import check_meta
 
 __all__ = ["ClaimedJob", "Finished", "RunningJob", "claim", "current_job", "drain",
-           "record_lost_attempt", "run_batch", "run_job_now"]
+           "record_lost_attempt", "run_batch", "run_batches", "run_job_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,8 @@ def run_batch(
     if not connection.in_atomic_block:  # the worker, flush_queue, drain(): a transaction of ours
         return _FastBatch(worker, before_each, session_timeouts).run(
             limit, queues=queues, name_prefix=name_prefix, now=now)
-    outcomes: list[Finished | attempts.Succeeded] = []
-    leased: list[tuple[ClaimedJob, Run, str]] = []
+    outcomes: list[Outcomes] = []
+    leased: list[Leased] = []
     with transaction.atomic():
         for job in claim(limit, queues=queues, name_prefix=name_prefix, now=now):
             if not leases.is_leased(job.meta):
@@ -222,6 +222,35 @@ def run_batch(
     return _after_commit(outcomes, written, leased, before_each)
 
 
+def run_batches(
+    limit: int,
+    on_batch: Callable[[list[Finished]], bool],
+    *,
+    queues: Sequence[str] | None = None,
+    worker: str | None = None,
+    before_each: Callable[[ClaimedJob], None] | None = None,
+    session_timeouts: bool = False,
+) -> None:
+    """Run batches (as :func:`run_batch`) back to back until nothing is due or ``on_batch``,
+    called with each batch once it has committed, returns false. The worker's loop.
+
+    Outside a transaction, each batch's finish message also claims the next batch (see
+    ``_FastBatch.run``): ``on_batch`` then runs while the next jobs are already locked, so it
+    must not use the database; when it returns false, those jobs are rolled back unstarted.
+    """
+    _check_limit(limit)
+    worker = worker or default_worker_name()
+    while True:
+        if connection.in_atomic_block:
+            batch = run_batch(limit, queues=queues, worker=worker, before_each=before_each,
+                              session_timeouts=session_timeouts)
+        else:
+            batch = _FastBatch(worker, before_each, session_timeouts).run(
+                limit, queues=queues, name_prefix=None, now=None, on_batch=on_batch)
+        if not batch or not on_batch(batch):
+            return
+
+
 def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[int, Finished],
                   leased: list[tuple[ClaimedJob, Run, str]],
                   before_each: Callable[[ClaimedJob], None] | None) -> list[Finished]:
@@ -235,6 +264,11 @@ def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[i
         finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
     return finished
 
+
+#: What happened to a job of a batch (a success not yet written, or how it ended).
+Outcomes = Finished | attempts.Succeeded
+#: A long job of a batch, leased to run after the claim's COMMIT: its row, run, lease owner.
+Leased = tuple[ClaimedJob, Run, str]
 
 #: The savepoint each job of a worker's batch runs in (one at a time, released between jobs).
 JOB_SAVEPOINT = "djasync_job"
@@ -269,42 +303,91 @@ class _FastBatch:
         self.in_savepoint = False
 
     def run(self, limit: int, *, queues: Sequence[str] | None, name_prefix: str | None,
-            now: datetime.datetime | None) -> list[Finished]:
+            now: datetime.datetime | None,
+            on_batch: Callable[[list[Finished]], bool] | None = None) -> list[Finished]:
+        """Claim and run one batch; return what happened to its jobs.
+
+        With ``on_batch``, chain batches: each finish message also begins the next transaction
+        and claims its jobs (``…; COMMIT; BEGIN; … claim …; SAVEPOINT``), so a job costs one
+        round trip instead of two, and ``on_batch`` is called with each batch once committed.
+        A batch is chained only if nothing has to run between its COMMIT and the next claim:
+        no ``on_commit`` callbacks pending (they must run outside any transaction) and no
+        long (leased) jobs. The chain ends when a claim finds nothing (the empty transaction
+        is rolled back; ``[]`` is returned), when ``on_batch`` returns false (the jobs already
+        claimed for the next batch are rolled back, never started, and stay queued; ``[]``),
+        or with a batch that cannot be chained, which is returned as without ``on_batch``.
+        """
         statements = wire.statements()
-        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
-        claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
-        claim_text = statements.render(query, claim_params)  # may PREPARE: before our BEGIN
-        outcomes: list[Finished | attempts.Succeeded] = []
-        leased: list[tuple[ClaimedJob, Run, str]] = []
+        claim_message = self._claim_message(statements, limit, queues, name_prefix, now)
+        outcomes: list[Outcomes] = []
+        written: dict[int, Finished] = {}
+        leased: list[Leased] = []
         with transaction.atomic():
             statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
             try:
-                cursor = statements.send(f"{statements.begin()}; {sql.CLAIM_PLAN}; "
-                                         f"{claim_text}; {sql.CLAIM_PLAN_DONE}; "
-                                         f'SAVEPOINT "{JOB_SAVEPOINT}"')
+                cursor = statements.send(claim_message)
                 statements.began()
-                self._entered()
-                for _ in range(1 + sql.CLAIM_PLAN.count(";") + 1):  # to the claim's rows
-                    cursor.nextset()
-                jobs = [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
-                        for id, name, args, kwargs, meta, *rest in cursor.fetchall()]
-                for number, job in enumerate(jobs):
-                    if number:
-                        self._next_savepoint(statements)
-                    if leases.is_leased(job.meta):
-                        run = _begin(job, self.worker)
-                        if isinstance(run, Finished):
-                            outcomes.append(run)
-                        else:  # a long job: lease it now, run it once the claim has committed
-                            leased.append((job, run, leases.take(run, expired=job.lease_expired)))
-                        continue
-                    outcomes.append(self._run_one(job))
-                succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
-                written = self._finish(statements, succeeded)
+                jobs = self._claimed(cursor, skip=0)
+                while True:
+                    outcomes, leased = self._run_jobs(statements, jobs)
+                    chain = (on_batch is not None and bool(jobs) and not leased
+                             and not connection.run_on_commit)
+                    written, jobs = self._finish(
+                        statements, [o for o in outcomes if isinstance(o, attempts.Succeeded)],
+                        then=claim_message if chain else None)
+                    if not chain:
+                        break
+                    assert on_batch is not None
+                    finished = _after_commit(outcomes, written, [], None)
+                    outcomes, written = [], {}
+                    if not on_batch(finished) or not jobs:
+                        statements.send("ROLLBACK")  # the next claim: not wanted, or nothing
+                        self._left()
+                        break
             except BaseException:
                 self._left()  # before Django's atomic sees its books (it pops savepoint ids)
                 raise
         return _after_commit(outcomes, written, leased, self.before_each)
+
+    def _claim_message(self, statements: wire.Statements, limit: int,
+                       queues: Sequence[str] | None, name_prefix: str | None,
+                       now: datetime.datetime | None) -> str:
+        """BEGIN, the claim between its plan settings, and the first job's SAVEPOINT."""
+        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
+        claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
+        claim_text = statements.render(query, claim_params)  # may PREPARE: before our BEGIN
+        return (f"{statements.begin()}; {sql.CLAIM_PLAN}; {claim_text}; "
+                f'{sql.CLAIM_PLAN_DONE}; SAVEPOINT "{JOB_SAVEPOINT}"')
+
+    #: Results of the claim message before the claim's own: BEGIN and the plan settings.
+    _BEFORE_CLAIM = 1 + sql.CLAIM_PLAN.count(";") + 1
+
+    def _claimed(self, cursor: Any, *, skip: int) -> list[ClaimedJob]:
+        """Read the jobs a claim message locked, ``skip`` results after the cursor's current
+        one; its BEGIN and SAVEPOINT went through, so Django's books say so from here."""
+        self._entered()
+        for _ in range(skip + self._BEFORE_CLAIM):
+            cursor.nextset()
+        return [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
+                for id, name, args, kwargs, meta, *rest in cursor.fetchall()]
+
+    def _run_jobs(self, statements: wire.Statements,
+                  jobs: list[ClaimedJob]) -> tuple[list[Outcomes], list[Leased]]:
+        """Run the claimed jobs, each in the savepoint; lease the long ones (run after COMMIT)."""
+        outcomes: list[Outcomes] = []
+        leased: list[Leased] = []
+        for number, job in enumerate(jobs):
+            if number:
+                self._next_savepoint(statements)
+            if leases.is_leased(job.meta):
+                run = _begin(job, self.worker)
+                if isinstance(run, Finished):
+                    outcomes.append(run)
+                else:  # a long job: lease it now, run it once the claim has committed
+                    leased.append((job, run, leases.take(run, expired=job.lease_expired)))
+                continue
+            outcomes.append(self._run_one(job))
+        return outcomes, leased
 
     def _run_one(self, job: ClaimedJob) -> Finished | attempts.Succeeded:
         run = _begin(job, self.worker)  # a row that may not run is failed inside the savepoint
@@ -325,13 +408,16 @@ class _FastBatch:
             _set_local_timeouts(conf.get().TIMEOUT)
         return attempts.succeeded_now(run, result, encoded)
 
-    def _finish(self, statements: wire.Statements,
-                succeeded: list[attempts.Succeeded]) -> dict[int, Finished]:
-        """RELEASE, write the successes and COMMIT, in one message."""
+    def _finish(self, statements: wire.Statements, succeeded: list[attempts.Succeeded],
+                then: str | None = None) -> tuple[dict[int, Finished], list[ClaimedJob]]:
+        """RELEASE, write the successes and COMMIT, in one message; return the successes as
+        written. ``then`` (a claim message) goes in the same message: the jobs it claimed are
+        returned too, locked by the new transaction."""
+        tail = f"; {then}" if then else ""
         if not succeeded:
-            statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; COMMIT')
+            cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; COMMIT{tail}')
             self._left()
-            return {}
+            return {}, self._claimed(cursor, skip=2) if then else []
         if len(succeeded) == 1:
             (one,) = succeeded
             finish = statements.render(sql.FINISH_SUCCESS, {
@@ -341,7 +427,7 @@ class _FastBatch:
             finish = statements.render(sql.FINISH_SUCCESS_MANY,
                                        attempts.success_params(succeeded))
         cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; {sql.FINISH_PLAN}; '
-                                 f"{finish}; COMMIT")
+                                 f"{finish}; COMMIT{tail}")
         self._left()
         for _ in range(2):  # to the finish's rows
             cursor.nextset()
@@ -351,7 +437,8 @@ class _FastBatch:
             numbers = {row[0]: row[-1] for row in rows}
         else:  # FINISH_SUCCESS returns the attempt number alone (no row: the job deleted it)
             numbers = {succeeded[0].run.job_id: rows[0][0]} if rows else {}
-        return attempts.report_successes(succeeded, numbers)
+        written = attempts.report_successes(succeeded, numbers)
+        return written, self._claimed(cursor, skip=2) if then else []
 
     def _next_savepoint(self, statements: wire.Statements) -> None:
         """Keep what the previous job wrote (or its failure record), and start a new savepoint."""

@@ -23,7 +23,6 @@ ALL when it has prepared statements of its own, which would drop these too.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 from typing import Any
@@ -63,8 +62,13 @@ class Statements:
         # process prepared on before an error made it forget) that already has the name has
         # the very same statement, never another one.
         name = "djasync_" + hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()[:20]
-        with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
-            psycopg.Cursor(self.raw).execute(f"PREPARE {name} AS {body}")
+        # Asked first, not tried and caught: this may run inside the worker's transaction
+        # (the finish statement, prepared again after a DEALLOCATE), where a failed PREPARE
+        # would abort the transaction and with it the job that just ran.
+        cursor = psycopg.Cursor(self.raw)
+        cursor.execute("SELECT FROM pg_prepared_statements WHERE name = %s", [name])
+        if cursor.fetchone() is None:
+            cursor.execute(f"PREPARE {name} AS {body}")
         return f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
 
     def begin(self) -> str:

@@ -23,7 +23,7 @@ from django.db import connection
 from django.db.backends.signals import connection_created
 
 from djasync import conf, executor
-from djasync.executor import ClaimedJob
+from djasync.executor import ClaimedJob, Finished
 
 if TYPE_CHECKING:
     from djasync_worker.metrics import Exporter
@@ -79,6 +79,8 @@ class Child:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = False
         self.jobs_done = 0
+        self.recycle = False  # ran --max-jobs-per-child jobs: exit, to be replaced
+        self.idle = True
         self.metrics = options.metrics
         self._signals, signal_writer = socket.socketpair()
         signal_writer.setblocking(False)
@@ -95,14 +97,15 @@ class Child:
         connection_created.connect(self._share_socket)
         delay = RECONNECT_DELAY_SECONDS
         claim = True  # a new child looks for work at once
-        idle = True  # as far as the supervisor knows
-        while not self.stopping:
+        self.idle = True  # as far as the supervisor knows
+        while not self.stopping and not self.recycle:
             if not claim:
                 claim = self._wait_for_wake()
                 continue
             try:
-                batch = executor.run_batch(
+                executor.run_batches(
                     self.options.batch_size,
+                    self._batch_done,
                     queues=self.options.queues or None,
                     worker=self.name,
                     before_each=self._started,
@@ -119,22 +122,27 @@ class Child:
             finally:
                 self.shared[JOB_ID] = 0
             delay = RECONNECT_DELAY_SECONDS
-            if not batch:
+            if not self.stopping and not self.recycle:  # nothing is due
                 self._send(("idle",))
-                idle, claim = True, False
-                continue
-            if self.metrics is not None:
-                self.metrics.jobs_finished(batch)
-            self.jobs_done += len(batch)
-            self.shared[JOBS_DONE] = self.jobs_done
-            if idle:  # found work: the supervisor may wake another idle child
-                self._send(("busy",))
-                idle = False
-            if self.options.max_jobs and self.jobs_done >= self.options.max_jobs:
-                logger.info("child recycling jobs_done=%s", self.jobs_done)
-                break
+                self.idle, claim = True, False
         connection.close()
         return 0
+
+    def _batch_done(self, batch: list[Finished]) -> bool:
+        """After each committed batch (the next one may be claimed already): count it, and
+        say whether to go on. Uses no database (see ``executor.run_batches``)."""
+        self.shared[JOB_ID] = 0
+        if self.metrics is not None:
+            self.metrics.jobs_finished(batch)
+        self.jobs_done += len(batch)
+        self.shared[JOBS_DONE] = self.jobs_done
+        if self.idle:  # found work: the supervisor may wake another idle child
+            self._send(("busy",))
+            self.idle = False
+        if self.options.max_jobs and self.jobs_done >= self.options.max_jobs:
+            logger.info("child recycling jobs_done=%s", self.jobs_done)
+            self.recycle = True
+        return not (self.stopping or self.recycle)
 
     def _share_socket(self, sender: Any, connection: Any, **kwargs: Any) -> None:
         """Give the supervisor a duplicate of our database socket, before any claim.

@@ -203,3 +203,34 @@ def delete_own_row(key):
     transaction.on_commit(lambda: ON_COMMIT_CALLS.append(key))
     Job.objects.filter(pk=current_job().id).delete()
     return key
+
+
+#: What each ``write_after_commit`` callback saw when it ran: (key, in an atomic block,
+#: the server's transaction status name).
+AFTER_COMMIT_SEEN: list[tuple[str, bool, str]] = []
+
+
+def write_after_commit(key):
+    """Register an on_commit callback that looks at the connection's state and writes a row."""
+    from django.db import transaction
+
+    def after() -> None:
+        status = connection.connection.info.transaction_status.name
+        AFTER_COMMIT_SEEN.append((key, connection.in_atomic_block, status))
+        Ledger.objects.create(key=f"{key} after commit")
+
+    transaction.on_commit(after)
+    Ledger.objects.create(key=key)
+    return key
+
+
+def drop_the_claim_statement(key):
+    """DEALLOCATE the worker's prepared claim (as a pooler or an admin might), then succeed:
+    the COMMIT of this job goes through and the next claim, in the same message, fails."""
+    Ledger.objects.create(key=key)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_prepared_statements "
+                       "WHERE statement LIKE '%SKIP LOCKED%'")
+        for (name,) in cursor.fetchall():
+            cursor.execute(f"DEALLOCATE {name}")
+    return key

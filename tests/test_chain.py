@@ -1,0 +1,148 @@
+"""The worker's chained transactions (``executor.run_batches``): each batch's finish message
+also claims the next batch, so a job costs one round trip. What must hold: every job still
+runs once, in its own transaction, reported only after its COMMIT; the next jobs are locked
+(no other worker can take them) from that moment; jobs claimed but not wanted are rolled back
+unstarted; and nothing that must run outside a transaction (``on_commit`` callbacks, long jobs)
+ever runs inside the next one."""
+
+import psycopg
+import pytest
+from django.db import DatabaseError, connection
+
+import djasync
+from djasync import executor
+from djasync.models import Attempt, Job, Outcome, Status
+from tests import jobs
+from tests.models import Ledger
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def schedule_ledger(*keys, **options):
+    return [djasync.schedule(jobs.write_ledger, args=[key], **options).pk for key in keys]
+
+
+def unlocked_pending(conn):
+    """Pending jobs another worker could claim right now (it skips locked rows)."""
+    return [row[0] for row in conn.execute(
+        "SELECT id FROM djasync_job WHERE status = 'pending' ORDER BY id "
+        "FOR NO KEY UPDATE SKIP LOCKED").fetchall()]
+
+
+def statuses(conn, ids):
+    rows = dict(conn.execute("SELECT id, status FROM djasync_job WHERE id = ANY(%s)",
+                             [ids]).fetchall())
+    return [rows[i] for i in ids]
+
+
+def assert_connection_idle():
+    assert not connection.in_atomic_block and connection.get_autocommit()
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_each_batch_is_committed_when_reported_and_the_next_one_is_already_locked(
+        other_connection):
+    ids = schedule_ledger("a", "b", "c", "d", "e")
+    seen = []
+
+    def on_batch(batch):
+        # Read by another session while the chain holds the next claim open.
+        seen.append(([f.job_id for f in batch], statuses(other_connection, ids),
+                     unlocked_pending(other_connection)))
+        return True
+
+    executor.run_batches(1, on_batch)
+    done = "succeeded"
+    assert seen == [
+        ([ids[0]], [done, "pending", "pending", "pending", "pending"], ids[2:]),
+        ([ids[1]], [done, done, "pending", "pending", "pending"], ids[3:]),
+        ([ids[2]], [done, done, done, "pending", "pending"], ids[4:]),
+        ([ids[3]], [done, done, done, done, "pending"], []),
+        ([ids[4]], [done] * 5, []),
+    ]
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["a", "b", "c", "d", "e"]
+    assert Attempt.objects.filter(outcome=Outcome.SUCCEEDED).count() == 5
+    assert_connection_idle()
+    assert unlocked_pending(other_connection) == []
+
+
+def test_batches_of_several_jobs_chain_too():
+    ids = schedule_ledger(*"abcdefg")
+    sizes = []
+    executor.run_batches(3, lambda batch: sizes.append([f.job_id for f in batch]) or True)
+    assert sizes == [ids[0:3], ids[3:6], ids[6:7]]
+    assert Ledger.objects.count() == 7
+    assert_connection_idle()
+
+
+def test_stopping_rolls_the_next_claim_back_and_leaves_those_jobs_untouched(other_connection):
+    ids = schedule_ledger("a", "b", "c")
+    reported = []
+    executor.run_batches(1, lambda batch: reported.extend(f.job_id for f in batch) and False)
+    assert reported == [ids[0]]
+    assert_connection_idle()
+    # The job claimed for the next batch was never started: no attempt, no effect, no lock.
+    assert statuses(other_connection, ids) == ["succeeded", "pending", "pending"]
+    assert list(Attempt.objects.values_list("job_id", flat=True)) == [ids[0]]
+    assert list(Ledger.objects.values_list("key", flat=True)) == ["a"]
+    assert unlocked_pending(other_connection) == ids[1:]
+    assert Job.objects.get(pk=ids[1]).attempts == 0
+
+
+def test_on_commit_callbacks_run_after_their_commit_outside_any_transaction():
+    jobs.AFTER_COMMIT_SEEN.clear()
+    first = schedule_ledger("a")
+    hooked = djasync.schedule(jobs.write_after_commit, args=["hooked"]).pk
+    last = schedule_ledger("z")
+    reported = []
+    executor.run_batches(1, lambda batch: reported.extend(f.job_id for f in batch) or True)
+    assert reported == [*first, hooked, *last]
+    # Not in the next job's transaction: its row would then depend on that job's fate.
+    assert jobs.AFTER_COMMIT_SEEN == [("hooked", False, "IDLE")]
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == [
+        "a", "hooked", "hooked after commit", "z"]
+    assert_connection_idle()
+
+
+def test_a_failing_job_is_recorded_and_the_chain_goes_on():
+    failing = djasync.schedule(jobs.write_then_raise, args=["lost"],
+                               meta={"max_attempts": 1}).pk
+    fine = schedule_ledger("kept")
+    outcomes = []
+    executor.run_batches(1, lambda batch: outcomes.extend(
+        (f.job_id, f.outcome) for f in batch) or True)
+    assert outcomes == [(failing, Outcome.ERROR), (fine[0], Outcome.SUCCEEDED)]
+    assert list(Ledger.objects.values_list("key", flat=True)) == ["kept"]
+    assert Job.objects.get(pk=failing).status == Status.FAILED
+    assert_connection_idle()
+
+
+def test_a_long_job_runs_after_its_claim_committed_then_the_chain_resumes(other_connection):
+    before = schedule_ledger("before")
+    long = djasync.schedule(jobs.long_job, args=["long"], meta={"atomic": False}).pk
+    after = schedule_ledger("after")
+    reported = []
+    executor.run_batches(1, lambda batch: reported.extend(
+        (f.job_id, f.outcome) for f in batch) or True)
+    assert reported == [(before[0], Outcome.SUCCEEDED), (long, Outcome.SUCCEEDED),
+                        (after[0], Outcome.SUCCEEDED)]
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["after", "before", "long"]
+    assert statuses(other_connection, [*before, long, *after]) == ["succeeded"] * 3
+    assert_connection_idle()
+
+
+def test_a_claim_failing_after_the_commit_keeps_the_committed_job_and_the_next_run_recovers(
+        other_connection):
+    dropper = djasync.schedule(jobs.drop_the_claim_statement, args=["dropper"]).pk
+    later = schedule_ledger("later")
+    reported = []
+    with pytest.raises(DatabaseError, match="does not exist"):
+        executor.run_batches(1, lambda batch: reported.extend(f.job_id for f in batch) or True)
+    # The COMMIT went through before the claim failed: the job is done, once.
+    assert reported == []
+    assert statuses(other_connection, [dropper, *later]) == ["succeeded", "pending"]
+    assert list(Attempt.objects.values_list("job_id", flat=True)) == [dropper]
+    assert_connection_idle()
+    executor.run_batches(1, lambda batch: reported.extend(f.job_id for f in batch) or True)
+    assert reported == later
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["dropper", "later"]
