@@ -121,47 +121,45 @@ SELECT 1 FROM {JOB} WHERE id = %s AND status = 'pending' FOR NO KEY UPDATE SKIP 
 """
 
 #: Mark a job succeeded and record its attempt, numbered by a fresh count, in one statement.
+#: The attempt row is made from the updated job row: a job that deleted its own row gets none.
 FINISH_SUCCESS = f"""
-WITH n AS (SELECT count(*) + 1 AS number FROM {ATTEMPT} WHERE job_id = %(job_id)s),
-attempt AS (
-    INSERT INTO {ATTEMPT}
-        (job_id, number, started_at, finished_at, outcome,
-         exception_type, exception_message, traceback, worker)
-    SELECT %(job_id)s, n.number, %(started_at)s, clock_timestamp(), 'succeeded', '', '', '',
-           %(worker)s
-      FROM n
-     WHERE EXISTS (SELECT FROM {JOB} WHERE id = %(job_id)s)  -- unless the job deleted itself
+WITH job AS (
+    UPDATE {JOB}
+       SET status = 'succeeded', result = %(result)s::jsonb,
+           attempts = (SELECT count(*) + 1 FROM {ATTEMPT} WHERE job_id = %(job_id)s),
+           started_at = %(started_at)s, finished_at = clock_timestamp(), worker = %(worker)s
+     WHERE id = %(job_id)s
+ RETURNING id, attempts, started_at, finished_at, worker
 )
-UPDATE {JOB}
-   SET status = 'succeeded', result = %(result)s::jsonb, attempts = (SELECT number FROM n),
-       started_at = %(started_at)s, finished_at = clock_timestamp(), worker = %(worker)s
- WHERE id = %(job_id)s
-RETURNING attempts
+INSERT INTO {ATTEMPT}
+    (job_id, number, started_at, finished_at, outcome,
+     exception_type, exception_message, traceback, worker)
+SELECT id, attempts, started_at, finished_at, 'succeeded', '', '', '', worker FROM job
+RETURNING number
 """
 
 #: The same for the jobs of a batch, in one statement at the end of the batch (arrays in, one
 #: element per job). Each job's own start and end times are kept.
 FINISH_SUCCESS_MANY = f"""
 WITH r AS (
-    SELECT r.job_id, r.started_at, r.finished_at, r.result, r.worker,
-           (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = r.job_id) AS number
-      FROM unnest(%(job_id)s::int8[], %(started_at)s::timestamptz[],
-                  %(finished_at)s::timestamptz[], %(result)s::text[], %(worker)s::text[])
+    SELECT * FROM unnest(%(job_id)s::int8[], %(started_at)s::timestamptz[],
+                         %(finished_at)s::timestamptz[], %(result)s::text[], %(worker)s::text[])
            AS r(job_id, started_at, finished_at, result, worker)
 ),
-attempt AS (
-    INSERT INTO {ATTEMPT}
-        (job_id, number, started_at, finished_at, outcome,
-         exception_type, exception_message, traceback, worker)
-    SELECT job_id, number, started_at, finished_at, 'succeeded', '', '', '', worker FROM r
-     WHERE EXISTS (SELECT FROM {JOB} j WHERE j.id = r.job_id)  -- unless it deleted itself
+job AS (
+    UPDATE {JOB} j
+       SET status = 'succeeded', result = r.result::jsonb,
+           attempts = (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = r.job_id),
+           started_at = r.started_at, finished_at = r.finished_at, worker = r.worker
+      FROM r
+     WHERE j.id = r.job_id
+ RETURNING j.id, j.attempts, j.started_at, j.finished_at, j.worker
 )
-UPDATE {JOB} j
-   SET status = 'succeeded', result = r.result::jsonb, attempts = r.number,
-       started_at = r.started_at, finished_at = r.finished_at, worker = r.worker
-  FROM r
- WHERE j.id = r.job_id
-RETURNING j.id, j.attempts
+INSERT INTO {ATTEMPT}
+    (job_id, number, started_at, finished_at, outcome,
+     exception_type, exception_message, traceback, worker)
+SELECT id, attempts, started_at, finished_at, 'succeeded', '', '', '', worker FROM job
+RETURNING job_id, number
 """
 
 #: Record a failed attempt and the job's new state (retry later, or failed) in one statement.

@@ -305,7 +305,7 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
     assert [f.outcome for f in executor.run_batch(5)] == []
     prepared = _prepared_statements()
     assert sum("FOR NO KEY UPDATE OF j SKIP LOCKED" in s for s in prepared) == 2  # limits 1, 5
-    assert sum("WITH n AS" in s for s in prepared) == 1  # the finish
+    assert sum("WITH job AS (\n    UPDATE djasync_job" in s for s in prepared) == 1  # the finish
     assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
     assert not any("tests_ledger" in s for s in prepared)  # the job's own statement is not
     assert all(s.startswith("PREPARE djasync_") for s in prepared)

@@ -103,3 +103,20 @@ def test_a_job_that_deletes_its_own_row_commits_and_its_callbacks_run(batch):
     assert jobs.ON_COMMIT_CALLS == ["gone"]
     assert list(Job.objects.values_list("name", flat=True)) == ["tests.jobs.write_ledger"]
     assert list(Ledger.objects.values_list("key", flat=True)) == ["kept"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_parameters_are_quoted_as_sql_literals_whatever_they_hold(batch):
+    """The finish statement's parameters are written into its EXECUTE as literals (quoted by
+    libpq): a worker name or a result with quotes, backslashes and non-ASCII text is stored
+    exactly as given."""
+    from djasync.models import Attempt
+
+    worker = "o'brien \\\\ \"host\"; DROP TABLE x; -- é🎉"
+    job = djasync.schedule(return_text, args=["'; SELECT 1; --"])
+    [finished] = executor.run_batch(batch, worker=worker)
+    assert finished.outcome == Outcome.SUCCEEDED, finished.error
+    job.refresh_from_db()
+    attempt = Attempt.objects.get(job=job)
+    assert (job.result, job.worker, attempt.worker) == ("'; SELECT 1; --", worker, worker)
+    assert job.started_at == attempt.started_at <= attempt.finished_at
