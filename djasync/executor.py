@@ -30,7 +30,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from django.utils import timezone
 
 from djasync import attempts, conf, leases, registry, sql, wire
@@ -167,10 +167,15 @@ def _check_limit(limit: Any) -> None:
 def _loads(value: Any) -> Any:
     if not isinstance(value, str):
         return value
+    if value in _EMPTY_JSON:  # most jobs' args, kwargs and meta: no parser needed
+        return _EMPTY_JSON[value]()
     try:
         return json.loads(value)
     except (ValueError, RecursionError) as exc:  # a row written by hand; see _check_row
         return Unreadable(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+_EMPTY_JSON: dict[str, Callable[[], Any]] = {"[]": list, "{}": dict}
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,9 @@ class _FastBatch:
         self.before_each = before_each
         self.session_timeouts = session_timeouts
         self.in_savepoint = False
+        #: Django's connection object itself: ``connection`` is a proxy that looks it up (in
+        #: a thread-and-task-local) at every attribute, several times per job.
+        self.db = connections[DEFAULT_DB_ALIAS]
 
     def run(self, limit: int, *, queues: Sequence[str] | None, name_prefix: str | None,
             now: datetime.datetime | None,
@@ -331,7 +339,7 @@ class _FastBatch:
                 while True:
                     outcomes, leased = self._run_jobs(statements, jobs)
                     chain = (on_batch is not None and bool(jobs) and not leased
-                             and not connection.run_on_commit)
+                             and not self.db.run_on_commit)
                     written, jobs = self._finish(
                         statements, [o for o in outcomes if isinstance(o, attempts.Succeeded)],
                         then=claim_message if chain else None)
@@ -450,19 +458,19 @@ class _FastBatch:
         self._entered()
 
     def _entered(self) -> None:
-        connection.savepoint_ids.append(JOB_SAVEPOINT)
+        self.db.savepoint_ids.append(JOB_SAVEPOINT)
         self.in_savepoint = True
 
     def _left(self) -> None:
         if self.in_savepoint:
             self.in_savepoint = False
-            connection.savepoint_ids.remove(JOB_SAVEPOINT)
+            self.db.savepoint_ids.remove(JOB_SAVEPOINT)
 
     def _roll_back(self) -> None:
         """What ``atomic`` does when its block raises: back to the savepoint, forgetting the
         ``on_commit`` callbacks registered since, and clearing a pending rollback mark."""
-        connection.needs_rollback = False
-        connection.savepoint_rollback(JOB_SAVEPOINT)
+        self.db.needs_rollback = False
+        self.db.savepoint_rollback(JOB_SAVEPOINT)
 
 
 def _run_in_savepoint(job: ClaimedJob, worker: str,
