@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -89,6 +90,7 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
     jobs: list[Job] = []
     groups: dict[str, Group] = {}
     resolved: set[str] = set()
+    alias = connection.alias
     for spec in specs:
         name = registry.name_of(spec.function)
         if name not in resolved:  # refuse forbidden or missing functions now, not at run time
@@ -108,14 +110,14 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
             "unique_key": _unique_key(spec.unique, identity),
             "group_id": None if group is None else group.pk, "created_at": now,
         }
-        job = Job.from_db(connection.alias, _ATTNAMES, [values[f] for f in _ATTNAMES])
+        job = Job.from_db(alias, _ATTNAMES, [values[f] for f in _ATTNAMES])
         job._state.adding = True  # not saved yet (from_db builds it the fast way)
         if group is not None:
             job.group = group
         jobs.append(job)
     if not jobs:
         return []
-    if not connection.in_atomic_block and all(
+    if len(jobs) < COPY_FROM and not connection.in_atomic_block and all(
             job.unique_key is None and job.group_id is None for job in jobs):
         # Autocommit and plain jobs: the one statement is its own transaction (one round trip;
         # the NOTIFY in it is delivered when it commits).
@@ -136,9 +138,23 @@ _DEFAULTS = {f.attname: f.get_default() for f in Job._meta.concrete_fields
 _json = DjangoJSONEncoder(allow_nan=False, ensure_ascii=False)
 
 
+#: From this many jobs on, ``schedule_many`` writes them with COPY (three round trips, but
+#: about twice as fast per job as the one INSERT of literal arrays at 10,000 jobs).
+COPY_FROM = 200
+
+#: The columns COPY fills, in the order :func:`_copy` writes them.
+_COPY_COLUMNS = ("id", "name", "args", "kwargs", "meta", "queue", "priority", "run_after",
+                 "status", "attempts", "identity", "group_id", "created_at", "worker",
+                 "lease_owner")
+
+
 def _insert(jobs: list[Job], now: datetime.datetime) -> None:
-    """Insert ``jobs`` and notify their queues in one statement; set their ids."""
+    """Insert ``jobs`` and notify their queues (one statement, or COPY for many); set their
+    ids. Many jobs need the caller's transaction (``schedule_many`` opens one)."""
     if not jobs:
+        return
+    if len(jobs) >= COPY_FROM:
+        _copy(jobs, now)
         return
     params = {
         "name": [job.name for job in jobs],
@@ -161,6 +177,29 @@ def _insert(jobs: list[Job], now: datetime.datetime) -> None:
         job.pk = pk
         job._state.adding = False
         job._state.db = connection.alias
+
+
+def _copy(jobs: list[Job], now: datetime.datetime) -> None:
+    """Take ids from the job sequence, COPY the rows in, and notify each queue once."""
+    connection.ensure_connection()
+    columns = ", ".join(_COPY_COLUMNS)
+    with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
+        cursor = psycopg.Cursor(connection.connection)
+        cursor.execute(sql.NEXT_JOB_IDS, [len(jobs)])
+        ids = sorted(pk for (pk,) in cursor.fetchall())
+        with cursor.copy(f"COPY {sql.JOB} ({columns}) FROM STDIN") as copy:
+            for pk, job in zip(ids, jobs, strict=True):
+                copy.write_row((pk, job.name, _encode(job.args), _encode(job.kwargs),
+                                _encode(job.meta), job.queue, job.priority, job.run_after,
+                                Status.PENDING.value, 0, job.identity, job.group_id, now, "",
+                                ""))
+        cursor.execute(sql.NOTIFY_QUEUES, {"channel": NOTIFY_CHANNEL,
+                                           "queues": sorted({job.queue for job in jobs})})
+    alias = connection.alias
+    for pk, job in zip(ids, jobs, strict=True):
+        job.pk = pk
+        job._state.adding = False
+        job._state.db = alias
 
 
 def _encode(value: Any) -> str:

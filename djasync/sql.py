@@ -254,5 +254,13 @@ SELECT id FROM j
  ORDER BY id
 """
 
+#: Ids for jobs written with COPY (``schedule_many`` of many jobs), in increasing order.
+NEXT_JOB_IDS = f"""
+SELECT nextval(pg_get_serial_sequence('{JOB}', 'id')) FROM generate_series(1, %s)
+"""
+
+#: Wake the workers of these queues, one notification each (delivered at commit).
+NOTIFY_QUEUES = "SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q"
+
 #: Wake listening workers; sent inside the scheduling transaction, so delivered at its commit.
 NOTIFY = "SELECT pg_notify(%(channel)s, %(queue)s)"

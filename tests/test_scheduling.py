@@ -241,3 +241,73 @@ def test_deschedule_cancels_matching_pending_jobs_only():
 def test_deschedule_matches_kwargs_whatever_their_order():
     djasync.schedule(jobs.echo, kwargs={"a": 1, "b": 2})
     assert djasync.deschedule(jobs.echo, kwargs={"b": 2, "a": 1}) == 1
+
+
+# -- many jobs at once: written with COPY (djasync.scheduling.COPY_FROM and more) ----------
+
+TRICKY = ["tab\there", "new\nline", "back\\slash \\N", "quote ' \" ", "é ü 🎉", "", "\\.", "\r"]
+
+
+def many_specs(n, **options):
+    return [djasync.JobSpec(jobs.echo, [i, TRICKY[i % len(TRICKY)]],
+                            {"k": TRICKY[(i + 3) % len(TRICKY)]},
+                            queue=("mail", "sms", "default")[i % 3], priority=i % 7 - 3,
+                            **options) for i in range(n)]
+
+
+def test_many_jobs_are_stored_exactly_in_order_with_one_notify_per_queue(other_connection):
+    from djasync.scheduling import COPY_FROM
+
+    n = COPY_FROM + 50
+    other_connection.execute("LISTEN djasync")
+    created = djasync.schedule_many(many_specs(n, meta={"max_attempts": 2}))
+    assert not connection.in_atomic_block
+    assert count_pending_seen_by(other_connection) == n  # committed
+    ids = [job.pk for job in created]
+    assert ids == sorted(ids) and len(set(ids)) == n  # ids increase in the order given
+    stored = {job.pk: job for job in Job.objects.all()}
+    for i, job in enumerate(created):
+        row = stored[job.pk]
+        assert (row.name, row.args, row.kwargs, row.meta, row.queue, row.priority) == (
+            "tests.jobs.echo", [i, TRICKY[i % len(TRICKY)]], {"k": TRICKY[(i + 3) % len(TRICKY)]},
+            {"max_attempts": 2}, ("mail", "sms", "default")[i % 3], i % 7 - 3)
+        assert (row.status, row.attempts, row.identity, row.run_after, row.created_at) == (
+            Status.PENDING, 0, job.identity, job.run_after, job.created_at)
+        assert not job._state.adding
+    received = list(other_connection.notifies(timeout=5, stop_after=3))
+    assert sorted(n.payload for n in received) == ["default", "mail", "sms"]
+    assert list(other_connection.notifies(timeout=0.2, stop_after=1)) == []
+    # And the worker runs them as written.
+    finished = executor.drain(max_jobs=len(TRICKY))
+    assert [f.result for f in finished] == [
+        {"args": [i, TRICKY[i % len(TRICKY)]], "kwargs": {"k": TRICKY[(i + 3) % len(TRICKY)]}}
+        for i in sorted(range(n), key=lambda i: (-(i % 7 - 3), i))[:len(TRICKY)]]
+
+
+def test_many_jobs_in_a_rolled_back_transaction_leave_nothing_and_wake_nobody(
+        other_connection):
+    from djasync.scheduling import COPY_FROM
+
+    other_connection.execute("LISTEN djasync")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        djasync.schedule_many(many_specs(COPY_FROM))
+        assert count_pending_seen_by(other_connection) == 0  # not before the commit
+        raise RuntimeError
+    assert Job.objects.count() == 0
+    assert list(other_connection.notifies(timeout=0.3, stop_after=1)) == []
+
+
+def test_many_jobs_mixing_groups_and_unique_keys(other_connection):
+    from djasync.scheduling import COPY_FROM
+
+    existing = djasync.schedule(jobs.add, args=[0, 0], unique="only-one")
+    specs = [*many_specs(COPY_FROM, group="batch-7"),
+             djasync.JobSpec(jobs.add, [1, 1], unique="only-one"),
+             djasync.JobSpec(jobs.add, [2, 2], unique="another")]
+    created = djasync.schedule_many(specs)
+    assert created[-2].pk == existing.pk  # the pending holder of the key is returned
+    grouped = Job.objects.filter(group__reference="batch-7")
+    assert grouped.count() == COPY_FROM
+    assert set(grouped.values_list("pk", flat=True)) == {job.pk for job in created[:COPY_FROM]}
+    assert Job.objects.filter(unique_key="another").count() == 1
+    assert count_pending_seen_by(other_connection) == COPY_FROM + 2
