@@ -11,7 +11,6 @@ from functools import cache
 
 JOB = "djasync_job"
 ATTEMPT = "djasync_attempt"
-GROUP = "djasync_group"
 
 
 @cache
@@ -46,10 +45,9 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
         # clock_timestamp(), not now(): inside a long transaction (a TestCase) now() stands
         # still. ``%(now)s`` lets djasync.testing run jobs "later" without waiting.
         "TRUE" if by_id else "j.run_after <= coalesce(%(now)s::timestamptz, clock_timestamp())",
-        # A group's final job waits until no other job of its group is pending.
-        f"""(j.group_id IS NULL OR NOT EXISTS (
-              SELECT 1 FROM {GROUP} g JOIN {JOB} o ON o.group_id = g.id
-               WHERE g.final_id = j.id AND o.id <> j.id AND o.status = 'pending'))""",
+        # A group's final job waits until no other job of its group is pending (a function,
+        # see migration 0007: an inline subquery would be set up for every claim).
+        "(j.group_id IS NULL OR djasync_group_final_ready(j.id))",
     ]
     if not by_id:
         # A non-atomic job runs outside any transaction under a lease; it is free again only
