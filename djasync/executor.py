@@ -28,9 +28,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from asgiref.sync import async_to_sync
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    connection,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 
 from djasync import attempts, conf, leases, registry, sql, wire
@@ -107,7 +114,7 @@ class JobWritesLost(DjasyncError):
 class _Raised(Exception):
     """Carries what the job function raised out of the transaction that ran it."""
 
-    def __init__(self, exc: Exception) -> None:
+    def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
 
@@ -245,13 +252,24 @@ def run_batches(
     """
     _check_limit(limit)
     worker = worker or default_worker_name()
+    alone = 0  # after a refused COMMIT: this many jobs are claimed one at a time, unchained
     while True:
+        fast = _FastBatch(worker, before_each, session_timeouts)
         if connection.in_atomic_block:
             batch = run_batch(limit, queues=queues, worker=worker, before_each=before_each,
                               session_timeouts=session_timeouts)
+        elif alone:
+            batch = fast.run(1, queues=queues, name_prefix=None, now=None)
+            alone = alone - 1 if batch else 0
         else:
-            batch = _FastBatch(worker, before_each, session_timeouts).run(
-                limit, queues=queues, name_prefix=None, now=None, on_batch=on_batch)
+            try:
+                batch = fast.run(limit, queues=queues, name_prefix=None, now=None,
+                                 on_batch=on_batch)
+            except CommitRefused as refused:
+                logger.warning("%s; running the next %s jobs one at a time", refused,
+                               refused.jobs)
+                alone = refused.jobs
+                continue
         if not batch or not on_batch(batch):
             return
 
@@ -263,11 +281,47 @@ def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[i
     the long (leased) jobs of the batch run, outside any transaction."""
     finished = [written[o.run.job_id] if isinstance(o, attempts.Succeeded) else o
                 for o in outcomes]
-    for job, run, owner in leased:
+    for number, (job, run, owner) in enumerate(leased):
         if before_each is not None:
-            before_each(job)
+            try:
+                before_each(job)
+            except BaseException:  # the worker is stopping: this job and the next ones wait
+                leases.give_back([(job.id, owner) for job, _, owner in leased[number:]])
+                raise
         finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
     return finished
+
+
+class CommitRefused(DjasyncError):
+    """A batch of several jobs could not COMMIT (a constraint checked at commit): nothing of it
+    was written, and which job broke the constraint is unknown. ``run_batches`` then takes the
+    next jobs one at a time, so that the job is found alone and its failure recorded."""
+
+    def __init__(self, jobs: int) -> None:
+        super().__init__(f"the COMMIT of a batch of {jobs} jobs was refused")
+        self.jobs = jobs
+
+
+def _refused_at_commit(exc: BaseException, raw: Any) -> bool:
+    """Whether the finish message failed at its COMMIT with a constraint violation (the
+    job's own writes break a deferred constraint): the transaction is over, rolled back."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseError) else exc
+    return (isinstance(cause, psycopg.errors.IntegrityError)
+            and raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+
+
+def _record_refused(batch: list[Outcomes], exc: DatabaseError) -> Finished:
+    """Record the failed attempt of a job whose COMMIT was refused, in a new transaction, so
+    that it is retried with backoff and finally failed instead of running again and again."""
+    if len(batch) != 1 or not isinstance(batch[0], attempts.Succeeded):
+        raise CommitRefused(len(batch)) from exc
+    run = batch[0].run
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql.RELOCK, [run.job_id])
+            if cursor.fetchone() is None:  # another worker has it already: it is its job now
+                raise exc
+        return attempts.fail(run, exc)
 
 
 #: What happened to a job of a batch (a success not yet written, or how it ended).
@@ -330,31 +384,43 @@ class _FastBatch:
         outcomes: list[Outcomes] = []
         written: dict[int, Finished] = {}
         leased: list[Leased] = []
-        with transaction.atomic():
-            statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
-            try:
-                cursor = statements.send(claim_message)
-                statements.began()
-                jobs = self._claimed(cursor, skip=0)
-                while True:
-                    outcomes, leased = self._run_jobs(statements, jobs)
-                    chain = (on_batch is not None and bool(jobs) and not leased
-                             and not self.db.run_on_commit)
-                    written, jobs = self._finish(
-                        statements, [o for o in outcomes if isinstance(o, attempts.Succeeded)],
-                        then=claim_message if chain else None)
-                    if not chain:
-                        break
-                    assert on_batch is not None
-                    finished = _after_commit(outcomes, written, [], None)
-                    outcomes, written = [], {}
-                    if not on_batch(finished) or not jobs:
-                        statements.send("ROLLBACK")  # the next claim: not wanted, or nothing
-                        self._left()
-                        break
-            except BaseException:
-                self._left()  # before Django's atomic sees its books (it pops savepoint ids)
+        finishing: list[Outcomes] = []  # the batch whose finish message is on its way
+        refused = False
+        try:
+            with transaction.atomic():
+                statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
+                try:
+                    cursor = statements.send(claim_message)
+                    statements.began()
+                    jobs = self._claimed(cursor, skip=0)
+                    while True:
+                        outcomes, leased = self._run_jobs(statements, jobs)
+                        chain = (on_batch is not None and bool(jobs) and not leased
+                                 and not self.db.run_on_commit)
+                        finishing = outcomes
+                        written, jobs = self._finish(
+                            statements,
+                            [o for o in outcomes if isinstance(o, attempts.Succeeded)],
+                            then=claim_message if chain else None)
+                        finishing = []
+                        if not chain:
+                            break
+                        assert on_batch is not None
+                        finished = _after_commit(outcomes, written, [], None)
+                        outcomes, written = [], {}
+                        if not on_batch(finished) or not jobs:
+                            statements.send("ROLLBACK")  # the next claim: unwanted, or nothing
+                            self._left()
+                            break
+                except BaseException as exc:
+                    # Ended by its COMMIT (IDLE now), for a constraint checked at commit.
+                    refused = bool(finishing) and _refused_at_commit(exc, statements.raw)
+                    self._left()  # before Django's atomic sees its books (it pops savepoints)
+                    raise
+        except DatabaseError as exc:
+            if not refused:
                 raise
+            return [_record_refused(finishing, exc)]
         return _after_commit(outcomes, written, leased, self.before_each)
 
     def _claim_message(self, statements: wire.Statements, limit: int,
@@ -462,9 +528,16 @@ class _FastBatch:
         self.in_savepoint = True
 
     def _left(self) -> None:
+        """The job's savepoint was released (or the transaction ended). Its ``on_commit``
+        callbacks now belong to the transaction: the name is taken off their savepoints, as
+        every job of a batch reuses it and Django drops the callbacks of a savepoint rolled
+        back by name (a later job's failure would otherwise drop this job's callbacks)."""
         if self.in_savepoint:
             self.in_savepoint = False
             self.db.savepoint_ids.remove(JOB_SAVEPOINT)
+            callbacks: list[Any] = self.db.run_on_commit  # (savepoint ids, function, robust)
+            for number, (sids, *rest) in enumerate(callbacks):
+                callbacks[number] = (sids - {JOB_SAVEPOINT}, *rest)
 
     def _roll_back(self) -> None:
         """What ``atomic`` does when its block raises: back to the savepoint, forgetting the
@@ -597,7 +670,7 @@ def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
         if "\\u" in encoded:
             _check_storable(encoded)
         return result, encoded
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a job is its failure, not ours
         raise _Raised(exc) from exc
     finally:
         _current.reset(token)

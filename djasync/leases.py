@@ -50,6 +50,17 @@ def take(run: Run, *, expired: bool) -> str:
     return owner
 
 
+def give_back(taken: list[tuple[int, str]]) -> None:
+    """Free the leases of jobs that will not start after all, so that another worker can take
+    them now rather than when the lease expires; if the database is away, they expire."""
+    try:
+        with connection.cursor() as cursor:
+            for job_id, owner in taken:
+                cursor.execute(sql.GIVE_BACK_LEASE, {"job_id": job_id, "owner": owner})
+    except Exception as exc:
+        logger.warning("cannot give back leases (they will expire) error=%s", exc)
+
+
 class _Renewer(threading.Thread):
     """Renew a lease until stopped, on a connection of its own (Django's are per thread)."""
 

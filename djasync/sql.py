@@ -224,6 +224,11 @@ SELECT 1 FROM {JOB} WHERE id = %(job_id)s AND lease_owner = %(owner)s AND status
    FOR NO KEY UPDATE
 """
 RELEASE_LEASE = f"UPDATE {JOB} SET lease_owner = '', lease_expires = NULL WHERE id = %s"
+#: Give back a lease taken for a job that then did not start (the worker is stopping).
+GIVE_BACK_LEASE = f"""
+UPDATE {JOB} SET lease_owner = '', lease_expires = NULL
+ WHERE id = %(job_id)s AND lease_owner = %(owner)s AND status = 'pending'
+"""
 #: The supervisor frees the leases a dead child held (after recording its crash).
 RELEASE_LEASES_OF = f"""
 UPDATE {JOB} SET lease_owner = '', lease_expires = NULL

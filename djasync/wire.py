@@ -70,6 +70,8 @@ class Statements:
         if kind is int:
             return str(value)
         if kind is str:
+            if "\x00" in value:  # libpq would cut the string there; mogrify refuses it
+                return None
             return self._escaping.escape_literal(value.encode(self._encoding)).decode(
                 self._encoding)
         if kind is datetime.datetime and value.tzinfo is not None:

@@ -112,15 +112,18 @@ class Child:
                     session_timeouts=True,
                 )
             except _Stopping:
+                self.shared[JOB_ID] = 0
                 break  # the claim rolled back: the job was never started and stays queued
             except Exception as exc:
+                self.shared[JOB_ID] = 0
                 self._after_error(exc)
                 if self._sleep(delay):
                     break
                 delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
                 continue
-            finally:
-                self.shared[JOB_ID] = 0
+            # Anything else (KeyboardInterrupt raised by a job's code) ends this process with
+            # the job still published, so that the supervisor charges the job with the crash.
+            self.shared[JOB_ID] = 0
             delay = RECONNECT_DELAY_SECONDS
             if not self.stopping and not self.recycle:  # nothing is due
                 self._send(("idle",))

@@ -234,3 +234,26 @@ def drop_the_claim_statement(key):
         for (name,) in cursor.fetchall():
             cursor.execute(f"DEALLOCATE {name}")
     return key
+
+
+def raise_keyboard_interrupt(key):
+    Ledger.objects.create(key=key)
+    raise KeyboardInterrupt
+
+
+def exit_process_politely(key):
+    """sys.exit() from a job: a failure of the job, not an exit of the worker."""
+    import sys
+
+    Ledger.objects.create(key=key)
+    sys.exit(3)
+
+
+def reference_a_missing_job(key):
+    """Writes a row whose foreign key is checked only at COMMIT (Django's FKs are deferred):
+    the job returns, and its transaction's COMMIT fails."""
+    from tests.models import JobReference
+
+    Ledger.objects.create(key=key)
+    JobReference.objects.create(job_id=987_654_321)
+    return key

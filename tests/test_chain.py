@@ -146,3 +146,79 @@ def test_a_claim_failing_after_the_commit_keeps_the_committed_job_and_the_next_r
     executor.run_batches(1, lambda batch: reported.extend(f.job_id for f in batch) or True)
     assert reported == later
     assert sorted(Ledger.objects.values_list("key", flat=True)) == ["dropper", "later"]
+
+
+def django_books():
+    raw = connection.connection
+    return (connection.in_atomic_block, list(connection.savepoint_ids),
+            connection.needs_rollback, list(connection.run_on_commit),
+            connection.get_autocommit(), raw.autocommit, raw.info.transaction_status.name)
+
+
+CLEAN_BOOKS = (False, [], False, [], True, True, "IDLE")
+
+
+def test_a_keyboard_interrupt_in_a_chained_job_rolls_back_only_that_job(other_connection):
+    first = schedule_ledger("first")
+    bad = djasync.schedule(jobs.raise_keyboard_interrupt, args=["bad"]).pk
+    reported = []
+    with pytest.raises(KeyboardInterrupt):
+        executor.run_batches(1, lambda batch: reported.extend(f.job_id for f in batch) or True)
+    assert reported == first
+    assert django_books() == CLEAN_BOOKS
+    assert statuses(other_connection, [*first, bad]) == ["succeeded", "pending"]
+    assert list(Attempt.objects.values_list("job_id", flat=True)) == first
+    assert list(Ledger.objects.values_list("key", flat=True)) == ["first"]
+    assert unlocked_pending(other_connection) == [bad]
+
+
+def test_a_job_calling_sys_exit_fails_like_any_error():
+    job = djasync.schedule(jobs.exit_process_politely, args=["x"], meta={"max_attempts": 1}).pk
+    outcomes = []
+    executor.run_batches(1, lambda batch: outcomes.extend(batch) or True)
+    [finished] = outcomes
+    assert (finished.job_id, finished.outcome, finished.status) == (
+        job, Outcome.ERROR, Status.FAILED)
+    assert finished.error == "SystemExit: 3"
+    assert Ledger.objects.count() == 0  # its write rolled back with its savepoint
+
+
+def test_a_stop_before_a_long_job_gives_its_lease_back(other_connection):
+    long = djasync.schedule(jobs.long_job, args=["long"], meta={"atomic": False}).pk
+
+    class Stop(Exception):
+        pass
+
+    def stop(job):
+        raise Stop
+
+    with pytest.raises(Stop):
+        executor.run_batches(1, lambda batch: True, before_each=stop)
+    # Claimable again at once, not when the lease (taken in the claim) would have expired.
+    row = other_connection.execute(
+        "SELECT status, lease_owner, lease_expires, attempts FROM djasync_job WHERE id = %s",
+        [long]).fetchone()
+    assert row == ("pending", "", None, 0)
+    assert Ledger.objects.count() == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_job_whose_commit_is_refused_gets_a_failed_attempt_not_endless_reruns(
+        batch, other_connection):
+    """Its writes break a constraint checked at COMMIT: nothing of its transaction is kept, so
+    the failure is recorded in a new one. In a batch, the batch is refused as a whole; the next
+    jobs then run one at a time, which finds the culprit alone."""
+    bad = djasync.schedule(jobs.reference_a_missing_job, args=["bad"],
+                           meta={"max_attempts": 2, "backoff": 0}).pk
+    good = schedule_ledger("good-1", "good-2")
+    outcomes = []
+    executor.run_batches(batch, lambda b: outcomes.extend((f.job_id, f.outcome) for f in b)
+                         or True)
+    # The retry (backoff 0) is due after the good jobs, which were scheduled before it.
+    assert outcomes == [(bad, Outcome.ERROR), *[(pk, Outcome.SUCCEEDED) for pk in good],
+                        (bad, Outcome.ERROR)]
+    assert statuses(other_connection, [bad, *good]) == ["failed", "succeeded", "succeeded"]
+    errors = list(Attempt.objects.filter(job_id=bad).values_list("exception_message", flat=True))
+    assert len(errors) == 2 and all("violates foreign key constraint" in e for e in errors)
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["good-1", "good-2"]
+    assert django_books() == CLEAN_BOOKS

@@ -143,3 +143,19 @@ def test_a_crash_counted_after_its_session_was_ended_is_still_recorded_and_marke
                 os.kill(daemon.pid, signal.SIGCONT)
                 with_code.append(stop(daemon))
     assert with_code == [0, 0], [(tmp_path / n).read_text()[-2000:] for n in ("a.log", "b.log")]
+
+
+def test_a_job_that_calls_sys_exit_fails_within_its_attempts_and_the_worker_goes_on():
+    """sys.exit() (SystemExit) inside a job used to end the child with no crash counted (its
+    current job was cleared on the way out), so the job ran again and again, for ever."""
+    exiting = djasync.schedule(jobs.exit_process_politely, args=["x"],
+                               meta={"max_attempts": 2, "backoff": 0})
+    after = djasync.schedule(jobs.add, args=[1, 2])
+    result = run_worker("--concurrency", "1", "--burst")
+    assert result.returncode == 0, result.stderr
+    exiting.refresh_from_db()
+    assert exiting.status == Status.FAILED
+    assert list(Attempt.objects.filter(job=exiting).values_list("outcome", "exception_type")) == [
+        (Outcome.ERROR, "builtins.SystemExit")] * 2
+    assert Job.objects.get(pk=after.pk).status == Status.SUCCEEDED
+    assert "child died" not in result.stderr

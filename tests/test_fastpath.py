@@ -1,7 +1,7 @@
 """The worker's fast path (djasync.wire) must look to the job like any Django ``atomic``."""
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection
 
 import djasync
 from djasync import executor
@@ -120,3 +120,35 @@ def test_parameters_are_quoted_as_sql_literals_whatever_they_hold(batch):
     attempt = Attempt.objects.get(job=job)
     assert (job.result, job.worker, attempt.worker) == ("'; SELECT 1; --", worker, worker)
     assert job.started_at == attempt.started_at <= attempt.finished_at
+
+
+@pytest.mark.parametrize("runner", ["run_batch", "run_batches"])
+def test_a_later_failure_in_a_batch_keeps_the_on_commit_callbacks_of_earlier_jobs(runner):
+    """Every job of a batch runs in a savepoint of the same name; rolling back one job's must
+    not drop the callbacks of the jobs before it, whose work commits."""
+    from tests import jobs
+
+    jobs.ON_COMMIT_CALLS.clear()
+    first = djasync.schedule(jobs.on_commit_then_return, args=["A"]).pk
+    failing = djasync.schedule(jobs.on_commit_then_raise, args=["B"],
+                               meta={"max_attempts": 1}).pk
+    last = djasync.schedule(jobs.on_commit_then_return, args=["C"]).pk
+    if runner == "run_batch":
+        finished = executor.run_batch(3)
+    else:
+        finished = []
+        executor.run_batches(3, lambda batch: finished.extend(batch) or True)
+    assert [(f.job_id, f.outcome) for f in finished] == [
+        (first, Outcome.SUCCEEDED), (failing, Outcome.ERROR), (last, Outcome.SUCCEEDED)]
+    assert jobs.ON_COMMIT_CALLS == ["A", "C"]
+
+
+@pytest.mark.parametrize("option", ["name_prefix", "worker"])
+def test_a_nul_character_in_a_parameter_is_refused_not_cut_short(option):
+    """libpq's quoting stops at a NUL: "\\x00x" would become '' (a prefix matching every job)."""
+    from psycopg import DataError as PsycopgDataError
+
+    djasync.schedule(return_text, args=["x"])
+    with pytest.raises((DataError, PsycopgDataError), match="NUL"):
+        executor.run_batch(1, **{option: "\x00no.such.module"})
+    assert Job.objects.get().status == "pending"
