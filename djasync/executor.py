@@ -222,12 +222,8 @@ def run_batch(
             if not leases.is_leased(job.meta):
                 outcomes.append(_run_in_savepoint(job, worker, before_each, session_timeouts,
                                                   defer_success=limit > 1))
-                continue
-            run = _begin(job, worker)
-            if isinstance(run, Finished):
-                outcomes.append(run)
-            else:  # a long job: lease it now, run it once the claim has committed
-                leased.append((job, run, leases.take(run, expired=job.lease_expired)))
+            else:
+                _lease(job, worker, outcomes, leased)
         # A batch writes its successes in one statement, before its one COMMIT.
         succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
         written = attempts.succeed_many(succeeded) if succeeded else {}
@@ -272,6 +268,17 @@ def run_batches(
                 continue
         if not batch or not on_batch(batch):
             return
+
+
+def _lease(job: ClaimedJob, worker: str, outcomes: list[Outcomes],
+           leased: list[Leased]) -> None:
+    """A long job of a batch: lease it now, to run once the claim has committed (or fail it
+    at once if its row may not run)."""
+    run = _begin(job, worker)
+    if isinstance(run, Finished):
+        outcomes.append(run)
+    else:
+        leased.append((job, run, leases.take(run, expired=job.lease_expired)))
 
 
 def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[int, Finished],
@@ -454,13 +461,9 @@ class _FastBatch:
             if number:
                 self._next_savepoint(statements)
             if leases.is_leased(job.meta):
-                run = _begin(job, self.worker)
-                if isinstance(run, Finished):
-                    outcomes.append(run)
-                else:  # a long job: lease it now, run it once the claim has committed
-                    leased.append((job, run, leases.take(run, expired=job.lease_expired)))
-                continue
-            outcomes.append(self._run_one(job))
+                _lease(job, self.worker, outcomes, leased)
+            else:
+                outcomes.append(self._run_one(job))
         return outcomes, leased
 
     def _run_one(self, job: ClaimedJob) -> Finished | attempts.Succeeded:

@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from djasync import conf, registry, sql, wire
+from djasync import attempts, conf, registry, sql, wire
 from djasync.conf import NOTIFY_CHANNEL
 from djasync.exceptions import GroupClosed, GroupInUse
 from djasync.models import Group, Job, Status, identity_of
@@ -181,10 +180,9 @@ def _insert(jobs: list[Job], now: datetime.datetime) -> None:
 
 def _copy(jobs: list[Job], now: datetime.datetime) -> None:
     """Take ids from the job sequence, COPY the rows in, and notify each queue once."""
-    connection.ensure_connection()
     columns = ", ".join(_COPY_COLUMNS)
     with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
-        cursor = psycopg.Cursor(connection.connection)
+        cursor = attempts.hot_cursor()
         cursor.execute(sql.NEXT_JOB_IDS, [len(jobs)])
         ids = sorted(pk for (pk,) in cursor.fetchall())
         with cursor.copy(f"COPY {sql.JOB} ({columns}) FROM STDIN") as copy:

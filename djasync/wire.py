@@ -41,23 +41,24 @@ class Statements:
         self.raw = raw
         self.cursor = psycopg.ClientCursor(raw)
         self.prepare = prepared_statements_allowed()
-        self._templates: dict[str, str] = {}
-        #: The prepared statement's name and parameter names, by template.
-        self._executes: dict[str, tuple[str, list[str]]] = {}
+        #: By query: the prepared statement's name, its parameters' names in order and its
+        #: ``EXECUTE name(%(a)s, …)`` for psycopg; or None when statements are sent whole.
+        self._templates: dict[str, tuple[str, list[str], str] | None] = {}
         self._escaping = psycopg.pq.Escaping(raw.pgconn)
         self._encoding = raw.info.encoding
 
     def render(self, query: str, params: dict[str, Any]) -> str:
         """Return ``query`` with ``params`` as one SQL string: an EXECUTE of it, prepared."""
-        template = self._templates.get(query)
-        if template is None:
-            template = self._templates[query] = self._prepare(query) if self.prepare else query
-        execute = self._executes.get(template)
-        if execute is not None:
-            literals = [self._literal(params[name]) for name in execute[1]]
-            if None not in literals:
-                return f"EXECUTE {execute[0]}({', '.join(literals)})"  # type: ignore[arg-type]
-        return self.cursor.mogrify(template, params)
+        if query not in self._templates:
+            self._templates[query] = self._prepare(query) if self.prepare else None
+        prepared = self._templates[query]
+        if prepared is None:
+            return self.cursor.mogrify(query, params)
+        name, names, template = prepared
+        literals = [self._literal(params[n]) for n in names]
+        if None in literals:  # a type _literal leaves to psycopg (arrays, naive datetimes)
+            return self.cursor.mogrify(template, params)
+        return f"EXECUTE {name}({', '.join(literals)})"  # type: ignore[arg-type]
 
     def _literal(self, value: Any) -> str | None:
         """The SQL literal of a parameter of a per-job EXECUTE, or None to let psycopg's
@@ -78,7 +79,7 @@ class Statements:
             return f"'{value.isoformat()}'"  # digits, '-', ':', '.', '+', 'T': nothing to quote
         return None
 
-    def _prepare(self, query: str) -> str:
+    def _prepare(self, query: str) -> tuple[str, list[str], str]:
         names: list[str] = []
 
         def number(match: re.Match[str]) -> str:
@@ -98,9 +99,7 @@ class Statements:
         cursor.execute("SELECT FROM pg_prepared_statements WHERE name = %s", [name])
         if cursor.fetchone() is None:
             cursor.execute(f"PREPARE {name} AS {body}")
-        template = f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
-        self._executes[template] = (name, names)
-        return template
+        return name, names, f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
 
     def begin(self) -> str:
         """The BEGIN psycopg itself would send: Django's ``isolation_level`` option (psycopg's
