@@ -153,11 +153,11 @@ def claim(
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
     cursor = attempts.hot_cursor()
-    for statement in sql.CLAIM_PLAN.split("; "):
+    for statement in sql.CLAIM_PLAN:
         cursor.execute(statement)
     cursor.execute(query, params)
     rows = cursor.fetchall()
-    for statement in sql.CLAIM_PLAN_DONE.split("; "):
+    for statement in sql.CLAIM_PLAN_DONE:
         cursor.execute(statement)
     # Django's psycopg setup returns jsonb as text (JSONField parses it itself).
     return [
@@ -397,9 +397,9 @@ class _FastBatch:
             with transaction.atomic():
                 statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
                 try:
-                    cursor = statements.send(claim_message)
+                    results = statements.send(claim_message)
                     statements.began()
-                    jobs = self._claimed(cursor, skip=0)
+                    jobs = self._claimed(statements, results)
                     while True:
                         outcomes, leased = self._run_jobs(statements, jobs)
                         chain = (on_batch is not None and bool(jobs) and not leased
@@ -416,7 +416,8 @@ class _FastBatch:
                         finished = _after_commit(outcomes, written, [], None)
                         outcomes, written = [], {}
                         if not on_batch(finished) or not jobs:
-                            statements.send("ROLLBACK")  # the next claim: unwanted, or nothing
+                            # the next claim: unwanted, or nothing
+                            statements.send([statements.command("ROLLBACK")])
                             self._left()
                             break
                 except BaseException as exc:
@@ -432,25 +433,29 @@ class _FastBatch:
 
     def _claim_message(self, statements: wire.Statements, limit: int,
                        queues: Sequence[str] | None, name_prefix: str | None,
-                       now: datetime.datetime | None) -> str:
-        """BEGIN, the claim between its plan settings, and the first job's SAVEPOINT."""
+                       now: datetime.datetime | None) -> list[wire.Command]:
+        """BEGIN, the claim between its plan settings, and the first job's SAVEPOINT (all
+        prepared now, before our BEGIN)."""
         query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
         claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
-        claim_text = statements.render(query, claim_params)  # may PREPARE: before our BEGIN
-        return (f"{statements.begin()}; {sql.CLAIM_PLAN}; {claim_text}; "
-                f'{sql.CLAIM_PLAN_DONE}; SAVEPOINT "{JOB_SAVEPOINT}"')
+        command = statements.command
+        return [command(statements.begin()), *map(command, sql.CLAIM_PLAN),
+                command(query, claim_params), *map(command, sql.CLAIM_PLAN_DONE),
+                command(f'SAVEPOINT "{JOB_SAVEPOINT}"')]
 
-    #: Results of the claim message before the claim's own: BEGIN and the plan settings.
-    _BEFORE_CLAIM = 1 + sql.CLAIM_PLAN.count(";") + 1
+    #: Where the claim's result is among the claim message's: after BEGIN and the settings.
+    _CLAIM_RESULT = 1 + len(sql.CLAIM_PLAN)
+    #: How many statements a claim message holds.
+    _CLAIM_MESSAGE = 1 + len(sql.CLAIM_PLAN) + 1 + len(sql.CLAIM_PLAN_DONE) + 1
 
-    def _claimed(self, cursor: Any, *, skip: int) -> list[ClaimedJob]:
-        """Read the jobs a claim message locked, ``skip`` results after the cursor's current
-        one; its BEGIN and SAVEPOINT went through, so Django's books say so from here."""
+    def _claimed(self, statements: wire.Statements,
+                 results: list[Any]) -> list[ClaimedJob]:
+        """Read the jobs a claim message (the last ones of ``results``) locked; its BEGIN and
+        SAVEPOINT went through, so Django's books say so from here."""
         self._entered()
-        for _ in range(skip + self._BEFORE_CLAIM):
-            cursor.nextset()
+        claim_result = results[len(results) - self._CLAIM_MESSAGE + self._CLAIM_RESULT]
         return [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
-                for id, name, args, kwargs, meta, *rest in cursor.fetchall()]
+                for id, name, args, kwargs, meta, *rest in statements.rows(claim_result)]
 
     def _run_jobs(self, statements: wire.Statements,
                   jobs: list[ClaimedJob]) -> tuple[list[Outcomes], list[Leased]]:
@@ -486,44 +491,45 @@ class _FastBatch:
         return attempts.succeeded_now(run, result, encoded)
 
     def _finish(self, statements: wire.Statements, succeeded: list[attempts.Succeeded],
-                then: str | None = None) -> tuple[dict[int, Finished], list[ClaimedJob]]:
+                then: list[wire.Command] | None = None,
+                ) -> tuple[dict[int, Finished], list[ClaimedJob]]:
         """RELEASE, write the successes and COMMIT, in one message; return the successes as
         written. ``then`` (a claim message) goes in the same message: the jobs it claimed are
         returned too, locked by the new transaction."""
-        tail = f"; {then}" if then else ""
+        command = statements.command
+        release, commit = command(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), command("COMMIT")
+        tail = then or []
         if not succeeded:
-            cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; COMMIT{tail}')
+            results = statements.send([release, commit, *tail])
             self._left()
-            return {}, self._claimed(cursor, skip=2) if then else []
+            return {}, self._claimed(statements, results) if then else []
         if len(succeeded) == 1:
             (one,) = succeeded
-            finish = statements.render(sql.FINISH_SUCCESS, {
+            finish = command(sql.FINISH_SUCCESS, {
                 "job_id": one.run.job_id, "started_at": one.run.started,
                 "worker": one.run.worker[:255], "result": one.encoded})
         else:
-            finish = statements.render(sql.FINISH_SUCCESS_MANY,
-                                       attempts.success_params(succeeded))
-        cursor = statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; {sql.FINISH_PLAN}; '
-                                 f"{finish}; COMMIT{tail}")
+            finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
+        results = statements.send(
+            [release, *map(command, sql.FINISH_PLAN), finish, commit, *tail])
         self._left()
-        for _ in range(2):  # to the finish's rows
-            cursor.nextset()
-        rows = cursor.fetchall()
+        rows = statements.rows(results[1 + len(sql.FINISH_PLAN)])
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:
             numbers = {row[0]: row[-1] for row in rows}
         else:  # FINISH_SUCCESS returns the attempt number alone (no row: the job deleted it)
             numbers = {succeeded[0].run.job_id: rows[0][0]} if rows else {}
         written = attempts.report_successes(succeeded, numbers)
-        return written, self._claimed(cursor, skip=2) if then else []
+        return written, self._claimed(statements, results) if then else []
 
     def _next_savepoint(self, statements: wire.Statements) -> None:
         """Keep what the previous job wrote (or its failure record), and start a new savepoint."""
         if self.in_savepoint:
             self._left()
-            statements.send(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"; SAVEPOINT "{JOB_SAVEPOINT}"')
+            statements.send([statements.command(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'),
+                             statements.command(f'SAVEPOINT "{JOB_SAVEPOINT}"')])
         else:
-            statements.send(f'SAVEPOINT "{JOB_SAVEPOINT}"')
+            statements.send([statements.command(f'SAVEPOINT "{JOB_SAVEPOINT}"')])
         self._entered()
 
     def _entered(self) -> None:

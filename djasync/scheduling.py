@@ -167,10 +167,10 @@ def _insert(jobs: list[Job], now: datetime.datetime) -> None:
         "group_id": [job.group_id for job in jobs],
         "now": now, "channel": NOTIFY_CHANNEL,
     }
-    # Prepared once, sent as one EXECUTE with literal arrays: measured a little faster, even at
-    # 10,000 jobs, than binding the arrays as parameters (42,100 vs 40,000 jobs/s).
+    # Prepared once per connection (COPY takes over from COPY_FROM jobs).
     statements = wire.statements()
-    ids = statements.send(statements.render(sql.INSERT_JOBS, params)).fetchall()
+    (result,) = statements.send([statements.command(sql.INSERT_JOBS, params)])
+    ids = statements.rows(result)
     assert len(ids) == len(jobs), "the INSERT returned fewer rows than jobs"
     for job, (pk,) in zip(jobs, ids, strict=True):
         job.pk = pk

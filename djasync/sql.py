@@ -84,9 +84,9 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 #: over 10,000 jobs). Neither plan is ever right for these statements, so sorting and
 #: sequential scans are turned off for them (``SET LOCAL``: this transaction only; the claim
 #: sets them back before the job runs; the finish is followed by COMMIT).
-CLAIM_PLAN = "SET LOCAL enable_sort = off; SET LOCAL enable_seqscan = off"
-CLAIM_PLAN_DONE = "SET LOCAL enable_sort TO DEFAULT; SET LOCAL enable_seqscan TO DEFAULT"
-FINISH_PLAN = "SET LOCAL enable_seqscan = off"
+CLAIM_PLAN = ("SET LOCAL enable_sort = off", "SET LOCAL enable_seqscan = off")
+CLAIM_PLAN_DONE = ("SET LOCAL enable_sort TO DEFAULT", "SET LOCAL enable_seqscan TO DEFAULT")
+FINISH_PLAN = ("SET LOCAL enable_seqscan = off",)
 
 #: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
 #: ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode.

@@ -10,7 +10,7 @@ import pytest
 from django.db import DatabaseError, connection
 
 import djasync
-from djasync import executor
+from djasync import executor, wire
 from djasync.models import Attempt, Job, Outcome, Status
 from tests import jobs
 from tests.models import Ledger
@@ -222,3 +222,35 @@ def test_a_job_whose_commit_is_refused_gets_a_failed_attempt_not_endless_reruns(
     assert len(errors) == 2 and all("violates foreign key constraint" in e for e in errors)
     assert sorted(Ledger.objects.values_list("key", flat=True)) == ["good-1", "good-2"]
     assert django_books() == CLEAN_BOOKS
+
+
+@pytest.fixture
+def without_pipeline_mode(monkeypatch):
+    """As with a libpq older than 14: the statements go one round trip each."""
+    monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    connection.close()  # the next connection's statements are made without pipeline mode
+    yield
+    connection.close()
+
+
+def test_without_pipeline_mode_the_chain_keeps_every_guarantee(without_pipeline_mode,
+                                                               other_connection):
+    failing = djasync.schedule(jobs.write_then_raise, args=["lost"],
+                               meta={"max_attempts": 1}).pk
+    fine = schedule_ledger("kept")
+    dropper = djasync.schedule(jobs.drop_the_claim_statement, args=["dropper"]).pk
+    later = schedule_ledger("later")
+    reported = []
+    with pytest.raises(DatabaseError, match="does not exist"):
+        executor.run_batches(1, lambda batch: reported.extend(
+            (f.job_id, f.outcome) for f in batch) or True)
+    assert reported == [(failing, Outcome.ERROR), (fine[0], Outcome.SUCCEEDED)]
+    assert not wire.statements().pipeline
+    # The COMMIT went through before the claim failed, and nothing after it ran.
+    assert statuses(other_connection, [failing, *fine, dropper, *later]) == [
+        "failed", "succeeded", "succeeded", "pending"]
+    assert_connection_idle()
+    executor.run_batches(1, lambda batch: reported.extend(
+        (f.job_id, f.outcome) for f in batch) or True)
+    assert reported[2:] == [(later[0], Outcome.SUCCEEDED)]
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["dropper", "kept", "later"]

@@ -9,7 +9,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 import djasync
-from djasync import executor
+from djasync import executor, sql
 from djasync.exceptions import DjasyncError
 from djasync.models import Attempt, Job, Outcome, Status
 from tests import jobs
@@ -289,10 +289,10 @@ def test_an_async_job_that_raises_rolls_back_its_writes():
     assert Ledger.objects.count() == 0
 
 
-def _prepared_statements() -> list[str]:
+def _prepared_by_name() -> dict[str, str]:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT statement FROM pg_prepared_statements")
-        return [statement for (statement,) in cursor.fetchall()]
+        cursor.execute("SELECT name, statement FROM pg_prepared_statements")
+        return dict(cursor.fetchall())
 
 
 def test_the_claim_and_the_finish_are_prepared_once_per_connection():
@@ -303,12 +303,17 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
         djasync.schedule(jobs.write_ledger, args=[key])
     assert len(executor.drain()) == 4
     assert [f.outcome for f in executor.run_batch(5)] == []
-    prepared = _prepared_statements()
+    by_name = _prepared_by_name()
+    prepared = list(by_name.values())
     assert sum("FOR NO KEY UPDATE OF j SKIP LOCKED" in s for s in prepared) == 2  # limits 1, 5
     assert sum("WITH job AS (\n    UPDATE djasync_job" in s for s in prepared) == 1  # the finish
     assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
+    # The transaction's own statements too (protocol-level, as pgbench -M prepared does).
+    for statement in ("BEGIN", "COMMIT", 'SAVEPOINT "djasync_job"', 'RELEASE SAVEPOINT "djasync_job"',
+                      *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
+        assert prepared.count(statement) == 1, statement
     assert not any("tests_ledger" in s for s in prepared)  # the job's own statement is not
-    assert all(s.startswith("PREPARE djasync_") for s in prepared)
+    assert all(name.startswith("djasync_") for name in by_name)
 
 
 def test_prepared_statements_dropped_by_someone_else_are_prepared_again():
@@ -345,7 +350,7 @@ def test_prepare_threshold_in_the_database_options_means_no_prepared_statements(
         djasync.schedule(jobs.write_ledger, args=["x"])
         djasync.schedule(jobs.write_then_raise, args=["y"], meta={"max_attempts": 1})
         assert sorted(f.outcome for f in executor.drain()) == [Outcome.ERROR, Outcome.SUCCEEDED]
-        assert not any(s.startswith("PREPARE djasync_") for s in _prepared_statements())
+        assert not any(name.startswith("djasync_") for name in _prepared_by_name())
     finally:
         del options["prepare_threshold"]
         connection.close()

@@ -73,7 +73,7 @@ def test_the_claim_walks_its_index_even_before_the_table_has_statistics():
             with transaction.atomic():
                 cursor.execute("EXPLAIN " + claim, {"now": None})
                 unaided = "\n".join(row[0] for row in cursor.fetchall())
-                for statement in sql.CLAIM_PLAN.split("; "):
+                for statement in sql.CLAIM_PLAN:
                     cursor.execute(statement)
                 cursor.execute("EXPLAIN " + claim, {"now": None})
                 planned = "\n".join(row[0] for row in cursor.fetchall())
@@ -101,11 +101,12 @@ def test_attempts_are_counted_through_their_index_even_when_statistics_say_none_
         finish_params = {"job_id": 1, "started_at": None, "worker": "w", "result": "null"}
         try:
             with transaction.atomic():
-                cursor.execute(sql.FINISH_PLAN)
+                for statement in sql.FINISH_PLAN:
+                    cursor.execute(statement)
                 cursor.execute(finish, finish_params)
                 finish_planned = "\n".join(row[0] for row in cursor.fetchall())
             with transaction.atomic():
-                for statement in sql.CLAIM_PLAN.split("; "):
+                for statement in sql.CLAIM_PLAN:
                     cursor.execute(statement)
                 cursor.execute(claim, {"now": None})
                 claim_planned = "\n".join(row[0] for row in cursor.fetchall())
