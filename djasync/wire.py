@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import selectors
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 #: One statement ready to send: its prepared name (None: sent unnamed), its text with ``$n``
 #: placeholders and its parameters in text format.
-Command = tuple[bytes | None, bytes, Sequence[bytes | bytearray | None] | None]
+Command = tuple[bytes | None, bytes, Sequence[pq.abc.Buffer | None] | None]
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 
@@ -62,6 +63,8 @@ class Statements:
         self._known: set[str] | None = None
         self._adapt = Transformer(raw)
         self._formats: dict[int, list[PyFormat]] = {}
+        self._selector: selectors.BaseSelector | None = None
+        self._waiting_for = 0
 
     def command(self, query: str, params: dict[str, Any] | None = None) -> Command:
         """``query`` (prepared now if new) with ``params``, ready for :meth:`send`."""
@@ -103,9 +106,15 @@ class Statements:
                            " WHERE starts_with(name, 'djasync_')")
             self._known = {found for (found,) in cursor.fetchall()}
         if name not in self._known:
-            result = self.pgconn.prepare(name.encode(), body.encode())
-            if result.status != pq.ExecStatus.COMMAND_OK:
-                with connection.wrap_database_errors:
+            with connection.wrap_database_errors:
+                try:
+                    self.pgconn.send_prepare(name.encode(), body.encode())
+                    self._flush()
+                    result = self._result()
+                except BaseException:
+                    self.raw.close()
+                    raise
+                if result.status != pq.ExecStatus.COMMAND_OK:
                     raise psycopg.errors.error_from_result(result, encoding=self._encoding)
             self._known.add(name)
         return name.encode(), body.encode(), names
@@ -151,10 +160,7 @@ class Statements:
 
     def _send(self, commands: Sequence[Command]) -> list[pq.abc.PGresult]:
         with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
-            if self.pipeline:
-                results = self._exchange(commands)
-            else:
-                results = self._exchange_in_turn(commands)
+            results = self._exchange(commands)
             for result in results:
                 if result.status not in _OK:
                     if result.status == pq.ExecStatus.PIPELINE_ABORTED:
@@ -171,58 +177,83 @@ class Statements:
         return results
 
     def _exchange(self, commands: Sequence[Command]) -> list[pq.abc.PGresult]:
-        """One round trip: every command, a Sync, then every result up to the Sync's.
+        """One round trip: every command, a Sync, then every result up to the Sync's. Without
+        pipeline mode (libpq older than 14): one round trip per command, up to the first that
+        fails.
 
-        The waits block in libpq (a few milliseconds: no statement here waits on a lock). If
-        the exchange cannot finish (the connection broke, or an exception came in between two
-        calls), the connection is closed: PostgreSQL rolls its transaction back, and psycopg
-        and Django see a closed connection, as after any lost connection.
+        The waits are psycopg's kind (the socket polled, the GIL released; not libpq's blocking
+        calls, which would stall the process's other threads). If the exchange cannot finish
+        (the connection broke, or an exception came in between two calls), the connection is
+        closed: PostgreSQL rolls its transaction back, and psycopg and Django see a closed
+        connection, as after any lost connection.
         """
         pgconn = self.pgconn
-        results: list[pq.abc.PGresult] = []
         try:
+            if not self.pipeline:
+                results = []
+                for command in commands:
+                    self._put(command)
+                    self._flush()
+                    results.append(self._result())
+                    if results[-1].status not in _OK:
+                        break
+                return results
             pgconn.enter_pipeline_mode()
-            for name, body, params in commands:
-                if name is None:
-                    pgconn.send_query_params(body, params)
-                else:
-                    pgconn.send_query_prepared(name, params)
+            for command in commands:
+                self._put(command)
             pgconn.pipeline_sync()
-            for _ in commands:
-                result = pgconn.get_result()
-                if result is None or pgconn.get_result() is not None:
-                    raise self._broken()
-                results.append(result)
-            sync = pgconn.get_result()
+            self._flush()
+            results = [self._result() for _ in commands]
+            sync = self._next()
             if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
                 raise self._broken()
             pgconn.exit_pipeline_mode()
+            return results
         except BaseException:
             self.raw.close()
             raise
-        return results
 
-    def _exchange_in_turn(self, commands: Sequence[Command]) -> list[pq.abc.PGresult]:
-        """Without pipeline mode (libpq older than 14): one round trip per command, up to the
-        first that fails."""
+    def _put(self, command: Command) -> None:
+        name, body, params = command
+        if name is None:
+            self.pgconn.send_query_params(body, params)
+        else:
+            self.pgconn.send_query_prepared(name, params)
+
+    def _result(self) -> pq.abc.PGresult:
+        """The one result of the next command (each of ours has one), and the end of them."""
+        result = self._next()
+        if result is None or self._next() is not None:
+            raise self._broken()
+        return result
+
+    def _next(self) -> pq.abc.PGresult | None:
         pgconn = self.pgconn
-        results: list[pq.abc.PGresult] = []
-        try:
-            for name, body, params in commands:
-                if name is None:
-                    pgconn.send_query_params(body, params)
-                else:
-                    pgconn.send_query_prepared(name, params)
-                result = pgconn.get_result()
-                if result is None or pgconn.get_result() is not None:
-                    raise self._broken()
-                results.append(result)
-                if result.status not in _OK:
-                    break
-        except BaseException:
-            self.raw.close()
-            raise
-        return results
+        while pgconn.is_busy():
+            self._wait(selectors.EVENT_READ)
+            pgconn.consume_input()
+        return pgconn.get_result()
+
+    def _flush(self) -> None:
+        """Send what libpq still holds (a long message), reading meanwhile if PostgreSQL
+        answers, so that neither side waits on a full buffer."""
+        while self.pgconn.flush():
+            if self._wait(selectors.EVENT_READ | selectors.EVENT_WRITE) & selectors.EVENT_READ:
+                self.pgconn.consume_input()
+
+    def _wait(self, events: int) -> int:
+        selector = self._selector
+        if selector is None:
+            selector = self._selector = selectors.DefaultSelector()
+            selector.register(self.pgconn.socket, events)
+            self._waiting_for = events
+        elif events != self._waiting_for:
+            selector.modify(self.pgconn.socket, events)
+            self._waiting_for = events
+        ready = 0
+        while not ready:
+            ready = sum(mask for _, mask in selector.select())
+        return ready
 
     def _broken(self) -> psycopg.OperationalError:
         message = self.pgconn.error_message.decode(self._encoding, "replace").strip()

@@ -309,8 +309,8 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
     assert sum("WITH job AS (\n    UPDATE djasync_job" in s for s in prepared) == 1  # the finish
     assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
     # The transaction's own statements too (protocol-level, as pgbench -M prepared does).
-    for statement in ("BEGIN", "COMMIT", 'SAVEPOINT "djasync_job"', 'RELEASE SAVEPOINT "djasync_job"',
-                      *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
+    for statement in ("BEGIN", "COMMIT", 'SAVEPOINT "djasync_job"',
+                      'RELEASE SAVEPOINT "djasync_job"', *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
         assert prepared.count(statement) == 1, statement
     assert not any("tests_ledger" in s for s in prepared)  # the job's own statement is not
     assert all(name.startswith("djasync_") for name in by_name)

@@ -1,11 +1,15 @@
 """The worker's fast path (djasync.wire) must look to the job like any Django ``atomic``."""
 
+import threading
+
+import psycopg
 import pytest
-from django.db import DataError, connection
+from django.db import DataError, OperationalError, connection
 
 import djasync
-from djasync import executor
+from djasync import executor, wire
 from djasync.models import Job, Outcome
+from tests import jobs
 from tests.models import Ledger
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -93,7 +97,6 @@ def test_results_jsonb_can_store_are_kept(text, codes, stored):
 def test_a_job_that_deletes_its_own_row_commits_and_its_callbacks_run(batch):
     """Its success is written to no row after the COMMIT went through: nothing may raise then,
     or Django's atomic would drop the committed job's on_commit callbacks."""
-    from tests import jobs
 
     jobs.ON_COMMIT_CALLS.clear()
     djasync.schedule(jobs.delete_own_row, args=["gone"])
@@ -126,7 +129,6 @@ def test_parameters_are_quoted_as_sql_literals_whatever_they_hold(batch):
 def test_a_later_failure_in_a_batch_keeps_the_on_commit_callbacks_of_earlier_jobs(runner):
     """Every job of a batch runs in a savepoint of the same name; rolling back one job's must
     not drop the callbacks of the jobs before it, whose work commits."""
-    from tests import jobs
 
     jobs.ON_COMMIT_CALLS.clear()
     first = djasync.schedule(jobs.on_commit_then_return, args=["A"]).pk
@@ -152,3 +154,38 @@ def test_a_nul_character_in_a_parameter_is_refused_not_cut_short(option):
     with pytest.raises((DataError, PsycopgDataError), match="NUL"):
         executor.run_batch(1, **{option: "\x00no.such.module"})
     assert Job.objects.get().status == "pending"
+
+
+def test_waiting_for_postgresql_lets_the_processs_other_threads_run():
+    """libpq's blocking calls would hold the GIL for the whole wait (a web process's other
+    threads frozen while schedule() waits): the pipeline polls the socket instead."""
+    ticks = []
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(0.005):
+            ticks.append(1)
+
+    statements = wire.statements()
+    thread = threading.Thread(target=tick)
+    thread.start()
+    try:
+        (result,) = statements.send([statements.command("SELECT pg_sleep(0.5)")])
+    finally:
+        stop.set()
+        thread.join()
+    assert result.status == psycopg.pq.ExecStatus.TUPLES_OK
+    assert len(ticks) >= 20  # about 100 if the thread ran all along; 0 or 1 if it was held
+
+
+def test_a_connection_lost_mid_exchange_raises_and_is_closed(other_connection):
+    statements = wire.statements()
+    pid = statements.rows(statements.send([statements.command("SELECT pg_backend_pid()")])[0])
+    other_connection.execute("SELECT pg_terminate_backend(%s, 5000)", pid[0])
+    with pytest.raises(OperationalError):
+        statements.send([statements.command("SELECT 1")])
+    assert connection.connection.closed
+    connection.close()
+    djasync.schedule(jobs.write_ledger, args=["after"])  # a new connection, new statements
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    assert wire.statements() is not statements
