@@ -419,11 +419,11 @@ def profile_section(results: dict) -> str:
                 "\n`SELECT … FOR KEY SHARE OF x` is the foreign-key check of the INSERT into "
                 "`djasync_attempt` (a deferred trigger, run at COMMIT), not a statement the "
                 "worker sends; "
-                "`SELECT EXISTS …` is the benchmark's own poll in daemon mode. The worker sends "
-                "its statements several per message (simple query protocol: `BEGIN; SET …; "
-                "EXECUTE claim; SET …; SAVEPOINT` and `RELEASE …; EXECUTE finish; COMMIT`), so "
-                "round trips are fewer than statements: 2 per job at batch size 1, K + 1 per "
-                "batch of K. Worker statements per job: "
+                "`SELECT EXISTS …` is the benchmark's own poll in daemon mode. The worker "
+                "pipelines its statements (libpq pipeline mode, protocol-level prepared "
+                "statements: `RELEASE · SET · finish · COMMIT · BEGIN · SET … · claim · SET … · "
+                "SAVEPOINT` in one round trip), so round trips are fewer than statements: 1 per "
+                "job at batch size 1, K per batch of K. Worker statements per job: "
                 f"{f2((rec['statements_total_calls'] - fk - polls) / n)}.\n")
         for who in ("pyspy_child", "pyspy_supervisor"):
             spy = rec.get(who)

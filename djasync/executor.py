@@ -357,8 +357,8 @@ class _FastBatch:
     Django's ``atomic``, which rolls back.
 
     Jobs run one at a time in ``SAVEPOINT djasync_job``: a failure rolls back to it and is
-    written after it; between jobs ``RELEASE …; SAVEPOINT …`` goes in one message; successes are
-    written together with the last RELEASE and the COMMIT.
+    written after it; between jobs ``RELEASE …`` and ``SAVEPOINT …`` go in one round trip;
+    successes are written together with the last RELEASE and the COMMIT.
     """
 
     def __init__(self, worker: str, before_each: Callable[[ClaimedJob], None] | None,

@@ -138,7 +138,7 @@ _json = DjangoJSONEncoder(allow_nan=False, ensure_ascii=False)
 
 
 #: From this many jobs on, ``schedule_many`` writes them with COPY (three round trips, but
-#: about twice as fast per job as the one INSERT of literal arrays at 10,000 jobs).
+#: about twice as fast per job as the one INSERT of arrays at 10,000 jobs).
 COPY_FROM = 200
 
 #: The columns COPY fills, in the order :func:`_copy` writes them.
