@@ -417,7 +417,7 @@ class _FastBatch:
                         outcomes, written = [], {}
                         if not on_batch(finished) or not jobs:
                             # the next claim: unwanted, or nothing
-                            statements.send([statements.command("ROLLBACK")])
+                            statements.send([statements.plain("ROLLBACK")])
                             self._left()
                             break
                 except BaseException as exc:
@@ -495,9 +495,14 @@ class _FastBatch:
                 ) -> tuple[dict[int, Finished], list[ClaimedJob]]:
         """RELEASE, write the successes and COMMIT, in one message; return the successes as
         written. ``then`` (a claim message) goes in the same message: the jobs it claimed are
-        returned too, locked by the new transaction."""
-        command = statements.command
-        release, commit = command(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), command("COMMIT")
+        returned too, locked by the new transaction.
+
+        RELEASE, the plan setting and COMMIT follow the jobs' own code in their transaction,
+        so they are sent unnamed (:meth:`wire.Statements.plain`): a job that dropped the
+        session's prepared statements then loses at most its success (the finish statement
+        fails, and the job runs again), never a failure already recorded."""
+        command, plain = statements.command, statements.plain
+        release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         tail = then or []
         if not succeeded:
             results = statements.send([release, commit, *tail])
@@ -511,7 +516,7 @@ class _FastBatch:
         else:
             finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
         results = statements.send(
-            [release, *map(command, sql.FINISH_PLAN), finish, commit, *tail])
+            [release, *map(plain, sql.FINISH_PLAN), finish, commit, *tail])
         self._left()
         rows = statements.rows(results[1 + len(sql.FINISH_PLAN)])
         # Committed: nothing below may raise (see attempts.report_successes).
@@ -526,10 +531,10 @@ class _FastBatch:
         """Keep what the previous job wrote (or its failure record), and start a new savepoint."""
         if self.in_savepoint:
             self._left()
-            statements.send([statements.command(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'),
-                             statements.command(f'SAVEPOINT "{JOB_SAVEPOINT}"')])
+            statements.send([statements.plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'),
+                             statements.plain(f'SAVEPOINT "{JOB_SAVEPOINT}"')])
         else:
-            statements.send([statements.command(f'SAVEPOINT "{JOB_SAVEPOINT}"')])
+            statements.send([statements.plain(f'SAVEPOINT "{JOB_SAVEPOINT}"')])
         self._entered()
 
     def _entered(self) -> None:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import re
 import selectors
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +46,12 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 #: One statement ready to send: its prepared name (None: sent unnamed), its text with ``$n``
 #: placeholders and its parameters in text format.
-Command = tuple[bytes | None, bytes, Sequence[pq.abc.Buffer | None] | None]
+Command = tuple[bytes | None, bytes, Sequence[bytes | bytearray | memoryview | None] | None]
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+#: Where an exchange stands, for :meth:`Statements._recover`: sending commands; waiting for
+#: results (the Sync sent); done (the Sync's result read).
+_SENDING, _READING, _DONE = range(3)
 
 
 class Statements:
@@ -61,12 +66,22 @@ class Statements:
         #: By query (``%(name)s`` placeholders): its prepared name or None, its text and its
         #: parameters' names in ``$n`` order.
         self._statements: dict[str, tuple[bytes | None, bytes, list[str]]] = {}
-        #: Names of djasync's statements this session has prepared (None: ask the server).
-        self._known: set[str] | None = None
         self._adapt = Transformer(raw)
         self._formats: dict[int, list[PyFormat]] = {}
+        self._plain: dict[str, Command] = {}
         self._selector: selectors.BaseSelector | None = None
         self._waiting_for = 0
+
+    def plain(self, text: str) -> Command:
+        """A statement without parameters, sent unnamed (parsed each time): for those that
+        follow a job's code in its transaction (RELEASE, COMMIT). A job that drops the
+        session's prepared statements (``DEALLOCATE ALL``) must not make them fail: the
+        failure it just recorded would be rolled back with them. Unnamed, each costs
+        PostgreSQL about 4 µs more per job than prepared."""
+        found = self._plain.get(text)
+        if found is None:
+            found = self._plain[text] = (None, text.encode(), None)
+        return found
 
     def command(self, query: str, params: dict[str, Any] | None = None) -> Command:
         """``query`` (prepared now if new) with ``params``, ready for :meth:`send`."""
@@ -99,26 +114,21 @@ class Statements:
         # process prepared on before an error made it forget) that already has the name has
         # the very same statement, never another one.
         name = "djasync_" + hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()[:20]
-        if self._known is None:
-            # Asked, not tried and caught: this may run inside the worker's transaction (the
-            # finish statement, prepared again after a DEALLOCATE), where a failed Parse would
-            # abort the transaction and with it the job that just ran.
-            cursor = psycopg.Cursor(self.raw)
-            cursor.execute("SELECT name FROM pg_prepared_statements"
-                           " WHERE starts_with(name, 'djasync_')")
-            self._known = {found for (found,) in cursor.fetchall()}
-        if name not in self._known:
-            with connection.wrap_database_errors:
-                try:
-                    self.pgconn.send_prepare(name.encode(), body.encode())
-                    self._flush()
-                    result = self._result()
-                except BaseException:
-                    self.raw.close()
-                    raise
+        known = _prepared.get(self.raw)
+        with connection.wrap_database_errors:
+            if known is None:
+                # Asked, not tried and caught: this may run inside the worker's transaction
+                # (the finish statement, prepared again after a DEALLOCATE), where a failed
+                # Parse would abort the transaction and with it the job that just ran.
+                cursor = psycopg.Cursor(self.raw)
+                cursor.execute("SELECT name FROM pg_prepared_statements"
+                               " WHERE starts_with(name, 'djasync_')")
+                known = _prepared[self.raw] = {found for (found,) in cursor.fetchall()}
+            if name not in known:
+                (result,) = self._exchange([(None, body.encode(), None)], prepare=name.encode())
                 if result.status != pq.ExecStatus.COMMAND_OK:
                     raise psycopg.errors.error_from_result(result, encoding=self._encoding)
-            self._known.add(name)
+                known.add(name)
         return name.encode(), body.encode(), names
 
     @property
@@ -174,46 +184,86 @@ class Statements:
                         # ROLLBACK): prepare again next time. This transaction fails and rolls
                         # back; the worker retries it.
                         self._statements.clear()
-                        self._known = None
+                        _prepared.pop(self.raw, None)
                     raise error
         return results
 
-    def _exchange(self, commands: Sequence[Command]) -> list[pq.abc.PGresult]:
+    def _exchange(self, commands: Sequence[Command],
+                  prepare: bytes | None = None) -> list[pq.abc.PGresult]:
         """One round trip: every command, a Sync, then every result up to the Sync's. Without
-        pipeline mode (libpq older than 14): one round trip per command, up to the first that
-        fails.
+        pipeline mode (libpq older than 14), or to ``prepare`` the one command under that
+        name: one round trip per command, up to the first that fails.
 
-        The waits are psycopg's kind (the socket polled, the GIL released; not libpq's blocking
-        calls, which would stall the process's other threads). If the exchange cannot finish
-        (the connection broke, or an exception came in between two calls), the connection is
-        closed: PostgreSQL rolls its transaction back, and psycopg and Django see a closed
-        connection, as after any lost connection.
+        psycopg's connection lock is held, as psycopg holds it for any query. The waits are
+        psycopg's kind (the socket polled, the GIL released; not libpq's blocking calls, which
+        would stall the process's other threads). Interrupted (Ctrl-C), the exchange is
+        cancelled and read to its end, as psycopg does, so the connection stays usable; if it
+        cannot finish (the connection broke), the connection is closed: PostgreSQL rolls its
+        transaction back, and psycopg and Django see a closed connection, as after any lost
+        connection.
         """
         pgconn = self.pgconn
-        try:
-            if not self.pipeline:
-                results = []
+        pipeline = self.pipeline and prepare is None
+        stage = _SENDING
+        with self.raw.lock:
+            try:
+                if not pipeline:
+                    results = []
+                    for command in commands:
+                        stage = _READING
+                        if prepare is not None:
+                            pgconn.send_prepare(prepare, command[1])
+                        else:
+                            self._put(command)
+                        self._flush()
+                        results.append(self._result())
+                        stage = _SENDING
+                        if results[-1].status not in _OK:
+                            break
+                    return results
+                pgconn.enter_pipeline_mode()
                 for command in commands:
                     self._put(command)
-                    self._flush()
-                    results.append(self._result())
-                    if results[-1].status not in _OK:
-                        break
+                pgconn.pipeline_sync()
+                stage = _READING
+                self._flush()
+                results = [self._result() for _ in commands]
+                sync = self._next()
+                if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
+                    raise self._broken()
+                stage = _DONE
+                pgconn.exit_pipeline_mode()
                 return results
-            pgconn.enter_pipeline_mode()
-            for command in commands:
-                self._put(command)
-            pgconn.pipeline_sync()
-            self._flush()
-            results = [self._result() for _ in commands]
-            sync = self._next()
-            if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
-                raise self._broken()
-            pgconn.exit_pipeline_mode()
-            return results
+            except BaseException as exc:
+                if isinstance(exc, psycopg.Error) or not self._recover(pipeline, stage):
+                    self.raw.close()
+                raise
+
+    def _recover(self, pipeline: bool, stage: int) -> bool:
+        """After an interruption mid-exchange: cancel what runs and read every result, so that
+        the connection is left as psycopg leaves it after a Ctrl-C. Return whether it worked."""
+        pgconn = self.pgconn
+        try:
+            if pgconn.status != pq.ConnStatus.OK:
+                return False
+            if stage == _READING:
+                pgconn.get_cancel().cancel()
+            if pipeline:
+                if stage == _SENDING:
+                    pgconn.pipeline_sync()
+                if stage != _DONE:
+                    self._flush()
+                    while (result := self._next()) is None or (
+                            result.status != pq.ExecStatus.PIPELINE_SYNC):
+                        pass
+                pgconn.exit_pipeline_mode()
+            else:
+                self._flush()
+                while self._next() is not None:
+                    pass
+            return True
         except BaseException:
-            self.raw.close()
-            raise
+            return False
 
     def _put(self, command: Command) -> None:
         name, body, params = command
@@ -279,17 +329,25 @@ def prepared_statements_allowed() -> bool:
     return "prepare_threshold" not in connection.settings_dict.get("OPTIONS", {})
 
 
-#: The :class:`Statements` of each database alias's current connection. One slot per alias:
-#: a reconnect replaces it (a weak-keyed cache would never let go, as its value refers to
-#: its key).
-_statements: dict[str, Statements] = {}
+#: The names of djasync's statements prepared on each connection: every :class:`Statements`
+#: of a connection reads and adds to the same set (a thread's, another's; old and new).
+_prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
+    weakref.WeakKeyDictionary())
+
+#: The :class:`Statements` of each database alias's current connection, per thread (Django's
+#: connections are per thread). One slot per alias: a reconnect replaces it (a weak-keyed
+#: cache would never let go, as its value refers to its key).
+_local = threading.local()
 
 
 def statements() -> Statements:
     """The :class:`Statements` of Django's connection (made once per connection)."""
     connection.ensure_connection()
     raw = connection.connection
-    found = _statements.get(connection.alias)
+    mine: dict[str, Statements] | None = getattr(_local, "statements", None)
+    if mine is None:
+        mine = _local.statements = {}
+    found = mine.get(connection.alias)
     if found is None or found.raw is not raw or raw.closed:
-        found = _statements[connection.alias] = Statements(raw)
+        found = mine[connection.alias] = Statements(raw)
     return found

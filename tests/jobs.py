@@ -7,10 +7,12 @@ import datetime
 import decimal
 import os
 import signal
+import threading
 import time
 
 from django.db import connection
 
+import djasync
 from tests.models import Ledger
 
 
@@ -257,3 +259,29 @@ def reference_a_missing_job(key):
     Ledger.objects.create(key=key)
     JobReference.objects.create(job_id=987_654_321)
     return key
+
+
+def schedule_from_a_thread_then_here(key):
+    """A fan-out job: a helper thread schedules (on its own connection), then the job does."""
+
+    def helper():
+        try:
+            djasync.schedule(add, args=[1, 2])
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=helper)
+    thread.start()
+    thread.join()
+    djasync.schedule(add, args=[3, 4])
+    Ledger.objects.create(key=key)
+    return key
+
+
+def deallocate_then_raise(key):
+    """Drop the session's prepared statements (someone's code; DEALLOCATE ALL is allowed in a
+    transaction), then fail."""
+    Ledger.objects.create(key=key)
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    raise ValueError("failed after DEALLOCATE ALL")

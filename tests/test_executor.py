@@ -308,10 +308,12 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
     assert sum("FOR NO KEY UPDATE OF j SKIP LOCKED" in s for s in prepared) == 2  # limits 1, 5
     assert sum("WITH job AS (\n    UPDATE djasync_job" in s for s in prepared) == 1  # the finish
     assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
-    # The transaction's own statements too (protocol-level, as pgbench -M prepared does).
-    for statement in ("BEGIN", "COMMIT", 'SAVEPOINT "djasync_job"',
-                      'RELEASE SAVEPOINT "djasync_job"', *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
+    # The transaction's own statements before the job runs too (protocol-level, as pgbench
+    # -M prepared does); not those after its code (see the next test).
+    for statement in ("BEGIN", 'SAVEPOINT "djasync_job"', *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
         assert prepared.count(statement) == 1, statement
+    assert "COMMIT" not in prepared
+    assert 'RELEASE SAVEPOINT "djasync_job"' not in prepared
     assert not any("tests_ledger" in s for s in prepared)  # the job's own statement is not
     assert all(name.startswith("djasync_") for name in by_name)
 
@@ -336,6 +338,24 @@ def test_prepared_statements_dropped_by_someone_else_are_prepared_again():
     assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
     assert sorted(Ledger.objects.values_list("key", flat=True)) == ["a", "b", "c"]
     assert Job.objects.count() == 3  # the failed schedule() left nothing
+
+
+def test_a_job_that_drops_the_prepared_statements_then_fails_still_has_its_failure_recorded():
+    """The statements after a job's code (RELEASE, COMMIT) are sent unprepared: the job's
+    failure, written before them, commits; the next claim prepares everything again."""
+    djasync.schedule(jobs.write_ledger, args=["warm-up"])  # everything prepared once
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    job = djasync.schedule(jobs.deallocate_then_raise, args=["x"], meta={"max_attempts": 1})
+    djasync.schedule(jobs.write_ledger, args=["after"])
+    assert [f.outcome for f in executor.run_batch(1)] == [Outcome.ERROR]
+    job.refresh_from_db()
+    assert (job.status, job.attempt_set.count()) == (Status.FAILED, 1)
+    # As after any DEALLOCATE ALL: the next transaction finds its statements gone and rolls
+    # back, unstarted; the one after prepares them again.
+    with pytest.raises(ProgrammingError, match="does not exist"):
+        executor.drain()
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["after", "warm-up"]
 
 
 @pytest.mark.parametrize("threshold", [None, 5])

@@ -1,5 +1,6 @@
 """The worker's fast path (djasync.wire) must look to the job like any Django ``atomic``."""
 
+import signal
 import threading
 
 import psycopg
@@ -189,3 +190,62 @@ def test_a_connection_lost_mid_exchange_raises_and_is_closed(other_connection):
     djasync.schedule(jobs.write_ledger, args=["after"])  # a new connection, new statements
     assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
     assert wire.statements() is not statements
+
+
+def test_a_second_statements_object_on_the_workers_connection_breaks_nothing():
+    """A job whose helper thread schedules, then schedules itself: each thread has its own
+    Statements, and every Statements of one connection shares what it has prepared (a stale
+    copy would try to prepare a statement again: "already exists", batch after batch)."""
+    connection.close()  # a fresh connection: nothing prepared yet
+    djasync.schedule(jobs.schedule_from_a_thread_then_here, args=["first"])
+    assert [f.outcome for f in executor.run_batch(1)] == [Outcome.SUCCEEDED]
+    for key in ("second", "third"):
+        djasync.schedule(jobs.write_ledger, args=[key])
+    outcomes = [f.outcome for f in executor.drain()]
+    assert outcomes == [Outcome.SUCCEEDED] * 4  # the two adds and the two ledger jobs
+    assert sorted(Ledger.objects.values_list("key", flat=True)) == ["first", "second", "third"]
+
+
+def test_ctrl_c_while_waiting_cancels_and_leaves_django_a_usable_connection(other_connection):
+    """As psycopg does: the statement is cancelled, the exchange read to its end, and the
+    connection stays open (closing it behind Django's back would break every later query)."""
+    Ledger.objects.count()
+    with other_connection.transaction():
+        other_connection.execute("LOCK TABLE djasync_job IN EXCLUSIVE MODE")
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                djasync.schedule(jobs.add, args=[1, 2])  # waits on the lock
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    assert not connection.connection.closed
+    assert Ledger.objects.count() == 0  # the next query on Django's connection
+    assert Job.objects.count() == 0  # the cancelled INSERT's transaction rolled back
+    djasync.schedule(jobs.add, args=[1, 2])
+    assert Job.objects.count() == 1
+
+
+def test_the_exchange_holds_psycopgs_connection_lock():
+    """psycopg connections are thread-safe because each operation holds ``conn.lock``: so does
+    the pipeline, or a second thread's query would interleave with it."""
+    statements = wire.statements()
+    raw = statements.raw
+    errors = []
+
+    def other():
+        try:
+            assert raw.execute("SELECT 42").fetchone() == (42,)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    thread = threading.Timer(0.1, other)
+    thread.start()
+    (result,) = statements.send([statements.command("SELECT 7 FROM pg_sleep(0.4)")])
+    thread.join()
+    assert (statements.rows(result), errors) == ([(7,)], [])
