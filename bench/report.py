@@ -123,10 +123,11 @@ def write(results: dict, out: Path, logdir: Path) -> None:
 
     md.append(
         "\n## How to run\n"
-        "`make bench` (full suite, median of 3, about 1.5 h on this machine; add "
-        "`BENCH_ARGS='--peers'` for the peers), `make bench BENCH_ARGS='--quick'` (smoke test, "
-        "written to `bench/work/quick/`), or `.venv/bin/python bench/run.py --help` for "
-        "`--runs`, `--n`, `--only`/`--skip`, `--batch-size`, `--use-env-db`, `--report-only`. "
+        "`make bench` (full suite, median of 3, about 8 minutes on this machine with the "
+        "peers; add `BENCH_ARGS='--peers'` for the peers), `make bench BENCH_ARGS='--quick'` "
+        "(smoke test, written to `bench/work/quick/`), or "
+        "`.venv/bin/python bench/run.py --help` for `--runs`, `--n`, `--only`/`--skip`, "
+        "`--batch-size`, `--use-env-db`, `--report-only`. "
         "The suite starts its own PostgreSQL (tools/pg.py's `EmbeddedPostgres`, "
         "pg_stat_statements preloaded), so under `make bench` the server pg.py starts stays "
         "idle. Charts need matplotlib and the profile needs py-spy: neither is in "
@@ -423,7 +424,11 @@ def profile_section(results: dict) -> str:
                 "pipelines its statements (libpq pipeline mode, protocol-level prepared "
                 "statements: `RELEASE · SET · finish · COMMIT · BEGIN · SET … · claim · SET … · "
                 "SAVEPOINT` in one round trip), so round trips are fewer than statements: 1 per "
-                "job at batch size 1, K per batch of K. Worker statements per job: "
+                "job at batch size 1, K per batch of K. pg_stat_statements does not count "
+                "the utility statements run as prepared statements (BEGIN, the claim's two "
+                "SETs before and two after it, SAVEPOINT: 6 per job at batch size 1); "
+                "RELEASE, COMMIT and the finish's SET are sent unnamed and counted. Worker "
+                "statements per job, as counted: "
                 f"{f2((rec['statements_total_calls'] - fk - polls) / n)}.\n")
         for who in ("pyspy_child", "pyspy_supervisor"):
             spy = rec.get(who)
