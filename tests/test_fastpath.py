@@ -249,3 +249,31 @@ def test_the_exchange_holds_psycopgs_connection_lock():
     (result,) = statements.send([statements.command("SELECT 7 FROM pg_sleep(0.4)")])
     thread.join()
     assert (statements.rows(result), errors) == ([(7,)], [])
+
+
+def test_an_interruption_between_two_sends_leaves_the_connection_usable(monkeypatch,
+                                                                          other_connection):
+    """Ctrl-C after the claim message's BEGIN went out but before the rest: the pipeline is
+    closed with a Sync and read to its end; Django's atomic rolls the transaction back; the
+    job was never claimed."""
+    job = djasync.schedule(jobs.write_ledger, args=["later"]).pk
+    put = wire.Statements._put
+    calls = []
+
+    def interrupted_put(self, command):
+        calls.append(command[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        put(self, command)
+
+    monkeypatch.setattr(wire.Statements, "_put", interrupted_put)
+    with pytest.raises(KeyboardInterrupt):
+        executor.run_batch(1)
+    monkeypatch.setattr(wire.Statements, "_put", put)
+    assert calls[0].startswith(b"BEGIN")
+    assert not connection.connection.closed
+    assert not connection.in_atomic_block and connection.get_autocommit()
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert other_connection.execute("SELECT status FROM djasync_job WHERE id = %s",
+                                    [job]).fetchone() == ("pending",)
+    assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
