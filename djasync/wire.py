@@ -74,10 +74,10 @@ class Statements:
 
     def plain(self, text: str) -> Command:
         """A statement without parameters, sent unnamed (parsed each time): for those that
-        follow a job's code in its transaction (RELEASE, COMMIT). A job that drops the
-        session's prepared statements (``DEALLOCATE ALL``) must not make them fail: the
-        failure it just recorded would be rolled back with them. Unnamed, each costs
-        PostgreSQL about 4 µs more per job than prepared."""
+        follow a job's code in its transaction (RELEASE, the finish's plan setting, COMMIT).
+        A job that drops the session's prepared statements (``DEALLOCATE ALL``) must not make
+        them fail: the failure it just recorded would be rolled back with them. Unnamed, each
+        costs PostgreSQL a few µs more than prepared."""
         found = self._plain.get(text)
         if found is None:
             found = self._plain[text] = (None, text.encode(), None)
