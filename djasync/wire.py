@@ -249,6 +249,8 @@ class Statements:
             if stage == _READING:
                 pgconn.get_cancel().cancel()
             if pipeline:
+                if pgconn.pipeline_status == pq.PipelineStatus.OFF:
+                    return True  # interrupted before entering pipeline mode, or after leaving it
                 if stage == _SENDING:
                     pgconn.pipeline_sync()
                 if stage != _DONE:
