@@ -49,9 +49,6 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 Command = tuple[bytes | None, bytes, Sequence[bytes | bytearray | memoryview | None] | None]
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
-#: Where an exchange stands, for :meth:`Statements._recover`: sending commands; waiting for
-#: results (the Sync sent); done (the Sync's result read).
-_SENDING, _READING, _DONE = range(3)
 
 
 class Statements:
@@ -125,7 +122,12 @@ class Statements:
                                " WHERE starts_with(name, 'djasync_')")
                 known = _prepared[self.raw] = {found for (found,) in cursor.fetchall()}
             if name not in known:
-                (result,) = self._exchange([(None, body.encode(), None)], prepare=name.encode())
+                try:
+                    (result,) = self._exchange([(None, body.encode(), None)],
+                                               prepare=name.encode())
+                except BaseException:
+                    _prepared.pop(self.raw, None)  # prepared or not: ask the server next time
+                    raise
                 if result.status != pq.ExecStatus.COMMAND_OK:
                     raise psycopg.errors.error_from_result(result, encoding=self._encoding)
                 known.add(name)
@@ -204,20 +206,22 @@ class Statements:
         """
         pgconn = self.pgconn
         pipeline = self.pipeline and prepare is None
-        stage = _SENDING
         with self.raw.lock:
+            if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                # The caller's code is inside psycopg's own pipeline (``raw.pipeline()``):
+                # refused before anything is sent, the connection untouched.
+                raise psycopg.NotSupportedError(
+                    "djasync cannot run inside a psycopg pipeline block: call it outside it")
             try:
                 if not pipeline:
                     results = []
                     for command in commands:
-                        stage = _READING
                         if prepare is not None:
                             pgconn.send_prepare(prepare, command[1])
                         else:
                             self._put(command)
                         self._flush()
                         results.append(self._result())
-                        stage = _SENDING
                         if results[-1].status not in _OK:
                             break
                     return results
@@ -225,45 +229,43 @@ class Statements:
                 for command in commands:
                     self._put(command)
                 pgconn.pipeline_sync()
-                stage = _READING
                 self._flush()
                 results = [self._result() for _ in commands]
                 sync = self._next()
                 if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
                     raise self._broken()
-                stage = _DONE
                 pgconn.exit_pipeline_mode()
                 return results
             except BaseException as exc:
-                if isinstance(exc, psycopg.Error) or not self._recover(pipeline, stage):
+                if isinstance(exc, psycopg.Error) or not self._recover():
                     self.raw.close()
                 raise
 
-    def _recover(self, pipeline: bool, stage: int) -> bool:
-        """After an interruption mid-exchange: cancel what runs and read every result, so that
-        the connection is left as psycopg leaves it after a Ctrl-C. Return whether it worked."""
+    def _recover(self) -> bool:
+        """After an interruption mid-exchange (whatever the point it reached): cancel what
+        runs and read every result, so that the connection is left as psycopg leaves it after
+        a Ctrl-C. Return whether it worked."""
         pgconn = self.pgconn
         try:
             if pgconn.status != pq.ConnStatus.OK:
                 return False
-            if stage == _READING:
-                pgconn.get_cancel().cancel()
-            if pipeline:
-                if pgconn.pipeline_status == pq.PipelineStatus.OFF:
-                    return True  # interrupted before entering pipeline mode, or after leaving it
-                if stage == _SENDING:
-                    pgconn.pipeline_sync()
-                if stage != _DONE:
-                    self._flush()
-                    while (result := self._next()) is None or (
-                            result.status != pq.ExecStatus.PIPELINE_SYNC):
-                        pass
-                pgconn.exit_pipeline_mode()
-            else:
+            # A cancel reaching an idle session is ignored by PostgreSQL: send it regardless.
+            pgconn.get_cancel().cancel()
+            if pgconn.pipeline_status == pq.PipelineStatus.OFF:
                 self._flush()
-                while self._next() is not None:
-                    pass
-            return True
+                while pgconn.is_busy() or pgconn.get_result() is not None:
+                    self._next()
+                return True
+            # A Sync of our own (one more if the exchange sent its own), so that PostgreSQL
+            # answers everything queued; then read until libpq lets us leave pipeline mode.
+            pgconn.pipeline_sync()
+            self._flush()
+            while True:
+                try:
+                    pgconn.exit_pipeline_mode()
+                    return True
+                except psycopg.OperationalError:  # results still to read
+                    self._next()
         except BaseException:
             return False
 
