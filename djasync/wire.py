@@ -38,7 +38,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from django.db import connection
+from django.db import connection, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
@@ -54,8 +55,10 @@ _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 class Statements:
     """The prepared statements of one connection, and the pipeline that sends them."""
 
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+    def __init__(self, raw: psycopg.Connection[Any], db: BaseDatabaseWrapper) -> None:
         self.raw = raw
+        #: Django's connection object that ``raw`` belongs to.
+        self.db = db
         self.pgconn = raw.pgconn
         self.prepare = prepared_statements_allowed()
         #: libpq's pipeline mode (libpq 14 and newer; psycopg[binary] bundles a newer one).
@@ -238,8 +241,15 @@ class Statements:
                 return results
             except BaseException as exc:
                 if isinstance(exc, psycopg.Error) or not self._recover():
-                    self.raw.close()
+                    self._close()
                 raise
+
+    def _close(self) -> None:
+        """Close the connection mid-exchange, and tell Django (it closes and replaces a
+        connection with errors at the end of a request), also when what interrupted the
+        exchange is not a database error (a second Ctrl-C during :meth:`_recover`)."""
+        self.raw.close()
+        self.db.errors_occurred = True
 
     def _recover(self) -> bool:
         """After an interruption mid-exchange (whatever the point it reached): cancel what
@@ -249,8 +259,9 @@ class Statements:
         try:
             if pgconn.status != pq.ConnStatus.OK:
                 return False
-            # A cancel reaching an idle session is ignored by PostgreSQL: send it regardless.
-            pgconn.get_cancel().cancel()
+            # A cancel reaching an idle session is ignored by PostgreSQL: send it regardless
+            # (with a time limit, as psycopg does after a Ctrl-C).
+            self.raw.cancel_safe(timeout=5.0)
             if pgconn.pipeline_status == pq.PipelineStatus.OFF:
                 self._flush()
                 while pgconn.is_busy() or pgconn.get_result() is not None:
@@ -353,5 +364,5 @@ def statements() -> Statements:
         mine = _local.statements = {}
     found = mine.get(connection.alias)
     if found is None or found.raw is not raw or raw.closed:
-        found = mine[connection.alias] = Statements(raw)
+        found = mine[connection.alias] = Statements(raw, connections[connection.alias])
     return found
