@@ -227,6 +227,7 @@ class Statements:
                         results.append(self._result())
                         if results[-1].status not in _OK:
                             break
+                    self._hand_over_notifications()
                     return results
                 pgconn.enter_pipeline_mode()
                 for command in commands:
@@ -238,6 +239,7 @@ class Statements:
                 if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
                     raise self._broken()
                 pgconn.exit_pipeline_mode()
+                self._hand_over_notifications()
                 return results
             except BaseException as exc:
                 if isinstance(exc, psycopg.Error) or not self._recover():
@@ -300,6 +302,14 @@ class Statements:
             self._wait(selectors.EVENT_READ)
             pgconn.consume_input()
         return pgconn.get_result()
+
+    def _hand_over_notifications(self) -> None:
+        """Give psycopg the notifications that came in with our results, as its own reads do
+        (for code that LISTENs on Django's connection: ``notifies()``, notify handlers)."""
+        pgconn = self.pgconn
+        while (notification := pgconn.notifies()) is not None:
+            if pgconn.notify_handler is not None:
+                pgconn.notify_handler(notification)
 
     def _flush(self) -> None:
         """Send what libpq still holds (a long message), reading meanwhile if PostgreSQL

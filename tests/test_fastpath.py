@@ -277,3 +277,18 @@ def test_an_interruption_between_two_sends_leaves_the_connection_usable(monkeypa
     assert other_connection.execute("SELECT status FROM djasync_job WHERE id = %s",
                                     [job]).fetchone() == ("pending",)
     assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+
+
+def test_notifications_that_arrive_during_an_exchange_reach_psycopg(other_connection):
+    """Code that LISTENs on Django's own connection: a NOTIFY read along with djasync's
+    results is handed to psycopg, as its own reads do, not left in libpq's queue."""
+    connection.ensure_connection()
+    raw = connection.connection
+    raw.execute("LISTEN djasync_test")
+    statements = wire.statements()
+    sent = threading.Timer(0.1, other_connection.execute, ["NOTIFY djasync_test, 'hi'"])
+    sent.start()
+    statements.send([statements.command("SELECT pg_sleep(0.5)")])
+    sent.join()
+    received = [n.payload for n in raw.notifies(timeout=0.5, stop_after=1)]
+    assert received == ["hi"]
