@@ -443,17 +443,16 @@ class _FastBatch:
                 command(query, claim_params), *map(command, sql.CLAIM_PLAN_DONE),
                 command(f'SAVEPOINT "{JOB_SAVEPOINT}"')]
 
-    #: Where the claim's result is among the claim message's: after BEGIN and the settings.
-    _CLAIM_RESULT = 1 + len(sql.CLAIM_PLAN)
-    #: How many statements a claim message holds.
-    _CLAIM_MESSAGE = 1 + len(sql.CLAIM_PLAN) + 1 + len(sql.CLAIM_PLAN_DONE) + 1
+    #: The claim's result, counted from the end of a message that ends with a claim message:
+    #: the plan settings put back and the SAVEPOINT come after it.
+    _CLAIM_FROM_END = len(sql.CLAIM_PLAN_DONE) + 2
 
     def _claimed(self, statements: wire.Statements,
                  results: list[Any]) -> list[ClaimedJob]:
         """Read the jobs a claim message (the last ones of ``results``) locked; its BEGIN and
         SAVEPOINT went through, so Django's books say so from here."""
         self._entered()
-        claim_result = results[len(results) - self._CLAIM_MESSAGE + self._CLAIM_RESULT]
+        claim_result = results[-self._CLAIM_FROM_END]
         return [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
                 for id, name, args, kwargs, meta, *rest in statements.rows(claim_result)]
 

@@ -95,7 +95,7 @@ class Statements:
         formats = self._formats.get(len(names))
         if formats is None:
             formats = self._formats[len(names)] = [PyFormat.TEXT] * len(names)
-        with connection.wrap_database_errors:  # a str with a NUL: DataError, as psycopg says
+        with self.db.wrap_database_errors:  # a str with a NUL: DataError, as psycopg says
             values = self._adapt.dump_sequence([params[n] for n in names], formats)
         return name, body, values
 
@@ -115,7 +115,7 @@ class Statements:
         # the very same statement, never another one.
         name = "djasync_" + hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()[:20]
         known = _prepared.get(self.raw)
-        with connection.wrap_database_errors:
+        with self.db.wrap_database_errors:
             if known is None:
                 # Asked, not tried and caught: this may run inside the worker's transaction
                 # (the finish statement, prepared again after a DEALLOCATE), where a failed
@@ -176,12 +176,10 @@ class Statements:
         return self._send(commands)
 
     def _send(self, commands: Sequence[Command]) -> list[pq.abc.PGresult]:
-        with connection.wrap_database_errors:  # Django's exception classes, as the ORM raises
+        with self.db.wrap_database_errors:  # Django's exception classes, as the ORM raises
             results = self._exchange(commands)
-            for result in results:
+            for result in results:  # the first that failed (those after it were skipped)
                 if result.status not in _OK:
-                    if result.status == pq.ExecStatus.PIPELINE_ABORTED:
-                        raise psycopg.InternalError("a pipelined statement was skipped")
                     error = psycopg.errors.error_from_result(result, encoding=self._encoding)
                     if isinstance(error, psycopg.errors.InvalidSqlStatementName):
                         # Someone ran DEALLOCATE ALL or DISCARD ALL on this session (psycopg
@@ -266,8 +264,8 @@ class Statements:
             self.raw.cancel_safe(timeout=5.0)
             if pgconn.pipeline_status == pq.PipelineStatus.OFF:
                 self._flush()
-                while pgconn.is_busy() or pgconn.get_result() is not None:
-                    self._next()
+                while self._next() is not None:
+                    pass
                 return True
             # A Sync of our own (one more if the exchange sent its own), so that PostgreSQL
             # answers everything queued; then read until libpq lets us leave pipeline mode.
