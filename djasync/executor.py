@@ -744,12 +744,17 @@ def drain(
     worker: str | None = None,
     stop_on_failure: bool = False,
     on_finished: Callable[[Finished], None] | None = None,
+    before_each: Callable[[ClaimedJob], None] | None = None,
 ) -> list[Finished]:
-    """Run due jobs one transaction each until none is left, or ``max_jobs`` ran."""
+    """Run due jobs one transaction each until none is left, or ``max_jobs`` ran.
+
+    ``before_each`` is called with each job just before it runs (see :func:`run_batch`).
+    """
     queue_list = list(queues) if queues else None
     done: list[Finished] = []
     while max_jobs is None or len(done) < max_jobs:
-        batch = run_batch(1, queues=queue_list, name_prefix=name_prefix, worker=worker)
+        batch = run_batch(1, queues=queue_list, name_prefix=name_prefix, worker=worker,
+                          before_each=before_each)
         if not batch:
             break
         for finished in batch:

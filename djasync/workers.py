@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import datetime
+import json
+import logging
+import os
+import socket
+import uuid
+from types import TracebackType
 from typing import Any
 
+import psycopg
+from psycopg.types.json import Jsonb
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from djasync.models import Worker
+from djasync import attempts, sql
+from djasync.models import Outcome, Worker
+
+logger = logging.getLogger(__name__)
 
 #: Seconds between heartbeats of a running daemon.
 HEARTBEAT_SECONDS = 5.0
@@ -27,9 +39,126 @@ def heartbeat(name: str, *, running: list[int], jobs_done: int) -> None:
     now = timezone.now()
     Worker.objects.filter(name=name).update(last_seen=now, running=running, jobs_done=jobs_done,
                                             stopped_at=None)
-    Worker.objects.filter(stopped_at__isnull=True, last_seen__lt=now - STALE_AFTER).update(
-        stopped_at=now, running=[]
-    )
+    Worker.objects.filter(stopped_at__isnull=True, last_seen__lt=now - STALE_AFTER).exclude(
+        name__startswith=IN_PROCESS_PREFIX  # alive while their session is: see below
+    ).update(stopped_at=now, running=[])
+    charge_dead_in_process_runs()
+
+
+#: Names of the worker rows of ``flush_queue`` runs (see :class:`InProcessWatch`).
+IN_PROCESS_PREFIX = "flush_queue@"
+
+#: Registrations of ``flush_queue`` runs whose process is gone (no session of that name left)
+#: while they said they ran jobs. One statement takes each: two sweepers never charge twice.
+TAKE_DEAD_IN_PROCESS = """
+WITH dead AS (
+    SELECT w.id, w.name, w.running, w.last_seen FROM djasync_worker w
+     WHERE w.stopped_at IS NULL AND starts_with(w.name, %(prefix)s)
+       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = w.name)
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE djasync_worker w SET stopped_at = now(), running = '[]'::jsonb
+  FROM dead WHERE w.id = dead.id
+RETURNING dead.name, dead.running, dead.last_seen
+"""
+
+
+def charge_dead_in_process_runs() -> int:
+    """Record a crashed attempt for each job a ``flush_queue`` process was running when it
+    died (kill -9, a segfault, a job that killed it); return how many were charged.
+
+    ``flush_queue`` has no supervisor to see its process die, and the job's own transaction,
+    which PostgreSQL rolled back, held the only trace of the run. So it registers on a side
+    connection named after it, which ends with the process: a registration whose session is
+    gone and which still names a running job marks that job's crash (see :class:`InProcessWatch`).
+    """
+    charged = 0
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(TAKE_DEAD_IN_PROCESS, {"prefix": IN_PROCESS_PREFIX})
+        for name, running, last_seen in cursor.fetchall():
+            # Django's psycopg setup reads jsonb as text.
+            for job_id in json.loads(running) if isinstance(running, str) else running:
+                if attempts.record_lost(int(job_id), outcome=Outcome.CRASHED,
+                                        started=last_seen, worker=name,
+                                        reason="the flush_queue process running it died"):
+                    charged += 1
+                    logger.warning("crash of an in-process run recorded id=%s worker=%s",
+                                   job_id, name)
+            # A long job it ran holds a lease owned by "<name>/<token>": free it now.
+            cursor.execute(sql.RELEASE_LEASES_OF, [_like_prefix(name) + "/%"])
+    return charged
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class InProcessWatch:
+    """Make a crash of this process mid-job countable, as the daemon's supervisor does for its
+    children: ``flush_queue``'s stand-in for a supervisor.
+
+    On a side connection (autocommit) whose ``application_name`` is this run's worker name, the
+    run registers, says before each job which one it is on, and clears it once the job's
+    transaction has ended. If the process dies, the side session ends with it, and the next
+    :func:`charge_dead_in_process_runs` (every ``flush_queue`` start, every daemon heartbeat)
+    charges the job. Two round trips per job on the side connection: not for the daemon's
+    hot path, fine for a command run by hand or by cron. A death in the few microseconds
+    between a job's COMMIT and the clearing charges a job that retries a crash it did not
+    have (a succeeded job is never charged: lost attempts are written for pending jobs only).
+    """
+
+    def __init__(self, queues: list[str] | None) -> None:
+        self.queues = queues or []
+        host = socket.gethostname()[:30]
+        # application_name holds at most 63 bytes.
+        self.name = f"{IN_PROCESS_PREFIX}{host}:{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.side: psycopg.Connection[Any] | None = None
+        self.jobs_done = 0
+
+    def __enter__(self) -> InProcessWatch:
+        charge_dead_in_process_runs()
+        side = connection.get_new_connection(connection.get_connection_params())
+        side.autocommit = True
+        self.side = side
+        # Named before it registers, so that no sweeper ever sees the row without its session.
+        side.execute("SELECT set_config('application_name', %s, false)", [self.name])
+        side.execute(
+            "INSERT INTO djasync_worker (name, hostname, pid, concurrency, queues, started_at,"
+            " last_seen, running, jobs_done) VALUES (%s, %s, %s, 1, %s::jsonb, now(), now(),"
+            " '[]'::jsonb, 0)",
+            [self.name, socket.gethostname()[:255], os.getpid(),
+             Jsonb(self.queues)])
+        return self
+
+    def running(self, job_id: int) -> None:
+        """Say which job this process is about to run (committed before the job starts)."""
+        assert self.side is not None
+        self.side.execute(
+            "UPDATE djasync_worker SET running = %s::jsonb, last_seen = now() WHERE name = %s",
+            [Jsonb([job_id]), self.name])
+
+    def finished(self, jobs: int) -> None:
+        """The jobs' transaction has ended (committed or rolled back)."""
+        assert self.side is not None
+        self.jobs_done += jobs
+        self.side.execute(
+            "UPDATE djasync_worker SET running = '[]'::jsonb, last_seen = now(), jobs_done = %s"
+            " WHERE name = %s", [self.jobs_done, self.name])
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Stop the registration. After an exception (Ctrl-C) the job's transaction was rolled
+        back by this process, not by a crash: nothing is charged."""
+        if self.side is None:
+            return
+        try:
+            self.side.execute(
+                "UPDATE djasync_worker SET running = '[]'::jsonb, stopped_at = now(),"
+                " jobs_done = %s WHERE name = %s", [self.jobs_done, self.name])
+        except psycopg.Error as error:  # the database went away: the sweep will find us
+            logger.warning("cannot mark the flush_queue run stopped error=%s", error)
+        finally:
+            self.side.close()
 
 
 def mark_stopped(name: str, *, jobs_done: int) -> None:

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from djasync.executor import Finished, drain
 from djasync.models import Job, Outcome, Status
 from djasync.validation import check_queue_name
+from djasync.workers import InProcessWatch
 
 
 def _queue(value: str) -> str:
@@ -54,9 +55,17 @@ class Command(BaseCommand):
                 self.stdout.write(line)
             self.stdout.flush()
 
+        def ended(finished: Finished) -> None:
+            watch.finished(1)  # the job's transaction has ended: not running any more
+            report(finished)
+
         try:
-            finished = drain(max_jobs=jobs, queues=queues, name_prefix=name_prefix,
-                             stop_on_failure=fail_fast, on_finished=report)
+            # A job that kills this process is charged a crash by the next flush_queue (or
+            # daemon) instead of blocking every later run (see InProcessWatch).
+            with InProcessWatch(queues) as watch:
+                finished = drain(max_jobs=jobs, queues=queues, name_prefix=name_prefix,
+                                 worker=watch.name, stop_on_failure=fail_fast,
+                                 on_finished=ended, before_each=lambda job: watch.running(job.id))
         except KeyboardInterrupt:
             self.stderr.write("\ninterrupted: the running job was rolled back and stays queued")
             sys.exit(130)
