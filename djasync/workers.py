@@ -12,10 +12,10 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
+from psycopg.types.json import Jsonb
 
 from djasync import attempts, sql
 from djasync.models import Outcome, Worker
