@@ -439,7 +439,7 @@ class _FastBatch:
         query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
         claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
         command = statements.command
-        return [command(statements.begin()), *map(command, sql.CLAIM_PLAN),
+        return [command(statements.begin(worker=True)), *map(command, sql.CLAIM_PLAN),
                 command(query, claim_params), *map(command, sql.CLAIM_PLAN_DONE),
                 command(f'SAVEPOINT "{JOB_SAVEPOINT}"')]
 
