@@ -148,7 +148,7 @@ def claim(
     _check_limit(limit)
     query = sql.claim(
         by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None,
-        limit=limit,
+        limit=limit, one_queue=queues is not None and len(queues) == 1,
     )
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
@@ -436,7 +436,8 @@ class _FastBatch:
                        now: datetime.datetime | None) -> list[wire.Command]:
         """BEGIN, the claim between its plan settings, and the first job's SAVEPOINT (all
         prepared now, before our BEGIN)."""
-        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
+        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit,
+                          one_queue=queues is not None and len(queues) == 1)
         claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
         command = statements.command
         return [command(statements.begin(worker=True)), *map(command, sql.CLAIM_PLAN),

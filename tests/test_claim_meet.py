@@ -2,10 +2,11 @@
 
 import psycopg
 import pytest
+from django.db import connection, transaction
 from django.db.models import Count
 
 import djasync
-from djasync import wire
+from djasync import executor, sql, wire
 from djasync.models import Attempt, Job, Status
 from tests import jobs
 from tests.daemon import start_worker, worker_env
@@ -51,3 +52,51 @@ def test_the_worker_runs_jobs_at_repeatable_read_where_serializable_is_configure
             assert statements.begin(worker=True) == f"BEGIN ISOLATION LEVEL {worker_level}"
     finally:
         raw.isolation_level = saved
+
+
+def test_a_claim_for_one_queue_walks_that_queue_alone_past_a_backlog_of_others():
+    """``--queue mail`` with 300,000 due jobs in ``bulk`` read past all of them for each claim
+    (110 ms instead of 0.3 ms). It walks ``djasync_job_claim_queue`` from its queue on, in the
+    claim's order, whatever PostgreSQL's statistics say (the worker's plan is the generic one
+    of its prepared statement)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, run_after, status,
+                                     attempts, identity, created_at, worker, lease_owner)
+            SELECT 'tests.jobs.add', '[1, 2]', '{}', '{}', q, (i % 5) - 2,
+                   now() - interval '1 hour' + (i % 1000) * interval '1 second',
+                   'pending', 0, '', now(), '', ''
+              FROM generate_series(1, 20000) AS i,
+                   LATERAL (SELECT CASE WHEN i % 4000 = 0 THEN 'mail' ELSE 'bulk' END AS q) q
+            """
+        )
+        cursor.execute("ANALYZE djasync_job")
+        claim = sql.claim(by_queue=True, by_name_prefix=False, one_queue=True)
+        prepared = claim.replace("%(queues)s", "$1::text[]").replace("%(now)s", "$2")
+        cursor.execute("PREPARE djasync_test_claim AS " + prepared)  # outlives transactions
+        try:
+            with transaction.atomic():
+                for statement in (*sql.CLAIM_PLAN,
+                                  "SET LOCAL plan_cache_mode = force_generic_plan"):
+                    cursor.execute(statement)
+                cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) "
+                               "EXECUTE djasync_test_claim('{mail}', NULL)")
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+                transaction.set_rollback(True)
+        finally:
+            cursor.execute("DEALLOCATE djasync_test_claim")
+    assert "Index Scan using djasync_job_claim_queue" in plan, plan
+    assert "Index Cond: ((queue)::text = ($1)[1])" in plan, plan  # the queue bounds the walk
+    assert "Sort" not in plan.split("SubPlan")[0], plan
+    assert "Rows Removed by Filter" not in plan.split("SubPlan")[0], plan  # no bulk row read
+
+
+def test_a_worker_serving_one_queue_runs_its_jobs_in_priority_order():
+    """The one-queue claim keeps the claim's order (the index after its queue)."""
+    low = djasync.schedule(jobs.add, args=[1, 1], queue="mail", priority=-5)
+    high = djasync.schedule(jobs.add, args=[2, 2], queue="mail", priority=5)
+    djasync.schedule(jobs.add, args=[3, 3], queue="bulk", priority=50)
+    order = [f.job_id for f in executor.drain(queues=["mail"])]
+    assert order == [high.pk, low.pk]
+    assert Job.objects.get(queue="bulk").status == Status.PENDING
