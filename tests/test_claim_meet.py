@@ -21,7 +21,10 @@ def test_competing_children_under_a_stricter_isolation_level_log_no_error(tmp_pa
     """Under REPEATABLE READ a claim that meets a row finished by another child after its
     snapshot was taken failed with "could not serialize access", logged as an ERROR with a
     reconnect each time. Every job must still run exactly once, with no error logged."""
-    djasync.schedule_many([djasync.JobSpec(jobs.write_ledger, [f"k{i}"]) for i in range(600)])
+    # Half of them near max_attempts from the start: their attempts are recounted exactly.
+    djasync.schedule_many([djasync.JobSpec(jobs.write_ledger, [f"k{i}"],
+                                           meta={"max_attempts": 1 + i % 2 * 4})
+                           for i in range(600)])
     log = tmp_path / "w.log"
     daemon = start_worker("--settings", "tests.settings_rr", "--concurrency", "3", "--burst",
                           log=log, env=worker_env(DJASYNC_TEST_ISOLATION=isolation))
@@ -100,3 +103,29 @@ def test_a_worker_serving_one_queue_runs_its_jobs_in_priority_order():
     order = [f.job_id for f in executor.drain(queues=["mail"])]
     assert order == [high.pk, low.pk]
     assert Job.objects.get(queue="bulk").status == Status.PENDING
+
+
+def test_the_poison_recount_sees_a_crash_committed_after_the_claims_snapshot(other_connection):
+    """Under REPEATABLE READ the recount of a job near its max_attempts read the claiming
+    transaction's snapshot, so a crash recorded (and the row's lock released) after that
+    snapshot was taken went uncounted: the job ran once past max_attempts."""
+    job = djasync.schedule(jobs.write_ledger, args=["poison"], meta={"max_attempts": 2})
+    crash = ("INSERT INTO djasync_attempt (job_id, number, started_at, finished_at, outcome, "
+             "exception_type, exception_message, traceback, worker) "
+             "VALUES (%s, %s, now(), now(), 'crashed', 'djasync.exceptions.WorkerLost', "
+             "'killed', '', 'w')")
+    other_connection.execute(crash, [job.pk, 1])
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cursor.execute("SELECT count(*) FROM djasync_attempt")  # the snapshot is taken
+        other_connection.execute(crash, [job.pk, 2])  # the supervisor records a second crash
+        try:
+            [finished] = executor.run_batch(1)
+        finally:
+            counter = getattr(executor._counter, "connection", None)
+            if counter is not None:  # the recount's own connection (see executor._recount)
+                counter.close()
+    assert finished.status == Status.FAILED
+    assert not Ledger.objects.exists()  # it did not run a third time
+    assert Job.objects.get(pk=job.pk).status == Status.FAILED
