@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -93,6 +95,22 @@ _BIGINT_MAX = 2**63 - 1
 #: FOR SHARE is the weakest lock that conflicts with that one, and SKIP LOCKED means this never
 #: waits. The caller rolls back at once, so the share lock lasts only this statement.
 _PROBE = "SELECT 1 FROM djasync_job WHERE id = %s AND status = 'pending' FOR SHARE SKIP LOCKED"
+
+
+#: Who runs a locked job, and since when: the worker registry (a daemon lists its running jobs
+#: at each heartbeat) and the session holding the row lock (its transaction began at the claim).
+#: Read only when ``get_result`` finds the job running, so the hot path writes nothing for it.
+_RUNNING_ON = """
+SELECT (SELECT w.name FROM djasync_worker w
+         WHERE w.stopped_at IS NULL AND w.running @> to_jsonb(ARRAY[%(job_id)s::bigint])
+         ORDER BY w.last_seen DESC LIMIT 1),
+       (SELECT a.xact_start FROM djasync_job j JOIN pg_stat_activity a ON a.backend_xid = j.xmax
+         WHERE j.id = %(job_id)s LIMIT 1)
+"""
+
+
+class TaskInterrupted(DjasyncError):
+    """The task raised KeyboardInterrupt (its own, not a Ctrl-C of the process)."""
 
 
 #: Attempts lost with their process are recorded as these (importable) classes.
@@ -181,12 +199,14 @@ class DjasyncBackend(BaseTaskBackend):
 
         job_id = _job_id(result_id)
         job, attempts = self._load(job_id)
-        running = False
+        running_on: tuple[str | None, datetime.datetime | None] | None = None
         if job.status == Status.PENDING and _held_by_a_worker(job_id):
             # It may have finished between the read and the probe: read it again.
+            running_on = _running_on(job_id)
             job, attempts = self._load(job_id)
-            running = job.status == Status.PENDING
-        return _result_of(job, attempts, running=running)
+            if job.status != Status.PENDING:
+                running_on = None
+        return _result_of(job, attempts, running_on=running_on)
 
     def _load(self, job_id: int) -> tuple[Job, list[Attempt]]:
         from djasync.models import Job
@@ -242,9 +262,11 @@ def run_task(
     Task writes commits with the job's status. ``task_finished`` for a failure is sent inside
     the ``except`` (Django's log receiver attaches ``sys.exc_info()``), then the exception is
     re-raised so that the executor rolls back the Task's writes, records the attempt and
-    retries it.
+    retries it. As in Django's reference backends, ``SystemExit`` and a ``KeyboardInterrupt``
+    the task raises itself are failures of the task like any exception; a Ctrl-C (SIGINT) of
+    the process is not, and interrupts the run (see :class:`_Interrupts`).
     """
-    from djasync.executor import JobWritesLost, current_job
+    from djasync.executor import current_job
 
     running = current_job()
     if running is None:
@@ -256,25 +278,16 @@ def run_task(
     sender = type(task.get_backend())
     task_started.send(sender, task_result=result)
     call_args = [TaskContext(task_result=result), *args] if task.takes_context else args
+    interrupts = _Interrupts()
     try:
-        if iscoroutinefunction(task.func):
-            # One event loop per call (asgiref makes it in a new thread): the simplest, and it
-            # keeps the job in its transaction. Django's connections are per thread; asgiref
-            # sends thread-sensitive sync_to_async calls, which is what the async ORM methods
-            # (acreate, aget, ...) use, back to this thread. So they run on this thread's
-            # connection, inside the job's savepoint, and commit or roll back with the job.
-            value = async_to_sync(task.func)(*call_args, **kwargs)
-        else:
-            value = task.func(*call_args, **kwargs)
-        if transaction.get_rollback():
-            raise JobWritesLost(
-                "the task caught a database error without rolling back to a savepoint of its "
-                "own (wrap the statement in transaction.atomic()), so its writes are lost"
-            )
+        with interrupts:
+            value = _call_task(task, call_args, kwargs)
         # Fail the attempt here, not after task_finished said SUCCESSFUL, if the value cannot
         # be stored: Tasks return JSON (Django's rule), and jsonb refuses NaN and NUL.
         value = to_json(normalize_json(value), "the task's return value")
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) and not interrupts.own(exc):
+            raise  # a Ctrl-C: the run is interrupted, not failed
         retried = running.attempt < running.max_attempts and not isinstance(
             exc, ForbiddenFunction | FunctionNotFound)
         result.errors.append(TaskError(exception_class_path=_class_path(type(exc)),
@@ -286,11 +299,74 @@ def run_task(
         else:
             _set(result, status=TaskResultStatus.FAILED, finished_at=timezone.now())
         task_finished.send(sender, task_result=result)
+        if isinstance(exc, KeyboardInterrupt):
+            # Past the executor (which treats KeyboardInterrupt as a stop), as a failure
+            # whose recorded traceback holds the task's own.
+            raise TaskInterrupted(f"the task raised KeyboardInterrupt: {exc}") from exc
         raise
     _set(result, status=TaskResultStatus.SUCCESSFUL, finished_at=timezone.now(),
          _return_value=value)
     task_finished.send(sender, task_result=result)
     return value
+
+
+def _call_task(task: Task, call_args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """Call the Task's function (a coroutine function in an event loop of its own)."""
+    from djasync.executor import JobWritesLost
+
+    if iscoroutinefunction(task.func):
+        # One event loop per call (asgiref makes it in a new thread): the simplest, and it
+        # keeps the job in its transaction. Django's connections are per thread; asgiref
+        # sends thread-sensitive sync_to_async calls, which is what the async ORM methods
+        # (acreate, aget, ...) use, back to this thread. So they run on this thread's
+        # connection, inside the job's savepoint, and commit or roll back with the job.
+        value = async_to_sync(task.func)(*call_args, **kwargs)
+    else:
+        value = task.func(*call_args, **kwargs)
+    if transaction.get_rollback():
+        raise JobWritesLost(
+            "the task caught a database error without rolling back to a savepoint of its "
+            "own (wrap the statement in transaction.atomic()), so its writes are lost"
+        )
+    return value
+
+
+class _Interrupts:
+    """Tell a KeyboardInterrupt the task raises itself from a Ctrl-C (SIGINT) of the process.
+
+    In a worker's child SIGINT is ignored (the supervisor handles Ctrl-C), so every
+    KeyboardInterrupt there is the task's. Where Python's default handler is in place
+    (``flush_queue`` in a terminal), it is wrapped for the call to note a real signal. Under a
+    handler of someone else's (or off the main thread) a real interrupt cannot be ruled out,
+    and KeyboardInterrupt stops the run as before.
+    """
+
+    def __init__(self) -> None:
+        self.known = False
+        self.signalled = False
+        self._installed = False
+
+    def __enter__(self) -> _Interrupts:
+        handler = signal.getsignal(signal.SIGINT)
+        if handler is signal.SIG_IGN:
+            self.known = True
+        elif (handler is signal.default_int_handler
+              and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self.known = self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        signal.default_int_handler(signum, frame)
+
+    def own(self, exc: KeyboardInterrupt) -> bool:
+        """Whether ``exc`` is the task's own, not a Ctrl-C."""
+        return self.known and not self.signalled
 
 
 def _meta_from_options(alias: str, options: Any) -> dict[str, Any]:
@@ -398,8 +474,10 @@ def _result_in_flight(task: Task, running: RunningJob, args: list[Any], kwargs: 
     )
 
 
-def _result_of(job: Job, attempts: list[Attempt], *, running: bool) -> TaskResult:
-    """Return the result a job row and its attempt rows describe."""
+def _result_of(job: Job, attempts: list[Attempt], *,
+               running_on: tuple[str | None, datetime.datetime | None] | None) -> TaskResult:
+    """Return the result a job row and its attempt rows describe; ``running_on`` (the worker
+    and the start of the run, each if known) when a worker is running it now."""
     from djasync.models import Outcome, Status
 
     task_path, args, kwargs = job.args
@@ -414,7 +492,7 @@ def _result_of(job: Job, attempts: list[Attempt], *, running: bool) -> TaskResul
         # one written by hand) has no result this process can build.
         raise TaskResultDoesNotExist(f"task result {str(job.pk)!r}: {exc}") from exc
     if job.status == Status.PENDING:
-        status = TaskResultStatus.RUNNING if running else TaskResultStatus.READY
+        status = TaskResultStatus.RUNNING if running_on is not None else TaskResultStatus.READY
     elif job.status == Status.SUCCEEDED:
         status = TaskResultStatus.SUCCESSFUL
     else:  # failed, or cancelled before it ran ("unable to start": Django has no CANCELLED)
@@ -430,6 +508,12 @@ def _result_of(job: Job, attempts: list[Attempt], *, running: bool) -> TaskResul
         errors=[_error_of(a) for a in attempts if a.outcome != Outcome.SUCCEEDED],
         worker_ids=[a.worker for a in attempts],
     )
+    if running_on is not None:  # the run going on now is an attempt too
+        worker, started = running_on
+        if worker:
+            result.worker_ids.append(worker)
+        if started is not None:
+            _set(result, last_attempted_at=started, started_at=result.started_at or started)
     if status == TaskResultStatus.SUCCESSFUL:
         _set(result, _return_value=job.result)
     return result
@@ -457,8 +541,19 @@ def _held_by_a_worker(job_id: int) -> bool:
     return not free
 
 
+def _running_on(job_id: int) -> tuple[str | None, datetime.datetime | None]:
+    """The worker daemon running a locked job, and when its transaction began (either may be
+    unknown: the registry lists it at the daemon's next heartbeat)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_RUNNING_ON, {"job_id": job_id})
+        worker, started = cursor.fetchone()
+    return worker, started
+
+
 def _error_of(attempt: Attempt) -> TaskError:
     path = attempt.exception_type or "builtins.Exception"
+    if path == _class_path(TaskInterrupted):  # recorded through this wrapper, as the task's
+        path = _class_path(KeyboardInterrupt)
     text = attempt.traceback or f"{path}: {attempt.exception_message}"
     return TaskError(exception_class_path=path, traceback=text)
 

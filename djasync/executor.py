@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
@@ -148,7 +149,7 @@ def claim(
     _check_limit(limit)
     query = sql.claim(
         by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None,
-        limit=limit,
+        limit=limit, one_queue=queues is not None and len(queues) == 1,
     )
     params: dict[str, Any] = {"queues": list(queues or []),
                               "name_prefix": name_prefix, "job_id": job_id, "now": now}
@@ -436,10 +437,11 @@ class _FastBatch:
                        now: datetime.datetime | None) -> list[wire.Command]:
         """BEGIN, the claim between its plan settings, and the first job's SAVEPOINT (all
         prepared now, before our BEGIN)."""
-        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit)
+        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit,
+                          one_queue=queues is not None and len(queues) == 1)
         claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
         command = statements.command
-        return [command(statements.begin()), *map(command, sql.CLAIM_PLAN),
+        return [command(statements.begin(worker=True)), *map(command, sql.CLAIM_PLAN),
                 command(query, claim_params), *map(command, sql.CLAIM_PLAN_DONE),
                 command(f'SAVEPOINT "{JOB_SAVEPOINT}"')]
 
@@ -640,7 +642,7 @@ def _begin(job: ClaimedJob, worker: str) -> Run | Finished:
         return attempts.fail(run, exc, permanent=True)
     previous = job.previous_attempts
     if previous + RECOUNT_MARGIN >= run.max_attempts:
-        previous = attempts.count(job.id)
+        previous = _recount(job.id)
     run.attempt = previous + 1
     if previous >= run.max_attempts:
         # Its earlier attempts crashed or timed out (a poison job): never run it again.
@@ -649,6 +651,44 @@ def _begin(job: ClaimedJob, worker: str) -> Run | Finished:
         )
         return attempts.fail(run, error, permanent=True, counted=False)
     return run
+
+
+def _recount(job_id: int) -> int:
+    """Count the job's attempts as committed now.
+
+    Under READ COMMITTED a statement of its own sees every committed attempt. Under REPEATABLE
+    READ (or SERIALIZABLE) it reads the claim's snapshot, which misses a crash the supervisor
+    recorded (then released the row's lock) after that snapshot was taken: the job ran once past
+    ``max_attempts``. Then the count is asked on a connection of its own (only near
+    ``max_attempts``, and only at those levels).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_COUNT_AND_ISOLATION, [job_id])
+        count, isolation = cursor.fetchone()
+    if isolation == "read committed":
+        return int(count)
+    side = _fresh_counter()
+    row = side.execute(sql.COUNT_ATTEMPTS, [job_id]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+_COUNT_AND_ISOLATION = (f"SELECT ({sql.COUNT_ATTEMPTS}), "
+                        "current_setting('transaction_isolation')")
+
+
+def _fresh_counter() -> psycopg.Connection[Any]:
+    """A connection of this thread's own (autocommit, READ COMMITTED) for counts on a fresh
+    snapshot. Plain psycopg, not a Django connection: the worker hands each new Django
+    connection's socket to its supervisor as the job's (see ``djasync_worker.child``)."""
+    side: psycopg.Connection[Any] | None = getattr(_counter, "connection", None)
+    if side is None or side.closed or side.broken:
+        side = _counter.connection = psycopg.connect(**connection.get_connection_params(),
+                                                     autocommit=True)
+    return side
+
+
+_counter = threading.local()
 
 
 def _check_row(job: ClaimedJob) -> None:

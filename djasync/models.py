@@ -121,6 +121,12 @@ class Job(models.Model):
                 condition=Q(status="pending"),
                 name="djasync_job_claim",
             ),
+            # The same for a worker serving one queue (``--queue``): it walks its queue only.
+            models.Index(
+                fields=["queue", "-priority", "run_after", "id"],
+                condition=Q(status="pending"),
+                name="djasync_job_claim_queue",
+            ),
             # Every index below is partial, so that scheduling a job writes 4 index entries
             # (the primary key, claim, pending_at, identity) and finishing one writes 2
             # (the primary key, finished), not all of them: that is most of a job's cost in

@@ -15,7 +15,7 @@ ATTEMPT = "djasync_attempt"
 
 @cache
 def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
-          exists: bool = False, limit: int = 1) -> str:
+          exists: bool = False, limit: int = 1, one_queue: bool = False) -> str:
     """Lock and read up to ``limit`` runnable jobs, best first.
 
     - ``FOR NO KEY UPDATE``: a plain ``FOR UPDATE`` would conflict with the ``FOR KEY SHARE`` lock
@@ -26,7 +26,8 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
       dies releases it with its transaction.
     - Every eligibility predicate sits inside this locked select (never in an outer query), so a
       row that is locked is always a row that will run.
-    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only).
+    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only), and
+      ``djasync_job_claim_queue`` after its queue.
     - ``previous_attempts`` counts the attempt rows. It may miss an attempt committed by the
       transaction that held the row just before us (the statement's snapshot predates that
       commit), so the executor recounts exactly (:data:`COUNT_ATTEMPTS`) when a job is near its
@@ -35,6 +36,14 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
     - ``limit`` is written into the statement, not passed as a parameter: with ``LIMIT $1``
       PostgreSQL's generic plan assumes a tenth of the table, so it keeps re-planning the
       prepared statement for every call (about 0.2 ms of server CPU, twice the execution).
+
+    - ``one_queue`` (``by_queue`` with a list of one queue, a worker's ``--queue mail``): the
+      claim walks ``djasync_job_claim_queue`` (the same order, after the queue), so it passes
+      over no row of another queue. Filtered through ``djasync_job_claim``, a claim for a queue
+      with 5 due jobs read past every due job of the others first (300,000 in another queue:
+      110 ms a claim, 0.3 ms unfiltered). Several queues still walk ``djasync_job_claim``:
+      PostgreSQL 15 cannot merge per-queue index walks in order under ``FOR NO KEY UPDATE``
+      without locking rows it then does not return.
 
     With ``exists``, return instead whether any such job exists, locked or not (a burst worker
     uses it to tell "nothing due" from "due but held by someone right now").
@@ -53,7 +62,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
         # A non-atomic job runs outside any transaction under a lease; it is free again only
         # once the lease has expired (its worker died or froze) or was released.
         filters.append("(j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())")
-    if by_queue:
+    if by_queue and one_queue and not exists:
+        # The element, not ``= ANY``: only an equality lets the index give the ORDER BY.
+        filters.append("j.queue = (%(queues)s::text[])[1]")
+    elif by_queue:
         filters.append("j.queue = ANY(%(queues)s)")
     if by_name_prefix:
         filters.append("starts_with(j.name, %(name_prefix)s)")

@@ -19,7 +19,8 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
-from django.db import connection
+import psycopg
+from django.db import DatabaseError, connection
 from django.db.backends.signals import connection_created
 
 from djasync import conf, executor
@@ -116,6 +117,13 @@ class Child:
                 break  # the claim rolled back: the job was never started and stays queued
             except Exception as exc:
                 self.shared[JOB_ID] = 0
+                if _serialization_failure(exc) and connection.is_usable():
+                    # REPEATABLE READ or SERIALIZABLE: another worker's commit met our
+                    # snapshot. The transaction rolled back whole (a job of it had not
+                    # committed: it runs again, uncharged); claim again at once, as
+                    # PostgreSQL's hint says. Normal at these levels, so not an error.
+                    logger.debug("claiming again after a serialization failure error=%s", exc)
+                    continue
                 self._after_error(exc)
                 if self._sleep(delay):
                     break
@@ -248,6 +256,13 @@ class Child:
             logger.debug("closing the dead connection failed", exc_info=True)
         # The supervisor's copy of the socket must not keep a half-dead session alive.
         self._send(("conn_closed",))
+
+
+def _serialization_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (Django's wrapper, or psycopg's error) is PostgreSQL's "could not
+    serialize access" (SQLSTATE 40001)."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseError) else exc
+    return isinstance(cause, psycopg.errors.SerializationFailure)
 
 
 def child_main(pipe: Connection, shared: Any, options: ChildOptions, parent_pid: int,

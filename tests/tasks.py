@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -164,3 +165,15 @@ async def async_write_then_raise(key):
 async def async_report_context(context):
     running = current_job()
     return {"attempt": context.attempt, "job_id": running.id if running else None}
+
+
+@with_options(max_attempts=1)
+def exit_one():
+    """End the way a script does: ``exit(1)`` (SystemExit)."""
+    sys.exit(1)
+
+
+@with_options(max_attempts=1)
+def raise_keyboard_interrupt():
+    """Raise KeyboardInterrupt from the task's own code (no signal involved)."""
+    raise KeyboardInterrupt("raised by the task")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.util import find_spec
 from io import StringIO
+from signal import SIGINT
 
 import pytest
 
@@ -633,3 +634,96 @@ def test_the_backend_is_built_and_tasks_declared_before_django_is_set_up():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+
+
+# -- tasks that end the process's way: exit(), KeyboardInterrupt --------------------------------
+
+
+def finished_signals():
+    seen = []
+
+    def receiver(sender, task_result, **kwargs):
+        seen.append((task_result.id, task_result.status,
+                     [e.exception_class_path for e in task_result.errors]))
+
+    task_finished.connect(receiver)
+    return seen, receiver
+
+
+@pytest.mark.parametrize(("task", "path"), [("exit_one", "builtins.SystemExit"),
+                                            ("raise_keyboard_interrupt",
+                                             "builtins.KeyboardInterrupt")])
+def test_a_task_ending_with_exit_or_keyboard_interrupt_fails_and_flush_queue_goes_on(
+        task, path):
+    """As Django's reference backends do: FAILED, the traceback kept, task_finished sent, and
+    the next task runs (KeyboardInterrupt used to stop flush_queue with exit 130, the task READY
+    again; exit() sent no task_finished)."""
+    ending = getattr(tasks, task).enqueue()
+    after = tasks.add.enqueue(1, 2)
+    seen, receiver = finished_signals()
+    try:
+        with pytest.raises(Exception, match="failed for good"):
+            call_command("flush_queue", stdout=StringIO())
+    finally:
+        task_finished.disconnect(receiver)
+    assert seen[0] == (ending.id, FAILED, [path]) and seen[1][:2] == (after.id, SUCCESSFUL)
+    ending.refresh()
+    assert ending.status == FAILED
+    [error] = ending.errors
+    assert error.exception_class_path == path
+    assert f"{path.split('.')[1]}" in error.traceback and "tests/tasks.py" in error.traceback
+    assert tasks.add.get_result(after.id).return_value == 3
+
+
+@pytest.mark.daemon
+def test_a_task_raising_keyboard_interrupt_in_the_daemon_fails_without_killing_the_child(
+        tmp_path):
+    ending = tasks.raise_keyboard_interrupt.enqueue()
+    after = tasks.add.enqueue(2, 2)
+    done = run_worker("--concurrency", "1", "--burst")
+    assert done.returncode == 0, done.stderr
+    ending.refresh()
+    assert ending.status == FAILED
+    assert [e.exception_class_path for e in ending.errors] == ["builtins.KeyboardInterrupt"]
+    assert not Attempt.objects.filter(outcome=Outcome.CRASHED).exists()
+    assert tasks.add.get_result(after.id).return_value == 4
+    # The one child ran both: it was not replaced after the interrupt.
+    assert len(set(Attempt.objects.values_list("worker", flat=True))) == 1
+
+
+def test_a_real_ctrl_c_still_stops_flush_queue_and_leaves_the_task_queued(tmp_path):
+    """Only the task's own KeyboardInterrupt is its failure: SIGINT (Ctrl-C) still interrupts
+    flush_queue, rolls the running task back, and leaves it READY."""
+    go = tmp_path / "go"
+    result = tasks.wait_for_file.enqueue(str(go), "interrupted")
+    command = [sys.executable, "-m", "django", "flush_queue", "--settings", "tests.settings"]
+    process = subprocess.Popen(command, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: backend().get_result(result.id).status == RUNNING, what="RUNNING")
+        process.send_signal(SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert backend().get_result(result.id).status == READY
+    assert not Attempt.objects.exists() and ledger() == []
+
+
+@pytest.mark.daemon
+def test_a_running_result_shows_its_worker_and_when_it_started(tmp_path):
+    go = tmp_path / "go"
+    result = tasks.wait_for_file.enqueue(str(go), "slow")
+    daemon = start_worker("--concurrency", "1", log=tmp_path / "worker.log")
+    try:
+        running = wait_for(lambda: (r := backend().get_result(result.id)).status == RUNNING
+                           and r.worker_ids and r, what="RUNNING with its worker", timeout=30)
+        [worker] = running.worker_ids  # the daemon's name in the registry: host:pid:…
+        assert worker.startswith(f"{socket.gethostname()}:{daemon.pid}:"), worker
+        assert running.started_at is not None and running.last_attempted_at == running.started_at
+        assert running.enqueued_at <= running.started_at <= timezone.now()
+        go.write_text("go")
+        wait_for(lambda: backend().get_result(result.id).status == SUCCESSFUL, what="SUCCESSFUL")
+    finally:
+        assert stop(daemon) == 0, (tmp_path / "worker.log").read_text()[-2000:]
