@@ -49,10 +49,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
         # see migration 0007: an inline subquery would be set up for every claim).
         "(j.group_id IS NULL OR djasync_group_final_ready(j.id))",
     ]
-    if not by_id:
-        # A non-atomic job runs outside any transaction under a lease; it is free again only
-        # once the lease has expired (its worker died or froze) or was released.
-        filters.append("(j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())")
+    # A non-atomic job runs outside any transaction under a lease; it is free again only
+    # once the lease has expired (its worker died or froze) or was released. ``job()`` too
+    # must not run a job that a worker is running under a live lease.
+    filters.append("(j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())")
     if by_queue:
         filters.append("j.queue = ANY(%(queues)s)")
     if by_name_prefix:
@@ -208,11 +208,29 @@ FAIL_WITHOUT_ATTEMPT = (
     f"UPDATE {JOB} SET status = 'failed', finished_at = clock_timestamp() WHERE id = %s"
 )
 
-#: Take (or renew) a non-atomic job's lease; renewals are fenced by the owner.
+#: Take a non-atomic job's lease just before it starts, in a short transaction of its own,
+#: only if the job may still start: pending (not cancelled, not finished by someone else),
+#: not leased by another live owner, not locked (another worker has it in its claim), not
+#: rescheduled since our claim read it (``run_after`` unchanged: a run elsewhere that failed
+#: moved it), and, for a group's final job, its group still complete. The claim that found
+#: the job took no lease: a lease taken at claim time would run out while the job waits its
+#: turn behind its batch-mates (only the running job's lease is renewed). Returns whether a
+#: previous holder's lease had run out (its attempt is lost) and the attempts so far.
 TAKE_LEASE = f"""
-UPDATE {JOB} SET lease_owner = %(owner)s,
+WITH free AS (
+    SELECT j.id, j.lease_expires IS NOT NULL AS lease_expired,
+           (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts
+      FROM {JOB} j
+     WHERE j.id = %(job_id)s AND j.status = 'pending' AND j.run_after = %(run_after)s
+       AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+       AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+       FOR NO KEY UPDATE OF j SKIP LOCKED
+)
+UPDATE {JOB} j SET lease_owner = %(owner)s,
        lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)
- WHERE id = %(job_id)s
+  FROM free
+ WHERE j.id = free.id
+RETURNING free.lease_expired, free.previous_attempts
 """
 RENEW_LEASE = f"""
 UPDATE {JOB} SET lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)

@@ -1,0 +1,143 @@
+"""Long jobs (meta atomic=False) where they meet batches, cancels, ``job()`` and shutdowns."""
+
+import os
+import signal
+
+import pytest
+
+import djasync
+from djasync import scheduling
+from djasync.exceptions import DjasyncError
+from djasync.models import Job, Outcome, Status
+from tests import jobs
+from tests.daemon import start_worker, stop, wait_for, worker_env
+from tests.models import Ledger
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
+
+
+def short_lease_env(tmp_path, seconds=1):
+    (tmp_path / "lease_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        f"DJASYNC = {{**DJASYNC, 'LEASE_SECONDS': {seconds}}}\n"
+    )
+    return worker_env(PYTHONPATH=f"{tmp_path}:{worker_env()['PYTHONPATH']}")
+
+
+def ledger(key):
+    return Ledger.objects.filter(key=key).count()
+
+
+def skipped(log, job_id):
+    """Whether the worker logged that it skipped this long job (it may no longer run)."""
+    text = log.read_text() if log.exists() else ""
+    return any("long job skipped" in line and f"id={job_id} " in line
+               for line in text.splitlines())
+
+
+def test_a_long_job_waiting_its_turn_in_a_batch_runs_once_when_another_worker_takes_it(
+        tmp_path):
+    gate1, pidfile = tmp_path / "gate1", tmp_path / "pid"
+    first = djasync.schedule(jobs.long_job, args=["first", str(gate1), str(pidfile)],
+                             meta={"atomic": False}, priority=1)
+    second = djasync.schedule(jobs.long_job, args=["second"], meta={"atomic": False})
+    env = short_lease_env(tmp_path)
+    log1 = tmp_path / "w1.log"
+    daemon1 = start_worker("--concurrency", "1", "--batch-size", "2",
+                           "--settings", "lease_settings", log=log1, env=env)
+    daemon2 = None
+    try:
+        wait_for(pidfile.exists, what="the first job of the batch to start")
+        # Both jobs are in daemon 1's batch; the second waits for the first to end.
+        daemon2 = start_worker("--concurrency", "1", "--settings", "lease_settings",
+                               "--poll-interval", "0.3", log=tmp_path / "w2.log", env=env)
+        wait_for(lambda: Job.objects.get(pk=second.pk).status == Status.SUCCEEDED, timeout=30,
+                 what="the second job to run in the other daemon")
+        gate1.touch()
+        wait_for(lambda: Job.objects.get(pk=first.pk).status == Status.SUCCEEDED,
+                 what="the first job to end")
+        # Daemon 1 then comes to the second job: it must see that it ran elsewhere.
+        wait_for(lambda: ledger("second") > 1 or skipped(log1, second.pk),
+                 what="daemon 1 to come to the second job")
+        assert ledger("second") == 1
+        assert list(Job.objects.get(pk=second.pk).attempt_set.values_list(
+            "outcome", flat=True)) == [Outcome.SUCCEEDED]
+    finally:
+        gate1.touch()
+        for daemon in (daemon1, daemon2):
+            if daemon is not None:
+                assert stop(daemon) == 0
+
+
+def test_a_long_job_cancelled_while_waiting_its_turn_in_a_batch_does_not_run(tmp_path):
+    gate1, pidfile = tmp_path / "gate1", tmp_path / "pid"
+    first = djasync.schedule(jobs.long_job, args=["first", str(gate1), str(pidfile)],
+                             meta={"atomic": False}, priority=1)
+    second = djasync.schedule(jobs.long_job, args=["second"], meta={"atomic": False})
+    log = tmp_path / "w.log"
+    daemon = start_worker("--concurrency", "1", "--batch-size", "2", log=log)
+    try:
+        wait_for(pidfile.exists, what="the first job of the batch to start")
+        assert scheduling.cancel([second.pk]) == 1
+        gate1.touch()
+        wait_for(lambda: Job.objects.get(pk=first.pk).status == Status.SUCCEEDED,
+                 what="the first job to end")
+        wait_for(lambda: ledger("second") or skipped(log, second.pk),
+                 what="the worker to come to the second job")
+        assert (Job.objects.get(pk=second.pk).status, ledger("second")) == (
+            Status.CANCELLED, 0)
+    finally:
+        gate1.touch()
+        assert stop(daemon) == 0
+
+
+def test_a_running_long_job_is_running_for_job_cancel_deschedule_and_retry_now(tmp_path):
+    gate, pidfile = tmp_path / "gate", tmp_path / "pid"
+    args = ["running", str(gate), str(pidfile)]
+    job = djasync.schedule(jobs.long_job, args=args, meta={"atomic": False})
+    daemon = start_worker("--concurrency", "1", log=tmp_path / "w.log")
+    try:
+        wait_for(pidfile.exists, what="the long job to start")
+        with pytest.raises(DjasyncError, match="running it right now"):
+            Job.objects.get(pk=job.pk)()
+        assert scheduling.cancel([job.pk]) == 0
+        assert djasync.deschedule(jobs.long_job, args=args) == 0
+        assert scheduling.retry_now([job.pk]) == 0
+        gate.touch()
+        wait_for(lambda: Job.objects.get(pk=job.pk).status != Status.PENDING, what="the end")
+        job.refresh_from_db()
+        assert (job.status, ledger("running"), job.attempt_set.count()) == (
+            Status.SUCCEEDED, 1, 1)
+    finally:
+        gate.touch()
+        assert stop(daemon) == 0
+
+
+def test_a_long_job_killed_at_the_shutdown_timeout_is_not_charged_and_is_free_at_once(
+        tmp_path):
+    gate, pidfile = tmp_path / "gate", tmp_path / "pid"
+    job = djasync.schedule(jobs.long_job, args=["cut", str(gate), str(pidfile)],
+                           meta={"atomic": False})
+    daemon = start_worker("--concurrency", "1", "--shutdown-timeout", "0.5",
+                          log=tmp_path / "w1.log")
+    try:
+        wait_for(pidfile.exists, what="the long job to start")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+        job.refresh_from_db()
+        # Not charged, and claimable now rather than when its (60 s) lease ends.
+        assert (job.status, job.attempt_set.count(), job.lease_owner, job.lease_expires) == (
+            Status.PENDING, 0, "", None)
+        gate.touch()
+        pidfile.unlink()
+        second = start_worker("--concurrency", "1", log=tmp_path / "w2.log")
+        try:
+            wait_for(lambda: Job.objects.get(pk=job.pk).status == Status.SUCCEEDED,
+                     timeout=10, what="the job to run again at once")
+        finally:
+            assert stop(second) == 0
+        assert list(job.attempt_set.values_list("outcome", flat=True)) == [Outcome.SUCCEEDED]
+    finally:
+        gate.touch()
+        if daemon.poll() is None:
+            os.kill(daemon.pid, signal.SIGKILL)
