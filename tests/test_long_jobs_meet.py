@@ -2,13 +2,17 @@
 
 import os
 import signal
+import time
 
 import pytest
+from django.db import connection, transaction
+from django.utils import timezone
 
 import djasync
 from djasync import scheduling
 from djasync.exceptions import DjasyncError
-from djasync.models import Job, Outcome, Status
+from djasync.models import Attempt, Job, Outcome, Status
+from djasync.testing import run_jobs
 from tests import jobs
 from tests.daemon import start_worker, stop, wait_for, worker_env
 from tests.models import Ledger
@@ -141,3 +145,87 @@ def test_a_long_job_killed_at_the_shutdown_timeout_is_not_charged_and_is_free_at
         gate.touch()
         if daemon.poll() is None:
             os.kill(daemon.pid, signal.SIGKILL)
+
+
+def lease_live_at_start():
+    """A long job: report whether its lease was live when it started (read on its own
+    connection, outside any transaction, before the first renewal)."""
+    from djasync.executor import current_job
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT lease_expires > clock_timestamp() FROM djasync_job WHERE id = %s",
+                       [current_job().id])
+        return cursor.fetchone()[0]
+
+
+def test_a_long_job_whose_batch_mates_took_longer_than_a_lease_starts_with_a_live_lease(
+        tmp_path):
+    # The long job comes first in the batch (higher priority), but it runs after the claim
+    # commits, so after the atomic job, which runs in the claiming transaction for twice the
+    # lease.
+    slow = djasync.schedule(jobs.sleep, args=[2.0])
+    long = djasync.schedule(lease_live_at_start, meta={"atomic": False}, priority=1)
+    daemon = start_worker("--concurrency", "1", "--batch-size", "2",
+                          "--settings", "lease_settings", log=tmp_path / "w.log",
+                          env=short_lease_env(tmp_path))
+    try:
+        wait_for(lambda: Job.objects.get(pk=long.pk).status == Status.SUCCEEDED, timeout=30,
+                 what="the long job to end")
+        assert Job.objects.get(pk=long.pk).result is True
+        assert Job.objects.get(pk=slow.pk).status == Status.SUCCEEDED
+        assert list(Job.objects.get(pk=long.pk).attempt_set.values_list(
+            "outcome", flat=True)) == [Outcome.SUCCEEDED]
+    finally:
+        assert stop(daemon) == 0
+
+
+def read_timeouts():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('statement_timeout'), "
+                       "current_setting('idle_in_transaction_session_timeout')")
+        return cursor.fetchone()
+
+
+def test_run_jobs_gives_the_test_transaction_its_own_timeouts_back():
+    djasync.schedule(jobs.add, args=[1, 2], meta={"timeout": 3})
+    with transaction.atomic():  # the test's own transaction, as in a TestCase
+        before = read_timeouts()
+        [finished] = run_jobs()
+        assert finished.outcome == Outcome.SUCCEEDED
+        assert read_timeouts() == before
+
+
+def test_a_long_job_under_run_jobs_runs_without_a_lease_renewer(settings, caplog):
+    # Inside the test's transaction the job's row stays locked by that transaction, and its
+    # lease is not visible to any other connection: a renewer could only wait on the lock or
+    # (as it did) find no lease and report it lost.
+    settings.DJASYNC = {**settings.DJASYNC, "LEASE_SECONDS": 1}
+    job = djasync.schedule(jobs.sleep, args=[1.0, "slept"], meta={"atomic": False})
+    with transaction.atomic():  # the test's own transaction, as in a TransactionTestCase
+        with connection.cursor() as cursor:  # fail, rather than hang, if it waits for ever
+            cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '8s'")
+        started = time.monotonic()
+        [finished] = run_jobs()
+        assert time.monotonic() - started < 5
+        assert finished.outcome == Outcome.SUCCEEDED
+    job.refresh_from_db()
+    assert (job.status, job.lease_owner, job.lease_expires, ledger("slept")) == (
+        Status.SUCCEEDED, "", None, 1)
+    assert not [r for r in caplog.records if "lease" in r.getMessage()]
+
+
+def test_retry_now_leaves_a_job_that_made_the_most_attempts_allowed_as_it_is():
+    worn = djasync.schedule(jobs.add, args=[1, 2], meta={"max_attempts": 1000})
+    almost = djasync.schedule(jobs.add, args=[2, 3], meta={"max_attempts": 999})
+    now = timezone.now()
+    for job, made in ((worn, 1000), (almost, 999)):
+        Attempt.objects.bulk_create(
+            Attempt(job=job, number=n, started_at=now, finished_at=now, outcome=Outcome.ERROR)
+            for n in range(1, made + 1))
+        Job.objects.filter(pk=job.pk).update(status=Status.FAILED, attempts=made)
+    assert scheduling.retry_now([worn.pk, almost.pk]) == 1
+    worn.refresh_from_db()
+    assert (worn.status, worn.meta) == (Status.FAILED, {"max_attempts": 1000})
+    # The other gets its 1,000th attempt, and it runs.
+    assert Job.objects.get(pk=almost.pk)() == 5
+    assert Job.objects.get(pk=almost.pk).meta == {"max_attempts": 1000}
