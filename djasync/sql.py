@@ -186,6 +186,14 @@ UPDATE {JOB}
 #: after its commit); ``late`` (the dead run's session had ended before this is written, so the
 #: job may have run again and finished meanwhile) records it whatever the job's status: attempt
 #: rows are append-only, and this run did happen.
+#: ``holder`` (the dead process's worker name; '' to skip this) tells whether the dead run
+#: still had the job when it died, or had committed its own outcome (a failure rescheduled
+#: the job: pending again) just before: a long job's run still had it if it still holds the
+#: lease (its outcome and the lease's release commit together); an atomic job's run, if the
+#: row is locked (by the dead run's transaction, which our copy of its socket keeps alive;
+#: after that run committed it is free, unless another worker holds it already). Without
+#: this, a process killed between its COMMIT and telling the supervisor was charged a
+#: phantom crash. Once the session has ended (``late``) an atomic run cannot be told apart.
 RECORD_LOST_ATTEMPT = f"""
 INSERT INTO {ATTEMPT}
     (job_id, number, started_at, finished_at, outcome,
@@ -195,6 +203,12 @@ SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
        %(exception_message)s, '', %(worker)s
   FROM {JOB} j
  WHERE j.id = %(job_id)s AND (j.status = 'pending' OR %(late)s)
+   AND (%(holder)s = '' OR CASE
+        WHEN j.meta -> 'atomic' = 'false'::jsonb
+        THEN starts_with(j.lease_owner, %(holder)s || '/')
+        ELSE %(late)s OR NOT EXISTS (
+            SELECT 1 FROM {JOB} k WHERE k.id = j.id FOR NO KEY UPDATE SKIP LOCKED)
+        END)
 RETURNING id
 """
 

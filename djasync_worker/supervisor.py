@@ -391,7 +391,7 @@ class Supervisor:
             try:
                 attempt_id = executor.record_lost_attempt(
                     lost.job_id, outcome=lost.outcome, started=lost.started, worker=lost.worker,
-                    reason=lost.reason, late=late)
+                    reason=lost.reason, late=late, holder=lost.worker)
             except Exception as exc:
                 logger.warning("cannot record a lost attempt yet id=%s error=%s", lost.job_id, exc)
                 _close_quietly()

@@ -229,3 +229,30 @@ def test_retry_now_leaves_a_job_that_made_the_most_attempts_allowed_as_it_is():
     # The other gets its 1,000th attempt, and it runs.
     assert Job.objects.get(pk=almost.pk)() == 5
     assert Job.objects.get(pk=almost.pk).meta == {"max_attempts": 1000}
+
+
+def kill_after_commit():
+    """Kill this worker process once the batch's COMMIT has returned (an on_commit
+    callback), before the child tells its supervisor that the batch ended."""
+    transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
+def test_a_child_killed_after_its_commit_charges_no_phantom_crash_to_the_job_it_ran(tmp_path):
+    # One batch: the first job kills the process after the COMMIT; the second, the last one
+    # published as running, failed and waits for its retry (pending) when the child dies.
+    killer = djasync.schedule(kill_after_commit, priority=1)
+    failing = djasync.schedule(jobs.always_raise, meta={"backoff": 3600})
+    log = tmp_path / "w.log"
+    daemon = start_worker("--concurrency", "1", "--batch-size", "2", log=log)
+    try:
+        wait_for(lambda: "lost its process" in log.read_text() or "died" in log.read_text(),
+                 what="the child to die")
+        wait_for(lambda: "child started" in log.read_text().split("died", 1)[-1],
+                 what="the supervisor to have dealt with the death")
+        failing.refresh_from_db()
+        assert list(failing.attempt_set.values_list("outcome", flat=True)) == [Outcome.ERROR]
+        assert failing.status == Status.PENDING
+        assert list(Job.objects.get(pk=killer.pk).attempt_set.values_list(
+            "outcome", flat=True)) == [Outcome.SUCCEEDED]
+    finally:
+        assert stop(daemon) == 0
