@@ -214,7 +214,7 @@ LATE_NOTE = (" [counted late: its database session had ended before the crash wa
 
 
 def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, worker: str,
-                reason: str, late: bool = False) -> int | None:
+                reason: str, late: bool = False, holder: str = "") -> int | None:
     """Record an attempt whose process died (crashed) or was stopped (timed out), or whose
     failure could not be written in its own transaction; return the attempt row's id (None
     when no row was written: the job is gone, or finished and ``late`` is false).
@@ -222,7 +222,9 @@ def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, wo
     Only an attempt row is inserted (the foreign key takes a KEY SHARE lock, which does not
     conflict with a worker's NO KEY UPDATE), so this never waits on the job row's lock; the
     next claim counts it. ``late``: the run's session had already ended (see
-    :data:`LATE_NOTE`); the row is then written whatever the job's status.
+    :data:`LATE_NOTE`); the row is then written whatever the job's status. ``holder``: the
+    dead process's worker name, to write nothing if its run had committed its own outcome
+    before it died (see :data:`sql.RECORD_LOST_ATTEMPT`).
 
     The commit is synchronous even under ``synchronous_commit = off``: this row is the only
     trace of a run whose transaction rolled back, and the caller lets the job be claimed again
@@ -237,7 +239,7 @@ def record_lost(job_id: int, *, outcome: Outcome, started: datetime.datetime, wo
                     outcome, DjasyncError)
             ),
             "exception_message": reason[:10_000] + (LATE_NOTE if late else ""),
-            "worker": worker[:255], "late": late,
+            "worker": worker[:255], "late": late, "holder": holder,
         })
         row = cursor.fetchone()
     return None if row is None else int(row[0])

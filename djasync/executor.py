@@ -14,6 +14,7 @@ job, RELEASE, finish (one statement that writes the attempt and the status), COM
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import inspect
@@ -273,31 +274,55 @@ def run_batches(
 
 def _lease(job: ClaimedJob, worker: str, outcomes: list[Outcomes],
            leased: list[Leased]) -> None:
-    """A long job of a batch: lease it now, to run once the claim has committed (or fail it
-    at once if its row may not run)."""
-    run = _begin(job, worker)
-    if isinstance(run, Finished):
-        outcomes.append(run)
-    else:
-        leased.append((job, run, leases.take(run, expired=job.lease_expired)))
+    """A long job of a batch: keep it to run once the claim has committed. No lease is taken
+    now: the claim's row lock keeps other workers off it until then, and a lease taken now
+    would run out while the job waits for its batch-mates (see :func:`_start_leased`)."""
+    leased.append((job, worker))
 
 
 def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[int, Finished],
-                  leased: list[tuple[ClaimedJob, Run, str]],
+                  leased: list[Leased],
                   before_each: Callable[[ClaimedJob], None] | None) -> list[Finished]:
     """Once the claiming transaction committed: what happened to each job, in claim order, and
-    the long (leased) jobs of the batch run, outside any transaction."""
+    the long (leased) jobs of the batch run, outside any transaction, one after the other."""
     finished = [written[o.run.job_id] if isinstance(o, attempts.Succeeded) else o
                 for o in outcomes]
-    for number, (job, run, owner) in enumerate(leased):
+    for job, worker in leased:
+        started = _start_leased(job, worker)
+        if started is None:
+            continue
+        if isinstance(started, Finished):  # its row may not run: failed, as in the claim
+            finished.append(started)
+            continue
+        run, owner = started
         if before_each is not None:
             try:
                 before_each(job)
             except BaseException:  # the worker is stopping: this job and the next ones wait
-                leases.give_back([(job.id, owner) for job, _, owner in leased[number:]])
+                leases.give_back([(job.id, owner)])
                 raise
         finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
     return finished
+
+
+def _start_leased(job: ClaimedJob, worker: str) -> tuple[Run, str] | Finished | None:
+    """Lease a long job just before it starts, in a short transaction of its own; return its
+    run and lease owner, how it ended if its row may not run, or None if it may no longer
+    start here: since our claim committed, another worker ran it or runs it, or it was
+    cancelled (then it is skipped, and logged)."""
+    with transaction.atomic():
+        taken = leases.take(job.id, job.due_at, worker)
+        if taken is None:
+            logger.info("long job skipped id=%s name=%s: it was cancelled, rescheduled or "
+                        "taken by another worker after this batch claimed it", job.id, job.name)
+            return None
+        owner, previous = taken
+        run = _begin(dataclasses.replace(job, previous_attempts=previous, lease_expired=False),
+                     worker)
+        if isinstance(run, Finished):
+            leases.release(job.id)
+            return run
+    return run, owner
 
 
 class CommitRefused(DjasyncError):
@@ -334,8 +359,8 @@ def _record_refused(batch: list[Outcomes], exc: DatabaseError) -> Finished:
 
 #: What happened to a job of a batch (a success not yet written, or how it ended).
 Outcomes = Finished | attempts.Succeeded
-#: A long job of a batch, leased to run after the claim's COMMIT: its row, run, lease owner.
-Leased = tuple[ClaimedJob, Run, str]
+#: A long job of a batch, to lease and run after the claim's COMMIT: its row, the worker.
+Leased = tuple[ClaimedJob, str]
 
 #: The savepoint each job of a worker's batch runs in (one at a time, released between jobs).
 JOB_SAVEPOINT = "djasync_job"
@@ -600,20 +625,34 @@ def run_job_now(job: Job) -> Any:
         claimed = claim(1, job_id=job.pk)
         if not claimed:
             raise DjasyncError(f"job #{job.pk} cannot run now: {_why_not_runnable(job)}")
-        with connection.cursor() as cursor:
-            cursor.execute(sql.READ_TIMEOUTS)
-            statement, idle = cursor.fetchone()
-        finished = _run_in_savepoint(claimed[0], default_worker_name(), None, False)
-        assert isinstance(finished, Finished)
-        if nested:  # SET LOCAL outlives the job's savepoint: give the caller its own back
-            with connection.cursor() as cursor:
-                cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})
+        long = leases.is_leased(claimed[0].meta)
+        if not long:
+            finished = _run_in_savepoint_keeping_timeouts(claimed[0], nested)
+    if long:  # as a worker runs it: under a lease, once the claim has committed
+        ran = _after_commit([], {}, [(claimed[0], default_worker_name())], None)
+        if not ran:  # taken by a worker between our claim's commit and the lease
+            raise DjasyncError(f"job #{job.pk} cannot run now: {_why_not_runnable(job)}")
+        finished = ran[0]
     job.refresh_from_db()
     if finished.exception is not None:
         raise finished.exception
     if finished.outcome != Outcome.SUCCEEDED:
         raise DjasyncError(f"job #{job.pk} {finished.outcome.label}: {finished.error}")
     return finished.result
+
+
+def _run_in_savepoint_keeping_timeouts(claimed: ClaimedJob, nested: bool) -> Finished:
+    """Run a job claimed by ``job()`` in a savepoint; inside a caller's transaction, give the
+    caller its own timeouts back afterwards (``SET LOCAL`` outlives the job's savepoint)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.READ_TIMEOUTS)
+        statement, idle = cursor.fetchone()
+    finished = _run_in_savepoint(claimed, default_worker_name(), None, False)
+    assert isinstance(finished, Finished)
+    if nested:
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})
+    return finished
 
 
 def _why_not_runnable(job: Job) -> str:

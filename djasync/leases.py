@@ -3,7 +3,9 @@
 Holding a transaction for minutes hurts PostgreSQL (the vacuum horizon stops for the whole
 cluster, row locks are held), so a long job may opt out of the atomic contract:
 
-1. the claiming transaction takes a lease (owner token, expiry) and commits;
+1. just before the job starts (after the claiming transaction has committed, and after any
+   batch-mates ran), a short transaction of its own takes a lease (owner token, expiry), only
+   if the job may still start (:data:`sql.TAKE_LEASE`), and commits;
 2. the function runs in autocommit, while a thread renews the lease every third of its length;
 3. the outcome is written only if the worker still holds the lease (the fence): a worker that
    froze past its lease, and whose job was re-queued and run again, cannot overwrite anything.
@@ -15,6 +17,7 @@ database effects are at-least-once: a re-run repeats whatever the lost attempt c
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import uuid
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import connection, transaction
+from django.utils import timezone
 
 from djasync import attempts, conf, sql
 from djasync.attempts import Finished, Run
@@ -34,20 +38,34 @@ def is_leased(meta: Any) -> bool:
     return isinstance(meta, dict) and meta.get("atomic") is False
 
 
-def take(run: Run, *, expired: bool) -> str:
-    """Take the job's lease in the claiming transaction; return the owner token.
+def take(job_id: int, run_after: datetime.datetime | None, worker: str) -> tuple[str, int] | None:
+    """Take the lease of a long job about to start, in the open (short) transaction; return
+    the owner token and the attempts made so far, or None if the job may no longer start here
+    (see :data:`sql.TAKE_LEASE`: it ran, runs or was cancelled elsewhere since our claim).
 
-    ``expired``: the previous holder's lease ran out, so its attempt is recorded as lost.
+    ``run_after`` is the job's ``run_after`` as the claim read it. If the previous holder's
+    lease ran out, its attempt is recorded as lost first, so that it counts towards
+    ``max_attempts`` before this one starts.
     """
-    if expired:
-        attempts.record_lost(run.job_id, outcome=Outcome.CRASHED, started=run.started,
-                             worker=run.worker, reason="its lease expired (worker dead or frozen)")
-        run.attempt += 1
-    owner = f"{run.worker}/{uuid.uuid4().hex[:12]}"
+    owner = f"{worker}/{uuid.uuid4().hex[:12]}"
     with connection.cursor() as cursor:
-        cursor.execute(sql.TAKE_LEASE, {"owner": owner, "job_id": run.job_id,
+        cursor.execute(sql.TAKE_LEASE, {"owner": owner, "job_id": job_id, "run_after": run_after,
                                         "seconds": conf.get().LEASE_SECONDS})
-    return owner
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    expired, previous = row
+    if expired:
+        attempts.record_lost(job_id, outcome=Outcome.CRASHED, started=timezone.now(),
+                             worker=worker, reason="its lease expired (worker dead or frozen)")
+        previous += 1
+    return owner, int(previous)
+
+
+def release(job_id: int) -> None:
+    """Free a lease just taken for a job that then may not run (its row was failed)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.RELEASE_LEASE, [job_id])
 
 
 def give_back(taken: list[tuple[int, str]]) -> None:
@@ -99,8 +117,13 @@ def run(run: Run, owner: str, call: Callable[[], tuple[Any, str]],
     ``call`` runs the function and returns (result, JSON); it raises ``raised`` wrapping the
     function's exception.
     """
-    renewer = _Renewer(run.job_id, owner)
-    renewer.start()
+    # Inside a caller's transaction (``job()`` or ``djasync.testing.run_jobs`` in a test) the
+    # row stays locked by that transaction until it ends, so nobody else can take the job and
+    # there is nothing to renew; a renewal would only wait on our own row lock (for ever: we
+    # would be waiting for the renewer to stop).
+    renewer = None if connection.in_atomic_block else _Renewer(run.job_id, owner)
+    if renewer is not None:
+        renewer.start()
     failure: BaseException | None = None
     result: Any = None
     encoded = ""
@@ -109,8 +132,9 @@ def run(run: Run, owner: str, call: Callable[[], tuple[Any, str]],
     except raised as exc:
         failure = getattr(exc, "exc", exc)
     finally:
-        renewer.stopped.set()
-        renewer.join()
+        if renewer is not None:
+            renewer.stopped.set()
+            renewer.join()
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(sql.LOCK_IF_LEASED, {"job_id": run.job_id, "owner": owner})

@@ -45,9 +45,27 @@ def identity_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
+class _ClockNow(models.Func):
+    """PostgreSQL's ``clock_timestamp()``, the clock leases are taken and renewed by (``now()``
+    stands still for the whole of a transaction)."""
+
+    template = "clock_timestamp()"
+    output_field = models.DateTimeField()
+
+
 class JobQuerySet(models.QuerySet["Job"]):
     def pending(self) -> JobQuerySet:
         return self.filter(status=Status.PENDING)
+
+    def not_running(self) -> JobQuerySet:
+        """Leave out long jobs (``meta={"atomic": False}``) running under a live lease.
+
+        Such a job runs outside any transaction, so its row is not locked while it runs:
+        ``select_for_update(skip_locked=True)`` alone would take it for a waiting job, and a
+        cancel would "succeed" while it runs on and keeps its effects. (A lease that ran out
+        means its worker died or froze: that job is waiting again.)
+        """
+        return self.filter(Q(lease_expires__isnull=True) | Q(lease_expires__lte=_ClockNow()))
 
     def due(self) -> JobQuerySet:
         """Pending jobs whose ``run_after`` has passed (some may be running right now)."""

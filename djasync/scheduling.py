@@ -22,6 +22,7 @@ from djasync.conf import NOTIFY_CHANNEL
 from djasync.exceptions import GroupClosed, GroupInUse
 from djasync.models import Group, Job, Status, identity_of
 from djasync.validation import (
+    MAX_ATTEMPTS_LIMIT,
     check_args,
     check_kwargs,
     check_meta,
@@ -290,7 +291,7 @@ def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:
     identity = identity_of(name, check_args(args), check_kwargs(kwargs))
     with transaction.atomic():
         ids = list(
-            Job.objects.pending()
+            Job.objects.pending().not_running()
             .filter(identity=identity)
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
@@ -302,7 +303,7 @@ def cancel(job_ids: Iterable[int]) -> int:
     """Cancel these jobs if they are pending and not running; return how many were cancelled."""
     with transaction.atomic():
         ids = list(
-            Job.objects.pending()
+            Job.objects.pending().not_running()
             .filter(id__in=list(job_ids))
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
@@ -313,8 +314,10 @@ def cancel(job_ids: Iterable[int]) -> int:
 def retry_now(job_ids: Iterable[int]) -> int:
     """Make failed, cancelled or waiting jobs due now, with fresh attempts; return how many.
 
-    Their attempt history is kept; a job that had used up its attempts gets one more.
-    A job that is running right now (locked) is skipped.
+    Their attempt history is kept; a job that had used up its attempts gets one more, up to
+    ``MAX_ATTEMPTS_LIMIT`` attempts in all: a job that made that many is skipped (a
+    ``max_attempts`` above it is refused when the job is claimed). A job that is running
+    right now (locked, or a long job under a live lease) is skipped.
     """
     from django.utils import timezone
 
@@ -322,6 +325,7 @@ def retry_now(job_ids: Iterable[int]) -> int:
         ids = list(
             Job.objects.filter(id__in=list(job_ids))
             .exclude(status=Status.SUCCEEDED)
+            .not_running()
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
         )
@@ -330,6 +334,8 @@ def retry_now(job_ids: Iterable[int]) -> int:
         for job in jobs:
             meta = dict(job.meta)
             attempts_made = job.attempt_set.count()
+            if attempts_made >= MAX_ATTEMPTS_LIMIT:
+                continue
             if attempts_made >= job.max_attempts:
                 meta["max_attempts"] = attempts_made + 1
             try:

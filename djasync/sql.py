@@ -58,10 +58,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
         # see migration 0007: an inline subquery would be set up for every claim).
         "(j.group_id IS NULL OR djasync_group_final_ready(j.id))",
     ]
-    if not by_id:
-        # A non-atomic job runs outside any transaction under a lease; it is free again only
-        # once the lease has expired (its worker died or froze) or was released.
-        filters.append("(j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())")
+    # A non-atomic job runs outside any transaction under a lease; it is free again only
+    # once the lease has expired (its worker died or froze) or was released. ``job()`` too
+    # must not run a job that a worker is running under a live lease.
+    filters.append("(j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())")
     if by_queue and one_queue and not exists:
         # The element, not ``= ANY``: only an equality lets the index give the ORDER BY.
         filters.append("j.queue = (%(queues)s::text[])[1]")
@@ -198,6 +198,14 @@ UPDATE {JOB}
 #: after its commit); ``late`` (the dead run's session had ended before this is written, so the
 #: job may have run again and finished meanwhile) records it whatever the job's status: attempt
 #: rows are append-only, and this run did happen.
+#: ``holder`` (the dead process's worker name; '' to skip this) tells whether the dead run
+#: still had the job when it died, or had committed its own outcome (a failure rescheduled
+#: the job: pending again) just before: a long job's run still had it if it still holds the
+#: lease (its outcome and the lease's release commit together); an atomic job's run, if the
+#: row is locked (by the dead run's transaction, which our copy of its socket keeps alive;
+#: after that run committed it is free, unless another worker holds it already). Without
+#: this, a process killed between its COMMIT and telling the supervisor was charged a
+#: phantom crash. Once the session has ended (``late``) an atomic run cannot be told apart.
 RECORD_LOST_ATTEMPT = f"""
 INSERT INTO {ATTEMPT}
     (job_id, number, started_at, finished_at, outcome,
@@ -207,6 +215,12 @@ SELECT j.id, (SELECT count(*) + 1 FROM {ATTEMPT} a WHERE a.job_id = j.id),
        %(exception_message)s, '', %(worker)s
   FROM {JOB} j
  WHERE j.id = %(job_id)s AND (j.status = 'pending' OR %(late)s)
+   AND (%(holder)s = '' OR CASE
+        WHEN j.meta -> 'atomic' = 'false'::jsonb
+        THEN starts_with(j.lease_owner, %(holder)s || '/')
+        ELSE %(late)s OR NOT EXISTS (
+            SELECT 1 FROM {JOB} k WHERE k.id = j.id FOR NO KEY UPDATE SKIP LOCKED)
+        END)
 RETURNING id
 """
 
@@ -220,11 +234,29 @@ FAIL_WITHOUT_ATTEMPT = (
     f"UPDATE {JOB} SET status = 'failed', finished_at = clock_timestamp() WHERE id = %s"
 )
 
-#: Take (or renew) a non-atomic job's lease; renewals are fenced by the owner.
+#: Take a non-atomic job's lease just before it starts, in a short transaction of its own,
+#: only if the job may still start: pending (not cancelled, not finished by someone else),
+#: not leased by another live owner, not locked (another worker has it in its claim), not
+#: rescheduled since our claim read it (``run_after`` unchanged: a run elsewhere that failed
+#: moved it), and, for a group's final job, its group still complete. The claim that found
+#: the job took no lease: a lease taken at claim time would run out while the job waits its
+#: turn behind its batch-mates (only the running job's lease is renewed). Returns whether a
+#: previous holder's lease had run out (its attempt is lost) and the attempts so far.
 TAKE_LEASE = f"""
-UPDATE {JOB} SET lease_owner = %(owner)s,
+WITH free AS (
+    SELECT j.id, j.lease_expires IS NOT NULL AS lease_expired,
+           (SELECT count(*) FROM {ATTEMPT} a WHERE a.job_id = j.id) AS previous_attempts
+      FROM {JOB} j
+     WHERE j.id = %(job_id)s AND j.status = 'pending' AND j.run_after = %(run_after)s
+       AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+       AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+       FOR NO KEY UPDATE OF j SKIP LOCKED
+)
+UPDATE {JOB} j SET lease_owner = %(owner)s,
        lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)
- WHERE id = %(job_id)s
+  FROM free
+ WHERE j.id = free.id
+RETURNING free.lease_expired, free.previous_attempts
 """
 RENEW_LEASE = f"""
 UPDATE {JOB} SET lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)

@@ -22,11 +22,11 @@ import datetime
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from djasync import executor, registry
+from djasync import executor, registry, sql
 from djasync.attempts import Finished
 from djasync.models import Job, identity_of
 from djasync.validation import check_args, check_kwargs
@@ -55,11 +55,19 @@ def run_jobs(
     queue_list = list(queues) if queues else None
     finished: list[Finished] = []
     with transaction.atomic():  # outside a TestCase, still one transaction of savepoints
+        # A job's timeouts are SET LOCAL, which outlives its savepoint: give the test's
+        # transaction its own back afterwards (else a later pause in the test, or a slow
+        # query, would be cut by the last job's timeouts).
+        with connection.cursor() as cursor:
+            cursor.execute(sql.READ_TIMEOUTS)
+            statement, idle = cursor.fetchone()
         while len(finished) < max_jobs:
             batch = executor.run_batch(1, queues=queue_list, now=now)
             if not batch:
                 break
             finished.extend(batch)
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})
     if raise_errors:
         for item in finished:
             if item.exception is not None and item.status == "failed":

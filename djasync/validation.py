@@ -31,6 +31,8 @@ BACKOFF_MAX_SECONDS = 30 * 86400
 BACKOFF_DEFAULTS = {"factor": 2.0, "max": float(BACKOFF_MAX_SECONDS)}
 
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
+#: The most attempts a job may be given (``meta["max_attempts"]``; ``retry_now`` stops here).
+MAX_ATTEMPTS_LIMIT = 1000
 
 
 def check_queue_name(queue: Any) -> str:
@@ -61,8 +63,10 @@ def check_meta(meta: Any) -> dict[str, Any]:
         raise ValueError(f"unknown meta key(s) {', '.join(unknown)}; known keys are {known}")
     if "max_attempts" in meta:
         value = meta["max_attempts"]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-            raise ValueError(f"meta['max_attempts'] must be an integer 1..1000, not {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not 1 <= value <= MAX_ATTEMPTS_LIMIT):
+            raise ValueError(f"meta['max_attempts'] must be an integer 1..{MAX_ATTEMPTS_LIMIT}, "
+                             f"not {value!r}")
     if "timeout" in meta:
         value = meta["timeout"]
         if (

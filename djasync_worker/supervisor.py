@@ -333,7 +333,10 @@ class Supervisor:
         child.pipe.close()
         self.jobs_done_by_exited += int(child.shared[shared_layout.JOBS_DONE])
         running = running_job(child)
-        if running is not None and not self.forced:
+        worker = f"{socket.gethostname()}:{child.process.pid}"  # the child's name in its leases
+        charged = running is not None and not self.forced
+        if charged:
+            assert running is not None
             job_id, _, _, epoch = running
             if child.killed_for_timeout:
                 outcome, reason = Outcome.TIMED_OUT, "ran past its timeout; its process was killed"
@@ -344,8 +347,7 @@ class Supervisor:
             started = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
             # Our copy of its socket goes with the lost attempt: the session, its transaction
             # and the job's row lock live on until the attempt is written (_record_lost).
-            self.lost.append(LostAttempt(job_id, outcome, started, reason,
-                                         f"{socket.gethostname()}:{child.process.pid}",
+            self.lost.append(LostAttempt(job_id, outcome, started, reason, worker,
                                          child.db_socket))
             child.db_socket = None
             if not self._record_lost():
@@ -358,8 +360,15 @@ class Supervisor:
         # ends when _record_lost has written its attempt.)
         _close_fd(child.db_socket)
         child.db_socket = None
-        if self.metrics is not None:
-            self.metrics.child_exited(child.process.pid)
+        if not charged:
+            # A long job killed by a forced stop (shutdown timeout, second signal) is not
+            # charged, as an atomic job's rollback is not: give its lease back now, so that it
+            # can run again at once rather than when the lease runs out (and then be charged a
+            # "lease expired" crash). The child is dead and our copy of its socket closed
+            # above, so its session ends. (A child that died idle between taking a lease and
+            # starting the job ran nothing: the same. A charged job's lease is freed once its
+            # crash is written: _record_lost.)
+            self._release_leases(f"{worker}/%")
         if self.stopping:
             return
         # Replace it: a recycled child at once, a dead one after a short pause.
@@ -382,7 +391,7 @@ class Supervisor:
             try:
                 attempt_id = executor.record_lost_attempt(
                     lost.job_id, outcome=lost.outcome, started=lost.started, worker=lost.worker,
-                    reason=lost.reason, late=late)
+                    reason=lost.reason, late=late, holder=lost.worker)
             except Exception as exc:
                 logger.warning("cannot record a lost attempt yet id=%s error=%s", lost.job_id, exc)
                 _close_quietly()
