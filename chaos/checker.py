@@ -422,6 +422,11 @@ def _check_long_jobs(conn: psycopg.Connection, expected: Expectations,
             if done is not None and started is not None and started > done:
                 after_success.append({"key": key, "id": job["id"], "pid": pid,
                                       "run_started": str(started), "succeeded_at": str(done)})
+    for entry in unrecorded[:SAMPLE]:  # the details, to tell which run went unrecorded
+        entry["runs"] = [[pid, str(started)] for pid, started in effects.get(entry["key"], [])]
+        entry["attempts"] = [[o, w, str(b), str(e), m[:80]] for o, w, b, e, m in conn.execute(
+            "SELECT outcome, worker, started_at, finished_at, exception_message "
+            "FROM all_attempts WHERE job_id = %s ORDER BY id", [entry["id"]])]
     found["long_jobs"] = {
         "jobs": len(long_jobs),
         "by_status": dict(Counter(j["status"] for j in long_jobs.values())),

@@ -1304,7 +1304,7 @@ def parse(argv: list[str] | None) -> Config:
     parser.add_argument("--seed", type=int, default=None,
                         help="RNG seed (default: random, printed)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="ledger jobs to pre-queue (default 20000, --short 3000)")
+                        help="ledger jobs to pre-queue (default 20000, --short 2000)")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds of faults at least (default 60, --short 25)")
     parser.add_argument("--short", action="store_true", help="the quick run for the test suite")
@@ -1317,10 +1317,10 @@ def parse(argv: list[str] | None) -> Config:
         # The worker drains 2,500 short jobs in a few seconds, after which faults mostly hit
         # idle children; a quarter of negative controls (30-80 ms each) keeps the children
         # busy, and the control's duplicates certain, for the first part of the faults.
-        config = Config(seed, args.jobs or 3000, args.duration or 25.0, True, args.report,
+        config = Config(seed, args.jobs or 2000, args.duration or 25.0, True, args.report,
                         args.keep, poison_each=2, control_share=0.25, warmup=2.0,
                         slow_seconds=2.0, batch_size=5, backlog_target=300,
-                        mixed_interval=0.4)
+                        mixed_interval=0.6)
     else:
         config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
                         args.keep)
