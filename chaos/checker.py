@@ -18,9 +18,22 @@ import psycopg
 LEDGER = "chaos.jobs.ledger"
 SLOW = "chaos.jobs.slow"
 EXTERNAL = "chaos.jobs.external"
+LONG = "chaos.jobs.long"
+FINAL = "chaos.jobs.final"
+CANCEL_MATE = "chaos.jobs.cancel_mate"
+PERIODIC = "chaos.jobs.periodic"
 POISON = ("chaos.jobs.segv", "chaos.jobs.sigkill", "chaos.jobs.exit1", "chaos.jobs.always_raise")
 #: Jobs whose only effect is written in their own transaction: duplicates are bugs.
-IN_TRANSACTION = (LEDGER, SLOW)
+IN_TRANSACTION = (LEDGER, SLOW, FINAL, CANCEL_MATE)
+
+#: Every job and attempt the run ever had: the tables plus what pruning deleted (archived by a
+#: trigger in the deleting transaction: chaos/migrations/0002). Subqueries, for any statement.
+ALL_JOBS = """(SELECT * FROM djasync_job UNION ALL
+ SELECT r.* FROM chaos_pruned p, jsonb_populate_record(NULL::djasync_job, p.row) r
+  WHERE p.source = 'job')"""
+ALL_ATTEMPTS = """(SELECT * FROM djasync_attempt UNION ALL
+ SELECT r.* FROM chaos_pruned p, jsonb_populate_record(NULL::djasync_attempt, p.row) r
+  WHERE p.source = 'attempt')"""
 #: Keep lists in the report short; the counts are exact.
 SAMPLE = 20
 #: Start of ``djasync.attempts.LATE_NOTE``: a lost attempt counted after its run's session had
@@ -47,6 +60,25 @@ class Expectations:
     #: The only events that may make a lost attempt be counted late.
     sessions_ended: list[tuple[datetime.datetime, datetime.datetime]] = field(
         default_factory=list)
+    #: Children of supervisors the chaos killed (they die with it; nobody records their crash
+    #: at once, their leases expire).
+    orphaned_children: set[int] = field(default_factory=set)
+    #: (when, kind) of every fault: what may make a long job's lease expire.
+    fault_times: list[tuple[datetime.datetime, str]] = field(default_factory=list)
+    #: Keys whose cancel (cancel() or deschedule(), by the cancelling producer) returned 1, 0,
+    #: or raised (unknown outcome).
+    cancel_ok: dict[str, str] = field(default_factory=dict)
+    cancel_refused: set[str] = field(default_factory=set)
+    cancel_unknown: set[str] = field(default_factory=set)
+    #: Keys of jobs that a cancel_mate job tries to cancel.
+    mate_keys: set[str] = field(default_factory=set)
+    #: Unique keys: the schedules that returned an existing job (so added none), and moments
+    #: when more than one job with one unique key was pending (sampled during the run).
+    unique_merged: int = 0
+    unique_overlaps: list[Any] = field(default_factory=list)
+    #: Seconds a long job's lease lasts (DJASYNC["LEASE_SECONDS"]) and the jobs' timeout.
+    lease_seconds: float = 2.0
+    timeout_seconds: float = 4.0
 
 
 DUPLICATES = """
@@ -58,7 +90,7 @@ ORDER BY count(*) DESC, key
 EFFECT_WITHOUT_COMPLETION = """
 SELECT l.key, j.id, j.status
   FROM (SELECT DISTINCT key FROM chaos_ledgerentry WHERE kind = 'txn') l
-  LEFT JOIN djasync_job j ON j.args->>0 = l.key
+  LEFT JOIN all_jobs j ON j.args->>0 = l.key
  WHERE j.id IS NULL OR j.status <> 'succeeded'
  ORDER BY l.key
 """
@@ -67,7 +99,7 @@ SELECT l.key, j.id, j.status
 #: the control, whose row is committed before its job's).
 COMPLETION_WITHOUT_EFFECT = """
 SELECT j.id, j.name, j.args->>0
-  FROM djasync_job j
+  FROM all_jobs j
  WHERE j.status = 'succeeded' AND j.name = ANY(%(names)s)
    AND NOT EXISTS (SELECT 1 FROM chaos_ledgerentry l
                     WHERE l.key = j.args->>0 AND l.kind = %(kind)s)
@@ -76,7 +108,7 @@ SELECT j.id, j.name, j.args->>0
 
 #: Two succeeded attempts of one job would be a double completion.
 DOUBLE_SUCCESS = """
-SELECT job_id, count(*) FROM djasync_attempt WHERE outcome = 'succeeded'
+SELECT job_id, count(*) FROM all_attempts WHERE outcome = 'succeeded'
  GROUP BY job_id HAVING count(*) > 1
 """
 
@@ -84,28 +116,37 @@ JOBS = """
 SELECT j.id, j.name, j.args->>0, j.status, j.meta, j.attempts,
        count(a.id), coalesce(array_agg(a.outcome ORDER BY a.id) FILTER (WHERE a.id IS NOT NULL),
                              '{}'),
-       count(a.id) FILTER (WHERE strpos(a.exception_message, %s) > 0)
-  FROM djasync_job j LEFT JOIN djasync_attempt a ON a.job_id = j.id
- GROUP BY j.id
+       count(a.id) FILTER (WHERE strpos(a.exception_message, %s) > 0),
+       j.group_id, j.finished_at
+  FROM all_jobs j LEFT JOIN all_attempts a ON a.job_id = j.id
+ WHERE j.name <> %s
+ GROUP BY j.id, j.name, j.args, j.status, j.meta, j.attempts, j.group_id, j.finished_at
 """
 
 #: Attempts of non-poison jobs that did not succeed: each must have a cause in the chaos.
 INNOCENT_FAILED_ATTEMPTS = """
-SELECT j.id, j.args->>0, a.outcome, a.exception_type, a.exception_message, a.worker
-  FROM djasync_attempt a JOIN djasync_job j ON j.id = a.job_id
+SELECT j.id, j.args->>0, a.outcome, a.exception_type, a.exception_message, a.worker,
+       a.finished_at
+  FROM all_attempts a JOIN all_jobs j ON j.id = a.job_id
  WHERE a.outcome <> 'succeeded' AND NOT (j.name = ANY(%s))
  ORDER BY a.id
 """
 
-ATTEMPT_OUTCOMES = "SELECT outcome, count(*) FROM djasync_attempt GROUP BY outcome"
+ATTEMPT_OUTCOMES = "SELECT outcome, count(*) FROM all_attempts GROUP BY outcome"
 
 #: Lost attempts counted late (LATE_MARK): each needs a session ended by the chaos meanwhile.
 LATE_ATTEMPTS = """
 SELECT a.id, j.args->>0, a.outcome, a.started_at, a.finished_at, a.worker
-  FROM djasync_attempt a JOIN djasync_job j ON j.id = a.job_id
+  FROM all_attempts a JOIN all_jobs j ON j.id = a.job_id
  WHERE strpos(a.exception_message, %s) > 0
  ORDER BY a.id
 """
+#: The reason ``djasync.leases.take`` gives a lost attempt whose lease expired.
+LEASE_EXPIRED = "lease expired"
+#: Faults that may stop a running long job's lease renewals (not pg_cancel_backend: it only
+#: cancels a statement; a failed renewal is tried again a third of a lease later).
+LEASE_BREAKERS = ("kill_child", "kill_supervisor", "sigstop_child", "pg_terminate_backend",
+                  "pg_restart")
 #: Clock slack when matching a late attempt with the chaos event that ended its session.
 LATE_SLACK = datetime.timedelta(seconds=1)
 
@@ -139,6 +180,8 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
     one-line descriptions of broken invariants (empty when all hold)."""
     violations: list[str] = []
     found: dict[str, Any] = {}
+    conn.execute(f"CREATE OR REPLACE TEMP VIEW all_jobs AS {ALL_JOBS}")
+    conn.execute(f"CREATE OR REPLACE TEMP VIEW all_attempts AS {ALL_ATTEMPTS}")
 
     # -- I1 duplicates, and I6 the negative control ------------------------------------------
     dups = conn.execute(DUPLICATES, ["txn"]).fetchall()
@@ -152,16 +195,18 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
     found["control_duplicate_keys"] = len(control)
 
     # -- the jobs as the database has them ---------------------------------------------------
-    rows = conn.execute(JOBS, [LATE_MARK]).fetchall()
+    rows = conn.execute(JOBS, [LATE_MARK, PERIODIC]).fetchall()
     jobs: dict[str, dict[str, Any]] = {}
     unknown: list[str] = []
     twice: list[str] = []
-    for job_id, name, key, status, meta, attempts_field, attempt_rows, outcomes, late in rows:
+    for (job_id, name, key, status, meta, attempts_field, attempt_rows, outcomes, late,
+         group_id, finished_at) in rows:
         if key in jobs:
             twice.append(key)
         jobs[key] = {"id": job_id, "name": name, "status": status, "meta": meta or {},
                      "attempts": attempts_field, "attempt_rows": attempt_rows,
-                     "outcomes": list(outcomes), "late": late}
+                     "outcomes": list(outcomes), "late": late, "group_id": group_id,
+                     "finished_at": finished_at}
         if key not in expected.committed and not any(key in b for b in expected.uncertain):
             unknown.append(key)
     found["jobs_in_database"] = len(jobs)
@@ -173,8 +218,12 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
         violations.append(f"{len(unknown)} jobs the harness never committed: {unknown[:5]}")
 
     # -- I2 losses: every acked job exists and is finished -----------------------------------
+    # A cancelled job is finished only if someone may have cancelled it (checked below).
+    cancellable = (set(expected.cancel_ok) | expected.cancel_refused | expected.cancel_unknown
+                   | expected.mate_keys)
     missing = sorted(k for k in expected.committed if k not in jobs)
-    not_finished = sorted(k for k, j in jobs.items() if j["status"] not in ("succeeded", "failed"))
+    not_finished = sorted(k for k, j in jobs.items() if j["status"] not in (
+        ("succeeded", "failed", "cancelled") if k in cancellable else ("succeeded", "failed")))
     found["lost_keys"] = missing[:SAMPLE]
     found["stuck_keys"] = [[k, jobs[k]["status"]] for k in not_finished[:SAMPLE]]
     found["losses"] = len(missing) + len(not_finished)
@@ -206,6 +255,9 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
                           {"names": list(IN_TRANSACTION), "kind": "txn"}).fetchall()
     hollow += conn.execute(COMPLETION_WITHOUT_EFFECT,
                            {"names": [EXTERNAL], "kind": "external"}).fetchall()
+    # L1: a long job that succeeded wrote its effect at least once.
+    hollow += conn.execute(COMPLETION_WITHOUT_EFFECT,
+                           {"names": [LONG], "kind": "long"}).fetchall()
     found["completion_without_effect"] = len(hollow)
     if hollow:
         violations.append(f"I3: {len(hollow)} succeeded jobs without their effect: "
@@ -276,10 +328,19 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
     # Attempts charged to innocent jobs: each must have a cause in the chaos.
     charged: Counter[str] = Counter()
     unexplained: list[dict[str, Any]] = []
-    for job_id, key, outcome, exc_type, message, worker in conn.execute(
+    lease_window = datetime.timedelta(
+        seconds=expected.lease_seconds + expected.timeout_seconds + 5)
+    for job_id, key, outcome, exc_type, message, worker, written in conn.execute(
             INNOCENT_FAILED_ATTEMPTS, [list(POISON)]):
         pid = _pid_of(worker)
-        if outcome == "crashed":
+        if outcome == "crashed" and LEASE_EXPIRED in message:
+            # Recorded by the worker that found the lease expired: the run it stands for
+            # stopped renewing. Only a fault may do that (a frozen or orphaned child, a
+            # restart, a cut session), shortly before.
+            cause = "crashed: lease expired after a fault" if any(
+                written - lease_window <= at <= written and kind in LEASE_BREAKERS
+                for at, kind in expected.fault_times) else None
+        elif outcome == "crashed":
             cause = "crashed: child killed by chaos" if pid in expected.killed_children else (
                 "crashed: stopped child" if pid in expected.stopped_children else None)
         elif outcome == "timed_out" and "due to user request" in message:
@@ -301,6 +362,283 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
         violations.append(f"I4: {len(unexplained)} innocent attempts charged a crash or "
                           f"timeout the chaos did not cause: {unexplained[:3]}")
 
+    _check_long_jobs(conn, expected, jobs, found, violations)
+    _check_cancels(conn, expected, jobs, found, violations)
+    _check_groups(conn, jobs, found, violations)
+    _check_periodic(conn, found, violations)
+    _check_unique(conn, expected, found, violations)
+    _check_pruning(conn, found, violations)
+
     found["attempts"] = dict(conn.execute(ATTEMPT_OUTCOMES).fetchall())
     found["violations"] = violations
     return found
+
+
+# -- the mixed workload --------------------------------------------------------------------------
+
+LONG_EFFECTS = "SELECT key, pid, run_started FROM chaos_ledgerentry WHERE kind = 'long' ORDER BY id"
+
+#: When each job's success was recorded (its succeeded attempt's finished_at).
+SUCCESS_AT = """
+SELECT j.args->>0, min(a.finished_at) FROM all_attempts a JOIN all_jobs j ON j.id = a.job_id
+ WHERE j.name = %s AND a.outcome = 'succeeded' GROUP BY j.args->>0
+"""
+
+
+def _check_long_jobs(conn: psycopg.Connection, expected: Expectations,
+                     jobs: dict[str, dict[str, Any]], found: dict[str, Any],
+                     violations: list[str]) -> None:
+    """Long jobs (meta atomic=False): effects at least once (L1, with I3's
+    ``completion_without_effect``), and never more than the runs recorded (L2), never from a
+    run that began once the success was recorded (L3)."""
+    effects: dict[str, list[tuple[int, datetime.datetime]]] = {}
+    for key, pid, started in conn.execute(LONG_EFFECTS):
+        effects.setdefault(key, []).append((pid, started))
+    success_at = dict(conn.execute(SUCCESS_AT, [LONG]).fetchall())
+    killed = expected.killed_children | expected.stopped_children | expected.orphaned_children
+    long_jobs = {k: j for k, j in jobs.items() if j["name"] == LONG}
+    unrecorded: list[dict[str, Any]] = []
+    after_success: list[dict[str, Any]] = []
+    excused = 0
+    for key, job in sorted(long_jobs.items()):
+        runs = effects.get(key, [])
+        # L2: each run that wrote an effect is an attempt row (its success, failure, crash, or
+        # its lease found expired by the next claim): effects <= attempt rows. A run whose
+        # process the chaos killed may go unrecorded only if the job was no longer pending
+        # when its lease expired (cancelled meanwhile).
+        extra = len(runs) - job["attempt_rows"]
+        killed_runs = sum(pid in killed for pid, _ in runs)
+        job["long_effects_excused"] = 0
+        if extra > 0 and extra <= killed_runs and job["status"] == "cancelled":
+            excused += extra
+            job["long_effects_excused"] = extra
+        elif extra > 0:
+            unrecorded.append({"key": key, "id": job["id"], "status": job["status"],
+                               "effects": len(runs), "attempt_rows": job["attempt_rows"],
+                               "outcomes": job["outcomes"], "pids": [p for p, _ in runs]})
+        # L3: a claim needs the job pending, so no run begins after its success was recorded.
+        done = success_at.get(key)
+        for pid, started in runs:
+            if done is not None and started is not None and started > done:
+                after_success.append({"key": key, "id": job["id"], "pid": pid,
+                                      "run_started": str(started), "succeeded_at": str(done)})
+    for entry in unrecorded[:SAMPLE]:  # the details, to tell which run went unrecorded
+        entry["runs"] = [[pid, str(started)] for pid, started in effects.get(entry["key"], [])]
+        entry["attempts"] = [[o, w, str(b), str(e), m[:80]] for o, w, b, e, m in conn.execute(
+            "SELECT outcome, worker, started_at, finished_at, exception_message "
+            "FROM all_attempts WHERE job_id = %s ORDER BY id", [entry["id"]])]
+    found["long_jobs"] = {
+        "jobs": len(long_jobs),
+        "by_status": dict(Counter(j["status"] for j in long_jobs.values())),
+        "effects": sum(len(r) for r in effects.values()),
+        "jobs_with_repeated_effects": sum(len(r) > 1 for r in effects.values()),
+        "lease_expired_attempts": conn.execute(
+            "SELECT count(*) FROM all_attempts a JOIN all_jobs j ON j.id = a.job_id "
+            "WHERE j.name = %s AND strpos(a.exception_message, %s) > 0",
+            [LONG, LEASE_EXPIRED]).fetchone()[0],
+        "effects_of_killed_runs_excused": excused,
+    }
+    found["long_effects_unrecorded"] = unrecorded[:SAMPLE]
+    found["long_effects_after_success"] = after_success[:SAMPLE]
+    if unrecorded:
+        violations.append(f"L2: {len(unrecorded)} long jobs have more effects than attempts "
+                          f"(a run nobody recorded): {unrecorded[:3]}")
+    if after_success:
+        violations.append(f"L3: {len(after_success)} long-job runs began after the job's "
+                          f"success was recorded: {after_success[:3]}")
+
+
+def _check_cancels(conn: psycopg.Connection, expected: Expectations,
+                   jobs: dict[str, dict[str, Any]], found: dict[str, Any],
+                   violations: list[str]) -> None:
+    """C1: a cancel that returned success left the job ``cancelled``, never succeeded; C2: and
+    without effect (a long job: none beyond the runs recorded before, see L2). C3: a job ends
+    ``cancelled`` only if a cancel of it returned success (or its outcome is unknown)."""
+    in_job_ok = {k for (k,) in conn.execute(
+        "SELECT DISTINCT key FROM chaos_ledgerentry WHERE kind = 'cancel_ok'")}
+    txn_keys = {k for (k,) in conn.execute(
+        "SELECT DISTINCT key FROM chaos_ledgerentry WHERE kind = 'txn'")}
+    long_effects = dict(conn.execute(
+        "SELECT key, count(*) FROM chaos_ledgerentry WHERE kind = 'long' GROUP BY key"
+    ).fetchall())
+    succeeded_ok = dict(expected.cancel_ok)
+    succeeded_ok.update((k, "cancel by a job (in-job)") for k in in_job_ok)
+    not_cancelled: list[dict[str, Any]] = []
+    with_effect: list[dict[str, Any]] = []
+    for key, how in sorted(succeeded_ok.items()):
+        job = jobs.get(key)
+        if job is None:
+            continue  # I2 reports it
+        if job["status"] != "cancelled" or "succeeded" in job["outcomes"]:
+            not_cancelled.append({"key": key, "id": job["id"], "by": how, "name": job["name"],
+                                  "status": job["status"], "outcomes": job["outcomes"]})
+        # A long job's effects before the cancel are those of runs recorded as attempts (or
+        # killed by the chaos while nobody could record them: see L2).
+        if job["name"] in IN_TRANSACTION and key in txn_keys or (
+                job["name"] == LONG and long_effects.get(key, 0)
+                > job["attempt_rows"] + job.get("long_effects_excused", 0)):
+            with_effect.append({"key": key, "id": job["id"], "by": how, "name": job["name"],
+                                "status": job["status"], "attempt_rows": job["attempt_rows"],
+                                "long_effects": long_effects.get(key, 0)})
+    unexplained = sorted(
+        k for k, j in jobs.items() if j["status"] == "cancelled" and k not in succeeded_ok
+        and k not in expected.cancel_unknown)
+    found["cancels"] = {
+        "returned_success": len(expected.cancel_ok),
+        "returned_success_by": dict(Counter(expected.cancel_ok.values())),
+        "returned_nothing": len(expected.cancel_refused),
+        "outcome_unknown": len(expected.cancel_unknown),
+        "in_job_cancels_of_a_batch_mate_ok": len(in_job_ok),
+        "in_job_cancels_tried": len(expected.mate_keys),
+    }
+    found["cancelled_but_not_cancelled"] = not_cancelled[:SAMPLE]
+    found["cancelled_with_effect"] = with_effect[:SAMPLE]
+    found["cancelled_without_successful_cancel"] = unexplained[:SAMPLE]
+    if not_cancelled:
+        violations.append(f"C1: {len(not_cancelled)} jobs whose cancel returned success did not "
+                          f"end cancelled: {not_cancelled[:3]}")
+    if with_effect:
+        violations.append(f"C2: {len(with_effect)} jobs whose cancel returned success have "
+                          f"effects: {with_effect[:3]}")
+    if unexplained:
+        violations.append(f"C3: {len(unexplained)} jobs ended cancelled though no cancel of "
+                          f"theirs returned success: {unexplained[:5]}")
+
+
+FINAL_STARTS = """
+SELECT j.args->>0, min(a.started_at) FROM all_attempts a JOIN all_jobs j ON j.id = a.job_id
+ WHERE j.name = %s GROUP BY j.args->>0
+"""
+FINAL_BODIES = """
+SELECT l.key, min(l.at) FROM chaos_ledgerentry l JOIN all_jobs j ON j.args->>0 = l.key
+ WHERE j.name = %s AND l.kind = 'txn' GROUP BY l.key
+"""
+
+
+def _check_groups(conn: psycopg.Connection, jobs: dict[str, dict[str, Any]],
+                  found: dict[str, Any], violations: list[str]) -> None:
+    """G1: a group's final job starts (every attempt's start, and ``clock_timestamp()`` at the
+    start of its body, in the ledger) only after every other job of its group finished."""
+    groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    for key, job in jobs.items():
+        if job["group_id"] is not None:
+            groups.setdefault(job["group_id"], []).append((key, job))
+    attempt_starts = dict(conn.execute(FINAL_STARTS, [FINAL]).fetchall())
+    body_starts = dict(conn.execute(FINAL_BODIES, [FINAL]).fetchall())
+    early: list[dict[str, Any]] = []
+    with_final = 0
+    for group_id, members in sorted(groups.items()):
+        finals = [(k, j) for k, j in members if j["name"] == FINAL]
+        if not finals:
+            continue
+        with_final += 1
+        others = [(k, j) for k, j in members if j["name"] != FINAL]
+        for key, _ in finals:
+            starts = [t for t in (attempt_starts.get(key), body_starts.get(key)) if t]
+            if not starts:
+                continue
+            began = min(starts)
+            for member, job in others:
+                if job["finished_at"] is None or job["finished_at"] > began:
+                    early.append({"group": group_id, "final": key, "final_started": str(began),
+                                  "member": member, "member_status": job["status"],
+                                  "member_finished": str(job["finished_at"])})
+    found["groups"] = {"with_final": with_final, "groups": len(groups),
+                       "members": sum(len(m) for m in groups.values()) - with_final}
+    found["finals_before_members"] = early[:SAMPLE]
+    if early:
+        violations.append(f"G1: {len(early)} times a group's final job started before a member "
+                          f"had finished: {early[:3]}")
+
+
+def _check_periodic(conn: psycopg.Connection, found: dict[str, Any],
+                    violations: list[str]) -> None:
+    """P1: each periodic slot inserted once (slot records are pruned: the trigger's log keeps
+    them all); P2: one job per slot inserted (same transaction); P3: each periodic job ran to
+    success once, with one effect."""
+    doubles = [[n, str(s), c] for n, s, c in conn.execute(
+        "SELECT name, slot, count(*) FROM chaos_slotlog GROUP BY name, slot "
+        "HAVING count(*) > 1 ORDER BY slot")]
+    slots = {n: (c, lo, hi) for n, c, lo, hi in conn.execute(
+        "SELECT name, count(*), min(slot), max(slot) FROM chaos_slotlog GROUP BY name")}
+    jobs_by_name = dict(conn.execute(
+        "SELECT args->>0, count(*) FROM all_jobs WHERE name = %s GROUP BY 1", [PERIODIC]
+    ).fetchall())
+    runs = conn.execute(
+        "SELECT j.id, j.status, (SELECT count(*) FROM chaos_ledgerentry l "
+        "  WHERE l.kind = 'periodic' AND l.key = 'periodic-' || j.id) "
+        "FROM all_jobs j WHERE j.name = %s", [PERIODIC]).fetchall()
+    wrong = [[i, st, n] for i, st, n in runs if n != (1 if st == "succeeded" else 0)
+             or st != "succeeded"]
+    mismatch = {n: [slots.get(n, (0,))[0], jobs_by_name.get(n, 0)]
+                for n in set(slots) | set(jobs_by_name)
+                if slots.get(n, (0,))[0] != jobs_by_name.get(n, 0)}
+    found["periodic"] = {
+        "slots": {n: c for n, (c, _, _) in slots.items()},
+        "jobs": jobs_by_name,
+        "jobs_by_status": dict(Counter(st for _, st, _ in runs)),
+        # Informative: slots no daemon enqueued (PostgreSQL restarting, every daemon down).
+        "every_second_slots_skipped": (
+            int((slots["every-second"][2] - slots["every-second"][1]).total_seconds()) + 1
+            - slots["every-second"][0]) if "every-second" in slots else None,
+    }
+    found["periodic_slots_twice"] = doubles[:SAMPLE]
+    found["periodic_slot_job_mismatch"] = mismatch
+    found["periodic_runs_wrong"] = wrong[:SAMPLE]
+    if not slots:
+        violations.append("P: no periodic slot was ever enqueued")
+    if doubles:
+        violations.append(f"P1: {len(doubles)} periodic slots were enqueued more than once: "
+                          f"{doubles[:5]}")
+    if mismatch:
+        violations.append(f"P2: periodic slots and jobs differ ([slots, jobs] by name): "
+                          f"{mismatch}")
+    if wrong:
+        violations.append(f"P3: {len(wrong)} periodic jobs did not succeed with exactly one "
+                          f"effect ([id, status, effects]): {wrong[:5]}")
+
+
+def _check_unique(conn: psycopg.Connection, expected: Expectations, found: dict[str, Any],
+                  violations: list[str]) -> None:
+    """U1: never two pending jobs with one unique key (sampled during the run, and at the
+    end). Each generation (job row) of a key runs once: I1-I3 on its own key."""
+    now = conn.execute(
+        "SELECT unique_key, count(*) FROM djasync_job WHERE status = 'pending' "
+        "AND unique_key IS NOT NULL GROUP BY 1 HAVING count(*) > 1").fetchall()
+    overlaps = expected.unique_overlaps + [["at the end", k, n] for k, n in now]
+    generations = dict(conn.execute(
+        "SELECT unique_key, count(*) FROM all_jobs WHERE unique_key IS NOT NULL GROUP BY 1"
+    ).fetchall())
+    found["unique"] = {"keys": len(generations), "generations": sum(generations.values()),
+                       "schedules_merged_into_a_pending_job": expected.unique_merged}
+    found["unique_pending_twice"] = overlaps[:SAMPLE]
+    if overlaps:
+        violations.append(f"U1: two pending jobs held one unique key: {overlaps[:5]}")
+
+
+def _check_pruning(conn: psycopg.Connection, found: dict[str, Any],
+                   violations: list[str]) -> None:
+    """R1: pruning deleted no pending job; R2: no job of a group while another job of its
+    group was pending; R3: no attempt of a job it kept."""
+    pending = [[i, s] for i, s in conn.execute(
+        "SELECT row_id, row->>'status' FROM chaos_pruned WHERE source = 'job' "
+        "AND row->>'status' NOT IN ('succeeded', 'failed', 'cancelled')")]
+    broken = [[i, g, n] for i, g, n in conn.execute(
+        "SELECT row_id, row->>'group_id', group_pending FROM chaos_pruned "
+        "WHERE source = 'job' AND group_pending > 0")]
+    orphaned = [i for (i,) in conn.execute(
+        "SELECT p.row_id FROM chaos_pruned p JOIN djasync_job j "
+        "  ON j.id = (p.row->>'job_id')::bigint WHERE p.source = 'attempt'")]
+    found["pruned"] = dict(conn.execute(
+        "SELECT source, count(*) FROM chaos_pruned GROUP BY 1").fetchall())
+    found["pruned_pending_jobs"] = pending[:SAMPLE]
+    found["pruned_group_jobs_while_group_pending"] = broken[:SAMPLE]
+    found["pruned_attempts_of_kept_jobs"] = orphaned[:SAMPLE]
+    if pending:
+        violations.append(f"R1: pruning deleted {len(pending)} unfinished jobs: {pending[:5]}")
+    if broken:
+        violations.append(f"R2: pruning deleted {len(broken)} jobs of groups with pending jobs "
+                          f"([job, group, pending]): {broken[:5]}")
+    if orphaned:
+        violations.append(f"R3: pruning deleted attempts of {len(orphaned)} jobs it kept: "
+                          f"{orphaned[:5]}")

@@ -4,15 +4,18 @@ Phases (each printed with the seconds since the start):
 
 1. Start a throwaway PostgreSQL (tools/pg.py: random port, fsync on, short keepalives),
    migrate, pre-queue the jobs (ledger jobs, a negative control, poison jobs spread mid-queue).
-2. Start 3 × ``python -m djasync_worker --concurrency 2`` (restarted whenever one exits) and
-   a producer thread that schedules batches in ``transaction.atomic()``, rolling back every
-   tenth. Measure throughput for a few seconds without faults.
+2. Start 3 × ``python -m djasync_worker --concurrency 2`` (the third with ``--batch-size 5``;
+   restarted whenever one exits), a producer thread that schedules batches in
+   ``transaction.atomic()``, rolling back every tenth, the mixed producer (long jobs, groups
+   with final jobs, cancels and deschedules, a job cancelling its batch-mate, unique keys) and
+   the housekeeper (``prune`` every 2 s, a sample of unique keys in between); periodic jobs
+   come from the daemons. Measure throughput for a few seconds without faults.
 3. Chaos: one fault every 0.2-0.8 s, chosen by the seeded RNG (kill -9 of a child, kill -9 of
    a supervisor, pg_terminate_backend, pg_cancel_backend, SIGSTOP of a child for longer than
    the idle-in-transaction timeout); at set times a ``fast`` restart of PostgreSQL, an
    ``immediate`` one, and an ``immediate`` one under ``synchronous_commit = off``.
-4. Stop the faults and the producer; the queue must drain within 30 s; no session may sit idle
-   in a transaction.
+4. Stop the faults, the producers and the pruning; the queue must drain within 30 s; no
+   session may sit idle in a transaction.
 5. SIGTERM every daemon while slow jobs run: each exits 0 within its grace period and the slow
    jobs finish. Then a double SIGTERM: exit 0 at once, the job rolls back and later runs once.
 6. Check the invariants with SQL (chaos/checker.py) and write the report.
@@ -90,6 +93,18 @@ class Config:
     shutdown_timeout: float = 20.0
     #: Keep faulting after ``duration`` until the backlog is this small (or 2 × duration).
     backlog_target: int = 1000
+    #: The last chaos daemon claims batches of this many jobs (``--batch-size``).
+    batch_daemon_size: int = 5
+    #: The mixed producer's pause between actions (long jobs, groups, cancels, unique keys).
+    mixed_interval: float = 0.25
+    #: Seconds a long job works (uniform), against DJASYNC["LEASE_SECONDS"] = 2.
+    long_seconds: tuple[float, float] = (0.3, 2.5)
+    #: Unique keys the mixed producer uses (few, and jobs due 0.2-2 s later: many schedules
+    #: find a pending job with their key).
+    unique_keys: int = 2
+    #: prune_jobs every ``prune_interval`` s, deleting what finished ``prune_retention`` s ago.
+    prune_interval: float = 2.0
+    prune_retention: float = 3.0
 
 
 def utcnow() -> datetime.datetime:
@@ -141,6 +156,8 @@ class Daemon:
     killed_by_chaos: bool = False
     #: Replaced when it exits (the chaos daemons); the SIGTERM test daemon is not.
     respawn: bool = True
+    #: Stopped by the harness with SIGTERM (to be replaced by a plain daemon): exit 0 expected.
+    retiring: bool = False
 
 
 @dataclass
@@ -155,6 +172,8 @@ class Daemons:
     exits: list[dict[str, Any]] = field(default_factory=list)
     restart_after: dict[int, float] = field(default_factory=dict)
     respawning: bool = True
+    #: Extra options of a chaos slot's daemon (``--batch-size`` for one of them).
+    extra_args: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def start_all(self) -> None:
         for slot in range(self.count):
@@ -163,6 +182,7 @@ class Daemons:
     def start(self, slot: int, *extra: str, level: str = "warning", concurrency: int = 0,
               queue: str = CHAOS_QUEUE, respawn: bool = True, app_name: str = "") -> Daemon:
         log = self.run_dir / f"worker-{slot}.log"
+        extra = extra or self.extra_args.get(slot, ())
         command = [sys.executable, "-m", "djasync_worker", "--settings", SETTINGS,
                    "--concurrency", str(concurrency or self.concurrency),
                    "--queue", queue, "--shutdown-timeout", str(self.shutdown_timeout),
@@ -186,7 +206,8 @@ class Daemons:
             if code is None:
                 continue
             del self.slots[slot]
-            expected = daemon.killed_by_chaos and code == -signal.SIGKILL
+            expected = (daemon.killed_by_chaos and code == -signal.SIGKILL
+                        or daemon.retiring and code == 0)
             output = "" if expected else _tail(daemon.log, 10**7, daemon.log_offset)
             tail = output[-1500:]
             # A daemon started while PostgreSQL restarts cannot connect and exits 1 (with a
@@ -208,6 +229,19 @@ class Daemons:
             if when <= now and self.respawning:
                 del self.restart_after[slot]
                 self.start(slot)
+
+    def make_plain(self, slot: int) -> None:
+        """Replace ``slot``'s daemon (stopped with SIGTERM: it finishes its batch) by one
+        without extra options."""
+        self.extra_args.pop(slot, None)
+        daemon = self.slots.get(slot)
+        if daemon is None or daemon.process.poll() is not None:
+            return
+        daemon.retiring = True
+        daemon.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            daemon.process.wait(self.shutdown_timeout + 10)
+        self.poll()
 
     def alive(self) -> list[Daemon]:
         """The chaos daemons that are running (not the SIGTERM test's)."""
@@ -314,6 +348,263 @@ class Producer(threading.Thread):
             connection.close()
 
 
+class MixedProducer(threading.Thread):
+    """The mixed workload, one seeded action at a time until stopped: long jobs, groups with
+    a final job (and a member added late), jobs cancelled or descheduled soon after they are
+    scheduled, a job that cancels the job scheduled with it (its batch-mate on the batch
+    daemon), unique keys. Every job has priority 5-6, ahead of the backlog (0-1), so that each
+    action races the workers while the faults go on.
+
+    Scheduling transactions are tracked as the producer's are (committed, or uncertain when
+    the COMMIT itself failed); the harness's sessions commit durably (chaos/settings.py).
+    """
+
+    ACTIONS = {"long": 3, "group": 3, "cancel": 3, "mate": 2, "unique": 3}
+
+    def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
+        super().__init__(name="mixed-producer", daemon=True)
+        self.config = config
+        self.expected = expected
+        self.clock = clock
+        self.rng = random.Random(config.seed * 7919 + 2)
+        self.stop_event = threading.Event()
+        self.counts = Counter[str]()
+        self.number = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the harness
+            self.error = exc
+            raise
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        actions, weights = zip(*self.ACTIONS.items(), strict=True)
+        while not self.stop_event.is_set():
+            self.number += 1
+            action = self.rng.choices(actions, weights)[0]
+            self.counts[action] += 1
+            getattr(self, f"_{action}")()
+            self.stop_event.wait(self.config.mixed_interval)
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    def _atomically(self, schedule: Callable[[list[tuple[str, str]]], Any]) -> Any:
+        """Run ``schedule(added)`` in a transaction (it appends (key, function) of each job it
+        adds to ``added``); return its result once committed, None if anything failed."""
+        from django.db import connection, transaction
+
+        from djasync.exceptions import GroupClosed
+
+        added: list[tuple[str, str]] = []
+        phase = "schedule"
+        try:
+            with transaction.atomic():
+                result = schedule(added)
+                phase = "commit"
+        except GroupClosed:
+            self.counts["late_member_refused_group_running"] += 1
+            return None
+        except Exception:
+            if phase == "commit" and added:  # the COMMIT itself failed: it may have happened
+                self.expected.uncertain.append([k for k, _ in added])
+                self.counts["uncertain"] += 1
+            else:
+                self.counts["failed"] += 1
+            with contextlib.suppress(Exception):
+                connection.close()
+            self.stop_event.wait(0.1)  # the server is restarting: go on shortly
+            return None
+        self.expected.committed.update(added)
+        return result
+
+    def _long(self) -> None:
+        """1-3 long jobs at once: on the batch daemon they share a batch (and wait their turn)."""
+        import djasync
+
+        specs = [(f"l{self.number:05d}-{i}", round(self.rng.uniform(*self.config.long_seconds), 3))
+                 for i in range(self.rng.randint(1, 3))]
+
+        def schedule(added: list[tuple[str, str]]) -> None:
+            djasync.schedule_many([djasync.JobSpec(checker.LONG, [key, seconds],
+                                                   meta={"atomic": False}, priority=5)
+                                   for key, seconds in specs])
+            added.extend((key, checker.LONG) for key, _ in specs)
+
+        self._atomically(schedule)
+
+    def _group(self) -> None:
+        """A group of 1-3 members (running 20-300 ms each) and a final job; then, 0-300 ms
+        later, one more member for the same reference (while the others may be running)."""
+        import djasync
+
+        reference = f"g{self.number:05d}"
+        members = self.rng.randint(1, 3)
+        seconds = [round(self.rng.uniform(0.02, 0.3), 3) for _ in range(members + 1)]
+
+        def schedule(added: list[tuple[str, str]]) -> bool:
+            for i in range(members):
+                key = f"{reference}-m{i}"
+                job = djasync.schedule(checker.LEDGER, [key, seconds[i]], group=reference,
+                                       priority=5)
+                added.append((key, checker.LEDGER))
+            final_key = f"{reference}-final"
+            final = djasync.schedule(checker.FINAL, [final_key], group=job.group, priority=5)
+            job.group.on_completion(final)
+            added.append((final_key, checker.FINAL))
+            return True
+
+        if not self._atomically(schedule):
+            return
+        self.stop_event.wait(self.rng.uniform(0, 0.3))
+        late = f"{reference}-late"
+
+        def add_late(added: list[tuple[str, str]]) -> bool:
+            djasync.schedule(checker.LEDGER, [late, seconds[-1]], group=reference, priority=5)
+            added.append((late, checker.LEDGER))
+            return True
+
+        if self._atomically(add_late):
+            self.counts["late_member_added"] += 1
+
+    def _cancel(self) -> None:
+        """1-3 jobs (ledger or long) due within 0.6 s, each cancelled (by id) or descheduled
+        (by function and arguments) 0-0.5 s later; which calls returned success is kept."""
+        import djasync
+        from djasync.scheduling import cancel, deschedule
+
+        specs = []
+        for i in range(self.rng.randint(1, 3)):
+            key = f"c{self.number:05d}-{i}"
+            if self.rng.random() < 0.4:
+                specs.append((key, checker.LONG, [key, round(self.rng.uniform(0.3, 1.5), 3)],
+                              {"atomic": False}))
+            else:
+                specs.append((key, checker.LEDGER, [key], None))
+        delays = [datetime.timedelta(seconds=self.rng.uniform(0, 0.6)) for _ in specs]
+        how = [self.rng.choice(["cancel", "deschedule"]) for _ in specs]
+
+        def schedule(added: list[tuple[str, str]]) -> list[int]:
+            jobs = djasync.schedule_many([
+                djasync.JobSpec(function, args, run_after=delay, meta=meta, priority=5)
+                for (_, function, args, meta), delay in zip(specs, delays, strict=True)])
+            added.extend((key, function) for key, function, _, _ in specs)
+            return [job.pk for job in jobs]
+
+        ids = self._atomically(schedule)
+        if ids is None:
+            return
+        self.stop_event.wait(self.rng.uniform(0, 0.5))
+        from django.db import connection
+
+        for (key, function, args, _), job_id, way in zip(specs, ids, how, strict=True):
+            try:
+                done = cancel([job_id]) if way == "cancel" else deschedule(function, args)
+            except Exception:
+                self.expected.cancel_unknown.add(key)
+                with contextlib.suppress(Exception):
+                    connection.close()
+                continue
+            if done == 1:
+                self.expected.cancel_ok[key] = way
+            else:
+                self.expected.cancel_refused.add(key)
+
+    def _mate(self) -> None:
+        """A ledger job B and a job A (claimed just before B) that cancels B as it runs."""
+        import djasync
+
+        a_key, b_key = f"x{self.number:05d}-a", f"x{self.number:05d}-b"
+        self.expected.mate_keys.add(b_key)
+
+        def schedule(added: list[tuple[str, str]]) -> None:
+            b = djasync.schedule(checker.LEDGER, [b_key], priority=5)
+            djasync.schedule(checker.CANCEL_MATE, [a_key, b.pk, b_key], priority=6)
+            added.extend([(b_key, checker.LEDGER), (a_key, checker.CANCEL_MATE)])
+
+        self._atomically(schedule)
+
+    def _unique(self) -> None:
+        """A job with one of a few unique keys, due 0.2-2 s later: a new generation of the key,
+        or merged into the one pending."""
+        import djasync
+
+        key = f"u{self.number:05d}"
+        unique = f"unique-{self.rng.randrange(self.config.unique_keys)}"
+        delay = datetime.timedelta(seconds=self.rng.uniform(0.2, 2.0))
+
+        def schedule(added: list[tuple[str, str]]) -> bool:
+            job = djasync.schedule(checker.LEDGER, [key], run_after=delay, unique=unique,
+                                   priority=5)
+            if job.args[0] != key:
+                return False
+            added.append((key, checker.LEDGER))
+            return True
+
+        if self._atomically(schedule) is False:
+            self.expected.unique_merged += 1
+
+
+class Housekeeper(threading.Thread):
+    """``prune_jobs`` every few seconds with a short retention, and in between a look for two
+    pending jobs holding one unique key."""
+
+    UNIQUE_TWICE = """
+    SELECT unique_key, count(*) FROM djasync_job WHERE status = 'pending'
+       AND unique_key IS NOT NULL GROUP BY 1 HAVING count(*) > 1
+    """
+
+    def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
+        super().__init__(name="housekeeper", daemon=True)
+        self.config = config
+        self.expected = expected
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.prunes = 0
+        self.pruned = 0
+        self.samples = 0
+        self.errors = 0
+        self.last_error = ""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the harness
+            self.error = exc
+            raise
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        from djasync.pruning import prune
+
+        next_prune = self.clock() + self.config.prune_interval
+        retention = datetime.timedelta(seconds=self.config.prune_retention)
+        while not self.stop_event.wait(0.3):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(self.UNIQUE_TWICE)
+                    twice = cursor.fetchall()
+                self.samples += 1
+                if twice:
+                    self.expected.unique_overlaps.append([round(self.clock(), 2), twice])
+                if self.clock() >= next_prune:
+                    self.pruned += prune(retention)
+                    self.prunes += 1
+                    next_prune = self.clock() + self.config.prune_interval
+            except Exception as exc:
+                self.errors += 1  # the server is restarting, or a fault cut this session
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                with contextlib.suppress(Exception):
+                    connection.close()
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
 # -- the run --------------------------------------------------------------------------------------
 
 
@@ -337,6 +628,8 @@ class ChaosRun:
         self.server: pg.EmbeddedPostgres | None = None
         self.daemons: Daemons | None = None
         self.producer: Producer | None = None
+        self.mixed: MixedProducer | None = None
+        self.housekeeper: Housekeeper | None = None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -384,6 +677,7 @@ class ChaosRun:
 
     def fault(self, kind: str, detail: str) -> None:
         self.faults[kind] += 1
+        self.expected.fault_times.append((utcnow(), kind))
         self.last_fault = self.clock()
         self.fault_log.append([round(self.last_fault, 2), kind, detail])
         self.say(f"fault {sum(self.faults.values())}: {kind} {detail}")
@@ -439,11 +733,16 @@ class ChaosRun:
         self.say(f"PostgreSQL at {self.server.url} (data {self.server.datadir})")
         os.environ["DATABASE_URL"] = self.server.url
         os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
+        os.environ["CHAOS_HARNESS"] = "1"  # this process's sessions commit durably
         import django
         from django.core.management import call_command
 
         django.setup()
         call_command("migrate", verbosity=0)
+        from django.conf import settings
+
+        self.expected.lease_seconds = settings.LEASE_SECONDS
+        self.expected.timeout_seconds = settings.CHAOS_TIMEOUT
 
     def prequeue(self) -> None:
         from django.conf import settings
@@ -484,13 +783,20 @@ class ChaosRun:
                     "PYTHONPATH": f"{self.src}{os.pathsep}{ROOT}",
                     "DATABASE_URL": self.server.url})
         env.pop("NOTIFY_SOCKET", None)
+        env.pop("CHAOS_HARNESS", None)
         self.daemons = Daemons(self.clock, self.run_dir, env, self.config.workers,
                                self.config.concurrency, self.config.shutdown_timeout)
+        self.daemons.extra_args[self.config.workers - 1] = (
+            "--batch-size", str(self.config.batch_daemon_size))
         self.daemons.start_all()
 
     def warm_up(self) -> None:
         self.producer = Producer(self.config, self.expected, self.clock)
         self.producer.start()
+        self.mixed = MixedProducer(self.config, self.expected, self.clock)
+        self.mixed.start()
+        self.housekeeper = Housekeeper(self.config, self.expected, self.clock)
+        self.housekeeper.start()
         daemons = self.daemons
         self.wait_for(lambda: len(daemons.all_children()) == daemons.count * daemons.concurrency
                       and self.query("SELECT EXISTS (SELECT 1 FROM djasync_job "
@@ -503,8 +809,8 @@ class ChaosRun:
         self.wait_for(lambda: time.monotonic() >= deadline, self.config.warmup + 5, "warm-up")
         self.chaos_started_at = utcnow()
         baseline = self.query(
-            "SELECT count(*) FROM djasync_job WHERE status = 'succeeded' AND finished_at "
-            "BETWEEN %s AND %s", [began, self.chaos_started_at])[0][0]
+            f"SELECT count(*) FROM {checker.ALL_JOBS} j WHERE status = 'succeeded' AND "
+            "finished_at BETWEEN %s AND %s", [began, self.chaos_started_at])[0][0]
         seconds = (self.chaos_started_at - began).total_seconds()
         self.report["throughput"] = {"no_chaos_jobs_per_s": round(baseline / seconds, 1)}
 
@@ -546,11 +852,10 @@ class ChaosRun:
         chaos_seconds = self.last_fault - start
         self.chaos_ended_at = utcnow()
         self.say(f"chaos over after {chaos_seconds:.1f} s; {backlog} jobs waiting")
-        self.producer.stop_event.set()
-        self.producer.join(30)
+        self.stop_producers()
         done = self.query(
-            "SELECT count(*) FROM djasync_job WHERE status = 'succeeded' AND finished_at "
-            "BETWEEN %s AND %s", [self.chaos_started_at, self.chaos_ended_at])[0][0]
+            f"SELECT count(*) FROM {checker.ALL_JOBS} j WHERE status = 'succeeded' AND "
+            "finished_at BETWEEN %s AND %s", [self.chaos_started_at, self.chaos_ended_at])[0][0]
         self.report["throughput"].update({
             "chaos_seconds": round(chaos_seconds, 1),
             "chaos_jobs_per_s": round(done / max(chaos_seconds, 0.001), 1),
@@ -597,6 +902,7 @@ class ChaosRun:
         daemon = self.rng.choice(daemons)
         daemon.killed_by_chaos = True
         children = children_of(daemon.process.pid)
+        self.expected.orphaned_children.update(children)
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon.process.pid, signal.SIGKILL)
         self.fault("kill_supervisor", f"pid={daemon.process.pid} (daemon {daemon.slot}; "
@@ -658,7 +964,7 @@ class ChaosRun:
         asynchronous = mode == "immediate-async"
         pg_mode = "immediate" if asynchronous else mode
         record: dict[str, Any] = {"mode": pg_mode, "synchronous_commit_off": asynchronous}
-        count_succeeded = "SELECT count(*) FROM djasync_job WHERE status = 'succeeded'"
+        count_succeeded = f"SELECT count(*) FROM {checker.ALL_JOBS} j WHERE status = 'succeeded'"
         if asynchronous:
             self.query("ALTER SYSTEM SET synchronous_commit = off")
             self.query("SELECT pg_reload_conf()")
@@ -689,7 +995,7 @@ class ChaosRun:
         self.fault("pg_restart", f"{mode} in {record['restart_seconds']} s")
         try:
             first, _ = self.wait_for(lambda: self.query(
-                "SELECT min(finished_at) FROM djasync_job WHERE status = 'succeeded' "
+                f"SELECT min(finished_at) FROM {checker.ALL_JOBS} j WHERE status = 'succeeded' "
                 "AND finished_at >= %s", [accepting])[0][0], timeout=60,
                 what=f"a commit after the {mode} restart", interval=0.02)
             record["accept_to_first_commit_seconds"] = round(
@@ -757,6 +1063,9 @@ class ChaosRun:
         """SIGTERM every daemon while each child runs a slow job and more jobs wait: each must
         finish its slow job, claim nothing more, and exit 0 within its grace period."""
         daemons = self.daemons
+        # The batch daemon would take several slow jobs in one batch (and the waiting jobs
+        # with them): this test wants one slow job per child.
+        daemons.make_plain(self.config.workers - 1)
         self.wait_for(lambda: len(daemons.alive()) == daemons.count and
                       len(daemons.all_children()) == daemons.count * daemons.concurrency,
                       60, "every daemon and child to be up")
@@ -885,6 +1194,14 @@ class ChaosRun:
                                         for f in self.expected.committed.values())),
         }
         self.report["faults"] = dict(self.faults)
+        self.report["mixed"] = {
+            "actions": dict(self.mixed.counts) if self.mixed else {},
+            "prune_runs": self.housekeeper.prunes if self.housekeeper else 0,
+            "jobs_pruned": self.housekeeper.pruned if self.housekeeper else 0,
+            "unique_samples": self.housekeeper.samples if self.housekeeper else 0,
+            "housekeeper_errors": self.housekeeper.errors if self.housekeeper else 0,
+            "housekeeper_last_error": self.housekeeper.last_error if self.housekeeper else "",
+        }
         self.report["sigstop_outcomes"] = dict(self.sigstop_outcomes)
         self.report["restarts"] = self.restarts
         self.report["checks"] = found
@@ -899,10 +1216,21 @@ class ChaosRun:
                                    f"{[(e['pid'], e['code']) for e in unexpected]}")
         self.report["fault_log"] = self.fault_log
 
+    def stop_producers(self) -> None:
+        """Stop the producer, the mixed producer and the pruning (each finishes its step)."""
+        for thread in (self.producer, self.mixed, self.housekeeper):
+            if thread is not None:
+                thread.stop_event.set()
+        for thread in (self.producer, self.mixed, self.housekeeper):
+            if thread is not None:
+                thread.join(30)
+                if thread.error is not None:
+                    self.violations.append(f"harness error in {thread.name}: "
+                                           f"{type(thread.error).__name__}: {thread.error}")
+                    thread.error = None
+
     def teardown(self) -> None:
-        if self.producer is not None:
-            self.producer.stop_event.set()
-            self.producer.join(30)
+        self.stop_producers()
         for pid in list(self.stopped):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -951,6 +1279,11 @@ def summary(report: dict[str, Any]) -> str:
         f"  false quarantines {checks.get('false_quarantines')}; chaos-charged attempts "
         f"{checks.get('chaos_charged')}",
         f"  negative control duplicates: {checks.get('control_duplicates')}",
+        f"  mixed: {report.get('mixed')}",
+        f"  long jobs {checks.get('long_jobs')}; cancels {checks.get('cancels')}",
+        f"  groups {checks.get('groups')}; unique {checks.get('unique')}; "
+        f"pruned {checks.get('pruned')}",
+        f"  periodic {checks.get('periodic')}",
         "  restarts: " + "; ".join(
             f"{r['mode']}{' (sync off)' if r['synchronous_commit_off'] else ''}: "
             f"{r['accept_to_first_commit_seconds']} s to first commit"
@@ -971,7 +1304,7 @@ def parse(argv: list[str] | None) -> Config:
     parser.add_argument("--seed", type=int, default=None,
                         help="RNG seed (default: random, printed)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="ledger jobs to pre-queue (default 20000, --short 4000)")
+                        help="ledger jobs to pre-queue (default 20000, --short 2000)")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds of faults at least (default 60, --short 25)")
     parser.add_argument("--short", action="store_true", help="the quick run for the test suite")
@@ -984,9 +1317,10 @@ def parse(argv: list[str] | None) -> Config:
         # The worker drains 2,500 short jobs in a few seconds, after which faults mostly hit
         # idle children; a quarter of negative controls (30-80 ms each) keeps the children
         # busy, and the control's duplicates certain, for the first part of the faults.
-        config = Config(seed, args.jobs or 4000, args.duration or 25.0, True, args.report,
+        config = Config(seed, args.jobs or 2000, args.duration or 25.0, True, args.report,
                         args.keep, poison_each=2, control_share=0.25, warmup=2.0,
-                        slow_seconds=2.0, batch_size=5, backlog_target=300)
+                        slow_seconds=2.0, batch_size=5, backlog_target=300,
+                        mixed_interval=0.6)
     else:
         config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
                         args.keep)

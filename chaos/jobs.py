@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 
 import psycopg
+from django.db import connection
 
 from chaos.models import LedgerEntry
+from djasync.executor import current_job
+from djasync.scheduling import cancel
 
 #: Directory shared with the harness (markers of running slow jobs, the "fast" flag).
 RUN_DIR_ENV = "CHAOS_RUN_DIR"
@@ -28,12 +31,51 @@ def short_backoff(attempt: int) -> float:
     return 0.2
 
 
-def ledger(key: str) -> str:
-    """The innocent job: sleep 0-4 ms, write one ledger row in the job's transaction, sleep."""
+def ledger(key: str, seconds: float = 0.0) -> str:
+    """The innocent job: sleep 0-4 ms, write one ledger row in the job's transaction, sleep
+    (``seconds`` more: group members run a while, so that members are added meanwhile)."""
     time.sleep(random.uniform(0, 0.004))
     LedgerEntry.objects.create(key=key, kind="txn", pid=os.getpid())
-    time.sleep(random.uniform(0, 0.004))
+    time.sleep(random.uniform(0, 0.004) + seconds)
     return key
+
+
+def final(key: str) -> str:
+    """A group's final job: its ledger row, written first, holds ``clock_timestamp()`` at the
+    start of its body (the checker compares it with the members' ``finished_at``)."""
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO chaos_ledgerentry (key, kind, pid, at) "
+                       "VALUES (%s, 'txn', %s, clock_timestamp())", [key, os.getpid()])
+    return key
+
+
+def long(key: str, seconds: float) -> str:
+    """A long job (scheduled with meta atomic=False): write its effect at once (autocommit:
+    at least once, with the run's start), then work ``seconds`` under its lease."""
+    running = current_job()
+    LedgerEntry.objects.create(key=key, kind="long", pid=os.getpid(),
+                               run_started=running.started_at if running else None)
+    time.sleep(seconds)
+    return key
+
+
+def cancel_mate(key: str, mate_id: int, mate_key: str) -> str:
+    """Cancel another job (scheduled with this one, claimed right after it: on a daemon with
+    ``--batch-size`` it is often in this job's batch); a cancel that returns success is
+    recorded in this job's transaction, so the record commits exactly when the cancel does."""
+    if cancel([mate_id]) == 1:
+        LedgerEntry.objects.create(key=mate_key, kind="cancel_ok", pid=os.getpid())
+    LedgerEntry.objects.create(key=key, kind="txn", pid=os.getpid())
+    return key
+
+
+def periodic(name: str) -> str:
+    """A periodic job (chaos/settings.py): one ledger row keyed by its job id, in its
+    transaction (every run of it has the same arguments)."""
+    running = current_job()
+    assert running is not None, "periodic jobs run through the executor"
+    LedgerEntry.objects.create(key=f"periodic-{running.id}", kind="periodic", pid=os.getpid())
+    return name
 
 
 def external(key: str) -> str:

@@ -25,6 +25,10 @@ DATABASES = {
         "PASSWORD": _conninfo.get("password", ""),
         "HOST": _conninfo.get("host", ""),
         "PORT": _conninfo.get("port", ""),
+        # The harness's own sessions (producers, pruner) commit durably even while the chaos
+        # runs the server with synchronous_commit = off: what they were told committed did.
+        "OPTIONS": ({"options": "-c synchronous_commit=on"}
+                    if os.environ.get("CHAOS_HARNESS") else {}),
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -34,10 +38,23 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 #: Short, so that a SIGSTOPped child is noticed within the run. Retries come back quickly, so
 #: the queue can drain within seconds of the last fault.
 CHAOS_TIMEOUT = 4
+#: Long jobs (meta atomic=False) run for up to LONG_JOB_SECONDS under leases this short: a few
+#: renewals per run, and a lease that expires within the run when renewals stop.
+LEASE_SECONDS = 2
+#: Periodic jobs: every second, and every 10 s (longer than the pruning's retention, so a slot
+#: record is pruned while its slot is still the latest one a starting daemon looks at).
+PERIODIC = [
+    {"cron": "* * * * * *", "function": "chaos.jobs.periodic", "name": "every-second",
+     "args": ["every-second"], "priority": 10},
+    {"cron": "*/10 * * * * *", "function": "chaos.jobs.periodic", "name": "every-10s",
+     "args": ["every-10s"], "priority": 10},
+]
 DJASYNC = {
     "TIMEOUT": CHAOS_TIMEOUT,
     "MAX_ATTEMPTS": 10,
     "BACKOFF": "chaos.jobs.short_backoff",
+    "LEASE_SECONDS": LEASE_SECONDS,
+    "PERIODIC": PERIODIC,
 }
 LOGGING = {
     "version": 1,

@@ -135,3 +135,67 @@ def test_a_stopping_daemon_claims_no_new_job(report):
 
 def test_no_daemon_exits_unless_the_chaos_killed_it(report):
     assert report["daemon_exits"]["unexpected"] == []
+
+
+# -- the mixed workload (issue 13): long jobs, a batch daemon, groups, cancels, periodic jobs,
+# -- pruning and unique keys, while the faults go on.
+
+
+def test_the_mixed_workload_ran_while_the_faults_went_on(report):
+    mixed = report["mixed"]
+    assert all(mixed["actions"].get(a, 0) > 0
+               for a in ("long", "group", "cancel", "mate", "unique")), mixed
+    assert mixed["prune_runs"] > 0 and mixed["jobs_pruned"] > 0, mixed
+    assert mixed["unique_samples"] > 0, mixed
+
+
+def test_long_jobs_take_effect_at_least_once_and_only_in_runs_that_were_recorded(report):
+    """L1: succeeded => an effect; L2: effects <= attempt rows (every run is recorded);
+    L3: no run begins after the job's success was recorded."""
+    checks = _checks(report)
+    assert checks["long_jobs"]["by_status"].get("succeeded", 0) > 0, checks["long_jobs"]
+    assert checks["completion_without_effect"] == 0
+    assert checks["long_effects_unrecorded"] == []
+    assert checks["long_effects_after_success"] == []
+
+
+def test_a_cancel_that_returned_success_leaves_the_job_cancelled_and_without_effect(report):
+    """C1-C3, for cancel(), deschedule() and a job cancelling its batch-mate."""
+    checks = _checks(report)
+    assert checks["cancels"]["returned_success"] > 0, checks["cancels"]
+    assert checks["cancels"]["in_job_cancels_tried"] > 0, checks["cancels"]
+    assert checks["cancelled_but_not_cancelled"] == []
+    assert checks["cancelled_with_effect"] == []
+    assert checks["cancelled_without_successful_cancel"] == []
+
+
+def test_a_groups_final_job_starts_only_after_every_member_finished(report):
+    checks = _checks(report)
+    assert checks["groups"]["with_final"] > 0, checks["groups"]
+    assert checks["finals_before_members"] == []
+
+
+def test_each_periodic_slot_is_enqueued_once_and_its_job_runs_once(report):
+    checks = _checks(report)
+    assert checks["periodic"]["slots"].get("every-second", 0) > 0, checks["periodic"]
+    assert checks["periodic_slots_twice"] == []
+    assert checks["periodic_slot_job_mismatch"] == {}
+    assert checks["periodic_runs_wrong"] == []
+
+
+def test_one_pending_job_per_unique_key_at_any_time(report):
+    checks = _checks(report)
+    assert checks["unique"]["generations"] > checks["unique"]["keys"] > 0, checks["unique"]
+    assert checks["unique_pending_twice"] == []
+
+
+def test_pruning_never_deletes_a_pending_job_nor_part_of_an_unfinished_group(report):
+    checks = _checks(report)
+    assert checks["pruned"].get("job", 0) > 0, checks["pruned"]
+    assert checks["pruned_pending_jobs"] == []
+    assert checks["pruned_group_jobs_while_group_pending"] == []
+    assert checks["pruned_attempts_of_kept_jobs"] == []
+
+
+def test_the_report_lists_no_violation(report):
+    assert report["violations"] == []
