@@ -20,11 +20,12 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from djasync import attempts, conf, sql
@@ -77,6 +78,29 @@ def give_back(taken: list[tuple[int, str]]) -> None:
                 cursor.execute(sql.GIVE_BACK_LEASE, {"job_id": job_id, "owner": owner})
     except Exception as exc:
         logger.warning("cannot give back leases (they will expire) error=%s", exc)
+
+
+def free_leases_of_dead(worker: str, *, charged: int | None) -> None:
+    """Free the long jobs a dead process (``worker``) held, so that they run again without
+    waiting for their leases to run out.
+
+    ``charged`` is the job it was running when it died, whose attempt its watcher has already
+    recorded (or which a forced stop does not charge). Any other lease it still held is a run
+    whose outcome it could not write (the database went away at that moment) and that it left
+    behind: that run did happen, so it is recorded as lost here, before the lease goes;
+    freeing it silently would let the job run again with that run uncounted.
+    """
+    now = timezone.now()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql.LEASES_OF, [worker])
+        ids = [row[0] for row in cursor.fetchall()]
+        for job_id in ids:
+            if job_id != charged:
+                attempts.record_lost(
+                    job_id, outcome=Outcome.CRASHED, started=now, worker=worker,
+                    reason="its worker could not write this run's outcome, and then died")
+        if ids:
+            cursor.execute(sql.RELEASE_LEASES, [ids])
 
 
 class _Renewer(threading.Thread):
@@ -135,6 +159,43 @@ def run(run: Run, owner: str, call: Callable[[], tuple[Any, str]],
         if renewer is not None:
             renewer.stopped.set()
             renewer.join()
+    return _write_outcome(run, owner, failure, result, encoded)
+
+
+#: Seconds between tries to write a long job's outcome while the database is away.
+OUTCOME_RETRY_SECONDS = 0.5
+
+
+def _write_outcome(run: Run, owner: str, failure: BaseException | None, result: Any,
+                   encoded: str) -> Finished:
+    """Write the outcome of a leased run, if we still hold the lease (the fence).
+
+    The run is over and happened: losing its outcome to a dropped connection (a restart of
+    PostgreSQL, ``pg_terminate_backend``, a network blip) would leave the job leased with the
+    run unrecorded. So an operational error (a lost connection, a terminated session, a
+    timeout) is retried on a new connection for as long as the lease lasts; once the lease
+    has run out, the next claim records the run as lost instead. (A dead session is not
+    always visible on the connection right after its error: psycopg may still call it idle,
+    so the kind of error decides, not the connection's state.) The retry is safe: a write that
+    did commit released the lease, and the fence then writes nothing twice.
+    """
+    deadline = time.monotonic() + conf.get().LEASE_SECONDS
+    while True:
+        try:
+            return _write_outcome_once(run, owner, failure, result, encoded)
+        except (OperationalError, InterfaceError) as exc:
+            if connection.in_atomic_block:  # a caller's transaction: not ours to retry
+                raise
+            connection.close()
+            if time.monotonic() + OUTCOME_RETRY_SECONDS > deadline:
+                raise
+            logger.warning("cannot write a long job's outcome yet id=%s error=%s; retrying",
+                           run.job_id, exc)
+            time.sleep(OUTCOME_RETRY_SECONDS)
+
+
+def _write_outcome_once(run: Run, owner: str, failure: BaseException | None, result: Any,
+                        encoded: str) -> Finished:
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(sql.LOCK_IF_LEASED, {"job_id": run.job_id, "owner": owner})

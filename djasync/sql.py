@@ -273,11 +273,14 @@ GIVE_BACK_LEASE = f"""
 UPDATE {JOB} SET lease_owner = '', lease_expires = NULL
  WHERE id = %(job_id)s AND lease_owner = %(owner)s AND status = 'pending'
 """
-#: The supervisor frees the leases a dead child held (after recording its crash).
-RELEASE_LEASES_OF = f"""
-UPDATE {JOB} SET lease_owner = '', lease_expires = NULL
- WHERE status = 'pending' AND lease_owner LIKE %s
+#: The leases a dead process held (owner ``<worker>/<token>``), locked to be freed by whoever
+#: saw it die (the supervisor, or a sweep of dead ``flush_queue`` runs).
+LEASES_OF = f"""
+SELECT id FROM {JOB}
+ WHERE status = 'pending' AND starts_with(lease_owner, %s || '/')
+   FOR NO KEY UPDATE SKIP LOCKED
 """
+RELEASE_LEASES = f"UPDATE {JOB} SET lease_owner = '', lease_expires = NULL WHERE id = ANY(%s)"
 
 #: Insert many jobs in one statement (arrays in, ids out in the order given) and wake the
 #: workers of each queue in it. One prepared statement whatever the number of jobs; the NOTIFY

@@ -17,7 +17,7 @@ from django.db.models import Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from djasync import attempts, sql
+from djasync import attempts, leases
 from djasync.models import Outcome, Worker
 
 logger = logging.getLogger(__name__)
@@ -75,22 +75,20 @@ def charge_dead_in_process_runs() -> int:
     charged = 0
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(TAKE_DEAD_IN_PROCESS, {"prefix": IN_PROCESS_PREFIX})
-        for name, running, last_seen in cursor.fetchall():
+        for name, running_json, last_seen in cursor.fetchall():
             # Django's psycopg setup reads jsonb as text.
-            for job_id in json.loads(running) if isinstance(running, str) else running:
-                if attempts.record_lost(int(job_id), outcome=Outcome.CRASHED,
+            running = [int(job_id) for job_id in (
+                json.loads(running_json) if isinstance(running_json, str) else running_json)]
+            for job_id in running:
+                if attempts.record_lost(job_id, outcome=Outcome.CRASHED,
                                         started=last_seen, worker=name,
                                         reason="the flush_queue process running it died"):
                     charged += 1
                     logger.warning("crash of an in-process run recorded id=%s worker=%s",
                                    job_id, name)
             # A long job it ran holds a lease owned by "<name>/<token>": free it now.
-            cursor.execute(sql.RELEASE_LEASES_OF, [_like_prefix(name) + "/%"])
+            leases.free_leases_of_dead(name, charged=running[0] if running else None)
     return charged
-
-
-def _like_prefix(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class InProcessWatch:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import connection, connections
 from django.utils import timezone
 
-from djasync import attempts, conf, executor, periodic, sql, workers
+from djasync import attempts, conf, executor, leases, periodic, sql, workers
 from djasync.models import Job, Outcome
 from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
@@ -368,7 +368,7 @@ class Supervisor:
             # above, so its session ends. (A child that died idle between taking a lease and
             # starting the job ran nothing: the same. A charged job's lease is freed once its
             # crash is written: _record_lost.)
-            self._release_leases(f"{worker}/%")
+            self._release_leases(worker, None if running is None else running[0])
         if self.stopping:
             return
         # Replace it: a recycled child at once, a dead one after a short pause.
@@ -411,15 +411,14 @@ class Supervisor:
                                lost.job_id, lost.worker)
             _close_fd(lost.db_socket)
             # Free the non-atomic jobs the dead child held (their crash is counted now).
-            self._release_leases(f"{lost.worker}/%")
+            self._release_leases(lost.worker, lost.job_id)
         return True
 
-    def _release_leases(self, owner_pattern: str) -> None:
+    def _release_leases(self, worker: str, running: int | None) -> None:
         """Free the non-atomic jobs a dead child held, so they run again without waiting for
-        their leases to expire (their crash is already recorded)."""
+        their leases to expire (the one it was running is charged already, or not at all)."""
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql.RELEASE_LEASES_OF, [owner_pattern])
+            leases.free_leases_of_dead(worker, charged=running)
         except Exception as exc:  # the leases then expire on their own
             logger.warning("cannot release the leases of a dead child error=%s", exc)
             _close_quietly()

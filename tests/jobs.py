@@ -285,3 +285,17 @@ def deallocate_then_raise(key):
     with connection.cursor() as cursor:
         cursor.execute("DEALLOCATE ALL")
     raise ValueError("failed after DEALLOCATE ALL")
+
+
+def long_job_losing_its_session(key):
+    """A non-atomic job whose database session is ended from outside while it runs (as a
+    restart of PostgreSQL or pg_terminate_backend would), before its outcome is written."""
+    import psycopg
+
+    Ledger.objects.create(key=key)
+    pid = connection.cursor().connection.info.backend_pid
+    params = {k: v for k, v in connection.get_connection_params().items()
+              if k in ("dbname", "user", "password", "host", "port")}
+    with psycopg.connect(**params, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    return key

@@ -256,3 +256,41 @@ def test_a_child_killed_after_its_commit_charges_no_phantom_crash_to_the_job_it_
             "outcome", flat=True)) == [Outcome.SUCCEEDED]
     finally:
         assert stop(daemon) == 0
+
+
+def test_a_long_job_whose_session_ended_while_it_ran_still_records_its_outcome():
+    """The outcome write meets a dead connection: it is written on a new one, not lost with
+    the lease left behind (a run nobody would count)."""
+    job = djasync.schedule(jobs.long_job_losing_its_session, ["cut"], meta={"atomic": False})
+    from djasync import executor
+
+    [finished] = executor.run_batch()
+    assert finished.outcome == Outcome.SUCCEEDED
+    job.refresh_from_db()
+    assert job.status == Status.SUCCEEDED and job.result == "cut"
+    assert (job.lease_owner, job.lease_expires) == ("", None)
+    assert list(job.attempt_set.values_list("outcome", flat=True)) == [Outcome.SUCCEEDED]
+    assert ledger("cut") == 1
+
+
+def test_a_dead_workers_lease_left_behind_by_an_unwritten_outcome_is_charged_when_freed():
+    """A dead process's leases: the job it was running is charged by its watcher; any other
+    lease it still held is a run whose outcome was never written, recorded as lost before the
+    lease is freed (freeing it silently let the job run again with the run uncounted)."""
+    from djasync import leases
+
+    running = djasync.schedule(jobs.long_job, ["a"], meta={"atomic": False})
+    left_behind = djasync.schedule(jobs.long_job, ["b"], meta={"atomic": False})
+    later = timezone.now() + timezone.timedelta(minutes=5)
+    for job, token in ((running, "1"), (left_behind, "2")):
+        Job.objects.filter(pk=job.pk).update(lease_owner=f"host:42/{token}", lease_expires=later)
+    other = djasync.schedule(jobs.long_job, ["c"], meta={"atomic": False})
+    Job.objects.filter(pk=other.pk).update(lease_owner="host:421/3", lease_expires=later)
+
+    leases.free_leases_of_dead("host:42", charged=running.pk)
+
+    assert not Attempt.objects.filter(job=running).exists()  # its watcher charges it
+    [lost] = Attempt.objects.filter(job=left_behind)
+    assert lost.outcome == Outcome.CRASHED and "could not write" in lost.exception_message
+    assert Job.objects.filter(pk__in=[running.pk, left_behind.pk], lease_expires=None).count() == 2
+    assert Job.objects.get(pk=other.pk).lease_owner == "host:421/3"  # another process's
