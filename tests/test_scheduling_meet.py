@@ -196,17 +196,17 @@ def test_a_unique_key_taken_before_the_snapshot_returns_its_job_under_repeatable
 
 @pytest.fixture
 def health_checks(transactional_db: None) -> Iterator[None]:
-    """CONN_HEALTH_CHECKS on, and a request begun: Django checks the connection at first use."""
-    connection.settings_dict["CONN_HEALTH_CHECKS"] = True
-    connection.settings_dict["CONN_MAX_AGE"] = None  # persistent, as health checks are for
+    """CONN_HEALTH_CHECKS on, persistent connections (what health checks are for), and a
+    request begun: Django checks the connection at its first use in the request."""
+    saved = {key: connection.settings_dict[key] for key in ("CONN_HEALTH_CHECKS", "CONN_MAX_AGE")}
+    connection.settings_dict.update(CONN_HEALTH_CHECKS=True, CONN_MAX_AGE=None)
     connection.close()
     connection.ensure_connection()
     try:
         request_started.send(sender=None)
         yield
     finally:
-        connection.settings_dict["CONN_HEALTH_CHECKS"] = False
-        connection.settings_dict["CONN_MAX_AGE"] = 0
+        connection.settings_dict.update(saved)
         connection.close()
 
 
