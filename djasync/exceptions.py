@@ -31,3 +31,8 @@ class GroupClosed(DjasyncError):
 
 class GroupInUse(DjasyncError):
     """Another generation of this group reference still has unfinished jobs."""
+
+
+class UniqueJobNotVisible(DjasyncError):
+    """A pending job holds this unique key, but it committed after this transaction's snapshot
+    (REPEATABLE READ or SERIALIZABLE), so it cannot be read here: retry the transaction."""

@@ -230,7 +230,11 @@ class Group(models.Model):
     def progress(self) -> dict[str, int]:
         """Count this group's jobs (the final job excluded) by status, plus ``total``."""
         counts = {status.value: 0 for status in Status}
-        members = self.jobs.exclude(pk=self.final_id) if self.final_id else self.jobs.all()
+        # Read where the group was read (a router may send reads to a replica, which would not
+        # see the members just scheduled in the caller's transaction).
+        members = Job.objects.using(self._state.db).filter(group_id=self.pk)
+        if self.final_id:
+            members = members.exclude(pk=self.final_id)
         rows = members.values_list("status").annotate(n=models.Count("id"))
         for status, n in rows:
             counts[status] = n

@@ -8,6 +8,7 @@ so PostgreSQL delivers it at commit (and drops it on rollback).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from djasync import attempts, conf, registry, sql, wire
 from djasync.conf import NOTIFY_CHANNEL
-from djasync.exceptions import GroupClosed, GroupInUse
+from djasync.exceptions import DjasyncError, GroupClosed, GroupInUse, UniqueJobNotVisible
 from djasync.models import Group, Job, Status, identity_of
 from djasync.validation import (
     MAX_ATTEMPTS_LIMIT,
@@ -88,8 +89,10 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
     settings = conf.get()
     now = timezone.now()
     jobs: list[Job] = []
-    groups: dict[str, Group] = {}
+    groups: list[Group | str | None] = []
     resolved: set[str] = set()
+    # djasync writes on Django's default connection, so every read that must see the caller's
+    # writes (groups, unique keys) goes there too, never where a router sends reads.
     alias = connection.alias
     for spec in specs:
         name = registry.name_of(spec.function)
@@ -98,7 +101,7 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
             resolved.add(name)
         args, kwargs = check_args(spec.args), check_kwargs(spec.kwargs)
         identity = identity_of(name, args, kwargs)
-        group = None if spec.group is None else _open_group(spec.group, groups)
+        groups.append(_check_group(spec.group))
         values = {
             **_DEFAULTS, "name": name, "args": args, "kwargs": kwargs,
             "meta": check_meta(spec.meta),
@@ -108,22 +111,32 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
                                        else spec.priority),
             "run_after": check_run_after(spec.run_after), "identity": identity,
             "unique_key": _unique_key(spec.unique, identity),
-            "group_id": None if group is None else group.pk, "created_at": now,
+            "group_id": None, "created_at": now,
         }
         job = Job.from_db(alias, _ATTNAMES, [values[f] for f in _ATTNAMES])
         job._state.adding = True  # not saved yet (from_db builds it the fast way)
-        if group is not None:
-            job.group = group
         jobs.append(job)
     if not jobs:
         return []
     if len(jobs) < COPY_FROM and not connection.in_atomic_block and all(
-            job.unique_key is None and job.group_id is None for job in jobs):
+            job.unique_key is None for job in jobs) and all(group is None for group in groups):
         # Autocommit and plain jobs: the one statement is its own transaction (one round trip;
-        # the NOTIFY in it is delivered when it commits).
+        # the NOTIFY in it is delivered when it commits). This path uses the connection
+        # without a Django cursor, so it runs Django's CONN_HEALTH_CHECKS check itself, as
+        # any cursor does (atomic() does it on entering): a connection the server dropped is
+        # replaced, not used.
+        connection.close_if_health_check_failed()
         _insert(jobs, now)
         return jobs
+    # Groups are opened (and locked, see _open_group) in the transaction that adds to them;
+    # in the caller's one before the atomic block, so that a refusal (GroupClosed) leaves it
+    # usable, as a refusal before anything is written should.
+    nested = connection.in_atomic_block
+    if nested:
+        _open_groups(jobs, groups)
     with transaction.atomic(savepoint=False):
+        if not nested:
+            _open_groups(jobs, groups)
         _insert([job for job in jobs if job.unique_key is None], now)
         jobs = [job if job.unique_key is None else _insert_unique(job) for job in jobs]
     return jobs
@@ -216,6 +229,11 @@ def _unique_key(unique: Any, identity: str) -> str | None:
     return unique
 
 
+#: How many times :func:`_insert_unique` tries again when the job holding the key finished
+#: between our insert and our read (each time, another job took the key and finished).
+UNIQUE_TRIES = 10
+
+
 def _insert_unique(job: Job) -> Job:
     """Insert a unique job, or return the pending job that already holds its key.
 
@@ -223,33 +241,133 @@ def _insert_unique(job: Job) -> Job:
     of the same key waits for the first transaction, then fails if it committed (and we return
     its job) or succeeds if it rolled back.
     """
-    while True:
+    alias = connection.alias
+    for _ in range(UNIQUE_TRIES):
         try:
-            with transaction.atomic():
-                job.save(force_insert=True)
+            with transaction.atomic(using=alias):
+                job.save(force_insert=True, using=alias)
                 with connection.cursor() as cursor:
                     cursor.execute(sql.NOTIFY, {"channel": NOTIFY_CHANNEL, "queue": job.queue})
             return job
         except IntegrityError as exc:
             if "djasync_job_unique_pending" not in str(exc):
                 raise
-        existing = Job.objects.pending().filter(unique_key=job.unique_key).first()
+        existing = Job.objects.using(alias).pending().filter(unique_key=job.unique_key).first()
         if existing is not None:
             return existing
-        # The holder finished between our insert and our read: try again.
+        if _snapshot_per_transaction():
+            # The holder committed after this transaction's snapshot was taken: no read in
+            # this transaction can see it, and every insert would fail again.
+            raise UniqueJobNotVisible(
+                f"a pending job holds the unique key {job.unique_key!r}, but it committed "
+                "after this transaction's snapshot (REPEATABLE READ or SERIALIZABLE), so it "
+                "cannot be returned: retry the transaction")
+        # READ COMMITTED: the holder finished between our insert and our read: try again.
+    raise DjasyncError(f"the unique key {job.unique_key!r} was taken and freed "
+                       f"{UNIQUE_TRIES} times while scheduling; giving up")
 
 
-def _open_group(group: Group | str, cache: dict[str, Group]) -> Group:
-    """Return a group that still takes jobs (see :func:`group_for_reference`)."""
+def _snapshot_per_transaction() -> bool:
+    """Whether this transaction reads with one snapshot (REPEATABLE READ, SERIALIZABLE)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('transaction_isolation')")
+        (level,) = cursor.fetchone()
+    return level != "read committed"
+
+
+def _check_group(group: Group | str | None) -> Group | str | None:
+    """Refuse a bad group before anything is written."""
     if isinstance(group, str):
-        if group not in cache:
-            cache[group] = group_for_reference(group)
-        return cache[group]
-    if group.pk is None:
-        raise ValueError("save the Group before scheduling jobs into it")
-    if group.jobs.exclude(status=Status.PENDING).exists():
-        raise GroupClosed(f"group {group} has started running (a job of it finished)")
+        if not group or len(group) > 100:
+            raise ValueError("a group reference is a string of 1-100 characters")
+    elif group is not None:
+        if not isinstance(group, Group):
+            raise ValueError("group must be a Group or a group reference string")
+        if group.pk is None:
+            raise ValueError("save the Group before scheduling jobs into it")
     return group
+
+
+def _open_groups(jobs: list[Job], groups: list[Group | str | None]) -> None:
+    opened: dict[int | str, Group] = {}
+    for job, group in zip(jobs, groups, strict=True):
+        if group is not None:
+            job.group = _open_group(group, opened)
+
+
+def _in_transaction() -> contextlib.AbstractContextManager[Any]:
+    """A transaction of our own if the caller has none (locks last until it ends); none
+    inside the caller's, so that a refusal raised here leaves that one usable."""
+    if connection.in_atomic_block:
+        return contextlib.nullcontext()
+    return transaction.atomic(savepoint=False)
+
+
+def _open_group(group: Group | str, opened: dict[int | str, Group]) -> Group:
+    """Return a group that still takes jobs (see :func:`group_for_reference`), locked against
+    its final job starting until this transaction ends."""
+    key = group if isinstance(group, str) else group.pk
+    found = opened.get(key)
+    if found is None:
+        if isinstance(group, str):
+            found = group_for_reference(group)
+        else:
+            _lock(group)
+            if _has_started(group):
+                raise GroupClosed(f"group {group} has started running (a job of it finished)")
+            found = group
+        opened[key] = found
+    return found
+
+
+#: Share-lock a group's row (a group being given its final job, ``on_completion``, holds it
+#: for update) and return its final job's id.
+_LOCK_GROUP = f"SELECT final_id FROM {Group._meta.db_table} WHERE id = %s FOR SHARE"
+#: Share-lock a final job's row: a worker claims with FOR NO KEY UPDATE SKIP LOCKED, so it
+#: passes over the final job until this transaction ends; and if a worker is running it now,
+#: this waits for it to finish.
+_LOCK_FINAL = f"SELECT 1 FROM {sql.JOB} WHERE id = %s FOR SHARE"
+
+
+def _lock(group: Group) -> None:
+    """Keep the group's final job from starting until this transaction ends.
+
+    Without it, a member added while the group's other members run could still be uncommitted
+    when they finish: the claim of the final job, not seeing it, would run the final job first
+    (the claim reads ``djasync_group_final_ready`` without any lock). The final job's row is
+    share-locked, so no worker claims it before this transaction's members are visible; the
+    group's row is share-locked first, so that a final job being set meanwhile is seen (and its
+    row locked too). Share locks do not conflict with each other: schedulers adding to one
+    group do not wait for each other. Call inside the transaction that adds the members, and
+    check whether the group has started (:func:`_has_started`) only after this, so that a final
+    job that was running is seen finished.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_GROUP, [group.pk])
+        row = cursor.fetchone()
+        if row is None:
+            raise Group.DoesNotExist(f"group #{group.pk} no longer exists")
+        if row[0] is not None:
+            cursor.execute(_LOCK_FINAL, [row[0]])
+
+
+def _has_started(group: Group) -> bool:
+    """Whether a job of the group (its final job included) has finished."""
+    return (Job.objects.using(connection.alias).filter(group_id=group.pk)
+            .exclude(status=Status.PENDING).exists())
+
+
+def _lock_reference(reference: str) -> None:
+    """Serialise the transactions that create a generation of this reference (until this
+    transaction ends): without it, two of them would each create one."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                       [f"djasync.group:{reference}"])
+
+
+def _latest(reference: str) -> Group | None:
+    return (Group.objects.using(connection.alias).filter(reference=reference)
+            .order_by("-id").first())
 
 
 def group_for_reference(reference: str, description: str = "") -> Group:
@@ -257,29 +375,39 @@ def group_for_reference(reference: str, description: str = "") -> Group:
 
     A reference names one generation at a time: a new generation starts once the previous one
     has completed (every job finished). A generation that has started running (some job
-    finished, some still pending) takes no new jobs.
+    finished, some still pending) takes no new jobs. Inside a transaction, the group returned
+    is locked against its final job starting until the transaction ends (see :func:`_lock`).
     """
-    if not isinstance(reference, str) or not reference or len(reference) > 100:
-        raise ValueError("a group reference is a string of 1-100 characters")
-    latest = Group.objects.filter(reference=reference).order_by("-id").first()
-    if latest is None or latest.has_completed():
-        return Group.objects.create(
-            reference=reference, description=description or (latest.description if latest else "")
-        )
-    if latest.jobs.exclude(status=Status.PENDING).exists():
-        raise GroupClosed(
-            f"group {reference!r} is running ({latest.progress()[Status.PENDING]} jobs pending); "
-            "it takes new jobs again once every job has finished"
-        )
-    return latest
+    _check_group(reference)
+    with _in_transaction():
+        latest = _latest(reference)
+        if latest is None or latest.has_completed():
+            _lock_reference(reference)
+            latest = _latest(reference)  # as it is now that no one else is creating one
+        if latest is None or latest.has_completed():
+            return Group.objects.using(connection.alias).create(
+                reference=reference,
+                description=description or (latest.description if latest else ""))
+        _lock(latest)
+        if _has_started(latest):
+            raise GroupClosed(
+                f"group {reference!r} is running ({latest.progress()[Status.PENDING]} jobs "
+                "pending); it takes new jobs again once every job has finished"
+            )
+        return latest
 
 
 def create_group(reference: str, description: str = "") -> Group:
     """Start a new generation of a group reference; refuse while another one is unfinished."""
-    latest = Group.objects.filter(reference=reference).order_by("-id").first()
-    if latest is not None and latest.jobs.filter(status=Status.PENDING).exists():
-        raise GroupInUse(f"group {reference!r} (#{latest.pk}) still has pending jobs")
-    return Group.objects.create(reference=reference, description=description)
+    _check_group(reference)
+    with _in_transaction():
+        _lock_reference(reference)
+        latest = _latest(reference)
+        if latest is not None and (Job.objects.using(connection.alias)
+                                   .filter(group_id=latest.pk, status=Status.PENDING).exists()):
+            raise GroupInUse(f"group {reference!r} (#{latest.pk}) still has pending jobs")
+        return Group.objects.using(connection.alias).create(reference=reference,
+                                                            description=description)
 
 
 def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:
