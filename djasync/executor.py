@@ -633,7 +633,7 @@ def run_job_now(job: Job) -> Any:
         if not ran:  # taken by a worker between our claim's commit and the lease
             raise DjasyncError(f"job #{job.pk} cannot run now: {_why_not_runnable(job)}")
         finished = ran[0]
-    job.refresh_from_db()
+    job.refresh_from_db(using=connection.alias)  # the primary, whatever a router says
     if finished.exception is not None:
         raise finished.exception
     if finished.outcome != Outcome.SUCCEEDED:
@@ -656,11 +656,12 @@ def _run_in_savepoint_keeping_timeouts(claimed: ClaimedJob, nested: bool) -> Fin
 
 
 def _why_not_runnable(job: Job) -> str:
-    job.refresh_from_db()
+    job.refresh_from_db(using=connection.alias)  # the primary, whatever a router says
     if job.status != Status.PENDING:
         return f"it is {job.status}"
-    group = job.final_of.first()
-    if group is not None and group.jobs.exclude(pk=job.pk).filter(status=Status.PENDING).exists():
+    group = job.final_of.using(connection.alias).first()
+    if group is not None and group.jobs.using(connection.alias).exclude(pk=job.pk).filter(
+            status=Status.PENDING).exists():
         return f"it is the final job of group {group} and other jobs of the group are pending"
     return "another worker is running it right now"
 

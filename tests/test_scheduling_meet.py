@@ -20,7 +20,7 @@ from django.test import override_settings
 
 import djasync
 from djasync import sql
-from djasync.exceptions import GroupClosed, GroupInUse, UniqueJobNotVisible
+from djasync.exceptions import DjasyncError, GroupClosed, GroupInUse, UniqueJobNotVisible
 from djasync.models import Group, Job, Status
 from djasync.scheduling import JobSpec, cancel, create_group
 from tests import jobs
@@ -321,6 +321,17 @@ def test_group_progress_counts_uncommitted_members_of_a_group_read_from_the_prim
         group = djasync.schedule(jobs.add, args=[1, 1], group="ref").group
         assert group.progress()[Status.PENDING] == 1
         assert not group.has_completed()
+
+
+def test_job_call_on_a_job_scheduled_in_this_transaction_works_with_a_replica(replica):
+    with transaction.atomic():
+        job = djasync.schedule(jobs.add, args=[2, 3])
+        assert job() == 5
+        member = djasync.schedule(jobs.add, args=[1, 1], group="g")
+        final = member.group.on_completion(djasync.schedule(jobs.add, args=[0, 0]))
+        with pytest.raises(DjasyncError, match="other jobs of the group are pending"):
+            final()
+    assert Job.objects.using("default").get(pk=job.pk).status == Status.SUCCEEDED
 
 
 # Siblings: a new generation made twice at once, and a bad job that wrote a group.
