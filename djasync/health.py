@@ -71,7 +71,8 @@ def health() -> dict[str, Any]:
 
 
 def running_count(probe_limit: int = 10_000) -> int:
-    """Count due pending jobs that a worker holds locked right now, i.e. is running.
+    """Count due pending jobs that a worker holds locked right now, i.e. is running, and the
+    long jobs (``atomic=False``) running under a live lease (their rows are not locked).
 
     Row locks are not in ``pg_locks``, so ask the rows: among the first ``probe_limit`` due rows
     in claim order (where running jobs are), count those that cannot be share-locked without
@@ -92,6 +93,8 @@ def running_count(probe_limit: int = 10_000) -> int:
                        WHERE id IN (SELECT id FROM head)
                          AND status = 'pending'
                          FOR SHARE SKIP LOCKED) AS free)
+                 + (SELECT count(*) FROM djasync_job
+                     WHERE status = 'pending' AND lease_expires > clock_timestamp())
             """,
             {"limit": probe_limit},
         )

@@ -294,3 +294,16 @@ def test_a_dead_workers_lease_left_behind_by_an_unwritten_outcome_is_charged_whe
     assert lost.outcome == Outcome.CRASHED and "could not write" in lost.exception_message
     assert Job.objects.filter(pk__in=[running.pk, left_behind.pk], lease_expires=None).count() == 2
     assert Job.objects.get(pk=other.pk).lease_owner == "host:421/3"  # another process's
+
+
+def test_queue_health_counts_a_long_job_running_under_a_live_lease_as_running():
+    from djasync import health
+
+    job = djasync.schedule(jobs.long_job, ["x"], meta={"atomic": False})
+    assert health.running_count() == 0
+    minute = timezone.timedelta(minutes=1)
+    Job.objects.filter(pk=job.pk).update(lease_owner="host:1/a",
+                                         lease_expires=timezone.now() + minute)
+    assert health.running_count() == 1
+    Job.objects.filter(pk=job.pk).update(lease_expires=timezone.now() - minute)
+    assert health.running_count() == 0  # its worker died or froze: waiting again
