@@ -675,6 +675,9 @@ def run_job_now(job: Job) -> Any:
     savepoint: the job's writes and its status then commit or roll back with that transaction.
     """
     nested = connection.in_atomic_block
+    if job.pk in running_here():  # locked by this very session: the claim would not skip it
+        raise DjasyncError(f"job #{job.pk} cannot run now: it is running (claimed by this "
+                           "connection's open transaction, a batch of the worker's)")
     with transaction.atomic():
         claimed = claim(1, job_id=job.pk)
         if not claimed:
@@ -682,7 +685,8 @@ def run_job_now(job: Job) -> Any:
         with connection.cursor() as cursor:
             cursor.execute(sql.READ_TIMEOUTS)
             statement, idle = cursor.fetchone()
-        finished = _run_in_savepoint(claimed[0], default_worker_name(), None, False)
+        with _running_now(claimed):
+            finished = _run_in_savepoint(claimed[0], default_worker_name(), None, False)
         assert isinstance(finished, Finished)
         if nested:  # SET LOCAL outlives the job's savepoint: give the caller its own back
             with connection.cursor() as cursor:
