@@ -569,7 +569,8 @@ class _FastBatch:
         RELEASE, the plan setting and COMMIT follow the jobs' own code in their transaction,
         so they are sent unnamed (:meth:`wire.Statements.plain`): a job that dropped the
         session's prepared statements then loses at most its success (the finish statement
-        fails, and the job runs again), never a failure already recorded."""
+        fails, and that is recorded as its failed attempt: see ``run``), never a failure
+        already recorded."""
         command, plain = statements.command, statements.plain
         release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         tail = then or []

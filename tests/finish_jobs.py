@@ -38,6 +38,14 @@ def write_then_set_role(key, role):
     return key
 
 
+def write_then_deallocate_all(key):
+    """Writes, then drops the session's prepared statements (djasync's finish among them)."""
+    Ledger.objects.create(key=key)
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    return key
+
+
 def catch_an_error_on_the_raw_connection(key):
     """Writes, then catches a database error itself on psycopg's connection: Django never
     hears of it, and the transaction is left aborted."""

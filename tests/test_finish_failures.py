@@ -144,6 +144,22 @@ def test_flush_queue_records_a_success_that_cannot_be_written_as_a_failed_attemp
         "3 attempts: 1 succeeded, 1 failed and will be retried, 1 failed for good")
 
 
+def test_a_job_that_drops_the_prepared_finish_statement_gets_a_failed_attempt_not_a_rerun():
+    """DEALLOCATE ALL in a job: its finish statement, prepared before, is gone. The failure is
+    recorded on a new connection, which has nothing stale for the next job."""
+    djasync.schedule(jobs.write_ledger, args=["warm-up"])  # every statement prepared once
+    executor.drain()
+    bad = djasync.schedule(finish_jobs.write_then_deallocate_all, args=["bad"],
+                           meta={"max_attempts": 1}).pk
+    [finished] = executor.drain()
+    assert (finished.job_id, finished.outcome, finished.status) == (
+        bad, Outcome.ERROR, Status.FAILED)
+    assert "does not exist" in Attempt.objects.get(job_id=bad).exception_message
+    later = djasync.schedule(jobs.write_ledger, args=["later"]).pk
+    assert [(f.job_id, f.outcome) for f in executor.drain()] == [(later, Outcome.SUCCEEDED)]
+    assert ledger_counts() == {"warm-up": 1, "later": 1}
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_a_job_that_switches_to_a_role_without_rights_on_djasync_fails_and_later_jobs_run(
         limited_role, batch):
