@@ -25,7 +25,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +51,7 @@ from djasync.models import Job, Outcome, Status
 from djasync.validation import check_meta
 
 __all__ = ["ClaimedJob", "Finished", "RunningJob", "claim", "current_job", "drain",
-           "record_lost_attempt", "run_batch", "run_batches", "run_job_now"]
+           "record_lost_attempt", "run_batch", "run_batches", "run_job_now", "running_here"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,35 @@ _current: ContextVar[RunningJob | None] = ContextVar("djasync_current_job", defa
 def current_job() -> RunningJob | None:
     """Return the job running in this context (inside a job function), else ``None``."""
     return _current.get()
+
+
+#: The jobs each connection's open transaction claimed to run (a worker's batch, ``job()``),
+#: by Django's connection object: see :func:`running_here`.
+_running: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+_NONE: frozenset[int] = frozenset()
+
+
+def running_here() -> frozenset[int]:
+    """The ids of the jobs this connection's open transaction claimed to run and has not
+    committed yet (a worker's batch, ``job()``); empty outside one.
+
+    They are running, as a job locked by another worker is; but their rows are locked by
+    this very session, so ``SKIP LOCKED`` does not skip them: a job cancelling,
+    descheduling, retrying or calling a batch-mate (or itself) must leave them out by id.
+    """
+    return _running.get(connections[DEFAULT_DB_ALIAS], _NONE)
+
+
+@contextmanager
+def _running_now(jobs: Iterable[ClaimedJob]) -> Iterator[None]:
+    """Count ``jobs`` as running on this connection (:func:`running_here`) inside the block."""
+    db = connections[DEFAULT_DB_ALIAS]
+    before = _running.get(db, _NONE)
+    _running[db] = before.union(job.id for job in jobs)
+    try:
+        yield
+    finally:
+        _running[db] = before
 
 
 class JobWritesLost(DjasyncError):
@@ -215,20 +246,34 @@ def run_batch(
     _check_limit(limit)
     worker = worker or default_worker_name()
     if not connection.in_atomic_block:  # the worker, flush_queue, drain(): a transaction of ours
-        return _FastBatch(worker, before_each, session_timeouts).run(
-            limit, queues=queues, name_prefix=name_prefix, now=now)
+        try:
+            return _FastBatch(worker, before_each, session_timeouts).run(
+                limit, queues=queues, name_prefix=name_prefix, now=now)
+        except CommitRefused as refused:
+            logger.warning("%s; running the next %s jobs one at a time", refused, refused.jobs)
+            finished: list[Finished] = []
+            for _ in range(refused.jobs):
+                batch = _FastBatch(worker, before_each, session_timeouts).run(
+                    1, queues=queues, name_prefix=name_prefix, now=now)
+                if not batch:
+                    break
+                finished += batch
+            return finished
     outcomes: list[Outcomes] = []
     leased: list[Leased] = []
     with transaction.atomic():
-        for job in claim(limit, queues=queues, name_prefix=name_prefix, now=now):
-            if not leases.is_leased(job.meta):
-                outcomes.append(_run_in_savepoint(job, worker, before_each, session_timeouts,
-                                                  defer_success=limit > 1))
-            else:
-                _lease(job, worker, outcomes, leased)
-        # A batch writes its successes in one statement, before its one COMMIT.
-        succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
-        written = attempts.succeed_many(succeeded) if succeeded else {}
+        claimed = claim(limit, queues=queues, name_prefix=name_prefix, now=now)
+        with _running_now(claimed):
+            for job in claimed:
+                if not leases.is_leased(job.meta):
+                    outcomes.append(_run_in_savepoint(job, worker, before_each,
+                                                      session_timeouts,
+                                                      defer_success=limit > 1))
+                else:
+                    _lease(job, worker, outcomes, leased)
+            # A batch writes its successes in one statement, before its one COMMIT.
+            succeeded = [o for o in outcomes if isinstance(o, attempts.Succeeded)]
+            written = attempts.succeed_many(succeeded) if succeeded else {}
     return _after_commit(outcomes, written, leased, before_each)
 
 
@@ -250,7 +295,7 @@ def run_batches(
     """
     _check_limit(limit)
     worker = worker or default_worker_name()
-    alone = 0  # after a refused COMMIT: this many jobs are claimed one at a time, unchained
+    alone = 0  # after a batch's writes were lost: this many jobs are claimed one at a time
     while True:
         fast = _FastBatch(worker, before_each, session_timeouts)
         if connection.in_atomic_block:
@@ -326,26 +371,20 @@ def _start_leased(job: ClaimedJob, worker: str) -> tuple[Run, str] | Finished | 
 
 
 class CommitRefused(DjasyncError):
-    """A batch of several jobs could not COMMIT (a constraint checked at commit): nothing of it
-    was written, and which job broke the constraint is unknown. ``run_batches`` then takes the
-    next jobs one at a time, so that the job is found alone and its failure recorded."""
+    """What a batch of several jobs did could not be written (its finish or COMMIT failed,
+    or a statement of djasync's between its jobs): nothing of it was kept, and which job
+    caused it is unknown. The next jobs are then taken one at a time (``run_batches``,
+    ``run_batch``), so that the job is found alone and its failure recorded."""
 
     def __init__(self, jobs: int) -> None:
-        super().__init__(f"the COMMIT of a batch of {jobs} jobs was refused")
+        super().__init__(f"what a batch of {jobs} jobs did could not be written")
         self.jobs = jobs
 
 
-def _refused_at_commit(exc: BaseException, raw: Any) -> bool:
-    """Whether the finish message failed at its COMMIT with a constraint violation (the
-    job's own writes break a deferred constraint): the transaction is over, rolled back."""
-    cause = exc.__cause__ if isinstance(exc, DatabaseError) else exc
-    return (isinstance(cause, psycopg.errors.IntegrityError)
-            and raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
-
-
 def _record_refused(batch: list[Outcomes], exc: DatabaseError) -> Finished:
-    """Record the failed attempt of a job whose COMMIT was refused, in a new transaction, so
-    that it is retried with backoff and finally failed instead of running again and again."""
+    """Record the failed attempt of a job whose success could not be written, in a new
+    transaction (its own was rolled back), with the error that stopped it, so that it is
+    retried with backoff and finally failed instead of running again and again."""
     if len(batch) != 1 or not isinstance(batch[0], attempts.Succeeded):
         raise CommitRefused(len(batch)) from exc
     run = batch[0].run
@@ -393,6 +432,14 @@ class _FastBatch:
         self.before_each = before_each
         self.session_timeouts = session_timeouts
         self.in_savepoint = False
+        #: The jobs of the open transaction's batch, and what happened to those that ran
+        #: (their records written in it, not committed yet).
+        self.claimed: list[ClaimedJob] = []
+        self.outcomes: list[Outcomes] = []
+        #: The finish message's COMMIT went through (what failed came after it).
+        self.committed = False
+        #: What :func:`running_here` said before this batch (``job()`` of a job may run one).
+        self.running_before = _NONE
         #: Django's connection object itself: ``connection`` is a proxy that looks it up (in
         #: a thread-and-task-local) at every attribute, several times per job.
         self.db = connections[DEFAULT_DB_ALIAS]
@@ -417,8 +464,9 @@ class _FastBatch:
         outcomes: list[Outcomes] = []
         written: dict[int, Finished] = {}
         leased: list[Leased] = []
-        finishing: list[Outcomes] = []  # the batch whose finish message is on its way
-        refused = False
+        lost: DatabaseError | None = None
+        lost_writes = False
+        self.running_before = running = _running.get(self.db, _NONE)
         try:
             with transaction.atomic():
                 statements.raw.autocommit = True  # BEGIN and COMMIT are ours (see the class)
@@ -430,12 +478,10 @@ class _FastBatch:
                         outcomes, leased = self._run_jobs(statements, jobs)
                         chain = (on_batch is not None and bool(jobs) and not leased
                                  and not self.db.run_on_commit)
-                        finishing = outcomes
                         written, jobs = self._finish(
                             statements,
                             [o for o in outcomes if isinstance(o, attempts.Succeeded)],
                             then=claim_message if chain else None)
-                        finishing = []
                         if not chain:
                             break
                         assert on_batch is not None
@@ -447,15 +493,36 @@ class _FastBatch:
                             self._left()
                             break
                 except BaseException as exc:
-                    # Ended by its COMMIT (IDLE now), for a constraint checked at commit.
-                    refused = bool(finishing) and _refused_at_commit(exc, statements.raw)
+                    lost_writes = self._writes_lost(exc, statements)
                     self._left()  # before Django's atomic sees its books (it pops savepoints)
                     raise
         except DatabaseError as exc:
-            if not refused:
+            if not lost_writes:
                 raise
-            return [_record_refused(finishing, exc)]
+            lost = exc
+        finally:
+            _running[self.db] = running
+        if lost is not None:
+            # The job may have left its session changed (a role, a search path, prepared
+            # statements dropped): the rollback undid what is transactional, closing the
+            # connection undoes the rest, and the failure is written on a new one.
+            self.db.close()
+            if len(self.claimed) > 1:  # the culprit is found alone, its own error recorded
+                raise CommitRefused(len(self.claimed)) from lost
+            return [_record_refused(self.outcomes, lost)]
         return _after_commit(outcomes, written, leased, self.before_each)
+
+    def _writes_lost(self, exc: BaseException, statements: wire.Statements) -> bool:
+        """Whether ``exc`` lost what the open batch's jobs did, its cause likely one of them:
+        a statement of djasync's failed after a job ran (its RELEASE, its finish, its COMMIT,
+        the failure record of a later job of the batch), before its COMMIT went through, on a
+        connection still working (a lost connection is a crash, counted as such)."""
+        if not isinstance(exc, DatabaseError) or not self.outcomes or self.committed:
+            return False
+        raw = statements.raw
+        if raw.closed or raw.broken or raw.pgconn.status != psycopg.pq.ConnStatus.OK:
+            return False
+        return len(self.claimed) > 1 or isinstance(self.outcomes[0], attempts.Succeeded)
 
     def _claim_message(self, statements: wire.Statements, limit: int,
                        queues: Sequence[str] | None, name_prefix: str | None,
@@ -480,13 +547,16 @@ class _FastBatch:
         SAVEPOINT went through, so Django's books say so from here."""
         self._entered()
         claim_result = results[-self._CLAIM_FROM_END]
-        return [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
-                for id, name, args, kwargs, meta, *rest in statements.rows(claim_result)]
+        self.claimed = [ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
+                        for id, name, args, kwargs, meta, *rest in statements.rows(claim_result)]
+        self.outcomes, self.committed = [], False
+        _running[self.db] = self.running_before.union(job.id for job in self.claimed)
+        return self.claimed
 
     def _run_jobs(self, statements: wire.Statements,
                   jobs: list[ClaimedJob]) -> tuple[list[Outcomes], list[Leased]]:
         """Run the claimed jobs, each in the savepoint; lease the long ones (run after COMMIT)."""
-        outcomes: list[Outcomes] = []
+        outcomes: list[Outcomes] = self.outcomes
         leased: list[Leased] = []
         for number, job in enumerate(jobs):
             if number:
@@ -526,13 +596,13 @@ class _FastBatch:
         RELEASE, the plan setting and COMMIT follow the jobs' own code in their transaction,
         so they are sent unnamed (:meth:`wire.Statements.plain`): a job that dropped the
         session's prepared statements then loses at most its success (the finish statement
-        fails, and the job runs again), never a failure already recorded."""
+        fails, and that is recorded as its failed attempt: see ``run``), never a failure
+        already recorded."""
         command, plain = statements.command, statements.plain
         release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         tail = then or []
         if not succeeded:
-            results = statements.send([release, commit, *tail])
-            self._left()
+            results = self._send_finish(statements, [release, commit], tail)
             return {}, self._claimed(statements, results) if then else []
         if len(succeeded) == 1:
             (one,) = succeeded
@@ -541,9 +611,8 @@ class _FastBatch:
                 "worker": one.run.worker[:255], "result": one.encoded})
         else:
             finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
-        results = statements.send(
-            [release, *map(plain, sql.FINISH_PLAN), finish, commit, *tail])
-        self._left()
+        results = self._send_finish(
+            statements, [release, *map(plain, sql.FINISH_PLAN), finish, commit], tail)
         rows = statements.rows(results[1 + len(sql.FINISH_PLAN)])
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:
@@ -552,6 +621,19 @@ class _FastBatch:
             numbers = {succeeded[0].run.job_id: rows[0][0]} if rows else {}
         written = attempts.report_successes(succeeded, numbers)
         return written, self._claimed(statements, results) if then else []
+
+    def _send_finish(self, statements: wire.Statements, finish: list[wire.Command],
+                     then: list[wire.Command]) -> list[Any]:
+        """Send a finish message (ending with its COMMIT), and ``then``; note whether the COMMIT
+        went through if a statement fails."""
+        try:
+            results = statements.send([*finish, *then])
+        except DatabaseError:
+            self.committed = (statements.failed_at or 0) >= len(finish)
+            raise
+        self._left()
+        self.committed = True
+        return results
 
     def _next_savepoint(self, statements: wire.Statements) -> None:
         """Keep what the previous job wrote (or its failure record), and start a new savepoint."""
@@ -621,13 +703,17 @@ def run_job_now(job: Job) -> Any:
     savepoint: the job's writes and its status then commit or roll back with that transaction.
     """
     nested = connection.in_atomic_block
+    if job.pk in running_here():  # locked by this very session: the claim would not skip it
+        raise DjasyncError(f"job #{job.pk} cannot run now: it is running (claimed by this "
+                           "connection's open transaction, a batch of the worker's)")
     with transaction.atomic():
         claimed = claim(1, job_id=job.pk)
         if not claimed:
             raise DjasyncError(f"job #{job.pk} cannot run now: {_why_not_runnable(job)}")
         long = leases.is_leased(claimed[0].meta)
         if not long:
-            finished = _run_in_savepoint_keeping_timeouts(claimed[0], nested)
+            with _running_now(claimed):
+                finished = _run_in_savepoint_keeping_timeouts(claimed[0], nested)
     if long:  # as a worker runs it: under a lease, once the claim has committed
         ran = _after_commit([], {}, [(claimed[0], default_worker_name())], None)
         if not ran:  # taken by a worker between our claim's commit and the lease
@@ -753,12 +839,21 @@ def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
                                     run.attempt, run.max_attempts, run.worker, run.started))
     try:
         result = _resolve(job.name)(*job.args, **job.kwargs)
-        if connection.in_atomic_block and transaction.get_rollback():
-            raise JobWritesLost(
-                "the job caught a database error without rolling back to a savepoint of its "
-                "own (wrap the statement in transaction.atomic()), so its writes are lost; the "
-                "attempt counts as failed"
-            )
+        if connection.in_atomic_block:
+            if transaction.get_rollback():
+                raise JobWritesLost(
+                    "the job caught a database error without rolling back to a savepoint of "
+                    "its own (wrap the statement in transaction.atomic()), so its writes are "
+                    "lost; the attempt counts as failed"
+                )
+            # Read from libpq's last message, no round trip: an error caught on psycopg's
+            # connection itself, which Django never saw, left the transaction aborted.
+            if connection.connection.pgconn.transaction_status == _IN_ERROR:
+                raise JobWritesLost(
+                    "the job caught a database error itself and left its transaction aborted "
+                    "(roll back to a savepoint of its own: transaction.atomic()), so its "
+                    "writes are lost; the attempt counts as failed"
+                )
         encoded = _json.encode(result)  # an unencodable result is a failed attempt
         if "\\u" in encoded:
             _check_storable(encoded)
@@ -768,6 +863,8 @@ def _call(run: Run, job: ClaimedJob) -> tuple[Any, str]:
     finally:
         _current.reset(token)
 
+
+_IN_ERROR = psycopg.pq.TransactionStatus.INERROR
 
 #: A JSON escape: a surrogate pair, another ``\\uXXXX``, or a one-character escape.
 _ESCAPE = re.compile(r"\\(?:u(d[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|[0-9a-f]{4})|.)")

@@ -16,9 +16,10 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from djasync import attempts, conf, registry, sql, wire
+from djasync import attempts, conf, executor, registry, sql, wire
 from djasync.conf import NOTIFY_CHANNEL
 from djasync.exceptions import DjasyncError, GroupClosed, GroupInUse, UniqueJobNotVisible
 from djasync.models import Group, Job, Status, identity_of
@@ -419,8 +420,7 @@ def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:
     identity = identity_of(name, check_args(args), check_kwargs(kwargs))
     with transaction.atomic():
         ids = list(
-            Job.objects.pending().not_running()
-            .filter(identity=identity)
+            _not_running_here(Job.objects.pending().not_running().filter(identity=identity))
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
         )
@@ -431,12 +431,19 @@ def cancel(job_ids: Iterable[int]) -> int:
     """Cancel these jobs if they are pending and not running; return how many were cancelled."""
     with transaction.atomic():
         ids = list(
-            Job.objects.pending().not_running()
-            .filter(id__in=list(job_ids))
+            _not_running_here(Job.objects.pending().not_running().filter(id__in=list(job_ids)))
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
         )
         return _mark_cancelled(ids)
+
+
+def _not_running_here(jobs: QuerySet[Job]) -> QuerySet[Job]:
+    """Leave out the jobs this connection's own transaction is running (a job cancelling
+    its batch-mates or itself): SKIP LOCKED skips the jobs other workers run, but not
+    those whose rows this session locked itself."""
+    running = executor.running_here()
+    return jobs.exclude(id__in=running) if running else jobs
 
 
 def retry_now(job_ids: Iterable[int]) -> int:
@@ -451,9 +458,8 @@ def retry_now(job_ids: Iterable[int]) -> int:
 
     with transaction.atomic():
         ids = list(
-            Job.objects.filter(id__in=list(job_ids))
+            _not_running_here(Job.objects.not_running().filter(id__in=list(job_ids)))
             .exclude(status=Status.SUCCEEDED)
-            .not_running()
             .select_for_update(skip_locked=True, no_key=True)
             .values_list("id", flat=True)
         )

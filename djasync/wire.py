@@ -71,6 +71,10 @@ class Statements:
         self._plain: dict[str, Command] = {}
         self._selector: selectors.BaseSelector | None = None
         self._waiting_for = 0
+        #: Which of the commands of the last :meth:`send` failed (its index), if one did: the
+        #: executor tells a finish that failed (nothing committed) from a claim that failed
+        #: after the COMMIT before it went through.
+        self.failed_at: int | None = None
 
     def plain(self, text: str) -> Command:
         """A statement without parameters, sent unnamed (parsed each time): for those that
@@ -178,15 +182,17 @@ class Statements:
         (inside Django's ``atomic``) and none is open. If a statement fails, the ones after it
         did not run and its error is raised, as Django's exception class.
         """
+        self.failed_at = None
         if not self.raw.autocommit and self.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            return self._send([self.command(self.begin()), *commands])[1:]
+            return self._send([self.command(self.begin()), *commands], first=-1)[1:]
         return self._send(commands)
 
-    def _send(self, commands: Sequence[Command]) -> list[pq.abc.PGresult]:
+    def _send(self, commands: Sequence[Command], first: int = 0) -> list[pq.abc.PGresult]:
         with self.db.wrap_database_errors:  # Django's exception classes, as the ORM raises
             results = self._exchange(commands)
-            for result in results:  # the first that failed (those after it were skipped)
-                if result.status not in _OK:
+            for number, result in enumerate(results, first):
+                if result.status not in _OK:  # the first that failed (the rest were skipped)
+                    self.failed_at = number
                     error = psycopg.errors.error_from_result(result, encoding=self._encoding)
                     if isinstance(error, psycopg.errors.InvalidSqlStatementName):
                         # Someone ran DEALLOCATE ALL or DISCARD ALL on this session (psycopg
