@@ -53,8 +53,18 @@ def prune(
                 )
                 ids = [row[0] for row in cursor.fetchall()]
                 if not ids:
-                    # Slot records of periodic jobs only need to outlive the daemons' clocks.
-                    cursor.execute("DELETE FROM djasync_periodicslot WHERE slot < %s", [cutoff])
+                    # Slot records of periodic jobs only need to outlive the daemons' clocks,
+                    # except each name's newest: it is what tells a restarting daemon that the
+                    # latest slot already ran, however long ago (a monthly job, a 30-day prune).
+                    cursor.execute(
+                        """
+                        DELETE FROM djasync_periodicslot p
+                         WHERE p.slot < %s
+                           AND EXISTS (SELECT 1 FROM djasync_periodicslot n
+                                        WHERE n.name = p.name AND n.slot > p.slot)
+                        """,
+                        [cutoff],
+                    )
                     return total
                 cursor.execute(
                     "UPDATE djasync_group SET final_id = NULL WHERE final_id = ANY(%s)", [ids]
