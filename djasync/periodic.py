@@ -52,17 +52,18 @@ class Periodic:
     def latest_slot(self, now: datetime.datetime) -> datetime.datetime:
         """The most recent slot at or before ``now`` (in UTC)."""
         now = _instant(now)
-        local = timezone.localtime(now)
-        # cronsim's reverse walk ignores ``fold``: inside the repeated autumn hour it answers as
-        # if it were the first pass, an hour too early. Its forward walk is right, so take the
-        # reverse answer only as a starting point at or before the slot we want, and walk
-        # forward from it to the last slot at or before ``now``.
-        after_now = local.replace(microsecond=0) + datetime.timedelta(seconds=1)
+        # The second is added in UTC: arithmetic on a local datetime resets ``fold``, which
+        # inside the repeated autumn hour would walk back from the first pass, an hour early.
+        after_now = timezone.localtime(now.replace(microsecond=0) + datetime.timedelta(seconds=1))
         slot = next(CronSim(self.cron, after_now, reverse=True))
         if slot > now:
-            # Never seen; guards the forward walk's premise. Start before any DST shift.
+            # Not seen, but the forward walk below needs a start at or before ``now``: step
+            # back past any daylight saving shift.
             earlier = timezone.localtime(now - datetime.timedelta(hours=3))
             slot = next(CronSim(self.cron, earlier, reverse=True))
+        # cronsim's reverse walk is not reliable around the fold anyway (from the second pass
+        # it skips "30 2 * * *" of the first pass, a day too far back); its forward walk is what
+        # tick() follows, so walk forward to the last slot at or before ``now``.
         for following in CronSim(self.cron, slot):
             if following > now:
                 break
@@ -71,7 +72,14 @@ class Periodic:
 
     def next_slot(self, now: datetime.datetime) -> datetime.datetime:
         """The first slot after ``now`` (in UTC)."""
-        return next(CronSim(self.cron, timezone.localtime(_instant(now)))).astimezone(datetime.UTC)
+        now = _instant(now)
+        # cronsim can answer a slot already past: from 02:00 CET (the repeated hour's second
+        # pass), "30 2 * * *" gives 02:30 CEST, an hour before. Taken as due, it would make
+        # tick() return 0 until 02:30 CET: the supervisor spinning for half an hour.
+        for slot in CronSim(self.cron, timezone.localtime(now)):
+            if slot > now:
+                return slot.astimezone(datetime.UTC)
+        raise AssertionError("unreachable: CronSim iterates forever")  # pragma: no cover
 
 
 def _instant(moment: datetime.datetime) -> datetime.datetime:

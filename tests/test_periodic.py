@@ -6,6 +6,7 @@ import zoneinfo
 from io import StringIO
 
 import pytest
+from cronsim import CronSim
 from django.core import checks
 from django.core.management import call_command
 from django.test import override_settings
@@ -227,6 +228,20 @@ def test_a_slot_missed_in_the_repeated_autumn_hour_is_caught_up_at_start():
     assert Job.objects.count() == 2
 
 
+
+def test_a_daemon_started_in_the_repeated_autumn_hour_does_not_spin_on_a_past_slot():
+    daily = {"cron": "30 2 * * *", "function": "tests.jobs.add", "args": [1, 1], "name": "daily"}
+    with override_settings(TIME_ZONE="Europe/Berlin"):
+        scheduler = periodic.Scheduler(periodic.parse([daily]))
+        # 02:10 CET, the second pass (01:10 UTC). In UTC: adding to a local time resets fold.
+        now = datetime.datetime(2026, 10, 25, 2, 10, tzinfo=BERLIN, fold=1).astimezone(
+            datetime.UTC)
+        scheduler.start(now)
+        # 02:30 CEST ran before the clocks went back; the next one is tomorrow's, not 02:30 CET.
+        wait = scheduler.tick(now + datetime.timedelta(seconds=1))
+    assert wait is not None and wait > 23 * 3600
+    assert _slots("daily") == [datetime.datetime(2026, 10, 25, 0, 30, tzinfo=datetime.UTC)]
+
 @pytest.mark.parametrize("night, cron, expected", [
     # Autumn: 03:00 CEST -> 02:00 CET on 25 October 2026 (01:00 UTC).
     ((2026, 10, 24, 23), "*/15 * * * *", [(2026, 10, 24, 23, m) for m in (0, 15, 30, 45)] + [
@@ -254,8 +269,28 @@ def test_ticks_across_a_daylight_saving_change_enqueue_each_slot_once(night, cro
         now = start
         while now < start + datetime.timedelta(hours=4):
             wait = scheduler.tick(now)
-            assert wait is not None
+            assert wait is not None and wait > 0  # zero would make the supervisor spin
             now += min(datetime.timedelta(seconds=wait) or datetime.timedelta(seconds=1),
                        datetime.timedelta(minutes=7))
     assert _slots("dst") == [datetime.datetime(*t, tzinfo=datetime.UTC) for t in expected]
     assert Job.objects.count() == len(expected)
+
+
+@pytest.mark.parametrize("zone, night", [
+    ("Europe/Berlin", (2026, 3, 29)), ("Europe/Berlin", (2026, 10, 25)),
+    ("America/New_York", (2026, 3, 8)), ("America/New_York", (2026, 11, 1)),
+])
+def test_latest_and_next_slot_agree_with_a_forward_walk_across_a_dst_change(zone, night):
+    crons = ["0 * * * *", "*/15 * * * *", "30 2 * * *", "45 1 * * *", "*/7 * * * *"]
+    start = datetime.datetime(*night, tzinfo=datetime.UTC) - datetime.timedelta(hours=6)
+    with override_settings(TIME_ZONE=zone):
+        for cron in crons:
+            entry = periodic.Periodic("x", cron, "tests.jobs.add")
+            walk = CronSim(cron, timezone.localtime(start - datetime.timedelta(days=2)))
+            slots = []
+            while not slots or slots[-1] < start + datetime.timedelta(days=3):
+                slots.append(next(walk).astimezone(datetime.UTC))
+            for minutes in range(0, 24 * 60, 5):
+                now = start + datetime.timedelta(minutes=minutes, seconds=13)
+                assert entry.latest_slot(now) == max(s for s in slots if s <= now), (cron, now)
+                assert entry.next_slot(now) == min(s for s in slots if s > now), (cron, now)
