@@ -13,7 +13,11 @@ Every running ``djasync-worker`` tries to enqueue each slot when it comes due; a
 a slot is enqueued exactly once however many daemons run, with no leader to elect.
 
 Missed slots (no daemon ran): at start-up only the most recent missed slot is enqueued, once;
-older ones are skipped. Cron expressions are read in ``settings.TIME_ZONE``.
+older ones are skipped. A slot at or before the newest one recorded for its name is never
+enqueued, and ``prune_jobs`` keeps that newest record, so a restart never repeats a slot however
+long ago it was. Cron expressions are read in ``settings.TIME_ZONE`` (also under ``USE_TZ =
+False``); slots are instants, so the repeated autumn hour and the skipped spring hour run each
+slot once.
 """
 
 from __future__ import annotations
@@ -46,13 +50,48 @@ class Periodic:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def latest_slot(self, now: datetime.datetime) -> datetime.datetime:
-        """The most recent slot at or before ``now``."""
-        after_now = timezone.localtime(now).replace(microsecond=0) + datetime.timedelta(seconds=1)
-        return next(CronSim(self.cron, after_now, reverse=True))
+        """The most recent slot at or before ``now`` (in UTC)."""
+        now = _instant(now)
+        # The second is added in UTC: arithmetic on a local datetime resets ``fold``, which
+        # inside the repeated autumn hour would walk back from the first pass, an hour early.
+        after_now = timezone.localtime(now.replace(microsecond=0) + datetime.timedelta(seconds=1))
+        slot = next(CronSim(self.cron, after_now, reverse=True))
+        if slot > now:
+            # Not seen, but the forward walk below needs a start at or before ``now``: step
+            # back past any daylight saving shift.
+            earlier = timezone.localtime(now - datetime.timedelta(hours=3))
+            slot = next(CronSim(self.cron, earlier, reverse=True))
+        # cronsim's reverse walk is not reliable around the fold anyway (from the second pass
+        # it skips "30 2 * * *" of the first pass, a day too far back); its forward walk is what
+        # tick() follows, so walk forward to the last slot at or before ``now``.
+        for following in CronSim(self.cron, slot):
+            if following > now:
+                break
+            slot = following
+        return slot.astimezone(datetime.UTC)
 
     def next_slot(self, now: datetime.datetime) -> datetime.datetime:
-        """The first slot after ``now``."""
-        return next(CronSim(self.cron, timezone.localtime(now)))
+        """The first slot after ``now`` (in UTC)."""
+        now = _instant(now)
+        # cronsim can answer a slot already past: from 02:00 CET (the repeated hour's second
+        # pass), "30 2 * * *" gives 02:30 CEST, an hour before. Taken as due, it would make
+        # tick() return 0 until 02:30 CET: the supervisor spinning for half an hour.
+        for slot in CronSim(self.cron, timezone.localtime(now)):
+            if slot > now:
+                return slot.astimezone(datetime.UTC)
+        raise AssertionError("unreachable: CronSim iterates forever")  # pragma: no cover
+
+
+def _instant(moment: datetime.datetime) -> datetime.datetime:
+    """Return ``moment`` as an aware UTC datetime (a naive one is in ``TIME_ZONE``).
+
+    Naive datetimes are what ``timezone.now()`` returns under ``USE_TZ = False``. Slots are kept
+    in UTC because Python compares two datetimes of the same zone by wall time, ignoring
+    ``fold``: 02:00 CET would sort before 02:30 CEST.
+    """
+    if timezone.is_naive(moment):
+        moment = timezone.make_aware(moment)
+    return moment.astimezone(datetime.UTC)
 
 
 def parse(raw: Any) -> tuple[Periodic, ...]:
@@ -97,10 +136,14 @@ def enqueue_slot(entry: Periodic, slot: datetime.datetime) -> bool:
 
     with transaction.atomic():
         with connection.cursor() as cursor:
+            # Only a slot after the newest recorded one is new: an older one was either enqueued
+            # or skipped as a missed slot (a late tick, a clock behind, a restart).
             cursor.execute(
-                "INSERT INTO djasync_periodicslot (name, slot, created_at) VALUES (%s, %s, now())"
+                "INSERT INTO djasync_periodicslot (name, slot, created_at)"
+                " SELECT %(name)s, %(slot)s, now() WHERE NOT EXISTS ("
+                "   SELECT 1 FROM djasync_periodicslot WHERE name = %(name)s AND slot >= %(slot)s)"
                 " ON CONFLICT (name, slot) DO NOTHING RETURNING 1",
-                [entry.name, slot],
+                {"name": entry.name, "slot": slot},
             )
             if cursor.fetchone() is None:
                 return False
@@ -119,12 +162,14 @@ class Scheduler:
 
     def start(self, now: datetime.datetime) -> None:
         """Enqueue the most recent missed slot of each entry (once), then wait for the next."""
+        now = _instant(now)
         for entry in self.entries:
             enqueue_slot(entry, entry.latest_slot(now))
             self.next[entry.name] = entry.next_slot(now)
 
     def tick(self, now: datetime.datetime) -> float | None:
         """Enqueue the slots that came due; return seconds until the next one (or None)."""
+        now = _instant(now)
         for entry in self.entries:
             due = self.next.get(entry.name)
             if due is None:

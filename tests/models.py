@@ -26,3 +26,63 @@ class JobReference(models.Model):
 
     def __str__(self) -> str:
         return f"reference to job #{self.job_id}"
+
+
+class JobNote(models.Model):
+    """An application row that outlives its job: the reference is cleared (SET_NULL)."""
+
+    job = models.ForeignKey("djasync.Job", null=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        app_label = "tests"
+
+    def __str__(self) -> str:
+        return f"note on job #{self.job_id}"
+
+
+class JobGuard(models.Model):
+    """An application row that keeps its job from being deleted (PROTECT)."""
+
+    job = models.ForeignKey("djasync.Job", on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        app_label = "tests"
+
+    def __str__(self) -> str:
+        return f"guard of job #{self.job_id}"
+
+
+class ReferenceGuard(models.Model):
+    """Protects a JobReference, and so, through its cascade, the job it references."""
+
+    reference = models.ForeignKey(JobReference, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        app_label = "tests"
+
+    def __str__(self) -> str:
+        return f"guard of reference #{self.reference_id}"
+
+
+class AttemptReference(models.Model):
+    """An application row that references an attempt (goes with it: CASCADE)."""
+
+    attempt = models.ForeignKey("djasync.Attempt", on_delete=models.CASCADE, related_name="+")
+
+    class Meta:
+        app_label = "tests"
+
+    def __str__(self) -> str:
+        return f"reference to attempt #{self.attempt_id}"
+
+
+class GroupGuard(models.Model):
+    """An application row that keeps a group from being deleted (PROTECT)."""
+
+    group = models.ForeignKey("djasync.Group", on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        app_label = "tests"
+
+    def __str__(self) -> str:
+        return f"guard of group #{self.group_id}"
