@@ -118,7 +118,7 @@ def x_ticks(times: Sequence[datetime.datetime], x_of: Callable[[int], float],
     """``(x, label, text-anchor)``: a clock-time tick every ``every`` points counted back from
     the last, which is "now" (anchored at its end so that it stays inside the chart)."""
     last = len(times) - 1
-    return [(x_of(i), f"{timezone.localtime(times[i]):%H:%M}", "middle")
+    return [(x_of(i), f"{_local(times[i]):%H:%M}", "middle")
             for i in range(last - every, -1, -every)][::-1] + [(x_of(last), "now", "end")]
 
 
@@ -166,7 +166,7 @@ def stacked_bar_chart(chart_id: str, title: str, times: Sequence[datetime.dateti
                 y_top, y_base = _y(base + values[i], top), _y(base, top)
                 bars.append(Bar(round(LEFT + slot * i + slot * 0.1, 1), y_top,
                                 round(slot * 0.8, 1), round(y_base - y_top, 1), color,
-                                f"{timezone.localtime(times[i]):%H:%M}: {values[i]} {name}"))
+                                f"{_local(times[i]):%H:%M}: {values[i]} {name}"))
                 base += values[i]
     return Chart(chart_id, title, desc,
                  y_ticks=[(_y(v, top), _tick_label(v, "")) for v in ticks],
@@ -193,7 +193,7 @@ def _seconds(value: float | None) -> str:
 def context(data: Dashboard) -> dict[str, object]:
     """What ``admin/djasync/dashboard.html`` renders: the charts and the numbers behind them."""
     times = data.times
-    labels = [f"{timezone.localtime(t):%H:%M}" for t in times]
+    labels = [f"{_local(t):%H:%M}" for t in times]
     queues = queue_series(data.depth)
     flow, latency = data.throughput, data.latency
     now_depth = ", ".join(f"{name} {values[-1]}" for name, _, values in queues) or "none"
@@ -238,3 +238,8 @@ def context(data: Dashboard) -> dict[str, object]:
             ("Workers alive", len(data.workers)),
         ],
     }
+
+
+def _local(moment: datetime.datetime) -> datetime.datetime:
+    """A sample time in the current time zone (already local when ``USE_TZ`` is off)."""
+    return timezone.localtime(moment) if timezone.is_aware(moment) else moment

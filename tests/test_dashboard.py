@@ -496,3 +496,14 @@ def test_the_charts_render_in_headless_chromium(live_server, tmp_path: Path):
         background = crop.getpixel((2, 2))
         inked = sum(1 for pixel in pixels(crop) if pixel != background)
         assert inked > crop.width * crop.height * 0.03, (chart_id, inked, shot)
+
+
+def test_the_dashboard_renders_when_use_tz_is_off(settings):
+    settings.USE_TZ = False
+    settings.TIME_ZONE = "Europe/Berlin"
+    djasync.schedule(jobs.add, args=[1, 2])
+    executor.run_batch()
+    response = staff_client("view_job").get(URL)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<svg id="djasync-throughput"' in html and "tests.jobs.add" in html
