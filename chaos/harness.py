@@ -273,23 +273,21 @@ def _tail(path: Path, chars: int, offset: int = 0) -> str:
 # -- the producer ---------------------------------------------------------------------------------
 
 
-class Producer(threading.Thread):
-    """Schedule jobs in ``transaction.atomic()`` batches until stopped; roll back every 10th.
+class HarnessThread(threading.Thread):
+    """A thread of the harness's own (producers, housekeeping): seeded, stoppable, and an
+    exception it dies of is kept for the harness to report."""
 
-    Each batch commits with ``synchronous_commit = on`` (SET LOCAL), so a batch acknowledged
-    as committed is durable even while the server runs with it off: only the workers' commits
-    may vanish in the ``synchronous_commit = off`` crash.
-    """
+    #: Added to the seed, so that each kind of thread draws its own random sequence.
+    SEED_SALT = 0
 
-    def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
-        super().__init__(name="producer", daemon=True)
+    def __init__(self, name: str, config: Config, expected: checker.Expectations,
+                 clock: Clock) -> None:
+        super().__init__(name=name, daemon=True)
         self.config = config
         self.expected = expected
         self.clock = clock
-        self.rng = random.Random(config.seed * 7919 + 1)
+        self.rng = random.Random(config.seed * 7919 + self.SEED_SALT)
         self.stop_event = threading.Event()
-        self.lock = threading.Lock()
-        self.batches = Counter[str]()
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -298,6 +296,25 @@ class Producer(threading.Thread):
         except BaseException as exc:  # reported by the harness
             self.error = exc
             raise
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Producer(HarnessThread):
+    """Schedule jobs in ``transaction.atomic()`` batches until stopped; roll back every 10th.
+
+    Each batch commits with ``synchronous_commit = on`` (SET LOCAL), so a batch acknowledged
+    as committed is durable even while the server runs with it off: only the workers' commits
+    may vanish in the ``synchronous_commit = off`` crash.
+    """
+
+    SEED_SALT = 1
+
+    def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
+        super().__init__("producer", config, expected, clock)
+        self.lock = threading.Lock()
+        self.batches = Counter[str]()
 
     def _run(self) -> None:
         from django.db import connection, transaction
@@ -348,7 +365,7 @@ class Producer(threading.Thread):
             connection.close()
 
 
-class MixedProducer(threading.Thread):
+class MixedProducer(HarnessThread):
     """The mixed workload, one seeded action at a time until stopped: long jobs, groups with
     a final job (and a member added late), jobs cancelled or descheduled soon after they are
     scheduled, a job that cancels the job scheduled with it (its batch-mate on the batch
@@ -361,23 +378,12 @@ class MixedProducer(threading.Thread):
 
     ACTIONS = {"long": 3, "group": 3, "cancel": 3, "mate": 2, "unique": 3}
 
+    SEED_SALT = 2
+
     def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
-        super().__init__(name="mixed-producer", daemon=True)
-        self.config = config
-        self.expected = expected
-        self.clock = clock
-        self.rng = random.Random(config.seed * 7919 + 2)
-        self.stop_event = threading.Event()
+        super().__init__("mixed-producer", config, expected, clock)
         self.counts = Counter[str]()
         self.number = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the harness
-            self.error = exc
-            raise
 
     def _run(self) -> None:
         from django.db import connection
@@ -548,7 +554,7 @@ class MixedProducer(threading.Thread):
             self.expected.unique_merged += 1
 
 
-class Housekeeper(threading.Thread):
+class Housekeeper(HarnessThread):
     """``prune_jobs`` every few seconds with a short retention, and in between a look for two
     pending jobs holding one unique key."""
 
@@ -557,25 +563,15 @@ class Housekeeper(threading.Thread):
        AND unique_key IS NOT NULL GROUP BY 1 HAVING count(*) > 1
     """
 
+    SEED_SALT = 3
+
     def __init__(self, config: Config, expected: checker.Expectations, clock: Clock) -> None:
-        super().__init__(name="housekeeper", daemon=True)
-        self.config = config
-        self.expected = expected
-        self.clock = clock
-        self.stop_event = threading.Event()
+        super().__init__("housekeeper", config, expected, clock)
         self.prunes = 0
         self.pruned = 0
         self.samples = 0
         self.errors = 0
         self.last_error = ""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the harness
-            self.error = exc
-            raise
 
     def _run(self) -> None:
         from django.db import connection

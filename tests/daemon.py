@@ -32,6 +32,15 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def short_lease_env(tmp_path: Path, seconds: float = 1) -> dict[str, str]:
+    """A worker environment whose settings module ``lease_settings`` has short leases."""
+    (tmp_path / "lease_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        f"DJASYNC = {{**DJASYNC, 'LEASE_SECONDS': {seconds}}}\n"
+    )
+    return worker_env(PYTHONPATH=f"{tmp_path}:{worker_env()['PYTHONPATH']}")
+
+
 def start_worker(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "djasync_worker", "--settings", "tests.settings",
                "--log-level", "debug", *args]

@@ -9,18 +9,10 @@ import djasync
 from djasync import executor
 from djasync.models import Job, Outcome, Status
 from tests import jobs
-from tests.daemon import start_worker, stop, wait_for, worker_env
+from tests.daemon import short_lease_env, start_worker, stop, wait_for
 from tests.models import Ledger
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
-
-
-def short_lease_env(tmp_path, seconds=1):
-    (tmp_path / "lease_settings.py").write_text(
-        "from tests.settings import *  # noqa\n"
-        f"DJASYNC = {{**DJASYNC, 'LEASE_SECONDS': {seconds}}}\n"
-    )
-    return worker_env(PYTHONPATH=f"{tmp_path}:{worker_env()['PYTHONPATH']}")
 
 
 def test_a_non_atomic_job_commits_its_writes_as_it_goes_and_then_succeeds(tmp_path,

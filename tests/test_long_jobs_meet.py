@@ -14,18 +14,10 @@ from djasync.exceptions import DjasyncError
 from djasync.models import Attempt, Job, Outcome, Status
 from djasync.testing import run_jobs
 from tests import jobs
-from tests.daemon import start_worker, stop, wait_for, worker_env
+from tests.daemon import short_lease_env, start_worker, stop, wait_for
 from tests.models import Ledger
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
-
-
-def short_lease_env(tmp_path, seconds=1):
-    (tmp_path / "lease_settings.py").write_text(
-        "from tests.settings import *  # noqa\n"
-        f"DJASYNC = {{**DJASYNC, 'LEASE_SECONDS': {seconds}}}\n"
-    )
-    return worker_env(PYTHONPATH=f"{tmp_path}:{worker_env()['PYTHONPATH']}")
 
 
 def ledger(key):
