@@ -28,6 +28,12 @@ def default_backoff(attempt: int) -> float:
     return 60.0 * attempt**1.6
 
 
+def _connection_defaults() -> dict[str, int | None]:
+    from djasync.connections import DEFAULTS
+
+    return dict(DEFAULTS)
+
+
 @dataclass(frozen=True)
 class Settings:
     #: Attempts a job gets (errors, crashes and timeouts all count) before it is marked failed.
@@ -49,6 +55,10 @@ class Settings:
     LEASE_SECONDS: float = 60.0
     #: Periodic jobs: a list of {"cron", "function", ...} dicts (see djasync.periodic).
     PERIODIC: tuple[Any, ...] = ()
+    #: libpq parameters the worker daemon adds to its own connections (keepalives,
+    #: tcp_user_timeout, connect_timeout: see djasync.connections), merged over its defaults;
+    #: the project's DATABASES OPTIONS win over both.
+    WORKER_CONNECTION_OPTIONS: dict[str, int | None] = field(default_factory=_connection_defaults)
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
     def backoff(self, attempt: int, job_backoff: Any = None) -> float:
@@ -124,6 +134,10 @@ def load(raw: Any) -> Settings:
         from djasync.periodic import parse
 
         values["PERIODIC"] = parse(values["PERIODIC"])
+    if "WORKER_CONNECTION_OPTIONS" in values:
+        from djasync.connections import check
+
+        values["WORKER_CONNECTION_OPTIONS"] = check(values["WORKER_CONNECTION_OPTIONS"])
     backoff = values.get("BACKOFF", Settings.BACKOFF)
     if isinstance(backoff, str):
         try:

@@ -321,11 +321,10 @@ class _DaemonCollector:
             yield GaugeMetricFamily("djasync_children_busy", "Child processes running a job.",
                                     value=sum(1 for c in children if int(c.shared[JOB_ID])))
             listener = supervisor.listener
-            conn = listener.conn
-            up = conn is not None and not conn.closed and not conn.broken
             yield GaugeMetricFamily("djasync_listen_up",
-                                    "1 while the LISTEN connection is up, else 0 (the worker "
-                                    "then finds jobs by polling).", value=int(up))
+                                    "1 while the LISTEN connection is up and answers its "
+                                    "probes, else 0 (the worker then finds jobs by polling).",
+                                    value=int(listener.up))
             yield CounterMetricFamily("djasync_listen_reconnects",
                                       "Times the LISTEN connection was made again after the "
                                       "first.", value=max(0, listener.connects - 1))

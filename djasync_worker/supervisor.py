@@ -29,6 +29,7 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from djasync import attempts, conf, executor, leases, periodic, sql, workers
+from djasync.connections import configure_worker_connections
 from djasync.models import Job, Outcome
 from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
@@ -113,6 +114,7 @@ class Supervisor:
     metrics: Exporter | None = None
 
     def __post_init__(self) -> None:
+        configure_worker_connections()  # keepalives etc. for every connection opened from here
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.children: dict[int, ChildState] = {}
         self.context = multiprocessing.get_context("fork")
@@ -187,7 +189,7 @@ class Supervisor:
         self._tick(time.monotonic())
 
     def _timeout(self, now: float) -> float:
-        moments = [self.next_poll, self.next_heartbeat]
+        moments = [self.next_poll, self.next_heartbeat, self.listener.next_deadline()]
         if self.next_run_after is not None:
             moments.append(self.next_run_after)
         if self.stop_deadline is not None:

@@ -1,0 +1,98 @@
+"""libpq options that make the worker's connections notice a dead peer within seconds.
+
+A silent network partition (packets dropped, no FIN, no reset) is invisible to an idle TCP
+connection for two hours (the kernel's keepalive default), and a connection with data in
+flight retransmits for some fifteen minutes before it gives up. Until then a worker cut off
+from PostgreSQL waits, and after the network returns it reconnects only when TCP's back-off
+lets it. These options bound both: keepalive probes end an idle connection after
+``keepalives_idle + keepalives_interval * keepalives_count`` seconds of silence,
+``tcp_user_timeout`` ends one whose sent data stays unacknowledged (a COMMIT sent into the
+void), and ``connect_timeout`` bounds a connection attempt.
+
+They protect the worker's side only. The job's row lock is held by the server's session, which
+ends when the *server* notices the dead peer: that is the server recipe in the README
+(``tcp_keepalives_*``, ``tcp_user_timeout``).
+
+Only the worker daemon applies them, to its own processes, unless the project's ``DATABASES``
+``OPTIONS`` already say otherwise (the project's values win). The web application keeps its
+settings; a project that wants the same there puts the options in ``DATABASES`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connections
+
+#: Defaults: an idle connection is given up after 5 + 2 * 3 = 11 s of silence, one with unacked
+#: data after 10 s, a connection attempt after 5 s (libpq's minimum is 2).
+DEFAULTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # milliseconds, as libpq counts it
+    "connect_timeout": 5,
+}
+
+#: Accepted keys and their bounds (libpq's units: seconds, but milliseconds for tcp_user_timeout).
+BOUNDS: dict[str, tuple[int, int]] = {
+    "keepalives": (0, 1),
+    "keepalives_idle": (1, 7200),
+    "keepalives_interval": (1, 600),
+    "keepalives_count": (1, 100),
+    "tcp_user_timeout": (0, 3_600_000),
+    "connect_timeout": (0, 3600),
+}
+
+
+def check(raw: Any) -> dict[str, int | None]:
+    """Validate ``DJASYNC["WORKER_CONNECTION_OPTIONS"]``; return the options it describes.
+
+    The value is a dict of libpq parameters merged over :data:`DEFAULTS`; ``None`` for a key
+    removes that default (libpq's own default applies).
+    """
+    from djasync.exceptions import ImproperlyConfigured
+
+    name = "DJASYNC['WORKER_CONNECTION_OPTIONS']"
+    if not isinstance(raw, dict):
+        raise ImproperlyConfigured(f"{name} must be a dict of libpq parameters, "
+                                   f"not {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(BOUNDS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"{name} has unknown key(s) {', '.join(map(str, unknown))}; known keys: "
+            f"{', '.join(BOUNDS)}."
+        )
+    for key, value in raw.items():
+        low, high = BOUNDS[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not low <= value <= high):
+            unit = " (milliseconds)" if key == "tcp_user_timeout" else ""
+            raise ImproperlyConfigured(
+                f"{name}[{key!r}] must be an integer between {low} and {high}{unit}, or None."
+            )
+    return {**DEFAULTS, **raw}
+
+
+def worker_options() -> dict[str, int]:
+    """The options this worker adds to its connections (the settings over the defaults)."""
+    from djasync import conf
+
+    return {k: v for k, v in conf.get().WORKER_CONNECTION_OPTIONS.items() if v is not None}
+
+
+def configure_worker_connections() -> None:
+    """Add :func:`worker_options` to the ``OPTIONS`` of every PostgreSQL database alias, for
+    this process and the processes it forks; a key the project set itself is left alone.
+
+    Call it in the worker before it connects: connections already open keep what they had.
+    """
+    options = worker_options()
+    for alias in connections:
+        settings_dict = connections[alias].settings_dict
+        if connections[alias].vendor != "postgresql":
+            continue
+        own = settings_dict.setdefault("OPTIONS", {})
+        for key, value in options.items():
+            own.setdefault(key, value)
