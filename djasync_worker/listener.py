@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 RECONNECT_DELAY_SECONDS = 0.1
 RECONNECT_DELAY_MAX_SECONDS = 1.0
 #: How often an idle LISTEN connection is probed, and how long its answer may take.
-PROBE_INTERVAL_SECONDS = 5.0
-PROBE_TIMEOUT_SECONDS = 5.0
+PROBE_INTERVAL_SECONDS = 2.0
+PROBE_TIMEOUT_SECONDS = 4.0
 #: Bound of a connection attempt when the connection parameters give no ``connect_timeout``.
 CONNECT_TIMEOUT_SECONDS = 10.0
 #: While the socket is being connected libpq waits to *write*, which the supervisor's loop

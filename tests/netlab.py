@@ -78,6 +78,7 @@ class Lab:
         self.processes: list[subprocess.Popen] = []
         self.server: subprocess.Popen | None = None
         self.cuts = 0
+        self.active_cuts: list[str] = []
         self._namespaces: list[str] = []
         try:
             self._make_database_host(server_settings or {})
@@ -188,12 +189,30 @@ class Lab:
         subprocess.run(["ip", "netns", "exec", self.db_ns, "nft", "-f", "-"],
                        input="\n".join(rules) + "\n", check=True, capture_output=True,
                        text=True, timeout=30)
+        self.active_cuts.append(table)
         return table
 
     def heal(self, table: str) -> None:
         _run("ip", "netns", "exec", self.db_ns, "nft", "delete", "table", "inet", table)
+        self.active_cuts.remove(table)
 
     # -- cleaning up --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Heal, kill what was spawned, wait for the hosts' sessions to end, empty the job
+        tables."""
+        for table in list(self.active_cuts):
+            self.heal(table)
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        self.processes.clear()
+        with self.connect() as conn:
+            wait_for(lambda: not conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE client_addr <<= %s::inet",
+                [f"{self.subnet}.0/24"]).fetchone(), 30, "the hosts' sessions to end")
+            conn.execute("TRUNCATE djasync_job CASCADE")
 
     def close(self) -> None:
         for process in self.processes:
@@ -216,6 +235,8 @@ class Lab:
             except subprocess.TimeoutExpired:
                 self.server.kill()
                 self.server.wait()
+            if self.server.stdout is not None:
+                self.server.stdout.close()
         for ns in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self._namespaces.clear()

@@ -1,0 +1,309 @@
+"""Network failures: connection options, the listener's probe, and real partitions.
+
+The partition tests build hosts as network namespaces and cut them off with nftables (see
+tests/netlab.py); they need root, ``ip`` and ``nft`` and are skipped, saying so, without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.db import connections
+from django.test import override_settings
+
+from djasync import conf
+from djasync.connections import DEFAULTS, configure_worker_connections
+from djasync.exceptions import ImproperlyConfigured
+from djasync_worker import listener as listener_module
+from djasync_worker.listener import Listener
+from tests import netlab
+from tests.conftest import conninfo
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_worker_connection_options_default_to_detection_within_seconds():
+    options = conf.load({}).WORKER_CONNECTION_OPTIONS
+    assert options == DEFAULTS
+    idle = options["keepalives_idle"] + options["keepalives_interval"] * options["keepalives_count"]
+    assert options["keepalives"] == 1 and idle <= 15
+    assert options["tcp_user_timeout"] <= 15_000 and options["connect_timeout"] <= 10
+
+
+def test_worker_connection_options_merge_over_the_defaults_and_none_removes_one():
+    options = conf.load({"WORKER_CONNECTION_OPTIONS": {"keepalives_idle": 30,
+                                                       "tcp_user_timeout": None}})
+    assert options.WORKER_CONNECTION_OPTIONS["keepalives_idle"] == 30
+    assert options.WORKER_CONNECTION_OPTIONS["tcp_user_timeout"] is None
+    assert options.WORKER_CONNECTION_OPTIONS["keepalives_count"] == DEFAULTS["keepalives_count"]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ([("keepalives", 1)], "must be a dict of libpq parameters, not list"),
+    ({"keepalive_idle": 5}, "unknown key(s) keepalive_idle; known keys: keepalives, "),
+    ({"keepalives_idle": 0}, "['keepalives_idle'] must be an integer between 1 and 7200"),
+    ({"tcp_user_timeout": 10.5}, "between 0 and 3600000 (milliseconds)"),
+    ({"keepalives": True}, "['keepalives'] must be an integer between 0 and 1"),
+])
+def test_bad_worker_connection_options_are_clear_errors(value, message):
+    with pytest.raises(ImproperlyConfigured) as error:
+        conf.load({"WORKER_CONNECTION_OPTIONS": value})
+    assert message in str(error.value)
+    assert "DJASYNC['WORKER_CONNECTION_OPTIONS']" in str(error.value)
+
+
+@pytest.fixture
+def own_options() -> Iterator[dict]:
+    """The default alias's OPTIONS, restored after the test."""
+    settings_dict = connections["default"].settings_dict
+    saved = dict(settings_dict.get("OPTIONS", {}))
+    yield settings_dict.setdefault("OPTIONS", {})
+    settings_dict["OPTIONS"] = saved
+
+
+def test_the_worker_adds_its_options_and_the_projects_own_values_win(own_options):
+    own_options["keepalives_idle"] = 60
+    with override_settings(DJASYNC={"WORKER_CONNECTION_OPTIONS": {"connect_timeout": 3}}):
+        configure_worker_connections()
+    params = connections["default"].get_connection_params()
+    assert params["keepalives_idle"] == 60  # the project's DATABASES OPTIONS
+    assert params["connect_timeout"] == 3  # DJASYNC
+    assert params["tcp_user_timeout"] == DEFAULTS["tcp_user_timeout"]  # the default
+
+
+# -- the listener, against a connection that goes silent --------------------------------------
+
+
+class SilentProxy:
+    """Forward to PostgreSQL; ``silence()`` makes the connections open at that moment swallow
+    every byte both ways while TCP stays up (a network that drops one connection's packets
+    looks like this to the application); later connections pass."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.silenced: set[socket.socket] = set()
+        self.open: list[socket.socket] = []
+
+    def __enter__(self) -> SilentProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.close()
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        # The sessions end a moment after their sockets: the test database is dropped later.
+        with psycopg.connect(**conninfo(), autocommit=True) as conn:
+            netlab.wait_for(lambda: not conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = "
+                "'djasync-worker listener' AND datname = current_database()").fetchone(),
+                10, "the proxied sessions to end")
+
+    def silence(self) -> None:
+        self.silenced.update(self.open)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if source not in self.silenced:
+                    sink.sendall(data)
+
+
+def drive(listener: Listener, until, timeout: float) -> tuple[float, float]:
+    """Run the listener as the supervisor's loop does until ``until()``; return the time it
+    took and the longest single step (a step must never wait on the network)."""
+    import select
+
+    started, longest = time.monotonic(), 0.0
+    while not until():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not done within {timeout} s (state {listener.state})")
+        step = time.monotonic()
+        listener.ensure()
+        longest = max(longest, time.monotonic() - step)
+        fd = listener.fileno()
+        wait = max(0.0, min(listener.next_deadline() - time.monotonic(), 0.2))
+        if fd is None:
+            time.sleep(wait)
+        elif select.select([fd], [], [], wait)[0]:
+            step = time.monotonic()
+            listener.receive()
+            longest = max(longest, time.monotonic() - step)
+    return time.monotonic() - started, longest
+
+
+def test_a_silent_listen_connection_is_noticed_by_its_probe_and_made_again(monkeypatch, caplog,
+                                                                          transactional_db):
+    caplog.set_level(logging.INFO, logger="djasync_worker.listener")
+    monkeypatch.setattr(listener_module, "PROBE_INTERVAL_SECONDS", 0.5)
+    monkeypatch.setattr(listener_module, "PROBE_TIMEOUT_SECONDS", 1.0)
+    params = conninfo()
+    with SilentProxy(params["host"], int(params["port"])) as proxy:
+        listener = Listener({**params, "host": "127.0.0.1", "port": proxy.port})
+        drive(listener, lambda: listener.up, timeout=10)
+        assert listener.connects == 1
+        proxy.silence()  # TCP still up: no keepalive fires, only the probe can tell
+        took, _ = drive(listener, lambda: not listener.up, timeout=10)
+        assert took < 0.5 + 1.0 + 0.5
+        assert "LISTEN connection lost" in caplog.text
+        assert "did not answer a probe within 1 s" in caplog.text
+        took, _ = drive(listener, lambda: listener.up, timeout=10)
+        assert took < 1.0 and listener.connects == 2
+        assert re.search(r"LISTEN connection back after \d+\.\d s", caplog.text)
+        listener.close()
+
+
+def test_the_listener_never_waits_on_a_server_that_does_not_answer(caplog):
+    mute = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never says a word
+    listener = Listener({"host": "127.0.0.1", "port": mute.getsockname()[1], "dbname": "x",
+                         "user": "x", "connect_timeout": 2})
+    try:
+        took, longest = drive(listener, lambda: "LISTEN connection failed" in caplog.text,
+                              timeout=10)
+    finally:
+        listener.close()
+        mute.close()
+    assert 2 <= took < 3 and longest < 0.1
+    assert "no answer from the server within 2 s" in caplog.text
+    assert not listener.up
+
+
+# -- real partitions --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[netlab.Lab]:
+    reason = netlab.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with netlab.Lab(netlab.SERVER_RECIPE) as lab:
+        lab.add_host("h1")
+        lab.django("migrate", "-v0")
+        yield lab
+
+
+@pytest.fixture
+def host(lab: netlab.Lab) -> Iterator[netlab.Lab]:
+    """The lab, left as the test found it: no worker, no job, no cut."""
+    yield lab
+    lab.reset()
+
+
+def start_worker(lab: netlab.Lab, log: Path, *args: str):
+    # DJASYNC_NETLAB_CODE=/path/to/another/checkout runs that code's worker (before/after).
+    code = Path(os.environ.get("DJASYNC_NETLAB_CODE") or netlab.ROOT)
+    return lab.spawn("h1", [sys.executable, "-m", "djasync_worker", "--settings",
+                            "tests.settings", "--log-level", "debug", *args], log,
+                     env={"PYTHONPATH": str(code)}, cwd=code)
+
+
+def schedule(lab: netlab.Lab, function: str, *args: object) -> int:
+    out = lab.django(code=f"import djasync\nprint(djasync.schedule({function!r}, "
+                          f"args={list(args)!r}).pk)")
+    return int(out.split()[-1])
+
+
+def listener_port(lab: netlab.Lab, conn, other_than: int = 0) -> int | None:
+    """The client port of the host's (newest) LISTEN session, if other than ``other_than``."""
+    row = conn.execute("SELECT client_port FROM pg_stat_activity WHERE application_name = "
+                       "'djasync-worker listener' AND client_addr = %s AND client_port <> %s "
+                       "ORDER BY backend_start DESC LIMIT 1",
+                       [lab.hosts["h1"], other_than]).fetchone()
+    return row and row[0]
+
+
+def claimable(conn, job_id: int) -> bool:
+    with conn.transaction():
+        return conn.execute("SELECT 1 FROM djasync_job WHERE id = %s "
+                            "FOR NO KEY UPDATE SKIP LOCKED", [job_id]).fetchone() is not None
+
+
+@pytest.mark.network
+def test_a_host_cut_off_mid_job_frees_the_job_in_15_s_and_reconnects_in_5_s_after(host,
+                                                                                   tmp_path):
+    lab = host
+    log = tmp_path / "worker.log"
+    worker = start_worker(lab, log, "--concurrency", "1")
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.sleep", 600)
+        netlab.wait_for(lambda: not claimable(conn, job), 30, "the job to run")
+        cut = lab.cut("h1")
+        cut_at = time.monotonic()
+        netlab.wait_for(lambda: claimable(conn, job), 20, "the job to be free", interval=0.1)
+        freed = time.monotonic() - cut_at
+        print(f"job claimable {freed:.1f} s after the cut")
+        assert freed < 15, log.read_text()[-3000:]
+        lost = log.read_text().count("LISTEN connection lost")
+        netlab.wait_for(lambda: "LISTEN connection lost" in log.read_text(), 10,
+                        "the worker to notice")
+        lab.heal(cut)
+        healed_at = time.monotonic()
+        netlab.wait_for(lambda: "LISTEN connection back" in log.read_text(), 10,
+                        "the listener to come back", interval=0.05)
+        back = time.monotonic() - healed_at
+        print(f"listener back {back:.1f} s after the heal")
+        assert back < 5, log.read_text()[-3000:]
+        text = log.read_text()
+        assert lost == 0 and text.count("LISTEN connection lost") == 1
+        assert len(re.findall(r"LISTEN connection back after \d+\.\d s", text)) == 1
+        assert worker.poll() is None, text[-3000:]
+
+
+@pytest.mark.network
+def test_a_cut_of_the_listen_connection_alone_is_detected_and_the_listener_recovers(host,
+                                                                                    tmp_path):
+    lab = host
+    log = tmp_path / "worker.log"
+    start_worker(lab, log, "--concurrency", "1", "--poll-interval", "60")
+    with lab.connect() as conn:
+        port = netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.add", 1, 2)  # the worker is ready, its child idle
+        netlab.wait_for(lambda: conn.execute("SELECT status FROM djasync_job WHERE id = %s",
+                                             [job]).fetchone()[0] == "succeeded", 30, "a job")
+        cut = lab.cut("h1", port=port)
+        cut_at = time.monotonic()
+        new_port = netlab.wait_for(lambda: listener_port(lab, conn, other_than=port), 15,
+                                   "a new LISTEN connection", interval=0.1)
+        took = time.monotonic() - cut_at
+        print(f"LISTEN-only cut: a new listener {took:.1f} s after the cut")
+        # The probe's interval and timeout, and the reconnect: not TCP's two hours.
+        limit = (listener_module.PROBE_INTERVAL_SECONDS + listener_module.PROBE_TIMEOUT_SECONDS
+                 + 2)
+        assert took < limit, log.read_text()[-3000:]
+        assert new_port != port
+        # Notifications arrive again: with --poll-interval 60 only a NOTIFY wakes the child.
+        scheduled = time.monotonic()
+        job = schedule(lab, "tests.jobs.add", 3, 4)
+        netlab.wait_for(lambda: conn.execute("SELECT status FROM djasync_job WHERE id = %s",
+                                             [job]).fetchone()[0] == "succeeded", 15,
+                        "a job woken by NOTIFY")
+        assert time.monotonic() - scheduled < 10
+        lab.heal(cut)
+        assert "did not answer a probe" in log.read_text()
