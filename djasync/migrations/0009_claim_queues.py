@@ -3,10 +3,11 @@ from django.db import migrations
 # The claim of a worker serving several queues (``--queue mail --queue sms``), as a function
 # (see djasync.sql.claim). One statement cannot do it cheaply on PostgreSQL 15: filtered by
 # ``queue = ANY(…)``, the walk of ``djasync_job_claim`` reads past every due job of the other
-# queues (300,000 in ``bulk``: 256 ms a claim); ``= ANY`` on ``djasync_job_claim_queue`` needs
-# a sort of every due job of the served queues; a UNION ALL of per-queue walks is sorted too
-# (no ordered merge under a LIMIT); a LATERAL walk per queue with FOR UPDATE inside locks rows
-# it then does not return, which no other worker may run until our transaction ends.
+# queues (300,000 in ``bulk``: 110-250 ms a claim; 0.4 ms this way); ``= ANY`` on
+# ``djasync_job_claim_queue`` needs a sort of every due job of the served queues; a UNION ALL
+# of per-queue walks is sorted too (no ordered merge under a LIMIT); a LATERAL walk per queue
+# with FOR UPDATE inside locks rows it then does not return, which no other worker may run
+# until our transaction ends.
 #
 # So: look (no lock) at the first ``cap`` runnable jobs of each queue, each queue through its
 # own index, and merge them in the claim's order (a sort of those few rows); then lock them in
@@ -66,6 +67,7 @@ BEGIN
                           AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
                         ORDER BY j.priority DESC, j.run_after, j.id
                         LIMIT cap) c) p;
+        EXIT WHEN cardinality(ids) = 0;  -- nothing due
         -- Up to the first job that is the last one looked at of a queue that may have more:
         -- that queue's jobs not looked at come after it, and may outrank the next ones.
         seen := array_fill(0, ARRAY[cardinality(served)]);
