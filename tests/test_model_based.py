@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -227,6 +228,8 @@ class Machine(RuleBasedStateMachine):
         self.pruned_since_start = False
         self.periodic_jobs: dict[str, set[int]] = defaultdict(set)
         self.groups_used: set[str] = set()
+        self.trace: list[str] = []
+        _last_trace[0] = self.trace
 
     def teardown(self) -> None:
         if self.client is not None:
@@ -236,6 +239,16 @@ class Machine(RuleBasedStateMachine):
         model_jobs.reset()
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _step(self, name: str) -> None:
+        """Count a rule's run and trace it with its arguments (shown when a check fails)."""
+        STEPS[name] += 1
+        caller = sys._getframe(1).f_locals
+        args = ", ".join(f"{k}={v!r}" for k, v in caller.items() if k != "self")
+        self.trace.append(f"{name}({args})")
+
+    def _say(self, text: str) -> None:
+        self.trace.append(f"    {text}")
 
     def _token(self) -> str:
         self.tokens += 1
@@ -328,7 +341,7 @@ class Machine(RuleBasedStateMachine):
     def schedule(self, long: bool, fail_times: int, max_attempts: int, priority: int,
                  when: str, queue: str, unique: str | None, group: str | None,
                  commit: bool) -> None:
-        STEPS["schedule"] += 1
+        self._step("schedule")
         token, kwargs = self._token(), {"fail_times": fail_times}
         run_after = {"now": None, "past": datetime.timedelta(hours=-1),
                      "future": datetime.timedelta(days=1)}[when]
@@ -353,6 +366,7 @@ class Machine(RuleBasedStateMachine):
                 f"schedule(unique={unique!r}) returned job #{job.pk}, not the pending holder "
                 f"#{holder[0]}")
             return
+        self._say(f"#{job.pk} {'committed' if commit else 'rolled back'}")
         if commit:
             self._adopt(job.pk, token, kwargs, long)
         else:
@@ -362,7 +376,7 @@ class Machine(RuleBasedStateMachine):
     @rule(which=picks, long=st.booleans())
     def schedule_final(self, which: int, long: bool) -> None:
         """Give a group a final job (the group's current generation, or a new one)."""
-        STEPS["schedule_final"] += 1
+        self._step("schedule_final")
         group = sorted(self.groups_used)[which % len(self.groups_used)]
         token, kwargs = self._token(), {"fail_times": 0}
         try:
@@ -373,6 +387,7 @@ class Machine(RuleBasedStateMachine):
                 job.group.on_completion(job)
         except (GroupClosed, GroupInUse):
             return
+        self._say(f"final #{job.pk} of group {job.group_id}")
         self._adopt(job.pk, token, kwargs, long)
 
     # -- taking jobs out -----------------------------------------------------------------------
@@ -380,7 +395,7 @@ class Machine(RuleBasedStateMachine):
     @precondition(lambda self: self._live())
     @rule(which=picks)
     def cancel_job(self, which: int) -> None:
-        STEPS["cancel"] += 1
+        self._step("cancel")
         job = self._pick(which)
         assert job is not None
         if 3 in GATES and self._leased_and_running(job):
@@ -389,6 +404,7 @@ class Machine(RuleBasedStateMachine):
         with transaction.atomic():
             count = cancel([job.id])
             self._cancel_marked(job.id, count, "cancel")
+        self._say(f"cancel([#{job.id}]) -> {count}")
         expected = int(row is not None and row[0] == "pending" and job.id not in running)
         assert count == expected, (
             f"cancel([#{job.id}]) returned {count}; the job was "
@@ -397,7 +413,7 @@ class Machine(RuleBasedStateMachine):
     @precondition(lambda self: self._live(periodic=False))
     @rule(which=picks)
     def deschedule_job(self, which: int) -> None:
-        STEPS["deschedule"] += 1
+        self._step("deschedule")
         job = self._pick(which, periodic=False)
         assert job is not None
         if 3 in GATES and self._leased_and_running(job):
@@ -406,6 +422,7 @@ class Machine(RuleBasedStateMachine):
         with transaction.atomic():
             count = djasync.deschedule(STEP, [job.token], job.kwargs)
             self._cancel_marked(job.id, count, "deschedule")
+        self._say(f"deschedule(#{job.id}) -> {count}")
         expected = int(row is not None and row[0] == "pending" and job.id not in running)
         assert count == expected, (
             f"deschedule(#{job.id}) returned {count}; the job was "
@@ -414,7 +431,7 @@ class Machine(RuleBasedStateMachine):
     @precondition(lambda self: self._live())
     @rule(which=picks)
     def retry_job(self, which: int) -> None:
-        STEPS["retry_now"] += 1
+        self._step("retry_now")
         job = self._pick(which)
         assert job is not None
         if 3 in GATES and self._leased_and_running(job):
@@ -424,6 +441,7 @@ class Machine(RuleBasedStateMachine):
             count = retry_now([job.id])
             if count:
                 Ledger.objects.create(key=f"retry:{job.id}")
+        self._say(f"retry_now([#{job.id}]) -> {count}")
         if count:
             self.revived.add(job.id)
         if row is None:
@@ -444,7 +462,7 @@ class Machine(RuleBasedStateMachine):
     @rule(which=picks)
     def run_job_now(self, which: int) -> None:
         """``job()``: runs a pending job that nobody runs; refuses anything else."""
-        STEPS["job()"] += 1
+        self._step("job()")
         job = self._pick(which)
         assert job is not None
         if 3 in GATES and self._leased_and_running(job):
@@ -457,6 +475,7 @@ class Machine(RuleBasedStateMachine):
         runnable = (row is not None and row[0] == "pending" and job.id not in running
                     and not waiting_final)
         refused = None
+        self._say(f"job() of #{job.id} ({row and row[0]}, running={job.id in running})")
         try:
             Job.objects.get(pk=job.id)()
         except Job.DoesNotExist:
@@ -478,12 +497,13 @@ class Machine(RuleBasedStateMachine):
     @rule(size=st.integers(1, 5), queues=st.sampled_from([None, None, ["a"], ["b"]]))
     def run_batch(self, size: int, queues: list[str] | None) -> None:
         """A worker's batch on this thread: it must take exactly the best eligible jobs."""
-        STEPS["run_batch"] += 1
+        self._step("run_batch")
         limit = self._limit(size)
         expected = self._eligible(limit, queues)
         markers = Ledger.objects.filter(key__startswith="cancel:").count()
         seen = len(model_jobs.INVOCATIONS)
         finished = executor.run_batch(limit, queues=queues, worker="model-main")
+        self._say(f"batch of {limit}: {[(f.job_id, f.status.value) for f in finished]}")
         claimed = {f.job_id for f in finished} | {
             i.job_id for i in model_jobs.INVOCATIONS[seen:] if i.thread != model_jobs.BACKGROUND}
         assert claimed <= set(expected), (
@@ -497,18 +517,22 @@ class Machine(RuleBasedStateMachine):
 
     @rule(max_jobs=st.integers(1, 5))
     def drain(self, max_jobs: int) -> None:
-        STEPS["drain"] += 1
-        executor.drain(max_jobs=max_jobs, worker="model-drain")
+        self._step("drain")
+        done = executor.drain(max_jobs=max_jobs, worker="model-drain")
+        self._say(f"drained {[(f.job_id, f.status.value) for f in done]}")
 
     # -- a run held mid-job: frozen workers, lost leases, killed sessions ----------------------
 
     @precondition(lambda self: self.background is None)
     @rule(size=st.integers(1, 3), queues=st.sampled_from([None, ["a"], ["b"]]))
     def start_background(self, size: int, queues: list[str] | None) -> None:
-        STEPS["background"] += 1
+        self._step("background")
         background = Background(self._limit(size), queues)
         if background.wait_blocked_or_done():
             self.background = background
+            held = background.gate.invocation
+            assert held is not None
+            self._say(f"holding #{held.job_id} (in a transaction: {held.in_transaction})")
         else:
             background.release()
             self._check_background(background)
@@ -516,7 +540,7 @@ class Machine(RuleBasedStateMachine):
     @precondition(lambda self: self.background is not None)
     @rule()
     def release_background(self) -> None:
-        STEPS["release"] += 1
+        self._step("release")
         background = self.background
         assert background is not None
         self.background = None
@@ -524,6 +548,8 @@ class Machine(RuleBasedStateMachine):
         self._check_background(background)
 
     def _check_background(self, background: Background) -> None:
+        self._say(f"background: {background.error!r} "
+                  f"{[(f.job_id, f.status.value) for f in background.result or []]}")
         if background.killed:
             assert background.error is None or isinstance(
                 background.error, DatabaseError | psycopg.Error), background.error
@@ -535,7 +561,7 @@ class Machine(RuleBasedStateMachine):
     @rule()
     def kill_background_session(self) -> None:
         """The worker's connection dies mid-job (kill -9 of its process, a lost connection)."""
-        STEPS["kill"] += 1
+        self._step("kill")
         background = self.background
         assert background is not None
         invocation = background.gate.invocation
@@ -557,8 +583,9 @@ class Machine(RuleBasedStateMachine):
                       and not held.ended]
         if not leased:
             return
-        STEPS["expire_lease"] += 1
+        self._step("expire_lease")
         job_id = leased[which % len(leased)]
+        self._say(f"expired the lease of #{job_id}")
         self.db.execute("UPDATE djasync_job SET lease_expires = clock_timestamp() "
                         "- interval '1 second' WHERE id = %s", [job_id])
         for invocation in model_jobs.INVOCATIONS:
@@ -571,7 +598,7 @@ class Machine(RuleBasedStateMachine):
     @rule(group=st.sampled_from([None, "g1", "g2"]), queue=st.sampled_from(QUEUES),
           long=st.booleans())
     def client_begin(self, group: str | None, queue: str, long: bool) -> None:
-        STEPS["client"] += 1
+        self._step("client")
         if 6 in GATES:
             group = None
         client = Client(self._token(), {"fail_times": 0}, group, queue, long)
@@ -581,6 +608,7 @@ class Machine(RuleBasedStateMachine):
                 raise client.error
             return
         self.client = client
+        self._say(f"client holds #{client.job_id} uncommitted")
         if group:
             self.groups_used.add(group)
 
@@ -611,8 +639,9 @@ class Machine(RuleBasedStateMachine):
         assert a is not None and b is not None
         if 4 in GATES and a.id == b.id:
             return
-        STEPS["plan_cancel"] += 1
+        self._step("plan_cancel")
         model_jobs.ACTIONS.setdefault(a.id, []).append((action, b.id, b.token, b.kwargs))
+        self._say(f"#{a.id} will {action} #{b.id}")
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -620,7 +649,7 @@ class Machine(RuleBasedStateMachine):
     @rule()
     def prune(self) -> None:
         """Prune every finished job (age zero): only finished jobs and whole groups go."""
-        STEPS["prune"] += 1
+        self._step("prune")
         before = {row[0]: row[1:] for row in self.db.execute(
             "SELECT id, status, group_id FROM djasync_job")}
         pruning.prune(datetime.timedelta(0))
@@ -634,12 +663,13 @@ class Machine(RuleBasedStateMachine):
                     f"prune deleted #{job_id} of group {group_id} while {open_mates} pend")
             if job_id in self.jobs:
                 self.jobs[job_id].pruned = True
+        self._say(f"pruned {sorted(set(before) - after)}")
         self.pruned_since_start = True
 
     @rule(minutes=st.sampled_from([0, 1, 30, 60, 61, 24 * 60, 31 * 24 * 60]))
     def periodic_tick(self, minutes: int) -> None:
         """The supervisor's periodic tick, at the test's clock (started first if need be)."""
-        STEPS["periodic"] += 1
+        self._step("periodic")
         self.clock += datetime.timedelta(minutes=minutes)
         self.latest_clock = max(self.latest_clock, self.clock)
         if self.scheduler is None:
@@ -655,7 +685,7 @@ class Machine(RuleBasedStateMachine):
         """A daemon restart: a new scheduler catches up the latest missed slot once."""
         if 5 in GATES and self.pruned_since_start:
             return
-        STEPS["periodic_restart"] += 1
+        self._step("periodic_restart")
         self._start_scheduler()
         self._adopt_periodic()
 
@@ -672,7 +702,7 @@ class Machine(RuleBasedStateMachine):
     def unique_under_repeatable_read(self) -> None:
         """schedule(unique=k) in a REPEATABLE READ transaction whose snapshot predates another
         scheduler's commit of k: it must return (the holder, or an error), never spin."""
-        STEPS["unique_rr"] += 1
+        self._step("unique_rr")
         key, token = f"rr-{self._token()}", self._token()
         outcome: dict[str, Any] = {}
 
@@ -716,6 +746,13 @@ class Machine(RuleBasedStateMachine):
     @invariant()
     def check(self) -> None:
         STEPS["checks"] += 1
+        try:
+            self._check()
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nsteps (last 60):\n" + "\n".join(self.trace[-60:]))\
+                from None
+
+    def _check(self) -> None:
         revived, self.revived = self.revived, set()
         rows = {row[0]: row[1:] for row in self.db.execute(
             """
@@ -812,6 +849,8 @@ class Machine(RuleBasedStateMachine):
                     f"periodic {entry.name!r}: {count} jobs for {slots} slots")
 
 
+#: The trace of the machine that ran last (printed when the test fails).
+_last_trace: list[list[str]] = [[]]
 #: The second connection the machine checks with (one for the whole test).
 _other: list[psycopg.Connection | None] = [None]
 
@@ -825,9 +864,14 @@ def _run(**options: Any) -> None:
             with connection.cursor() as cursor:
                 # A wait on another transaction's lock would hang the test: fail it instead.
                 cursor.execute("SET lock_timeout = '20s'")
-            run_state_machine_as_test(Machine, settings=settings(
-                deadline=None, database=None, suppress_health_check=list(HealthCheck),
-                **options))
+            try:
+                run_state_machine_as_test(Machine, settings=settings(
+                    deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                    **options))
+            except BaseException:
+                print("steps of the last example run (last 80):", *_last_trace[0][-80:],
+                      sep="\n")
+                raise
     finally:
         if _other[0] is not None:
             _other[0].close()
