@@ -57,8 +57,9 @@ GATE = Gate()
 def reset() -> None:
     INVOCATIONS.clear()
     ACTIONS.clear()
+    global GATE
     GATE.opened.set()  # a run still held from an earlier example must not hang
-    globals()["GATE"] = Gate()
+    GATE = Gate()
 
 
 def step(token, fail_times=0):
