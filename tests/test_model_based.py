@@ -72,7 +72,7 @@ from tests.models import Ledger
 pytestmark = pytest.mark.django_db(transaction=True)
 
 #: Issue 13 items the current code still breaks, and the combination each one gates out.
-KNOWN_BROKEN = {
+KNOWN_BROKEN: dict[int | str, str] = {
     2: "a long job's lease expiring while it waits its turn in a background batch (only the "
        "running job's lease is expired) and cancel of a leased batch-mate (see 3)",
     3: "cancel / deschedule / job() / retry_now of a long job whose lease is held (running)",
@@ -81,19 +81,23 @@ KNOWN_BROKEN = {
     5: "a periodic restart after a prune (the restart waits for the next slot)",
     6: "a client transaction held open that schedules into a group (clients use no group)",
     7: "schedule(unique=...) under REPEATABLE READ racing another scheduler (rule off)",
+    # Found by this test; issue 13 lists it only as suspected ("one run past max_attempts").
+    "S-lease": "a long job whose lease expired is charged a lost attempt, then run once more "
+               "even when that used its last attempt (attempts may exceed max_attempts by one)",
 }
 
 
-def _gates() -> set[int]:
+def _gates() -> set[int | str]:
     chosen = os.environ.get("DJASYNC_MODEL_GATES")
     if chosen is None:
         return set(KNOWN_BROKEN)
     if chosen.strip().lower() in ("", "none"):
         return set()
-    return {int(item) for item in chosen.split(",") if item.strip()}
+    items = [item.strip() for item in chosen.split(",") if item.strip()]
+    return {int(item) if item.isdigit() else item for item in items}
 
 
-GATES = _gates()
+GATES: set[int | str] = _gates()
 MINUTES = float(os.environ.get("DJASYNC_MODEL_MINUTES") or 0)
 STEP = "tests.model_jobs.step"
 QUEUES = ("a", "b")
@@ -444,6 +448,10 @@ class Machine(RuleBasedStateMachine):
         if 3 in GATES and self._leased_and_running(job):
             return
         row, running = self._row(job.id), self._running()
+        # Another pending job holds its unique key: retry_now leaves it be.
+        taken = row is not None and row[0] != "pending" and row[2] is not None and \
+            self.db.execute("SELECT 1 FROM djasync_job WHERE status = 'pending' AND "
+                            "unique_key = %s", [row[2]]).fetchone() is not None
         with transaction.atomic():
             count = retry_now([job.id])
             if count:
@@ -454,10 +462,7 @@ class Machine(RuleBasedStateMachine):
         if row is None:
             assert count == 0
             return
-        status, _, unique_key = row
-        taken = status != "pending" and unique_key is not None and self.db.execute(
-            "SELECT 1 FROM djasync_job WHERE status = 'pending' AND unique_key = %s",
-            [unique_key]).fetchone() is not None
+        status = row[0]
         expected = int(status != "succeeded" and job.id not in running and not taken)
         assert count == expected, (
             f"retry_now([#{job.id}]) returned {count}; the job was {status}"
@@ -766,7 +771,8 @@ class Machine(RuleBasedStateMachine):
             """
             SELECT j.id, j.status, j.group_id, coalesce((j.meta->>'max_attempts')::int, 10),
                    count(a.id), count(a.id) FILTER (WHERE a.outcome = 'succeeded'),
-                   bool_or(a.exception_message LIKE '%%counted late%%')
+                   bool_or(a.exception_message LIKE '%%counted late%%'),
+                   bool_or(a.exception_message LIKE '%%lease expired%%')
               FROM djasync_job j LEFT JOIN djasync_attempt a ON a.job_id = j.id
              GROUP BY j.id
             """)}
@@ -781,7 +787,7 @@ class Machine(RuleBasedStateMachine):
                 continue
             row = rows.get(job.id)
             assert row is not None, f"job #{job.id} disappeared without a prune"
-            status, _, max_attempts, tries, successes, late = row
+            status, _, max_attempts, tries, successes, late, lease_lost = row
             effects = ledger.get(f"e{job.id}", [])
             what = f"job #{job.id} ({'long' if job.long else 'atomic'}, {status})"
             # Exactly-once effects (at-least-once per cut-off run for long jobs).
@@ -800,7 +806,8 @@ class Machine(RuleBasedStateMachine):
                 assert legal, f"{what}: went from {job.status} to {status}"
                 job.status = status
             # Attempts.
-            assert tries <= max_attempts + (1 if late else 0), (
+            slack = (1 if late else 0) + (1 if lease_lost and "S-lease" in GATES else 0)
+            assert tries <= max_attempts + slack, (
                 f"{what}: {tries} attempts recorded, max_attempts {max_attempts}")
             assert successes == (1 if status == "succeeded" else 0), (
                 f"{what}: {successes} succeeded attempts")
