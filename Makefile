@@ -20,7 +20,7 @@ PYTHON_CANDIDATES := $(or $(PYTHON),python3.13 python3.12 python3.11 \
 	$$(pyenv root 2>/dev/null)/versions/3.1[123]*/bin/python3)
 VERSION_IF_SUPPORTED := import sys; print(sys.hexversion if (3, 11) <= sys.version_info[:2] <= (3, 13) else 0)
 
-.PHONY: venv test demo check bench chaos clean distclean
+.PHONY: venv test demo check bench chaos verify clean distclean
 
 venv: $(STAMP)
 
@@ -71,6 +71,12 @@ bench: venv
 CHAOS_ARGS ?=
 chaos: venv
 	$(PY) chaos/run.py $(CHAOS_ARGS)
+
+# The model-based test's long form: random feature sequences for DJASYNC_MODEL_MINUTES (10).
+DJASYNC_MODEL_MINUTES ?= 10
+verify: venv
+	DJASYNC_MODEL_MINUTES=$(DJASYNC_MODEL_MINUTES) $(WITH_DB) $(PY) -m pytest \
+	  tests/test_model_based.py -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist .eggs *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
