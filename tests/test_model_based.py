@@ -28,6 +28,11 @@ Known breaks (issue 13) that the current code still has are kept out of the shor
 :data:`KNOWN_BROKEN`: each entry names the issue item and the combination it gates. Remove an
 entry once its fix is merged; ``DJASYNC_MODEL_GATES=none`` (or a list such as ``2,4``) runs
 with fewer gates.
+
+State at the end of the session that merged the fixes (issue 13): items 2-7 are fixed and have
+tests of their own, but with the gates lifted (``DJASYNC_MODEL_GATES=none``, or ``3,4,S-lease``)
+the state machine hangs (no report within 150-400 s; suspected: a lock wait in one of its own
+rules or gates), so the gates stay until that is diagnosed. "S-lease" is an open break.
 """
 
 from __future__ import annotations
