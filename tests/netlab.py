@@ -20,11 +20,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from tests.daemon import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,14 +255,3 @@ class Lab:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
