@@ -91,6 +91,14 @@ def charge_dead_in_process_runs() -> int:
     return charged
 
 
+#: Whether this session is seen under the name it just took (not so behind a pooler that
+#: hands each statement to another server session).
+SESSION_NAMED = """
+SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = pg_backend_pid()
+                                                AND application_name = %s)
+"""
+
+
 class InProcessWatch:
     """Make a crash of this process mid-job countable, as the daemon's supervisor does for its
     children: ``flush_queue``'s stand-in for a supervisor.
@@ -120,6 +128,14 @@ class InProcessWatch:
         self.side = side
         # Named before it registers, so that no sweeper ever sees the row without its session.
         side.execute("SELECT set_config('application_name', %s, false)", [self.name])
+        if not side.execute(SESSION_NAMED, [self.name]).fetchone()[0]:
+            # Behind a pooler in transaction mode the name lands on whichever server session
+            # served that statement, so a sweep could take us for dead while we run: no watch.
+            logger.warning("crash accounting of flush_queue is off: this connection's session "
+                           "does not keep its name (a connection pooler?)")
+            side.close()
+            self.side = None
+            return self
         side.execute(
             "INSERT INTO djasync_worker (name, hostname, pid, concurrency, queues, started_at,"
             " last_seen, running, jobs_done) VALUES (%s, %s, %s, 1, %s::jsonb, now(), now(),"
@@ -130,15 +146,17 @@ class InProcessWatch:
 
     def running(self, job_id: int) -> None:
         """Say which job this process is about to run (committed before the job starts)."""
-        assert self.side is not None
+        if self.side is None:  # no watch (see __enter__)
+            return
         self.side.execute(
             "UPDATE djasync_worker SET running = %s::jsonb, last_seen = now() WHERE name = %s",
             [Jsonb([job_id]), self.name])
 
     def finished(self, jobs: int) -> None:
         """The jobs' transaction has ended (committed or rolled back)."""
-        assert self.side is not None
         self.jobs_done += jobs
+        if self.side is None:
+            return
         self.side.execute(
             "UPDATE djasync_worker SET running = '[]'::jsonb, last_seen = now(), jobs_done = %s"
             " WHERE name = %s", [self.jobs_done, self.name])
