@@ -2,6 +2,7 @@
 # DATABASE_URL is set, against a throwaway PostgreSQL 18 that tools/pg.py starts and stops.
 #
 #   make test [PYTEST_ARGS='-k groups -x']     make check      make demo      make bench
+#   make docs (the Sphinx site in docs/_build/html; warnings are errors)
 #   make venv PYTHON=/path/to/python3.12       (default: the newest Python 3.11-3.13 found)
 
 SHELL := /bin/bash
@@ -20,7 +21,7 @@ PYTHON_CANDIDATES := $(or $(PYTHON),python3.13 python3.12 python3.11 \
 	$$(pyenv root 2>/dev/null)/versions/3.1[123]*/bin/python3)
 VERSION_IF_SUPPORTED := import sys; print(sys.hexversion if (3, 11) <= sys.version_info[:2] <= (3, 13) else 0)
 
-.PHONY: venv test demo check bench chaos verify clean distclean
+.PHONY: venv test demo check docs bench chaos verify clean distclean
 
 venv: $(STAMP)
 
@@ -63,6 +64,13 @@ check: venv
 	$(VENV)/bin/ruff check .
 	$(WITH_DB) sh -c 'set -ex; $(VENV)/bin/mypy djasync djasync_worker; \
 	  $(PY) example/manage.py check; $(PY) example/manage.py makemigrations --check --dry-run'
+	$(MAKE) --no-print-directory docs
+
+# The docs site. -W: a warning is an error; --keep-going: report them all; -n: every reference
+# must resolve. Needs no database (docs/django_settings.py). The samples run in tests/test_docs.py.
+docs: venv
+	$(VENV)/bin/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	@echo "make docs: built docs/_build/html/index.html"
 
 bench: venv
 	$(WITH_DB) $(PY) bench/run.py $(BENCH_ARGS)
@@ -80,6 +88,7 @@ verify: venv
 
 clean:
 	rm -rf build dist .eggs *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf docs/_build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

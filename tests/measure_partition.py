@@ -5,7 +5,7 @@ LISTEN connection are back. Needs root, ip and nft.
     .venv/bin/python tests/measure_partition.py CODE_DIR stock|recipe CUT_SECONDS
 
 CODE_DIR is the checkout whose worker runs (this one, or an older one); ``stock`` runs the
-server with the kernel's keepalive defaults, ``recipe`` with the README's server recipe.
+server with the kernel's keepalive defaults, ``recipe`` with the docs' server recipe.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tests.daemon import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The server recipe of the README, so that the server ends a cut-off worker's session (and
+#: The server recipe of the docs, so that the server ends a cut-off worker's session (and
 #: frees its job) within seconds: 5 + 2 * 3 = 11 s of silence, or 10 s of unacked data.
 SERVER_RECIPE = {
     "tcp_keepalives_idle": "5",

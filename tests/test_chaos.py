@@ -71,7 +71,7 @@ def test_poison_jobs_are_quarantined_and_no_innocent_job_is(report):
 
 
 def test_poison_jobs_stop_at_max_attempts_plus_only_the_crashes_counted_late(report):
-    """The documented guarantee (README, "Known limits"): max_attempts, plus one per crash
+    """The documented guarantee (docs, "Known limits"): max_attempts, plus one per crash
     counted late because the chaos ended its session before its supervisor wrote it (each
     such count must match a pg_terminate_backend or restart: `unexplained_late_counts`)."""
     checks = _checks(report)
