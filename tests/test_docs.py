@@ -14,7 +14,9 @@ How a page's samples run (one test per page, samples in page order, one namespac
   tests.settings; tests.jobs holds importable job functions).
 - A sample preceded by the line ``<!-- skip-sample: reason -->`` is not run; keep them rare.
 
-The ```console blocks that show ``djasync-worker --help`` are compared with click's own output.
+The ```console blocks that show ``djasync-worker --help`` are compared with click's own output,
+and the reference tables with the code: every setting, every management-command option and
+every metric the worker serves is documented, and nothing else is.
 """
 
 from __future__ import annotations
@@ -289,3 +291,53 @@ def _normalise_help(text: str) -> str:
     """Compare help texts word by word: line wrapping and the CPU-count default may differ."""
     text = " ".join(text.split())
     return re.sub(r"(--concurrency [^\[]*\[default: )\d+", r"\1N", text)
+
+
+def _section(page: str, heading: str) -> str:
+    """Return the text of a page from ``heading`` to the next heading of the same level."""
+    text = (ROOT / page).read_text()
+    level = heading.split()[0]
+    start = text.index(heading + "\n")
+    following = re.search(rf"^{level} ", text[start + len(heading):], flags=re.M)
+    return text[start:start + len(heading) + following.start()] if following else text[start:]
+
+
+def test_the_settings_reference_lists_every_djasync_setting_and_no_other() -> None:
+    from dataclasses import fields
+
+    from djasync.conf import Settings
+
+    table = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", table, flags=re.M))
+    assert documented == {field.name for field in fields(Settings) if field.name.isupper()}
+
+
+@pytest.mark.parametrize("command", ["flush_queue", "queue_health", "prune_jobs"])
+def test_the_management_commands_reference_lists_every_option_of_the_command(command: str) -> None:
+    from django.core.management import load_command_class
+
+    parser = load_command_class("djasync", command).create_parser("manage.py", command)
+    base = load_command_class("djasync", "queue_health").__class__.__mro__[1]
+    base_options = {option for action in base().create_parser("manage.py", "x")._actions
+                    for option in action.option_strings}
+    options = {option for action in parser._actions for option in action.option_strings
+               if option.startswith("--") and option not in base_options}
+    section = _section("docs/reference/management-commands.md", f"## `{command}`")
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", section))
+    assert options <= mentioned, f"{command}: undocumented {sorted(options - mentioned)}"
+    assert mentioned <= options, f"{command}: no such option {sorted(mentioned - options)}"
+
+
+def test_the_metrics_reference_lists_every_metric_the_worker_serves() -> None:
+    source = (ROOT / "djasync_worker" / "metrics.py").read_text()
+    served = set(re.findall(r'"(djasync_[a-z_]+)"', source))
+    served |= {f"djasync_jobs_{name}_total"
+               for name in re.findall(r'= counter\("([a-z_]+)"', source)}
+    # prometheus-client adds _total to a counter's name when it is served.
+    served = {name + "_total" if name == "djasync_listen_reconnects" else name for name in served}
+    table = (ROOT / "docs" / "reference" / "metrics.md").read_text()
+    documented = set(re.findall(r"`(djasync_[a-z_]+)`", table))
+    assert served, "no metric names found in djasync_worker/metrics.py"
+    assert served == documented, (
+        f"undocumented: {sorted(served - documented)}; not served: {sorted(documented - served)}"
+    )
