@@ -38,7 +38,13 @@ myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True}
+autodoc_default_options = {
+    "members": True,
+    # Django adds these to every model; they are Django's to document.
+    "exclude-members": ", ".join(
+        ["DoesNotExist", "MultipleObjectsReturned", "NotUpdated", "do_not_call_in_templates"]
+    ),
+}
 # The build needs no network (no intersphinx): types that autodoc names but these pages do not
 # document (builtins, Django's, psycopg's, typing aliases) are not links.
 nitpick_ignore_regex = [

@@ -341,3 +341,13 @@ def test_the_metrics_reference_lists_every_metric_the_worker_serves() -> None:
     assert served == documented, (
         f"undocumented: {sorted(served - documented)}; not served: {sorted(documented - served)}"
     )
+
+
+def test_the_api_reference_lists_every_field_of_jobs_and_attempts() -> None:
+    from djasync.models import Attempt, Job
+
+    text = (ROOT / "docs" / "reference" / "api.md").read_text()
+    for model in (Job, Attempt):
+        for field in model._meta.get_fields():
+            if field.concrete and not field.primary_key and field.name != "job":
+                assert f"`{field.name}`" in text, f"{model.__name__}.{field.name} is undocumented"
