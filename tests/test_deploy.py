@@ -2,7 +2,10 @@
 
 import re
 import shutil
+import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,65 @@ def test_docker_compose_mounts_its_volume_where_the_postgresql_18_image_keeps_da
     [major] = re.findall(r"image: postgres:(\d+)", compose)
     [mount] = re.findall(r"- \w+:(/var/lib/postgresql\S*)", compose)
     assert mount == ("/var/lib/postgresql" if int(major) >= 18 else "/var/lib/postgresql/data")
+
+
+def unit_settings(name: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+            if line.startswith(f"{name}=")]
+
+
+def syscall_set(group: str) -> set[str]:
+    """The system calls of a systemd group (``@system-service``), its nested groups expanded."""
+    listing = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.splitlines()[1:]
+    names: set[str] = set()
+    for entry in (line.strip() for line in listing):
+        if entry.startswith("@"):
+            names |= syscall_set(entry)
+        elif entry and not entry.startswith("#"):
+            names.add(entry)
+    return names
+
+
+@pytest.mark.daemon
+@pytest.mark.django_db(transaction=True)
+def test_the_units_system_call_filter_and_address_families_allow_what_the_worker_does(tmp_path):
+    """Run a worker (two children, metrics on, jobs to do) under strace: every system call it
+    makes must pass the unit's SystemCallFilter=, every socket its RestrictAddressFamilies=."""
+    import djasync
+    from djasync.models import Job, Status
+    from tests import jobs
+    from tests.daemon import worker_env
+    from tests.test_worker_cli import make_project
+
+    if shutil.which("strace") is None or shutil.which("systemd-analyze") is None:
+        pytest.skip("strace and systemd-analyze are needed")
+    for number in range(10):
+        djasync.schedule(jobs.add, args=[number, 1])
+    trace = tmp_path / "strace.txt"
+    script = Path(sys.executable).parent / "djasync-worker"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in worker_env().items() if not k.startswith("DJASYNC_WORKER_")}
+    completed = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), str(script), "--settings", "mysite.settings",
+         "--burst", "-c", "2", "--metrics-port", str(port)],
+        cwd=make_project(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    if completed.returncode != 0 and "ptrace" in completed.stderr:
+        pytest.skip(f"strace cannot trace here: {completed.stderr.strip()[:200]}")
+    assert completed.returncode == 0, completed.stderr
+    assert not Job.objects.exclude(status=Status.SUCCEEDED).exists()
+    text = trace.read_text()
+    used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", text, re.MULTILINE))
+    allowed: set[str] = set()
+    for entry in unit_settings("SystemCallFilter"):
+        deny = entry.startswith("~")
+        groups = entry.lstrip("~").split()
+        calls = set().union(*(syscall_set(g) if g.startswith("@") else {g} for g in groups))
+        allowed = allowed - calls if deny else allowed | calls
+    assert len(used) > 30, sorted(used)  # the trace did see the worker
+    assert used <= allowed, sorted(used - allowed)
+    families = set(re.findall(r"socket\((AF_[A-Z0-9]+)", text))
+    [restricted] = unit_settings("RestrictAddressFamilies")
+    assert families and families <= set(restricted.split()), families
