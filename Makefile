@@ -46,7 +46,9 @@ $(STAMP): pyproject.toml $(wildcard djasync*/__init__.py)
 	  rm -rf $(VENV); \
 	  "$$best" -m venv $(VENV); \
 	fi
-	$(PY) -m pip install --quiet --editable '.[dev]'
+	@# pip 25.1 reads PEP 735 dependency groups (--group); the venv's own pip may be older.
+	$(PY) -m pip install --quiet --upgrade 'pip>=25.1'
+	$(PY) -m pip install --quiet --editable . --group dev
 	@touch $@
 
 test: venv

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from djasync import conf
 from djasync.exceptions import ImproperlyConfigured
@@ -39,16 +39,24 @@ def check_periodic(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return errors
 
 
-@checks.register(checks.Tags.database)
-def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list:
-    if "default" not in connections:
-        return [checks.Error("djasync needs a 'default' database.", id="djasync.E002")]
-    vendor = connections["default"].vendor
+# Not tagged `database`: Django runs those only for `check --database`, so a plain
+# `manage.py check` would never say that djasync cannot work on this database. The check reads the
+# alias's configured engine (the backend's vendor, so PostGIS and other PostgreSQL-based engines
+# pass) and never connects.
+@checks.register()
+def check_database(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    if DEFAULT_DB_ALIAS not in connections:
+        return [checks.Error(f"djasync needs a {DEFAULT_DB_ALIAS!r} database.",
+                             id="djasync.E002")]
+    vendor = connections[DEFAULT_DB_ALIAS].vendor
     if vendor != "postgresql":
+        engine = connections[DEFAULT_DB_ALIAS].settings_dict.get("ENGINE")
         return [
             checks.Error(
-                f"djasync needs PostgreSQL; the default database is {vendor}.",
-                hint="Set DATABASES['default']['ENGINE'] to 'django.db.backends.postgresql'.",
+                f"djasync needs PostgreSQL; DATABASES[{DEFAULT_DB_ALIAS!r}] uses {engine!r} "
+                f"({vendor}).",
+                hint=f"Set DATABASES[{DEFAULT_DB_ALIAS!r}]['ENGINE'] to "
+                     "'django.db.backends.postgresql'.",
                 id="djasync.E003",
             )
         ]

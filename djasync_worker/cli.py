@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import signal
 import sys
 from typing import Any
@@ -22,9 +23,19 @@ MAX_BATCH_SIZE = 50
 def _queues(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     from djasync.validation import check_queue_name
 
+    # Commas separate names on the command line; the environment variable's value is split on
+    # whitespace by click before it gets here. A space inside one -q value is a mistake (a
+    # queue name cannot hold one), not a second queue.
     names: list[str] = []
     for item in value:
-        for name in item.replace(",", " ").split():
+        for name in (part.strip() for part in item.split(",")):
+            if not name:
+                continue
+            if any(character.isspace() for character in name):
+                raise click.BadParameter(
+                    f"queue name {name!r} contains a space; a queue name cannot (several "
+                    "queues: repeat --queue, or separate them with commas)"
+                )
             try:
                 names.append(check_queue_name(name))
             except ValueError as exc:
@@ -38,7 +49,23 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import django
+    import psycopg
+
+    import djasync
+
+    click.echo(f"djasync {djasync.__version__} (Django {django.get_version()}, "
+               f"psycopg {psycopg.__version__}, Python {platform.python_version()})")
+    ctx.exit()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Print the versions of djasync, Django, psycopg "
+                                              "and Python, and exit.")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=os.cpu_count() or 1,
               envvar="DJASYNC_WORKER_CONCURRENCY", show_envvar=True,
               help="Child processes running jobs in parallel.")
@@ -97,9 +124,10 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
     signal.signal(signal.SIGTERM, _exit_during_startup)
     metrics = _start_metrics(metrics_host, metrics_port) if metrics_port else None
     logs.configure(log_level, log_format)
+    origin = _settings_origin(settings)
     _setup_django(settings, pythonpath)
     logs.configure(log_level, log_format)  # again: Django's LOGGING setting may have changed them
-    _check_database()
+    _check_database(origin)
 
     from djasync_worker.supervisor import Options, Supervisor
 
@@ -131,7 +159,22 @@ def _exit_during_startup(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _settings_origin(settings: str | None) -> str:
+    """Say where the settings module came from, for error messages: "mysite.settings (from
+    DJANGO_SETTINGS_MODULE)" tells a user which file to open."""
+    source = click.get_current_context().get_parameter_source("settings")
+    how = "DJANGO_SETTINGS_MODULE" if source is click.core.ParameterSource.ENVIRONMENT else (
+        "--settings")
+    return f"{settings} (from {how})"
+
+
 def _setup_django(settings: str | None, pythonpath: tuple[str, ...]) -> None:
+    # The current directory comes first after --pythonpath, as for `python manage.py` and
+    # `celery -A`: run from the project directory, `--settings mysite.settings` just works. A
+    # console script's sys.path[0] is its own bin/ directory, not the current one.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     for path in reversed(pythonpath):
         sys.path.insert(0, path)
     if not settings:
@@ -150,7 +193,9 @@ def _setup_django(settings: str | None, pythonpath: tuple[str, ...]) -> None:
                 f"Django settings {settings!r} import {exc.name!r}, which is not installed: {exc}"
             ) from None
         raise click.BadParameter(
-            f"cannot import {settings!r}: {exc}. Is its directory on the path (--pythonpath)?",
+            f"cannot import {settings!r} from the current directory ({cwd}) or the import path: "
+            f"{exc}. Run from your project's directory (where manage.py is), or name it with "
+            "--pythonpath.",
             param_hint="--settings",
         ) from None
     except ImproperlyConfigured as exc:
@@ -172,34 +217,60 @@ def _setup_django(settings: str | None, pythonpath: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _check_database() -> None:
-    from django.db import DatabaseError, connection
+def _check_database(origin: str) -> None:
+    from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
+    connection = connections[DEFAULT_DB_ALIAS]
+    source = f"DATABASES[{DEFAULT_DB_ALIAS!r}] of {origin}"
     if connection.vendor != "postgresql":
-        raise click.ClickException(
-            f"djasync needs PostgreSQL; DATABASES['default'] uses {connection.vendor}"
-        )
+        raise click.ClickException(f"djasync needs PostgreSQL; {source} uses {connection.vendor}")
     where = _describe(connection.settings_dict)
     try:
         connection.ensure_connection()
         tables = connection.introspection.table_names()
     except DatabaseError as exc:
+        message = str(exc).strip()
         raise click.ClickException(
-            f"cannot connect to PostgreSQL at {where}: {str(exc).strip()}\n"
-            "Is the server running and reachable? Check DATABASES['default'] (or DATABASE_URL)."
+            f"cannot connect to PostgreSQL at {where}: {_what_failed(message)}\n"
+            f"  settings: {source}\n  PostgreSQL said: {message}"
         ) from None
     finally:
         connection.close()
     if "djasync_job" not in tables:
         raise click.ClickException(
-            f"the djasync tables are missing in {where}: run `python manage.py migrate` first"
+            f"the djasync tables are missing in {where} ({source}): run "
+            "`python manage.py migrate` first"
         )
+
+
+#: Fragments of libpq's and the server's connection errors (they carry no SQLSTATE, so the text
+#: is all there is), and what each means for the user. First match wins.
+CONNECTION_FAILURES: tuple[tuple[tuple[str, ...], str], ...] = (
+    # "authentication failed" also covers ident, peer, SCRAM and certificate failures.
+    (("authentication failed", "no password supplied", "no pg_hba.conf entry", "role \""),
+     "authentication failed: check USER and PASSWORD (and the server's pg_hba.conf)"),
+    (("does not exist",),
+     "the database does not exist on that server: create it, or correct NAME"),
+    (("connection refused", "timeout expired", "could not translate host name",
+      "failed to resolve host", "no route to host", "network is unreachable",
+      "no such file or directory", "could not connect", "server closed the connection"),
+     "the server is unreachable: is PostgreSQL running there, and are HOST and PORT right?"),
+)
+
+
+def _what_failed(message: str) -> str:
+    lowered = message.lower()
+    for fragments, meaning in CONNECTION_FAILURES:
+        if any(fragment in lowered for fragment in fragments):
+            return meaning
+    return "the connection failed"
 
 
 def _describe(settings_dict: dict[str, Any]) -> str:
     host = settings_dict.get("HOST") or "local socket"
     port = settings_dict.get("PORT") or 5432
-    return f"{host}:{port} database {settings_dict.get('NAME')!r}"
+    return f"{host}:{port} database {settings_dict.get('NAME')!r} as user " \
+           f"{settings_dict.get('USER') or '(default)'!r}"
 
 
 def main() -> None:

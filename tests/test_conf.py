@@ -1,6 +1,8 @@
 """The DJASYNC setting: every key is checked, a bad one is a clear error and a system check."""
 
 import datetime
+import os
+import subprocess
 import sys
 import uuid
 
@@ -16,6 +18,7 @@ from djasync import conf, executor
 from djasync.exceptions import ForbiddenFunction, ImproperlyConfigured
 from djasync.models import Job, Outcome, Status
 from tests import jobs
+from tests.daemon import ROOT
 
 KNOWN_KEYS = ["MAX_ATTEMPTS", "TIMEOUT", "BACKOFF", "ALLOWED_MODULES", "DEFAULT_QUEUE",
               "DEFAULT_PRIORITY", "TRACEBACK_MAX_CHARS", "PERIODIC"]
@@ -231,3 +234,31 @@ def test_a_job_whose_module_is_no_longer_allowed_is_failed_without_running(outsi
     assert (finished.status, job.status, job.result) == (Status.FAILED, Status.FAILED, None)
     assert "not in an allowed module" in job.attempt_set.get().exception_message
     assert outside_module not in sys.modules
+
+
+def run_check(tmp_path, databases: str) -> subprocess.CompletedProcess[str]:
+    """``django-admin check`` (no --database) in a fresh process with these DATABASES."""
+    (tmp_path / "check_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        f"DATABASES = {databases}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+           "DJANGO_SETTINGS_MODULE": "check_settings"}
+    return subprocess.run([sys.executable, "-m", "django", "check"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_manage_py_check_reports_a_sqlite_default_database_without_being_asked_for_databases(
+        tmp_path):
+    completed = run_check(tmp_path, '{"default": {"ENGINE": "django.db.backends.sqlite3", '
+                                    f'"NAME": "{tmp_path}/db.sqlite3"}}}}')
+    assert completed.returncode == 1, completed
+    assert "djasync.E003" in completed.stderr
+    assert "'django.db.backends.sqlite3' (sqlite)" in completed.stderr
+
+
+def test_the_database_check_reads_the_engine_and_never_connects(tmp_path):
+    completed = run_check(tmp_path, '{"default": {"ENGINE": "django.db.backends.postgresql", '
+                                    '"HOST": "127.0.0.1", "PORT": "1", "NAME": "x"}}')
+    assert completed.returncode == 0, completed.stderr
+    assert "no issues" in completed.stdout

@@ -331,7 +331,7 @@ def browser_missing() -> str:
         import PIL  # noqa: F401
         import selenium  # noqa: F401
     except ImportError as exc:
-        return f"{exc.name} is not installed (pip install -e '.[dev]')"
+        return f"{exc.name} is not installed (pip install -e . --group dev)"
     return ""
 
 

@@ -55,7 +55,9 @@ def bad(args: list[str], option: str, fragment: str, *marks: pytest.MarkDecorato
     bad(["--concurrency", "0"], "--concurrency", "0 is not in the range x>=1"),
     bad(["-c", "-3"], "--concurrency", "x>=1"),
     bad(["--concurrency", "two"], "--concurrency", "'two' is not a valid integer"),
-    bad(["--queue", "a b!"], "--queue", "queue name 'b!' is invalid"),
+    bad(["--queue", "a,b!"], "--queue", "queue name 'b!' is invalid"),
+    bad(["--queue", "my queue"], "--queue", "queue name 'my queue' contains a space"),
+    bad(["-q", "mail, my queue"], "--queue", "'my queue' contains a space"),
     bad(["-q", "ok", "-q", "-bad"], "--queue", "queue name '-bad' is invalid"),
     bad(["--queue", "x" * 101], "--queue", "1-100 characters"),
     bad(["--log-level", "loud"], "--log-level", "'loud' is not one of 'debug', 'info'"),
@@ -109,6 +111,24 @@ def test_queues_may_be_repeated_or_comma_separated_and_are_deduplicated(options_
     assert (context.params["queues"], context.params["concurrency"]) == (("a", "b", "c"), 7)
 
 
+def test_spaces_around_commas_are_allowed_and_the_environment_splits_on_whitespace(
+        options_only, monkeypatch):
+    context = worker_cli.cli.make_context("djasync-worker", ["-q", "mail, sms ,"])
+    assert context.params["queues"] == ("mail", "sms")
+    monkeypatch.setenv("DJASYNC_WORKER_QUEUES", "mail sms")
+    assert worker_cli.cli.make_context("djasync-worker", []).params["queues"] == ("mail", "sms")
+
+
+def test_version_prints_djasync_django_and_python_versions_and_starts_nothing(options_only):
+    import django
+
+    for flag in ("--version", "-V"):
+        result = invoke(flag, "--concurrency", "0")  # eager: a bad option after it is not read
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"djasync {djasync.__version__} (Django "), result.output
+        assert django.get_version() in result.output
+
+
 def test_the_log_level_is_case_insensitive(options_only):
     context = worker_cli.cli.make_context("djasync-worker", ["--log-level", "WARNING"])
     assert context.params["log_level"] == "warning"
@@ -122,7 +142,7 @@ def test_help_lists_every_option_with_its_environment_variable(options_only):
     assert text.startswith("Usage: djasync-worker [OPTIONS]")
     options_text = text.split(" Options: ", 1)[1]
     documented = {option for param in worker_cli.cli.params for option in param.opts
-                  if option.startswith("--") and option != "--help"}
+                  if option.startswith("--") and option not in ("--help", "--version")}
     assert documented == set(OPTION_ENV_VARS)  # a new option must be added to this test
     for option, env_var in OPTION_ENV_VARS.items():
         assert f"{option} " in options_text, f"{option} is not in --help"
@@ -209,8 +229,43 @@ def test_an_unreachable_database_is_refused_with_its_host_and_port_and_what_to_c
     env = worker_env(DATABASE_URL=database_url(host="127.0.0.1", port="1"))
     completed, elapsed = run_cli("--settings", "tests.settings", env=env)
     assert_refused(completed, "cannot connect to PostgreSQL at 127.0.0.1:1",
-                   "Is the server running", "DATABASE_URL")
+                   "the server is unreachable", "are HOST and PORT right",
+                   "settings: DATABASES['default'] of tests.settings (from --settings)",
+                   "Connection refused")
+    assert "DATABASE_URL" not in completed.stderr  # a plain Django project does not use it
     assert elapsed < STARTUP_TIMEOUT_SECONDS
+
+
+@pytest.mark.daemon
+def test_a_missing_database_is_refused_as_missing_naming_the_settings_from_the_environment():
+    env = worker_env(DATABASE_URL=database_url(dbname="djasync_no_such_database"),
+                     DJANGO_SETTINGS_MODULE="tests.settings")
+    completed, _ = run_cli(env=env)
+    assert_refused(completed, "database 'djasync_no_such_database'",
+                   "the database does not exist on that server",
+                   "DATABASES['default'] of tests.settings (from DJANGO_SETTINGS_MODULE)")
+
+
+@pytest.mark.daemon
+def test_a_wrong_password_is_refused_as_an_authentication_failure():
+    import psycopg
+
+    import pg
+
+    with pg.EmbeddedPostgres() as server:
+        server.start()
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("CREATE ROLE djasync_pw LOGIN PASSWORD 'right-password'")
+        hba = server.datadir / "pg_hba.conf"
+        hba.write_text("host all djasync_pw 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        url = psycopg.conninfo.make_conninfo(server.url, user="djasync_pw",
+                                             password="wrong-password")
+        completed, _ = run_cli("--settings", "tests.settings", env=worker_env(DATABASE_URL=url))
+    assert_refused(completed, "authentication failed: check USER and PASSWORD",
+                   "as user 'djasync_pw'", "password authentication failed for user")
+    assert "wrong-password" not in completed.stderr
 
 
 @pytest.mark.daemon
@@ -262,3 +317,82 @@ def test_burst_on_an_empty_queue_exits_0_quickly_and_leaves_a_future_job_pending
     assert Job.objects.get(pk=job.pk).status == Status.PENDING
     worker = Worker.objects.get()
     assert (worker.concurrency, worker.jobs_done) == (2, 0) and worker.stopped_at is not None
+
+
+# -- how users start it: from the project directory, or through manage.py ----------------------
+
+MANAGE_PY = '''import os, sys
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+    from django.core.management import execute_from_command_line
+    execute_from_command_line(sys.argv)
+'''
+
+
+def make_project(directory: Path) -> Path:
+    """A startproject-shaped directory: manage.py and a ``mysite`` package using the test
+    settings."""
+    (directory / "mysite").mkdir()
+    (directory / "mysite" / "__init__.py").write_text("")
+    (directory / "mysite" / "settings.py").write_text("from tests.settings import *  # noqa\n")
+    (directory / "manage.py").write_text(MANAGE_PY)
+    return directory
+
+
+def run_in(directory: Path, *command: str, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in (env or worker_env()).items() if not k.startswith("DJASYNC_WORKER_")}
+    return subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True,
+                          timeout=STARTUP_TIMEOUT_SECONDS * 2)
+
+
+@pytest.mark.daemon
+@pytest.mark.django_db(transaction=True)
+def test_the_console_script_finds_the_settings_module_in_the_current_directory(tmp_path):
+    project = make_project(tmp_path)
+    job = djasync.schedule(jobs.add, args=[2, 3])
+    script = Path(sys.executable).parent / "djasync-worker"
+    completed = run_in(project, str(script), "--settings", "mysite.settings", "--burst", "-c", "1")
+    assert completed.returncode == 0, completed.stderr
+    assert Job.objects.get(pk=job.pk).status == Status.SUCCEEDED
+
+
+@pytest.mark.daemon
+@pytest.mark.django_db(transaction=True)
+def test_manage_py_djasync_worker_runs_the_worker_with_the_same_options(tmp_path):
+    project = make_project(tmp_path)
+    env = worker_env()
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    job = djasync.schedule(jobs.add, args=[2, 3], queue="mail")
+    other = djasync.schedule(jobs.add, args=[1, 1], queue="other")
+    completed = run_in(project, sys.executable, "manage.py", "djasync_worker", "--burst",
+                       "--concurrency", "1", "-q", "mail", env=env)
+    assert completed.returncode == 0, completed.stderr
+    assert "burst: no due job left" in completed.stderr
+    assert Job.objects.get(pk=job.pk).status == Status.SUCCEEDED
+    assert Job.objects.get(pk=other.pk).status == Status.PENDING  # -q was honoured
+    refused = run_in(project, sys.executable, "manage.py", "djasync_worker", "-q", "my queue",
+                     env=env)
+    assert refused.returncode == 2, refused
+    assert "Usage: manage.py djasync_worker [OPTIONS]" in refused.stderr
+    assert "'my queue' contains a space" in refused.stderr
+
+
+@pytest.mark.daemon
+def test_manage_py_help_for_djasync_worker_shows_the_worker_options(tmp_path):
+    project = make_project(tmp_path)
+    for args in (["djasync_worker", "--help"], ["help", "djasync_worker"]):
+        completed = run_in(project, sys.executable, "manage.py", *args)
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.startswith("Usage: manage.py djasync_worker [OPTIONS]")
+        for option in OPTION_ENV_VARS:
+            assert option in completed.stdout, (args, option)
+    listing = run_in(project, sys.executable, "manage.py", "help")
+    assert "djasync_worker" in listing.stdout
+
+
+def test_call_command_is_refused_with_the_way_to_run_the_worker():
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError, match="python manage.py djasync_worker"):
+        call_command("djasync_worker")
