@@ -68,9 +68,21 @@ def schedule(
     """Add a job to the queue in the caller's transaction and return the saved row.
 
     ``function`` is a callable or its dotted name; it must live in an allowed module.
-    ``run_after`` is an aware datetime or a timedelta from now. ``meta`` may hold
-    ``max_attempts``, ``timeout`` (seconds) and ``atomic``. ``group`` is a :class:`Group` or a
-    group reference (the newest unfinished group of that reference, or a new one).
+    ``run_after`` is an aware datetime or a timedelta from now. ``meta`` holds execution
+    controls; any key other than these four raises ``ValueError``:
+
+    - ``max_attempts``: attempts before the job is marked failed (1..1000; errors, crashes and
+      timeouts all count). Default ``DJASYNC["MAX_ATTEMPTS"]``.
+    - ``timeout``: seconds the job may run, in (0, 604800]. Default ``DJASYNC["TIMEOUT"]``.
+    - ``atomic``: ``True`` (the default) runs the job inside the claiming transaction;
+      ``False`` runs a long job outside any transaction under a renewed lease.
+    - ``backoff``: seconds to wait before each retry, instead of ``DJASYNC["BACKOFF"]``: a
+      number (the same wait before every retry), or ``{"base": b, "factor": f, "max": m}``
+      to wait ``b·f^(n-1)`` seconds before retry ``n``, at most ``m`` (``factor`` defaults to
+      2, ``max`` to 30 days). A backoff *function* can only be the setting: a job row is JSON.
+
+    ``group`` is a :class:`Group` or a group reference (the newest unfinished group of that
+    reference, or a new one).
     ``unique=True`` (same function and arguments) or ``unique="some-key"`` keeps at most one
     pending job per key, enforced by a partial unique index: if one is pending (or running),
     it is returned and nothing is added.
