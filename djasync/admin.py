@@ -15,6 +15,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils.html import format_html
 
 from djasync import charts, dashboard, scheduling
 from djasync.models import Attempt, Group, Job
@@ -42,12 +43,19 @@ class AttemptInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     fields = ("number", "outcome", "started_at", "finished_at", "worker", "exception_type",
-              "exception_message", "traceback")
+              "exception_message", "traceback_text")
     readonly_fields = fields
     ordering = ["number", "id"]
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.display(description="traceback")
+    def traceback_text(self, obj: Attempt) -> str:
+        # As written, in the admin's monospace <pre>: the default rendering of a TextField
+        # (a <p> with <br> per line, in the text font) loses the indentation that makes a
+        # traceback readable.
+        return format_html("<pre>{}</pre>", obj.traceback) if obj.traceback else ""
 
 
 @admin.register(Job)

@@ -157,10 +157,19 @@ def test_the_change_page_shows_the_attempts_inline_with_their_traceback():
     response = client.get(f"{JOBS_URL}{job.pk}/change/")
     assert response.status_code == 200
     html = response.content.decode()
-    assert 'class="field-traceback"' in html and 'class="field-exception_message"' in html
+    assert 'class="field-traceback_text"' in html and 'class="field-exception_message"' in html
     assert "Traceback (most recent call last):" in html
     assert escape('raise ValueError("this job always fails")') in html
     assert escape(attempt.exception_type) in html and attempt.outcome == Outcome.ERROR
+
+
+def test_the_change_page_shows_a_traceback_in_pre_with_its_lines_and_no_br():
+    client = superuser_client()
+    job = failed_job()
+    html = client.get(f"{JOBS_URL}{job.pk}/change/").content.decode()
+    traceback = job.attempt_set.get().traceback
+    assert f"<pre>{escape(traceback)}</pre>" in html
+    assert "Traceback (most recent call last):<br>" not in html
 
 
 
