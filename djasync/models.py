@@ -9,6 +9,7 @@ from typing import Any
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
+from django.db.models.fields.json import KeyTextTransform
 from django.utils import timezone
 
 from djasync.validation import PRIORITY_MAX, PRIORITY_MIN
@@ -43,6 +44,29 @@ def identity_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
     """Return the sha1 that ``deschedule()`` matches: same name and JSON arguments, same hash."""
     text = json.dumps([name, args, kwargs], sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def task_path(prefix: str = "") -> models.Case:
+    """The Task path a Task job runs (its ``args[0]``) as an expression; NULL for a plain job.
+
+    ``prefix`` reaches the job through a relation (``"job__"`` from an attempt). Group and
+    filter by ``name`` *and* this, then show the pair with :func:`shown_name`, so that every
+    list (queue_health, the dashboard, the admin) names a Task job by its Task.
+    """
+    from djasync.registry import TASK_RUNNER
+
+    return models.Case(
+        models.When(**{f"{prefix}name": TASK_RUNNER}, then=KeyTextTransform("0", f"{prefix}args")),
+        default=models.Value(None), output_field=models.CharField(),
+    )
+
+
+def shown_name(name: str, task: str | None) -> str:
+    """The name a job is shown by, from its ``name`` and :func:`task_path` (see
+    :func:`djasync.registry.display_name`: a Task path the allow-list refuses is not shown)."""
+    from djasync.registry import display_name
+
+    return display_name(name, [task]) if task is not None else name
 
 
 class _ClockNow(models.Func):

@@ -115,9 +115,9 @@ def test_the_job_list_offers_status_queue_and_name_filters_that_filter():
     response = client.get(JOBS_URL)
     assert listed_ids(response) == sorted([failed.pk, mail.pk, default.pk])
     assert [spec.title for spec in response.context["cl"].filter_specs] == [
-        "status", "queue", "name"]
+        "status", "queue", "function"]
     html = response.content.decode()
-    for title in ("status", "queue", "name"):
+    for title in ("status", "queue", "function"):
         assert f'data-filter-title="{title}"' in html
     assert '?queue=mail"' in html and '?name=tests.jobs.echo"' in html
     assert listed_ids(client.get(JOBS_URL, {"status": "failed"})) == [failed.pk]
@@ -137,6 +137,22 @@ def test_the_job_list_searches_by_function_name_identity_and_id():
     assert add.pk in listed_ids(client.get(JOBS_URL, {"q": str(add.pk)}))
     assert listed_ids(client.get(JOBS_URL, {"q": "no-such-function"})) == []
 
+
+
+def test_the_function_filter_and_the_search_know_a_task_job_by_its_tasks_path():
+    from tests import tasks
+
+    client = superuser_client()
+    task_job = Job.objects.get(pk=int(tasks.add.enqueue(1, 2).id))
+    mail = Job.objects.get(pk=int(tasks.send_mail.enqueue("a@example.com").id))
+    plain = djasync.schedule(jobs.add, args=[1, 2])
+    html = client.get(JOBS_URL).content.decode()
+    assert '?name=tests.tasks.add"' in html and '?name=tests.tasks.send_mail"' in html
+    assert "?name=djasync.backends.run_task" not in html
+    assert listed_ids(client.get(JOBS_URL, {"name": "tests.tasks.add"})) == [task_job.pk]
+    assert listed_ids(client.get(JOBS_URL, {"name": "tests.jobs.add"})) == [plain.pk]
+    assert listed_ids(client.get(JOBS_URL, {"q": "tasks.send_m"})) == [mail.pk]
+    assert listed_ids(client.get(JOBS_URL, {"q": "add"})) == sorted([task_job.pk, plain.pk])
 
 
 def test_viewing_a_pending_job_in_the_admin_does_not_run_it():
