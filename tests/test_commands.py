@@ -166,6 +166,18 @@ def test_prune_jobs_keeps_a_group_until_all_of_it_is_old():
     assert Group.objects.count() == 0
 
 
+def test_prune_jobs_deletes_the_rows_of_workers_stopped_before_its_cutoff():
+    from djasync.models import Worker
+
+    now = timezone.now()
+    for name, days in (("old", 40), ("young", 1)):
+        Worker.objects.create(name=name, hostname="h", pid=1, concurrency=1,
+                              last_seen=now - datetime.timedelta(days=days),
+                              stopped_at=now - datetime.timedelta(days=days))
+    assert "deleted 1 rows of workers" in run("prune_jobs", "--older-than", "30")
+    assert list(Worker.objects.values_list("name", flat=True)) == ["young"]
+
+
 def test_prune_jobs_refuses_bad_options():
     with pytest.raises(CommandError, match="--older-than"):
         run("prune_jobs")
