@@ -187,7 +187,10 @@ class Job(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.display_name} #{self.pk}"
+        """The call this job makes, as django-async showed it, and its id:
+        ``tests.jobs.add(1, 2) #7`` (a Task job: the Task's call)."""
+        call = self.call_text()
+        return call if self.pk is None else f"{call} #{self.pk}"
 
     def __call__(self) -> Any:
         """Run this job now, in this process, through the executor; return its result.
@@ -198,6 +201,23 @@ class Job(models.Model):
         from djasync.executor import run_job_now
 
         return run_job_now(self)
+
+    def call_text(self, limit: int = 200) -> str:
+        """``name(arg, ..., key=value, ...)`` with the arguments' ``repr``, cut after ``limit``
+        characters. For shells, the admin and tests: arguments may hold secrets, so djasync's
+        log lines never use it."""
+        name, args, kwargs = self.display_name, self.args, self.kwargs
+        if name != self.name:  # a Task job: args is [path, args, kwargs]
+            args = self.args[1] if len(self.args) > 1 else []
+            kwargs = self.args[2] if len(self.args) > 2 else {}
+        # Rows written by hand may hold anything JSON can.
+        args = args if isinstance(args, list) else [args]
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
+        text = ", ".join([repr(a) for a in args]
+                         + [f"{k}={v!r}" for k, v in sorted(kwargs.items())])
+        if len(text) > limit:
+            text = text[:limit - 1] + "…"
+        return f"{name}({text})"
 
     @property
     def display_name(self) -> str:
@@ -249,7 +269,7 @@ class Group(models.Model):
         ordering = ["-id"]
 
     def __str__(self) -> str:
-        return f"{self.reference} (group #{self.pk})"
+        return self.reference
 
     def progress(self) -> dict[str, int]:
         """Count this group's jobs (the final job excluded) by status, plus ``total``."""

@@ -327,7 +327,8 @@ def _open_group(group: Group | str, opened: dict[int | str, Group]) -> Group:
         else:
             _lock(group)
             if _has_started(group):
-                raise GroupClosed(f"group {group} has started running (a job of it finished)")
+                raise GroupClosed(f"group {group.reference!r} (#{group.pk}) has started running "
+                                  "(a job of it finished)")
             found = group
         opened[key] = found
     return found

@@ -370,7 +370,7 @@ def test_the_admin_job_list_shows_the_tasks_path(admin_client):
 @pytest.mark.parametrize("args", [["os.system", ["echo hi"], {}], ["not a name"], [7], []])
 def test_a_task_path_the_allow_list_refuses_is_never_shown(args):
     job = djasync.schedule(RUNNER, args=args, kwargs={"backend": "default"})
-    assert job.display_name == RUNNER and str(job) == f"{RUNNER} #{job.pk}"
+    assert job.display_name == RUNNER and str(job).startswith(f"{RUNNER}(")
     [finished] = executor.run_batch()  # the log lines and flush_queue show the same name
     assert finished.name == RUNNER and finished.outcome == Outcome.ERROR
 
