@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import models
+from django.db import models, router
 from django.db.models import Q
 from django.db.models.fields.json import KeyTextTransform
 from django.utils import timezone
@@ -105,9 +106,10 @@ class JobQuerySet(models.QuerySet["Job"]):
 
 class Job(models.Model):
     name = models.CharField(max_length=255, help_text="Dotted path of the function to call.")
-    args = models.JSONField(default=list, encoder=DjangoJSONEncoder)
-    kwargs = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
-    meta = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    # blank=True: no arguments ([] and {}) is valid, and full_clean() must say so.
+    args = models.JSONField(default=list, blank=True, encoder=DjangoJSONEncoder)
+    kwargs = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    meta = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     queue = models.CharField(max_length=100, default="default")
     priority = models.SmallIntegerField(default=0, help_text="Higher runs first (-100..100).")
     run_after = models.DateTimeField(default=timezone.now, help_text="Earliest time to run.")
@@ -202,6 +204,52 @@ class Job(models.Model):
 
         return run_job_now(self)
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save, refusing to put the job into a group that has started running.
+
+        The rule ``schedule()`` keeps (``GroupClosed``), kept on the ORM's path too:
+        ``job.group = group; job.save()``.
+        """
+        update_fields = kwargs.get("update_fields")
+        if self._joins_a_group() and (update_fields is None or "group" in update_fields
+                                      or "group_id" in update_fields):
+            self._check_group_open(kwargs.get("using") or self._state.db)
+        super().save(*args, **kwargs)
+        self._loaded_group_id = self.group_id
+
+    #: The group the row had when it was read (or last saved): a job that keeps its group is
+    #: not checked again when saved.
+    _loaded_group_id: int | None = None
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Job:
+        job = super().from_db(db, field_names, values, **kwargs)
+        job._loaded_group_id = job.__dict__.get("group_id")
+        return job
+
+    def clean(self) -> None:
+        """Refuse a group that has started running (``full_clean()``, as the admin calls it)."""
+        super().clean()
+        if self._joins_a_group():
+            self._check_group_open(self._state.db)
+
+    def _joins_a_group(self) -> bool:
+        return self.group_id is not None and self.group_id != self._loaded_group_id
+
+    def _check_group_open(self, using: str | None) -> None:
+        from djasync.exceptions import GroupClosed
+
+        db = using or router.db_for_write(Job, instance=self)
+        group_id = self.group_id
+        assert group_id is not None
+        finished = Job.objects.using(db).filter(group_id=group_id).exclude(status=Status.PENDING)
+        if self.pk is not None:
+            finished = finished.exclude(pk=self.pk)
+        if finished.exists():
+            raise GroupClosed(f"group #{self.group_id} has started running (a job of it "
+                              "finished): it takes no new jobs")
+
     def call_text(self, limit: int = 200) -> str:
         """``name(arg, ..., key=value, ...)`` with the arguments' ``repr``, cut after ``limit``
         characters. For shells, the admin and tests: arguments may hold secrets, so djasync's
@@ -271,6 +319,59 @@ class Group(models.Model):
     def __str__(self) -> str:
         return self.reference
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save, keeping the rules ``schedule()`` and ``on_completion()`` keep.
+
+        A new group is refused while the newest group of its reference still has pending jobs
+        (``GroupInUse``, as :func:`djasync.scheduling.create_group`). A final job given here
+        (``Group.objects.create(reference=..., final=job)``) joins the group, as
+        :meth:`on_completion` makes it, so that it waits for the members scheduled into the
+        group afterwards (a final job outside its group would run at once).
+        """
+        db = kwargs.get("using") or self._state.db or router.db_for_write(Group, instance=self)
+        if self._state.adding and not self._rules_checked:
+            self._check_reference_free(db)
+        if self.final_id is not None:
+            self._check_final_free(db)
+        super().save(*args, **kwargs)
+        update_fields = kwargs.get("update_fields")
+        if self.final_id is not None and (update_fields is None or "final" in update_fields
+                                          or "final_id" in update_fields):
+            Job.objects.using(db).filter(pk=self.final_id, group_id__isnull=True).update(
+                group_id=self.pk)
+
+    #: Set by djasync's own code that checked the rules already, under its locks.
+    _rules_checked = False
+
+    def clean(self) -> None:
+        """Refuse what :meth:`save` refuses (``full_clean()``, as the admin calls it)."""
+        super().clean()
+        db = self._state.db or router.db_for_write(Group, instance=self)
+        if self._state.adding:
+            self._check_reference_free(db)
+        if self.final_id is not None:
+            self._check_final_free(db)
+
+    def _check_reference_free(self, db: str) -> None:
+        from djasync.exceptions import GroupInUse
+
+        latest = (Group.objects.using(db).filter(reference=self.reference).order_by("-id")
+                  .values_list("id", flat=True).first())
+        if latest is not None and Job.objects.using(db).filter(
+                group_id=latest, status=Status.PENDING).exists():
+            raise GroupInUse(f"group {self.reference!r} (#{latest}) still has pending jobs")
+
+    def _check_final_free(self, db: str) -> None:
+        from djasync.exceptions import GroupRuleBroken
+
+        final_id = self.final_id
+        assert final_id is not None
+        group_id = (Job.objects.using(db).filter(pk=final_id)
+                    .values_list("group_id", flat=True).first())
+        if group_id is not None and group_id != self.pk:
+            raise GroupRuleBroken(f"job #{self.final_id} belongs to group #{group_id}: it "
+                                  "cannot be the final job of another group")
+
     def progress(self) -> dict[str, int]:
         """Count this group's jobs (the final job excluded) by status, plus ``total``."""
         counts = {status.value: 0 for status in Status}
@@ -291,9 +392,15 @@ class Group(models.Model):
         return progress["total"] > 0 and progress[Status.PENDING] == 0
 
     def on_completion(self, job: Job) -> Job:
-        """Make ``job`` the group's final job: it runs once every other job is finished."""
+        """Make ``job`` the group's final job: it runs once every other job is finished.
+
+        Allowed whatever the group's state (unlike adding a member): a final job given to a
+        group that has completed already runs at once.
+        """
+        db = self._state.db or router.db_for_write(Group, instance=self)
+        Job.objects.using(db).filter(pk=job.pk).update(group_id=self.pk)
         job.group = self
-        job.save(update_fields=["group"])
+        job._loaded_group_id = self.pk
         self.final = job
         self.save(update_fields=["final"])
         return job

@@ -306,6 +306,7 @@ def _open_groups(jobs: list[Job], groups: list[Group | str | None]) -> None:
     for job, group in zip(jobs, groups, strict=True):
         if group is not None:
             job.group = _open_group(group, opened)
+            job._loaded_group_id = job.group_id  # checked, under lock: Job.save() need not
 
 
 def _in_transaction() -> contextlib.AbstractContextManager[Any]:
@@ -399,9 +400,7 @@ def group_for_reference(reference: str, description: str = "") -> Group:
             _lock_reference(reference)
             latest = _latest(reference)  # as it is now that no one else is creating one
         if latest is None or latest.has_completed():
-            return Group.objects.using(connection.alias).create(
-                reference=reference,
-                description=description or (latest.description if latest else ""))
+            return _new_group(reference, description or (latest.description if latest else ""))
         _lock(latest)
         if _has_started(latest):
             raise GroupClosed(
@@ -420,8 +419,15 @@ def create_group(reference: str, description: str = "") -> Group:
         if latest is not None and (Job.objects.using(connection.alias)
                                    .filter(group_id=latest.pk, status=Status.PENDING).exists()):
             raise GroupInUse(f"group {reference!r} (#{latest.pk}) still has pending jobs")
-        return Group.objects.using(connection.alias).create(reference=reference,
-                                                            description=description)
+        return _new_group(reference, description)
+
+
+def _new_group(reference: str, description: str) -> Group:
+    """Create a generation whose rules the caller checked, under the reference's lock."""
+    group = Group(reference=reference, description=description)
+    group._rules_checked = True
+    group.save(using=connection.alias, force_insert=True)
+    return group
 
 
 def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:
