@@ -346,7 +346,7 @@ def test_a_task_job_is_shown_by_its_tasks_path_in_the_worker_log_lines(caplog):
 
 def test_a_task_job_is_shown_by_its_tasks_path_in_flush_queue_and_str():
     result = tasks.add.enqueue(1, 2)
-    assert str(Job.objects.get()) == f"tests.tasks.add #{result.id}"
+    assert str(Job.objects.get()) == f"tests.tasks.add(1, 2) #{result.id}"
     out = StringIO()
     call_command("flush_queue", stdout=out)
     assert f"{result.id}: tests.tasks.add attempt 1" in out.getvalue()
