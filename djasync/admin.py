@@ -11,13 +11,15 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils.html import format_html
 
 from djasync import charts, dashboard, scheduling
-from djasync.models import Attempt, Group, Job
+from djasync.models import Attempt, Group, Job, shown_name, task_path
+from djasync.registry import TASK_RUNNER
 
 
 class ReadOnlyMixin:
@@ -42,19 +44,44 @@ class AttemptInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     fields = ("number", "outcome", "started_at", "finished_at", "worker", "exception_type",
-              "exception_message", "traceback")
+              "exception_message", "traceback_text")
     readonly_fields = fields
     ordering = ["number", "id"]
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    @admin.display(description="traceback")
+    def traceback_text(self, obj: Attempt) -> str:
+        # As written, in the admin's monospace <pre>: the default rendering of a TextField
+        # (a <p> with <br> per line, in the text font) loses the indentation that makes a
+        # traceback readable.
+        return format_html("<pre>{}</pre>", obj.traceback) if obj.traceback else ""
+
+
+class FunctionFilter(admin.SimpleListFilter):
+    """Filter by function, a Task job by its Task's path (``?name=tests.tasks.add``)."""
+
+    title = "function"
+    parameter_name = "name"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        rows = (Job.objects.annotate(task=task_path()).values_list("name", "task")
+                .order_by().distinct())  # no ordering: it would join the DISTINCT
+        return [(name, name) for name in sorted({shown_name(n, t) for n, t in rows})]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Job]) -> QuerySet[Job]:
+        value = self.value()
+        if value is None:
+            return queryset
+        return queryset.filter(Q(name=value) | Q(name=TASK_RUNNER, args__0=value))
+
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = ["id", "function", "queue", "priority", "status", "attempts", "run_after",
                     "finished_at", "group"]
-    list_filter = ["status", "queue", "name"]
+    list_filter = ["status", "queue", FunctionFilter]
     search_fields = ["name", "=id", "=identity"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline]
@@ -77,6 +104,16 @@ class JobAdmin(ReadOnlyMixin, admin.ModelAdmin):
         context = {**self.admin_site.each_context(request), "opts": self.opts,
                    "title": "Queue dashboard", **charts.context(dashboard.collect())}
         return TemplateResponse(request, "admin/djasync/dashboard.html", context)
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Job],
+                           search_term: str) -> tuple[QuerySet[Job], bool]:
+        """Search the Task path of Task jobs too, as the function column shows it."""
+        results, may_have_duplicates = super().get_search_results(request, queryset,
+                                                                  search_term)
+        term = search_term.strip()
+        if term:
+            results = results | queryset.filter(name=TASK_RUNNER, args__0__icontains=term)
+        return results, may_have_duplicates
 
     @admin.display(description="function", ordering="name")
     def function(self, obj: Job) -> str:

@@ -155,10 +155,13 @@ def report_successes(done: list[Succeeded], numbers: dict[int, int]) -> dict[int
 
 
 def _report_success(run: Run, result: Any, number: int, duration: float) -> Finished:
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("job succeeded id=%s name=%s attempt=%s duration=%.3f",
-                     run.job_id, run.name, number, duration,
-                     extra=_fields(run, number, duration, Outcome.SUCCEEDED))
+    # One line per finished job, plain or Task (a failure's line is in fail()), at INFO unless
+    # DJASYNC["LOG_FINISHED_JOBS"] is off, then at DEBUG.
+    level = logging.INFO if conf.get().LOG_FINISHED_JOBS else logging.DEBUG
+    if logger.isEnabledFor(level):
+        logger.log(level, "job succeeded id=%s name=%s attempt=%s duration=%.3f",
+                   run.job_id, run.name, number, duration,
+                   extra=_fields(run, number, duration, Outcome.SUCCEEDED))
     return Finished(run.job_id, run.name, run.queue, number, Outcome.SUCCEEDED,
                     Status.SUCCEEDED, duration, result=result)
 

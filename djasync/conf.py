@@ -59,6 +59,9 @@ class Settings:
     #: tcp_user_timeout, connect_timeout: see djasync.connections), merged over its defaults;
     #: the project's DATABASES OPTIONS win over both.
     WORKER_CONNECTION_OPTIONS: dict[str, int | None] = field(default_factory=_connection_defaults)
+    #: Log a line at INFO for every job that succeeded (a failed attempt is always logged, at
+    #: WARNING or ERROR); False logs it at DEBUG only, for very busy queues.
+    LOG_FINISHED_JOBS: bool = True
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
     def backoff(self, attempt: int, job_backoff: Any = None) -> float:
@@ -113,6 +116,8 @@ def load(raw: Any) -> Settings:
         lease = values["LEASE_SECONDS"]
         if isinstance(lease, bool) or not isinstance(lease, int | float) or not 1 <= lease <= 3600:
             raise ImproperlyConfigured("DJASYNC['LEASE_SECONDS'] must be a number in [1, 3600].")
+    if "LOG_FINISHED_JOBS" in values and not isinstance(values["LOG_FINISHED_JOBS"], bool):
+        raise ImproperlyConfigured("DJASYNC['LOG_FINISHED_JOBS'] must be True or False.")
     if "ALLOWED_MODULES" in values:
         modules = values["ALLOWED_MODULES"]
         if not isinstance(modules, list | tuple) or not all(

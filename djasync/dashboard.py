@@ -35,7 +35,8 @@ from typing import Any
 from django.db import connection
 from django.utils import timezone
 
-from djasync.models import Outcome, Status, Worker
+from djasync.models import Outcome, Status, Worker, shown_name
+from djasync.registry import TASK_RUNNER
 from djasync.workers import STALE_AFTER
 
 #: Points sampled over the hour, one a minute; the last one is ``now``.
@@ -109,31 +110,36 @@ SELECT i, count(*),
  GROUP BY GROUPING SETS ((i), ())
 """
 
+#: A Task job's Task path (its first argument), NULL for a plain job: functions are grouped by
+#: name and this, and shown by :func:`djasync.models.shown_name` (a Task by its path).
+_TASK_PATH = "CASE WHEN j.name = %(task_runner)s THEN j.args ->> 0 END"
+
 #: Function names whose successful runs in the hour took longest, on average.
 SLOWEST_NAMES = f"""
-SELECT j.name, count(*), avg(a.seconds)::float8,
+SELECT j.name, {_TASK_PATH}, count(*), avg(a.seconds)::float8,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY a.seconds), max(a.seconds)::float8
   FROM (SELECT job_id, extract(epoch FROM finished_at - started_at)::float8 AS seconds
           FROM djasync_attempt
          WHERE outcome = 'succeeded' AND finished_at > %(start)s AND finished_at <= %(now)s) AS a
   JOIN djasync_job j ON j.id = a.job_id
- GROUP BY j.name
- ORDER BY 3 DESC, 1
+ GROUP BY 1, 2
+ ORDER BY 4 DESC, 1, 2
  LIMIT {TOP}
 """
 
 #: Function names with the most failed attempts (error, crashed, timed out) in the hour.
 FAILING_NAMES = f"""
-SELECT j.name, count(*) FILTER (WHERE a.outcome <> 'succeeded') AS failures, count(*),
+SELECT j.name, {_TASK_PATH},
+       count(*) FILTER (WHERE a.outcome <> 'succeeded') AS failures, count(*),
        count(*) FILTER (WHERE a.outcome = 'error'),
        count(*) FILTER (WHERE a.outcome = 'crashed'),
        count(*) FILTER (WHERE a.outcome = 'timed_out')
   FROM djasync_attempt a
   JOIN djasync_job j ON j.id = a.job_id
  WHERE a.outcome = ANY(%(outcomes)s) AND a.finished_at > %(start)s AND a.finished_at <= %(now)s
- GROUP BY j.name
+ GROUP BY 1, 2
 HAVING count(*) FILTER (WHERE a.outcome <> 'succeeded') > 0
- ORDER BY 2 DESC, 1
+ ORDER BY 3 DESC, 1, 2
  LIMIT {TOP}
 """
 
@@ -147,7 +153,8 @@ def _params(now: datetime.datetime) -> dict[str, Any]:
     t0 = now - (POINTS - 1) * STEP
     return {"now": now, "t0": t0, "start": t0 - STEP, "outcomes": list(ALL_OUTCOMES),
             "finished_statuses": list(FINISHED_JOB_STATUSES),
-            "statuses": [Status.SUCCEEDED.value, Status.FAILED.value]}
+            "statuses": [Status.SUCCEEDED.value, Status.FAILED.value],
+            "task_runner": TASK_RUNNER}
 
 
 def _fetch(sql: str, now: datetime.datetime) -> list[tuple[Any, ...]]:
@@ -213,8 +220,8 @@ class SlowName:
 
 
 def slowest_names(now: datetime.datetime) -> list[SlowName]:
-    return [SlowName(name, int(runs), avg, p95, high)
-            for name, runs, avg, p95, high in _fetch(SLOWEST_NAMES, now)]
+    return [SlowName(shown_name(name, task), int(runs), avg, p95, high)
+            for name, task, runs, avg, p95, high in _fetch(SLOWEST_NAMES, now)]
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,8 @@ class FailingName:
 
 
 def failing_names(now: datetime.datetime) -> list[FailingName]:
-    return [FailingName(*row) for row in _fetch(FAILING_NAMES, now)]
+    return [FailingName(shown_name(name, task), *counts)
+            for name, task, *counts in _fetch(FAILING_NAMES, now)]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Every error djasync raises on purpose derives from :class:`DjasyncError`."""
 
+from django.core.exceptions import ValidationError
+
 
 class DjasyncError(Exception):
     """A djasync operation could not be carried out."""
@@ -25,11 +27,25 @@ class JobTimedOut(DjasyncError):
     """The job ran past its timeout and its worker process was stopped."""
 
 
-class GroupClosed(DjasyncError):
+class GroupRuleBroken(DjasyncError, ValidationError):
+    """A group rule refused the change.
+
+    Also a Django ``ValidationError``: ``schedule()``, ``save()`` and ``full_clean()`` (the admin,
+    forms) refuse the same things with the same exception.
+    """
+
+    def __str__(self) -> str:  # the message, not ValidationError's list of messages
+        return str(self.message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class GroupClosed(GroupRuleBroken):
     """The group has started running (a job of it finished), so it takes no new jobs."""
 
 
-class GroupInUse(DjasyncError):
+class GroupInUse(GroupRuleBroken):
     """Another generation of this group reference still has unfinished jobs."""
 
 

@@ -748,7 +748,8 @@ def _why_not_runnable(job: Job) -> str:
     group = job.final_of.using(connection.alias).first()
     if group is not None and group.jobs.using(connection.alias).exclude(pk=job.pk).filter(
             status=Status.PENDING).exists():
-        return f"it is the final job of group {group} and other jobs of the group are pending"
+        return (f"it is the final job of group {group.reference!r} (#{group.pk}) and other jobs "
+                "of the group are pending")
     return "another worker is running it right now"
 
 

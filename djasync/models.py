@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import models
+from django.db import models, router
 from django.db.models import Q
+from django.db.models.fields.json import KeyTextTransform
 from django.utils import timezone
 
 from djasync.validation import PRIORITY_MAX, PRIORITY_MIN
@@ -43,6 +45,29 @@ def identity_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
     """Return the sha1 that ``deschedule()`` matches: same name and JSON arguments, same hash."""
     text = json.dumps([name, args, kwargs], sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def task_path(prefix: str = "") -> models.Case:
+    """The Task path a Task job runs (its ``args[0]``) as an expression; NULL for a plain job.
+
+    ``prefix`` reaches the job through a relation (``"job__"`` from an attempt). Group and
+    filter by ``name`` *and* this, then show the pair with :func:`shown_name`, so that every
+    list (queue_health, the dashboard, the admin) names a Task job by its Task.
+    """
+    from djasync.registry import TASK_RUNNER
+
+    return models.Case(
+        models.When(**{f"{prefix}name": TASK_RUNNER}, then=KeyTextTransform("0", f"{prefix}args")),
+        default=models.Value(None), output_field=models.CharField(),
+    )
+
+
+def shown_name(name: str, task: str | None) -> str:
+    """The name a job is shown by, from its ``name`` and :func:`task_path` (see
+    :func:`djasync.registry.display_name`: a Task path the allow-list refuses is not shown)."""
+    from djasync.registry import display_name
+
+    return display_name(name, [task]) if task is not None else name
 
 
 class _ClockNow(models.Func):
@@ -81,9 +106,10 @@ class JobQuerySet(models.QuerySet["Job"]):
 
 class Job(models.Model):
     name = models.CharField(max_length=255, help_text="Dotted path of the function to call.")
-    args = models.JSONField(default=list, encoder=DjangoJSONEncoder)
-    kwargs = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
-    meta = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    # blank=True: no arguments ([] and {}) is valid, and full_clean() must say so.
+    args = models.JSONField(default=list, blank=True, encoder=DjangoJSONEncoder)
+    kwargs = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    meta = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     queue = models.CharField(max_length=100, default="default")
     priority = models.SmallIntegerField(default=0, help_text="Higher runs first (-100..100).")
     run_after = models.DateTimeField(default=timezone.now, help_text="Earliest time to run.")
@@ -163,7 +189,10 @@ class Job(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.display_name} #{self.pk}"
+        """The call this job makes, as django-async showed it, and its id:
+        ``tests.jobs.add(1, 2) #7`` (a Task job: the Task's call)."""
+        call = self.call_text()
+        return call if self.pk is None else f"{call} #{self.pk}"
 
     def __call__(self) -> Any:
         """Run this job now, in this process, through the executor; return its result.
@@ -174,6 +203,69 @@ class Job(models.Model):
         from djasync.executor import run_job_now
 
         return run_job_now(self)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save, refusing to put the job into a group that has started running.
+
+        The rule ``schedule()`` keeps (``GroupClosed``), kept on the ORM's path too:
+        ``job.group = group; job.save()``.
+        """
+        update_fields = kwargs.get("update_fields")
+        if self._joins_a_group() and (update_fields is None or "group" in update_fields
+                                      or "group_id" in update_fields):
+            self._check_group_open(kwargs.get("using") or self._state.db)
+        super().save(*args, **kwargs)
+        self._loaded_group_id = self.group_id
+
+    #: The group the row had when it was read (or last saved): a job that keeps its group is
+    #: not checked again when saved.
+    _loaded_group_id: int | None = None
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Job:
+        job = super().from_db(db, field_names, values, **kwargs)
+        job._loaded_group_id = job.__dict__.get("group_id")
+        return job
+
+    def clean(self) -> None:
+        """Refuse a group that has started running (``full_clean()``, as the admin calls it)."""
+        super().clean()
+        if self._joins_a_group():
+            self._check_group_open(self._state.db)
+
+    def _joins_a_group(self) -> bool:
+        return self.group_id is not None and self.group_id != self._loaded_group_id
+
+    def _check_group_open(self, using: str | None) -> None:
+        from djasync.exceptions import GroupClosed
+
+        db = using or router.db_for_write(Job, instance=self)
+        group_id = self.group_id
+        assert group_id is not None
+        finished = Job.objects.using(db).filter(group_id=group_id).exclude(status=Status.PENDING)
+        if self.pk is not None:
+            finished = finished.exclude(pk=self.pk)
+        if finished.exists():
+            raise GroupClosed(f"group #{self.group_id} has started running (a job of it "
+                              "finished): it takes no new jobs")
+
+    def call_text(self, limit: int = 200) -> str:
+        """``name(arg, ..., key=value, ...)`` with the arguments' ``repr``, cut after ``limit``
+        characters. For shells, the admin and tests: arguments may hold secrets, so djasync's
+        log lines never use it."""
+        name, args, kwargs = self.display_name, self.args, self.kwargs
+        if name != self.name:  # a Task job: args is [path, args, kwargs]
+            args = self.args[1] if len(self.args) > 1 else []
+            kwargs = self.args[2] if len(self.args) > 2 else {}
+        # Rows written by hand may hold anything JSON can.
+        args = args if isinstance(args, list) else [args]
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
+        text = ", ".join([repr(a) for a in args]
+                         + [f"{k}={v!r}" for k, v in sorted(kwargs.items())])
+        if len(text) > limit:
+            text = text[:limit - 1] + "…"
+        return f"{name}({text})"
 
     @property
     def display_name(self) -> str:
@@ -225,7 +317,60 @@ class Group(models.Model):
         ordering = ["-id"]
 
     def __str__(self) -> str:
-        return f"{self.reference} (group #{self.pk})"
+        return self.reference
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save, keeping the rules ``schedule()`` and ``on_completion()`` keep.
+
+        A new group is refused while the newest group of its reference still has pending jobs
+        (``GroupInUse``, as :func:`djasync.scheduling.create_group`). A final job given here
+        (``Group.objects.create(reference=..., final=job)``) joins the group, as
+        :meth:`on_completion` makes it, so that it waits for the members scheduled into the
+        group afterwards (a final job outside its group would run at once).
+        """
+        db = kwargs.get("using") or self._state.db or router.db_for_write(Group, instance=self)
+        if self._state.adding and not self._rules_checked:
+            self._check_reference_free(db)
+        if self.final_id is not None:
+            self._check_final_free(db)
+        super().save(*args, **kwargs)
+        update_fields = kwargs.get("update_fields")
+        if self.final_id is not None and (update_fields is None or "final" in update_fields
+                                          or "final_id" in update_fields):
+            Job.objects.using(db).filter(pk=self.final_id, group_id__isnull=True).update(
+                group_id=self.pk)
+
+    #: Set by djasync's own code that checked the rules already, under its locks.
+    _rules_checked = False
+
+    def clean(self) -> None:
+        """Refuse what :meth:`save` refuses (``full_clean()``, as the admin calls it)."""
+        super().clean()
+        db = self._state.db or router.db_for_write(Group, instance=self)
+        if self._state.adding:
+            self._check_reference_free(db)
+        if self.final_id is not None:
+            self._check_final_free(db)
+
+    def _check_reference_free(self, db: str) -> None:
+        from djasync.exceptions import GroupInUse
+
+        latest = (Group.objects.using(db).filter(reference=self.reference).order_by("-id")
+                  .values_list("id", flat=True).first())
+        if latest is not None and Job.objects.using(db).filter(
+                group_id=latest, status=Status.PENDING).exists():
+            raise GroupInUse(f"group {self.reference!r} (#{latest}) still has pending jobs")
+
+    def _check_final_free(self, db: str) -> None:
+        from djasync.exceptions import GroupRuleBroken
+
+        final_id = self.final_id
+        assert final_id is not None
+        group_id = (Job.objects.using(db).filter(pk=final_id)
+                    .values_list("group_id", flat=True).first())
+        if group_id is not None and group_id != self.pk:
+            raise GroupRuleBroken(f"job #{self.final_id} belongs to group #{group_id}: it "
+                                  "cannot be the final job of another group")
 
     def progress(self) -> dict[str, int]:
         """Count this group's jobs (the final job excluded) by status, plus ``total``."""
@@ -247,9 +392,15 @@ class Group(models.Model):
         return progress["total"] > 0 and progress[Status.PENDING] == 0
 
     def on_completion(self, job: Job) -> Job:
-        """Make ``job`` the group's final job: it runs once every other job is finished."""
+        """Make ``job`` the group's final job: it runs once every other job is finished.
+
+        Allowed whatever the group's state (unlike adding a member): a final job given to a
+        group that has completed already runs at once.
+        """
+        db = self._state.db or router.db_for_write(Group, instance=self)
+        Job.objects.using(db).filter(pk=job.pk).update(group_id=self.pk)
         job.group = self
-        job.save(update_fields=["group"])
+        job._loaded_group_id = self.pk
         self.final = job
         self.save(update_fields=["final"])
         return job

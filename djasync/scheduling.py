@@ -68,9 +68,21 @@ def schedule(
     """Add a job to the queue in the caller's transaction and return the saved row.
 
     ``function`` is a callable or its dotted name; it must live in an allowed module.
-    ``run_after`` is an aware datetime or a timedelta from now. ``meta`` may hold
-    ``max_attempts``, ``timeout`` (seconds) and ``atomic``. ``group`` is a :class:`Group` or a
-    group reference (the newest unfinished group of that reference, or a new one).
+    ``run_after`` is an aware datetime or a timedelta from now. ``meta`` holds execution
+    controls; any key other than these four raises ``ValueError``:
+
+    - ``max_attempts``: attempts before the job is marked failed (1..1000; errors, crashes and
+      timeouts all count). Default ``DJASYNC["MAX_ATTEMPTS"]``.
+    - ``timeout``: seconds the job may run, in (0, 604800]. Default ``DJASYNC["TIMEOUT"]``.
+    - ``atomic``: ``True`` (the default) runs the job inside the claiming transaction;
+      ``False`` runs a long job outside any transaction under a renewed lease.
+    - ``backoff``: seconds to wait before each retry, instead of ``DJASYNC["BACKOFF"]``: a
+      number (the same wait before every retry), or ``{"base": b, "factor": f, "max": m}``
+      to wait ``b·f^(n-1)`` seconds before retry ``n``, at most ``m`` (``factor`` defaults to
+      2, ``max`` to 30 days). A backoff *function* can only be the setting: a job row is JSON.
+
+    ``group`` is a :class:`Group` or a group reference (the newest unfinished group of that
+    reference, or a new one).
     ``unique=True`` (same function and arguments) or ``unique="some-key"`` keeps at most one
     pending job per key, enforced by a partial unique index: if one is pending (or running),
     it is returned and nothing is added.
@@ -294,6 +306,7 @@ def _open_groups(jobs: list[Job], groups: list[Group | str | None]) -> None:
     for job, group in zip(jobs, groups, strict=True):
         if group is not None:
             job.group = _open_group(group, opened)
+            job._loaded_group_id = job.group_id  # checked, under lock: Job.save() need not
 
 
 def _in_transaction() -> contextlib.AbstractContextManager[Any]:
@@ -315,7 +328,8 @@ def _open_group(group: Group | str, opened: dict[int | str, Group]) -> Group:
         else:
             _lock(group)
             if _has_started(group):
-                raise GroupClosed(f"group {group} has started running (a job of it finished)")
+                raise GroupClosed(f"group {group.reference!r} (#{group.pk}) has started running "
+                                  "(a job of it finished)")
             found = group
         opened[key] = found
     return found
@@ -386,9 +400,7 @@ def group_for_reference(reference: str, description: str = "") -> Group:
             _lock_reference(reference)
             latest = _latest(reference)  # as it is now that no one else is creating one
         if latest is None or latest.has_completed():
-            return Group.objects.using(connection.alias).create(
-                reference=reference,
-                description=description or (latest.description if latest else ""))
+            return _new_group(reference, description or (latest.description if latest else ""))
         _lock(latest)
         if _has_started(latest):
             raise GroupClosed(
@@ -407,8 +419,15 @@ def create_group(reference: str, description: str = "") -> Group:
         if latest is not None and (Job.objects.using(connection.alias)
                                    .filter(group_id=latest.pk, status=Status.PENDING).exists()):
             raise GroupInUse(f"group {reference!r} (#{latest.pk}) still has pending jobs")
-        return Group.objects.using(connection.alias).create(reference=reference,
-                                                            description=description)
+        return _new_group(reference, description)
+
+
+def _new_group(reference: str, description: str) -> Group:
+    """Create a generation whose rules the caller checked, under the reference's lock."""
+    group = Group(reference=reference, description=description)
+    group._rules_checked = True
+    group.save(using=connection.alias, force_insert=True)
+    return group
 
 
 def deschedule(function: Function, args: Any = None, kwargs: Any = None) -> int:

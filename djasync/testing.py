@@ -13,13 +13,15 @@ worker would run it), so no commit is needed and everything rolls back when the 
             self.assertEqual(len(mail.outbox), 1)
 
 ``run_jobs(later=timedelta(days=1))`` runs what would be due a day from now, so a job
-scheduled with ``run_after`` need not be waited for.
+scheduled with ``run_after`` need not be waited for. A job that fails makes ``run_jobs()``
+raise its exception; ``clear_queue()`` empties the queue.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.db import connection, transaction
@@ -28,7 +30,8 @@ from django.utils import timezone
 
 from djasync import executor, registry, sql
 from djasync.attempts import Finished
-from djasync.models import Job, identity_of
+from djasync.exceptions import DjasyncError
+from djasync.models import Group, Job, Outcome, identity_of
 from djasync.validation import check_args, check_kwargs
 
 #: A job that keeps rescheduling itself would make run_jobs() loop for ever.
@@ -45,9 +48,14 @@ def run_jobs(
 ) -> list[Finished]:
     """Run every job due now (or due ``later`` from now, or ``at`` a time); return what ran.
 
-    Retries that come due within the same window run too, up to ``max_jobs`` attempts. With
-    ``raise_errors`` (the default) the first job that failed for good re-raises its exception
-    after the run, so a failing job fails the test.
+    Retries that come due within the same window run too, up to ``max_jobs`` attempts.
+    With ``raise_errors`` (the default), once the run is over, the first failed attempt's
+    exception is raised again, the original exception with its traceback: a job that fails
+    fails the test, whether or not a retry is scheduled (as Celery's eager mode propagates).
+    The run itself is complete when it raises: every due job ran, and each failure was
+    recorded (attempt row, retry or ``failed``) as a worker would record it.
+    ``raise_errors=False`` returns quietly, for tests of retries: read the outcome in the
+    :class:`~djasync.attempts.Finished` items returned (their ``exception``, ``status``).
     """
     if later is not None and at is not None:
         raise ValueError("pass later= or at=, not both")
@@ -70,9 +78,35 @@ def run_jobs(
             cursor.execute(sql.SET_TIMEOUTS, {"statement": statement, "idle": idle})
     if raise_errors:
         for item in finished:
-            if item.exception is not None and item.status == "failed":
-                raise item.exception
+            if item.outcome != Outcome.SUCCEEDED:
+                if item.exception is not None:
+                    raise item.exception
+                raise DjasyncError(f"job #{item.job_id} {item.name} failed: {item.error}")
     return finished
+
+
+def clear_queue(function: Callable[..., Any] | None = None) -> Any:
+    """Delete every job (with its attempts) and every group; return how many jobs went.
+
+    For tests and development shells, as django-async's ``clear_queue`` was: never on a
+    queue whose jobs matter. Inside a ``TestCase`` it rolls back with the test. A job that a
+    worker is running holds its row lock, so this waits for it to finish. Rows of other apps
+    that reference a job get their ``on_delete``, as with any Django delete.
+
+    Used as a decorator (``@clear_queue``), it empties the queue before each call of the
+    decorated function.
+    """
+    if function is not None:
+        @functools.wraps(function)
+        def cleared(*args: Any, **kwargs: Any) -> Any:
+            clear_queue()
+            return function(*args, **kwargs)
+
+        return cleared
+    with transaction.atomic():
+        _, by_model = Job.objects.all().delete()
+        Group.objects.all().delete()
+    return by_model.get(Job._meta.label, 0)
 
 
 def scheduled(function: Any = None, *, args: Any = None, kwargs: Any = None) -> QuerySet[Job]:

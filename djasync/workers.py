@@ -28,10 +28,43 @@ HEARTBEAT_SECONDS = 5.0
 STALE_AFTER = datetime.timedelta(seconds=HEARTBEAT_SECONDS * 6)
 
 
+#: Rows of daemons and ``flush_queue`` runs that stopped longer ago than this are deleted when
+#: a daemon starts (``prune_jobs`` deletes them after its own ``--older-than``, too).
+STOPPED_KEPT = datetime.timedelta(days=7)
+#: A row never marked stopped (its daemon was killed, and no other daemon's heartbeat swept it)
+#: is deleted only once it has not been seen for this long, whatever the retention asked for:
+#: a daemon frozen for a while (a paused VM) must find its row when it wakes up.
+SILENT_KEPT = datetime.timedelta(days=1)
+
+
 def register(name: str, *, hostname: str, pid: int, concurrency: int,
              queues: list[str]) -> Worker:
+    """Add this daemon's row; delete the rows of daemons stopped over :data:`STOPPED_KEPT`
+    ago (each start adds a row: without this the table would only grow)."""
+    prune_stopped(STOPPED_KEPT)
     return Worker.objects.create(name=name, hostname=hostname, pid=pid, concurrency=concurrency,
                                  queues=queues)
+
+
+def prune_stopped(older_than: datetime.timedelta) -> int:
+    """Delete the rows of daemons and ``flush_queue`` runs that stopped before ``now -
+    older_than``, and of daemons not seen since then (and for :data:`SILENT_KEPT` at least);
+    return how many.
+
+    No other table references a worker row (attempts and jobs hold the worker's name as
+    text), so their history keeps its names. A ``flush_queue`` run that died unmarked is left
+    for :func:`charge_dead_in_process_runs`, which charges its job and marks it stopped.
+    """
+    now = timezone.now()
+    silent_cutoff = now - max(older_than, SILENT_KEPT)
+    deleted, _ = Worker.objects.filter(
+        Q(stopped_at__lt=now - older_than)
+        | (Q(stopped_at__isnull=True, last_seen__lt=silent_cutoff)
+           & ~Q(name__startswith=IN_PROCESS_PREFIX))
+    ).delete()
+    if deleted:
+        logger.info("deleted the rows of %s stopped workers", deleted)
+    return deleted
 
 
 def heartbeat(name: str, *, running: list[int], jobs_done: int) -> None:

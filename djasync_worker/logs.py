@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -15,7 +16,10 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # RFC 3339, to the millisecond, in UTC with its offset: sortable and unambiguous
+            # across hosts and daylight-saving changes.
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "process": record.process,
@@ -27,6 +31,22 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+class TaskLifecycleFilter(logging.Filter):
+    """Drop Django's own INFO lines about a Task's state (RUNNING, SUCCESSFUL).
+
+    djasync logs one line per finished job, plain or Task, at INFO (``job succeeded``; off with
+    ``DJASYNC["LOG_FINISHED_JOBS"] = False``), and a failed attempt at WARNING or ERROR. Django
+    adds two INFO lines per Task; without this filter a Task would log three lines where a
+    plain job logs one. Django's FAILED line (ERROR, with the traceback) is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+_TASK_LOGGERS = ("django.tasks", "django_tasks")
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -35,8 +55,11 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
         )
-    for name in ("djasync", "djasync_worker", "django.tasks", "django_tasks"):
+    for name in ("djasync", "djasync_worker", *_TASK_LOGGERS):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, TaskLifecycleFilter)]
+        if name in _TASK_LOGGERS:
+            logger.addFilter(TaskLifecycleFilter())

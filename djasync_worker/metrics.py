@@ -194,8 +194,11 @@ class Exporter:
 
     def job_started(self, job: ClaimedJob) -> None:
         """Count an attempt that starts now, and how long its job waited since it was due."""
+        from djasync.registry import display_name
+
         self._started.add(job.id)
-        self.started.labels(job.queue, job.name).inc()
+        # A Task job by its Task's path, as the finished counters (Finished.name) name it.
+        self.started.labels(job.queue, display_name(job.name, job.args)).inc()
         if job.due_at is not None:
             # Clocks of the database and this host may differ slightly: never below zero.
             latency = max(0.0, time.time() - job.due_at.timestamp())
@@ -234,9 +237,11 @@ class Exporter:
         from django.db import connection
 
         from djasync.models import Job, Outcome
+        from djasync.registry import display_name
 
         try:
-            labels = Job.objects.filter(pk=job_id).values_list("queue", "name").first()
+            row = Job.objects.filter(pk=job_id).values_list("queue", "name", "args").first()
+            labels = (row[0], display_name(row[1], row[2])) if row is not None else None
         except Exception as exc:
             logger.warning("cannot read the lost job's name for metrics id=%s error=%s",
                            job_id, exc)

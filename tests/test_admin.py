@@ -115,9 +115,9 @@ def test_the_job_list_offers_status_queue_and_name_filters_that_filter():
     response = client.get(JOBS_URL)
     assert listed_ids(response) == sorted([failed.pk, mail.pk, default.pk])
     assert [spec.title for spec in response.context["cl"].filter_specs] == [
-        "status", "queue", "name"]
+        "status", "queue", "function"]
     html = response.content.decode()
-    for title in ("status", "queue", "name"):
+    for title in ("status", "queue", "function"):
         assert f'data-filter-title="{title}"' in html
     assert '?queue=mail"' in html and '?name=tests.jobs.echo"' in html
     assert listed_ids(client.get(JOBS_URL, {"status": "failed"})) == [failed.pk]
@@ -139,6 +139,22 @@ def test_the_job_list_searches_by_function_name_identity_and_id():
 
 
 
+def test_the_function_filter_and_the_search_know_a_task_job_by_its_tasks_path():
+    from tests import tasks
+
+    client = superuser_client()
+    task_job = Job.objects.get(pk=int(tasks.add.enqueue(1, 2).id))
+    mail = Job.objects.get(pk=int(tasks.send_mail.enqueue("a@example.com").id))
+    plain = djasync.schedule(jobs.add, args=[1, 2])
+    html = client.get(JOBS_URL).content.decode()
+    assert '?name=tests.tasks.add"' in html and '?name=tests.tasks.send_mail"' in html
+    assert "?name=djasync.backends.run_task" not in html
+    assert listed_ids(client.get(JOBS_URL, {"name": "tests.tasks.add"})) == [task_job.pk]
+    assert listed_ids(client.get(JOBS_URL, {"name": "tests.jobs.add"})) == [plain.pk]
+    assert listed_ids(client.get(JOBS_URL, {"q": "tasks.send_m"})) == [mail.pk]
+    assert listed_ids(client.get(JOBS_URL, {"q": "add"})) == sorted([task_job.pk, plain.pk])
+
+
 def test_viewing_a_pending_job_in_the_admin_does_not_run_it():
     client = superuser_client()
     job = djasync.schedule(jobs.write_ledger, args=["viewed"])
@@ -157,10 +173,19 @@ def test_the_change_page_shows_the_attempts_inline_with_their_traceback():
     response = client.get(f"{JOBS_URL}{job.pk}/change/")
     assert response.status_code == 200
     html = response.content.decode()
-    assert 'class="field-traceback"' in html and 'class="field-exception_message"' in html
+    assert 'class="field-traceback_text"' in html and 'class="field-exception_message"' in html
     assert "Traceback (most recent call last):" in html
     assert escape('raise ValueError("this job always fails")') in html
     assert escape(attempt.exception_type) in html and attempt.outcome == Outcome.ERROR
+
+
+def test_the_change_page_shows_a_traceback_in_pre_with_its_lines_and_no_br():
+    client = superuser_client()
+    job = failed_job()
+    html = client.get(f"{JOBS_URL}{job.pk}/change/").content.decode()
+    traceback = job.attempt_set.get().traceback
+    assert f"<pre>{escape(traceback)}</pre>" in html
+    assert "Traceback (most recent call last):<br>" not in html
 
 
 

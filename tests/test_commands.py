@@ -55,11 +55,19 @@ def test_flush_queue_exits_0_when_failed_attempts_are_retried():
         "2 attempts: 0 succeeded, 2 failed and will be retried, 0 failed for good")
 
 
-def test_flush_queue_fail_fast_stops_at_the_first_failure():
-    djasync.schedule(jobs.always_raise, priority=5)
+def test_flush_queue_fail_fast_stops_and_fails_at_the_first_failed_attempt_even_a_retried_one():
+    failing = djasync.schedule(jobs.always_raise, priority=5)
     djasync.schedule(jobs.write_ledger, args=["after"])
-    assert "1 failed and will be retried" in run("flush_queue", "--fail-fast")
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError, match=(
+            rf"job {failing.pk} \(tests.jobs.always_raise\) attempt 1 failed \(a retry is "
+            r"scheduled\): ValueError: this job always fails")):
+        call_command("flush_queue", "--fail-fast", stdout=out, stderr=err)
+    assert "1 failed and will be retried" in out.getvalue()
+    assert "Traceback (most recent call last)" in err.getvalue()
+    assert 'raise ValueError("this job always fails")' in err.getvalue()
     assert Ledger.objects.count() == 0
+    assert Job.objects.get(pk=failing.pk).status == Status.PENDING
 
 
 def test_flush_queue_jobs_limit_queue_and_filter():
@@ -164,6 +172,18 @@ def test_prune_jobs_keeps_a_group_until_all_of_it_is_old():
     _age(b, 40)
     assert "deleted 2 jobs" in run("prune_jobs", "--older-than", "30")
     assert Group.objects.count() == 0
+
+
+def test_prune_jobs_deletes_the_rows_of_workers_stopped_before_its_cutoff():
+    from djasync.models import Worker
+
+    now = timezone.now()
+    for name, days in (("old", 40), ("young", 1)):
+        Worker.objects.create(name=name, hostname="h", pid=1, concurrency=1,
+                              last_seen=now - datetime.timedelta(days=days),
+                              stopped_at=now - datetime.timedelta(days=days))
+    assert "deleted 1 rows of workers" in run("prune_jobs", "--older-than", "30")
+    assert list(Worker.objects.values_list("name", flat=True)) == ["young"]
 
 
 def test_prune_jobs_refuses_bad_options():

@@ -306,3 +306,21 @@ def test_json_log_lines_carry_the_job_fields_but_never_its_arguments():
     assert (done["job_name"], done["queue"], done["attempt"]) == ("tests.jobs.echo", "mail", 1)
     assert done["duration"] >= 0 and done["job_id"] > 0
     assert "secret-token-123" not in result.stderr
+
+
+def test_at_the_default_level_the_worker_logs_one_line_per_finished_job_plain_or_task():
+    from tests import tasks
+
+    plain = djasync.schedule(jobs.add, args=[1, 2])
+    task_id = int(tasks.add.enqueue(3, 4).id)
+    result = run_worker("--concurrency", "1", "--burst", "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    # Django's own "Task ... state=RUNNING/SUCCESSFUL" lines are left out: one rule for both.
+    about_jobs = [(line["level"], line["message"].split(" id=")[0], line.get("job_id"),
+                   line.get("job_name")) for line in lines if "job_id" in line or
+                  line["logger"] == "django.tasks"]
+    assert sorted(about_jobs, key=lambda line: line[2] or 0) == [
+        ("info", "job succeeded", plain.pk, "tests.jobs.add"),
+        ("info", "job succeeded", task_id, "tests.tasks.add")]
+    assert all(line["time"].endswith("+00:00") for line in lines)

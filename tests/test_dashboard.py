@@ -152,6 +152,19 @@ def test_the_slowest_and_the_most_failing_function_names_of_the_hour():
     ]
 
 
+def test_the_slowest_and_failing_tables_name_a_task_job_by_its_tasks_path():
+    from djasync.registry import TASK_RUNNER
+
+    ok = job(name=TASK_RUNNER, created=at(hours=2), status=Status.SUCCEEDED, finished=NOW)
+    bad = job(name=TASK_RUNNER, created=at(hours=2), status=Status.FAILED, finished=NOW)
+    Job.objects.filter(pk=ok.pk).update(args=["tests.tasks.add", [1, 2], {}])
+    Job.objects.filter(pk=bad.pk).update(args=["tests.tasks.fail_once", ["k"], {}])
+    attempt(ok, Outcome.SUCCEEDED, finished=at(minutes=3), seconds=2)
+    attempt(bad, Outcome.ERROR, finished=at(minutes=3), seconds=1)
+    assert [s.name for s in dashboard.slowest_names(NOW)] == ["tests.tasks.add"]
+    assert [f.name for f in dashboard.failing_names(NOW)] == ["tests.tasks.fail_once"]
+
+
 def test_workers_alive_are_those_with_a_fresh_heartbeat():
     Worker.objects.create(name="w-alive", hostname="h1", pid=10, concurrency=4, queues=["mail"],
                           last_seen=at(seconds=10), running=[1, 2], jobs_done=7,

@@ -3,6 +3,7 @@
 import datetime
 
 import pytest
+from django.core.exceptions import ValidationError
 
 import djasync
 from djasync import executor
@@ -62,3 +63,61 @@ def test_group_progress_counts_members_by_status():
     assert (progress["total"], progress["succeeded"], progress["failed"], progress["pending"]) == (
         3, 1, 1, 1)
     assert not a.group.has_completed()
+
+
+# -- the rules of django-async's models, kept on the ORM's path ----------------------------------
+
+
+def test_a_group_created_with_its_final_job_holds_it_back_until_every_member_finished():
+    final = djasync.schedule(jobs.echo, args=["all done"], priority=100)
+    group = Group.objects.create(reference="made-first", final=final)
+    members = [djasync.schedule(jobs.add, args=[i, i], group=group) for i in range(2)]
+    members.append(djasync.schedule(jobs.add, args=[9, 9], group="made-first"))
+    assert Job.objects.get(pk=final.pk).group_id == group.pk
+    order = [f.job_id for f in executor.drain()]
+    assert order[-1] == final.pk and sorted(order[:-1]) == sorted(j.pk for j in members)
+
+
+def test_a_final_job_of_another_group_is_refused():
+    member = djasync.schedule(jobs.add, args=[1, 1], group="one")
+    with pytest.raises(ValidationError, match="belongs to group"):
+        Group.objects.create(reference="two", final=member)
+    assert not Group.objects.filter(reference="two").exists()
+
+
+def test_creating_a_group_while_the_newest_of_its_reference_has_pending_jobs_is_refused():
+    djasync.schedule(jobs.add, args=[1, 1], group="ref")
+    with pytest.raises(ValidationError, match="still has pending jobs") as refused:
+        Group.objects.create(reference="ref")
+    assert isinstance(refused.value, GroupInUse)
+    with pytest.raises(ValidationError):
+        Group(reference="ref").full_clean()
+    executor.drain()
+    Group.objects.create(reference="ref")  # every job finished: a new generation may start
+    assert Group.objects.filter(reference="ref").count() == 2
+
+
+def test_putting_a_job_into_a_group_that_started_running_is_refused_by_save_and_full_clean():
+    first = djasync.schedule(jobs.add, args=[1, 1], group="batch")
+    djasync.schedule(jobs.add, args=[2, 2], group="batch")
+    executor.run_batch(1)  # one member finished: the group is running
+    late = djasync.schedule(jobs.add, args=[3, 3])
+    late.group = first.group
+    with pytest.raises(ValidationError, match="has started running") as refused:
+        late.full_clean()
+    assert "__all__" in refused.value.message_dict
+    with pytest.raises(GroupClosed):
+        late.save()
+    assert Job.objects.get(pk=late.pk).group_id is None
+
+
+def test_a_job_saved_in_a_group_that_has_not_started_is_accepted_and_so_is_a_resave():
+    member = djasync.schedule(jobs.add, args=[1, 1], group="open")
+    other = djasync.schedule(jobs.add, args=[2, 2])
+    other.group = member.group
+    other.full_clean()
+    other.save()
+    executor.drain()
+    member = Job.objects.get(pk=member.pk)  # finished, in a now complete group
+    member.priority = 5
+    member.save()  # it keeps its group: nothing to check

@@ -252,6 +252,26 @@ def test_a_scrape_counts_every_outcome_per_queue_and_name_and_reports_queue_dept
     assert not directory.exists()  # the multiprocess files go with the daemon
 
 
+@pytest.mark.daemon
+@pytest.mark.django_db(transaction=True)
+def test_a_task_job_is_counted_under_its_tasks_path_from_start_to_finish(metrics_daemon, log):
+    from tests import tasks
+
+    tasks.add.enqueue(1, 2)
+    port, daemon = metrics_daemon("--concurrency", "1")
+    wait_for(lambda: Job.objects.filter(status=Status.SUCCEEDED).exists(), timeout=30,
+             what="the task to finish")
+
+    def counted() -> Samples | None:
+        samples = scrape(port)
+        return samples if value(samples, "djasync_jobs_succeeded_total", queue="default",
+                                name="tests.tasks.add") == 1 else None
+
+    samples = wait_for(counted, timeout=10, what="the counters", interval=0.1)
+    assert by_labels(samples, "djasync_jobs_started_total", "queue", "name") == {
+        ("default", "tests.tasks.add"): 1}
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_queue_depth_query_gives_up_at_its_statement_timeout(other_connection, caplog):
     djasync.schedule(jobs.add, args=[1, 2])

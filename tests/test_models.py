@@ -117,3 +117,17 @@ def test_attempts_are_counted_through_their_index_even_when_statistics_say_none_
     assert "Seq Scan on djasync_attempt" not in finish_planned, finish_planned
     assert "Seq Scan" not in claim_planned, claim_planned
     assert "Index Scan using djasync_job_claim" in claim_planned, claim_planned
+
+
+def test_a_job_reads_as_the_call_it_makes_and_a_group_as_its_reference():
+    from tests import tasks
+
+    job = djasync.schedule("tests.jobs.echo", args=["argument", 1],
+                           kwargs={"x": None, "k": "v"}, group="nightly")
+    assert str(job) == f"tests.jobs.echo('argument', 1, k='v', x=None) #{job.pk}"
+    assert str(Job(name="tests.jobs.add", args=[1, 2])) == "tests.jobs.add(1, 2)"
+    assert str(job.group) == "nightly"
+    task_job = Job.objects.get(pk=int(tasks.add.enqueue(1, b=2).id))
+    assert str(task_job) == f"tests.tasks.add(1, b=2) #{task_job.pk}"
+    long = djasync.schedule("tests.jobs.echo", args=["x" * 500])
+    assert len(str(long)) < 230 and str(long).endswith(f"…) #{long.pk}")

@@ -311,3 +311,10 @@ def test_many_jobs_mixing_groups_and_unique_keys(other_connection):
     assert set(grouped.values_list("pk", flat=True)) == {job.pk for job in created[:COPY_FROM]}
     assert Job.objects.filter(unique_key="another").count() == 1
     assert count_pending_seen_by(other_connection) == COPY_FROM + 2
+
+
+def test_schedules_docstring_documents_every_meta_key():
+    from djasync.validation import META_KEYS
+
+    doc = djasync.schedule.__doc__ or ""
+    assert [key for key in META_KEYS if f"``{key}``" not in doc] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -31,7 +32,8 @@ class Command(BaseCommand):
         parser.add_argument("-f", "--filter", dest="name_prefix", metavar="PREFIX",
                             help="Only run jobs whose function name starts with PREFIX.")
         parser.add_argument("--fail-fast", action="store_true",
-                            help="Stop at the first failed attempt.")
+                            help="Stop at the first failed attempt, even one that will be "
+                                 "retried, and exit with an error that reports it.")
 
     def handle(self, *args: Any, jobs: int | None, queues: list[str] | None,
                name_prefix: str | None, fail_fast: bool, **options: Any) -> None:
@@ -78,6 +80,16 @@ class Command(BaseCommand):
             f"{len(finished)} attempts: {counts['ok']} succeeded, {counts['retry']} failed and "
             f"will be retried, {counts['failed']} failed for good"
         )
+        if fail_fast:
+            failed = next((f for f in finished if f.outcome != Outcome.SUCCEEDED), None)
+            if failed is not None:
+                # As django-async's flush_queue did: the run stops, and fails, at the first
+                # failed attempt, whether or not a retry is scheduled.
+                if failed.exception is not None:
+                    self.stderr.write("".join(traceback.format_exception(failed.exception)))
+                retry = " (a retry is scheduled)" if failed.status == Status.PENDING else ""
+                raise CommandError(f"job {failed.job_id} ({failed.name}) attempt "
+                                   f"{failed.attempt} failed{retry}: {failed.error}")
         if counts["failed"]:
             raise CommandError(f"{counts['failed']} jobs failed for good (attempts used up)")
 

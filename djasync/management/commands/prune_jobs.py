@@ -9,10 +9,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from djasync.models import FINISHED_STATUSES
 from djasync.pruning import prune
+from djasync.workers import prune_stopped
 
 
 class Command(BaseCommand):
-    help = "Delete finished jobs (and their attempts) older than --older-than days, in batches."
+    help = ("Delete finished jobs (and their attempts) older than --older-than days, in batches, "
+            "and the rows of workers stopped as long ago.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--older-than", type=float, required=True, metavar="DAYS",
@@ -31,3 +33,7 @@ class Command(BaseCommand):
                       dry_run=dry_run)
         verb = "would delete" if dry_run else "deleted"
         self.stdout.write(f"{verb} {count} jobs finished more than {older_than:g} days ago")
+        if not dry_run:
+            workers = prune_stopped(datetime.timedelta(days=older_than))
+            self.stdout.write(f"deleted {workers} rows of workers stopped more than "
+                              f"{older_than:g} days ago")

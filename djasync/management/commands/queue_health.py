@@ -11,7 +11,8 @@ from djasync.health import health
 
 
 class Command(BaseCommand):
-    help = "Show what the queue holds: counts per status and queue, age, errors, slow jobs."
+    help = ("Show what the queue holds: counts per status, queue and function, age, errors, "
+            "slow jobs, and an estimate of the time to run the due jobs.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="Print one JSON document.")
@@ -32,6 +33,9 @@ class Command(BaseCommand):
         for queue, counts in sorted(report["queues"].items()):
             summary = ", ".join(f"{k} {v}" for k, v in counts.items())
             self.stdout.write(f"  queue {queue}: {summary}")
+        for function, counts in report["functions"].items():
+            summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+            self.stdout.write(f"  function {function}: {summary}")
         last = report["last_hour"]
         self.stdout.write(
             f"last hour: {last['succeeded']} succeeded, {last['errors']} errors, "
@@ -42,8 +46,13 @@ class Command(BaseCommand):
         for item in report["slowest_names"]:
             self.stdout.write(f"  slowest: {item['name']} avg {item['avg_seconds']} s "
                               f"max {item['max_seconds']} s over {item['runs']} runs")
-        eta = report["estimated_drain_seconds"]
-        self.stdout.write(f"estimated time to drain: {'-' if eta is None else f'{eta:.0f} s'}")
+        estimate = report["estimate"]
+        eta = estimate["drain_seconds"]
+        self.stdout.write(
+            "estimated time to run the due jobs: "
+            + ("- (no job succeeded in the last day)" if eta is None else
+               f"{eta:.1f} s ({estimate['work_seconds']:.1f} s of run time, from the last "
+               f"day's run times, over {max(estimate['worker_processes'], 1)} processes)"))
         alive = [w for w in report["workers"] if w["alive"]]
         self.stdout.write(f"workers alive: {len(alive)}")
         for w in report["workers"]:
