@@ -38,6 +38,7 @@ rules or gates), so the gates stay until that is diagnosed. "S-lease" is an open
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 import threading
@@ -47,10 +48,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 from cronsim import CronSim
 from django.conf import settings as django_settings
 from django.db import DatabaseError, connection, transaction
+from django.db.backends.signals import connection_created
 from django.test.utils import override_settings
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
@@ -215,6 +218,51 @@ class Client:
         assert not self.thread.is_alive(), "the client transaction did not end"
 
 
+#: How long a statement of the test's main thread (or a client's) waits for a lock. Every lock
+#: it can wait on is held by a transaction the test itself holds open across steps (the
+#: client's, or the background batch's, held at its gate), which only a later step ends: a
+#: wait could only end in a deadlock of the test with itself. So waits end quickly, and the
+#: step is counted as one that waits (see :func:`waits_on_held`).
+LOCK_TIMEOUT = "1s"
+#: Steps that waited for a transaction the test holds open, by rule.
+WAITED = Counter[str]()
+
+
+def _lock_timed_out(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, psycopg.errors.LockNotAvailable):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def waits_on_held(rule_function: Any) -> Any:
+    """A rule whose statements may wait for a lock held by the client's open transaction or
+    the background batch's (held at its gate): the right behaviour is to wait, until that
+    transaction ends, which only a later step does. Such a wait ends at :data:`LOCK_TIMEOUT`;
+    the rule's own transaction rolls back, and the step is counted as one that waited. A lock
+    timeout with no held transaction to wait for is a failure."""
+
+    @functools.wraps(rule_function)
+    def rule_body(self: Machine, *args: Any, **kwargs: Any) -> None:
+        try:
+            rule_function(self, *args, **kwargs)
+        except DatabaseError as exc:
+            if not _lock_timed_out(exc):
+                raise
+            assert self.client is not None or self.background is not None, (
+                f"{rule_function.__name__} waited for a lock while the test held no "
+                f"transaction open: {exc}")
+            WAITED[rule_function.__name__] += 1
+            self._say(f"{rule_function.__name__} waits for a transaction the test holds "
+                      "open (lock_timeout): nothing done")
+
+    return rule_body
+
+
 class Machine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -354,6 +402,7 @@ class Machine(RuleBasedStateMachine):
           queue=st.sampled_from(QUEUES), unique=st.sampled_from([None, None, "u1", "u2"]),
           group=st.sampled_from([None, None, "g1", "g2"]),
           commit=st.sampled_from([True, True, True, False]))
+    @waits_on_held
     def schedule(self, long: bool, fail_times: int, max_attempts: int, priority: int,
                  when: str, queue: str, unique: str | None, group: str | None,
                  commit: bool) -> None:
@@ -390,6 +439,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.groups_used)
     @rule(which=picks, long=st.booleans())
+    @waits_on_held
     def schedule_final(self, which: int, long: bool) -> None:
         """Give a group a final job (the group's current generation, or a new one)."""
         self._step("schedule_final")
@@ -410,6 +460,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(which=picks)
+    @waits_on_held
     def cancel_job(self, which: int) -> None:
         self._step("cancel")
         job = self._pick(which)
@@ -428,6 +479,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live(periodic=False))
     @rule(which=picks)
+    @waits_on_held
     def deschedule_job(self, which: int) -> None:
         self._step("deschedule")
         job = self._pick(which, periodic=False)
@@ -446,6 +498,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(which=picks)
+    @waits_on_held
     def retry_job(self, which: int) -> None:
         self._step("retry_now")
         job = self._pick(which)
@@ -477,6 +530,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(which=picks)
+    @waits_on_held
     def run_job_now(self, which: int) -> None:
         """``job()``: runs a pending job that nobody runs; refuses anything else."""
         self._step("job()")
@@ -512,6 +566,7 @@ class Machine(RuleBasedStateMachine):
                 f"{', a final with members pending' if waiting_final else ''}")
 
     @rule(size=st.integers(1, 5), queues=st.sampled_from([None, None, ["a"], ["b"]]))
+    @waits_on_held
     def run_batch(self, size: int, queues: list[str] | None) -> None:
         """A worker's batch on this thread: it must take exactly the best eligible jobs."""
         self._step("run_batch")
@@ -533,6 +588,7 @@ class Machine(RuleBasedStateMachine):
             f"a batch of {limit} left eligible jobs {sorted(missed)} (claimed {sorted(claimed)})")
 
     @rule(max_jobs=st.integers(1, 5))
+    @waits_on_held
     def drain(self, max_jobs: int) -> None:
         self._step("drain")
         done = executor.drain(max_jobs=max_jobs, worker="model-drain")
@@ -622,6 +678,11 @@ class Machine(RuleBasedStateMachine):
         client = Client(self._token(), {"fail_times": 0}, group, queue, long)
         if client.error is not None:
             client.thread.join(WAIT_SECONDS)
+            if _lock_timed_out(client.error):  # on the background batch's held transaction
+                assert self.background is not None, client.error
+                WAITED["client"] += 1
+                self._say("the client waits for the background batch (lock_timeout)")
+                return
             if not isinstance(client.error, GroupClosed | GroupInUse):
                 raise client.error
             return
@@ -665,6 +726,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.client is None)
     @rule()
+    @waits_on_held
     def prune(self) -> None:
         """Prune every finished job (age zero): only finished jobs and whole groups go."""
         self._step("prune")
@@ -685,6 +747,7 @@ class Machine(RuleBasedStateMachine):
         self.pruned_since_start = True
 
     @rule(minutes=st.sampled_from([0, 1, 30, 60, 61, 24 * 60, 31 * 24 * 60]))
+    @waits_on_held
     def periodic_tick(self, minutes: int) -> None:
         """The supervisor's periodic tick, at the test's clock (started first if need be)."""
         self._step("periodic")
@@ -699,6 +762,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.scheduler is not None)
     @rule()
+    @waits_on_held
     def periodic_restart(self) -> None:
         """A daemon restart: a new scheduler catches up the latest missed slot once."""
         if 5 in GATES and self.pruned_since_start:
@@ -880,10 +944,11 @@ def _run(**options: Any) -> None:
     djasync_settings = {**django_settings.DJASYNC, "LEASE_SECONDS": 3600}
     try:
         with override_settings(DJASYNC=djasync_settings):
+            # Every connection of the main thread and of the clients (also one djasync opens
+            # again after closing it) waits for a lock at most LOCK_TIMEOUT: see waits_on_held.
+            connection_created.connect(_short_lock_waits)
+            connection.close()
             connection.ensure_connection()
-            with connection.cursor() as cursor:
-                # A wait on another transaction's lock would hang the test: fail it instead.
-                cursor.execute("SET lock_timeout = '20s'")
             try:
                 run_state_machine_as_test(Machine, settings=settings(
                     deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -893,16 +958,24 @@ def _run(**options: Any) -> None:
                       sep="\n")
                 raise
     finally:
+        connection_created.disconnect(_short_lock_waits)
         if _other[0] is not None:
             _other[0].close()
             _other[0] = None
+
+
+def _short_lock_waits(sender: Any, connection: Any, **kwargs: Any) -> None:
+    thread = threading.current_thread()
+    if thread is threading.main_thread() or thread.name == "model-client":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
 
 
 @pytest.mark.skipif(MINUTES > 0, reason="the long run (DJASYNC_MODEL_MINUTES) replaces it")
 def test_every_feature_together_keeps_the_transaction_contract():
     _run(max_examples=30, stateful_step_count=40, derandomize=True)
     print(f"\nmodel-based run: {STEPS['checks']} checked steps; "
-          f"per rule: {dict(sorted(STEPS.items()))}")
+          f"per rule: {dict(sorted(STEPS.items()))}; waited: {dict(WAITED)}")
 
 
 @pytest.mark.skipif(MINUTES <= 0, reason="set DJASYNC_MODEL_MINUTES (make verify)")
@@ -916,4 +989,4 @@ def test_every_feature_together_for_minutes():
             _run(max_examples=10, stateful_step_count=60, derandomize=False)
     finally:
         print(f"\nmodel-based run: {rounds} rounds, {STEPS['checks']} checked steps; "
-              f"per rule: {dict(sorted(STEPS.items()))}")
+              f"per rule: {dict(sorted(STEPS.items()))}; waited: {dict(WAITED)}")
