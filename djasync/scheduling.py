@@ -313,9 +313,9 @@ def _open_group(group: Group | str, opened: dict[int | str, Group]) -> Group:
         if isinstance(group, str):
             found = group_for_reference(group)
         else:
-            _lock(group)
-            if _has_started(group):
-                raise GroupClosed(f"group {group} has started running (a job of it finished)")
+            if _lock(group) or _has_started(group):
+                raise GroupClosed(f"group {group} has started running (a job of it finished, "
+                                  "or its final job is running)")
             found = group
         opened[key] = found
     return found
@@ -327,11 +327,17 @@ _LOCK_GROUP = f"SELECT final_id FROM {Group._meta.db_table} WHERE id = %s FOR SH
 #: Share-lock a final job's row: a worker claims with FOR NO KEY UPDATE SKIP LOCKED, so it
 #: passes over the final job until this transaction ends; and if a worker is running it now,
 #: this waits for it to finish.
-_LOCK_FINAL = f"SELECT 1 FROM {sql.JOB} WHERE id = %s FOR SHARE"
+#: It returns whether a worker runs it as a long job now (under a live lease: a long job's row
+#: is not locked while it runs, so there is nothing to wait for; the group is closed).
+_LOCK_FINAL = f"""
+SELECT lease_owner <> '' AND lease_expires > clock_timestamp() FROM {sql.JOB} WHERE id = %s
+   FOR SHARE
+"""
 
 
-def _lock(group: Group) -> None:
-    """Keep the group's final job from starting until this transaction ends.
+def _lock(group: Group) -> bool:
+    """Keep the group's final job from starting until this transaction ends; return whether
+    it is running as a long job (``atomic: False``) right now, which closes the group.
 
     Without it, a member added while the group's other members run could still be uncommitted
     when they finish: the claim of the final job, not seeing it, would run the final job first
@@ -348,8 +354,11 @@ def _lock(group: Group) -> None:
         row = cursor.fetchone()
         if row is None:
             raise Group.DoesNotExist(f"group #{group.pk} no longer exists")
-        if row[0] is not None:
-            cursor.execute(_LOCK_FINAL, [row[0]])
+        if row[0] is None:
+            return False
+        cursor.execute(_LOCK_FINAL, [row[0]])
+        final = cursor.fetchone()
+        return bool(final and final[0])
 
 
 def _has_started(group: Group) -> bool:
@@ -389,7 +398,9 @@ def group_for_reference(reference: str, description: str = "") -> Group:
             return Group.objects.using(connection.alias).create(
                 reference=reference,
                 description=description or (latest.description if latest else ""))
-        _lock(latest)
+        if _lock(latest):
+            raise GroupClosed(f"group {reference!r} is running its final job; it takes new jobs "
+                              "again once that has finished")
         if _has_started(latest):
             raise GroupClosed(
                 f"group {reference!r} is running ({latest.progress()[Status.PENDING]} jobs "

@@ -62,3 +62,41 @@ def test_group_progress_counts_members_by_status():
     assert (progress["total"], progress["succeeded"], progress["failed"], progress["pending"]) == (
         3, 1, 1, 1)
     assert not a.group.has_completed()
+
+
+@pytest.mark.parametrize("by", ["reference", "group"])
+def test_a_group_whose_long_final_job_is_running_takes_no_new_job(tmp_path, by):
+    """A long final job (``atomic: False``) runs under a lease, with no row lock to wait for:
+    a job added to its group while it ran was accepted, and ran after the final job (whose
+    group was then complete before it). It must be refused as for an atomic final job."""
+    import threading
+
+    from django.db import connection
+
+    gate, pidfile = tmp_path / "gate", tmp_path / "pid"
+    group = create_group("solo")
+    final = group.on_completion(djasync.schedule(
+        jobs.long_job, ["final", str(gate), str(pidfile)], meta={"atomic": False}))
+    ran: list = []
+
+    def worker():
+        try:
+            ran.extend(executor.run_batch())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=60)
+        while not pidfile.exists():
+            assert datetime.datetime.now() < deadline, "the final job did not start"
+            thread.join(0.05)
+        with pytest.raises(GroupClosed):
+            djasync.schedule(jobs.echo, ["late"], group="solo" if by == "reference" else group)
+    finally:
+        gate.touch()
+        thread.join(60)
+    assert [f.job_id for f in ran] == [final.pk]
+    assert list(Job.objects.filter(group=group).values_list("pk", "status")) == [
+        (final.pk, Status.SUCCEEDED)]
