@@ -811,11 +811,38 @@ def _fresh_counter() -> psycopg.Connection[Any]:
     """A connection of this thread's own (autocommit, READ COMMITTED) for counts on a fresh
     snapshot. Plain psycopg, not a Django connection: the worker hands each new Django
     connection's socket to its supervisor as the job's (see ``djasync_worker.child``)."""
-    side: psycopg.Connection[Any] | None = getattr(_counter, "connection", None)
+    holder = getattr(_counter, "holder", None)
+    if holder is None:
+        holder = _counter.holder = _CounterConnection()
+    side = holder.connection
     if side is None or side.closed or side.broken:
-        side = _counter.connection = psycopg.connect(**connection.get_connection_params(),
-                                                     autocommit=True)
+        side = holder.connection = psycopg.connect(**connection.get_connection_params(),
+                                                   autocommit=True)
     return side
+
+
+def close_fresh_counter() -> None:
+    """Close this thread's counting connection (see :func:`_fresh_counter`), if it has one."""
+    holder = getattr(_counter, "holder", None)
+    if holder is not None:
+        holder.close()
+
+
+class _CounterConnection:
+    """Holds a thread's counting connection, and closes it when the thread ends (its
+    thread-local data goes then): a thread that ran jobs above READ COMMITTED (``job()`` in a
+    web server's thread, a test's) must not leave an open session behind."""
+
+    def __init__(self) -> None:
+        self.connection: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        side, self.connection = self.connection, None
+        if side is not None:
+            side.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 _counter = threading.local()

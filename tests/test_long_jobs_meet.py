@@ -319,9 +319,7 @@ def isolation_level(level):
         yield
     finally:
         connection.close()
-        side = getattr(executor._counter, "connection", None)  # the recount's own connection
-        if side is not None:
-            side.close()
+        executor.close_fresh_counter()  # the recount's own connection (executor._recount)
         if saved is missing:
             del options["isolation_level"]
         else:
