@@ -4,7 +4,8 @@ Hypothesis drives schedule (atomic / long / unique / group with a final / priori
 queue, committed or rolled back, from the test or from a "client" transaction held open across
 steps), cancel, deschedule, ``job()``, ``retry_now``, batches of 1..5 (on this thread, or on a
 background thread whose first job is held mid-run), lease expiry (a frozen worker: its lease
-set in the past from a second connection), crashes (the background run's session killed with
+set in the past from a second connection; or a host that died running a long job, leaving
+its lease run out), crashes (the background run's session killed with
 ``pg_terminate_backend``), in-job cancels, prune, periodic ticks and restarts under a clock of
 the test's own, and schedule(unique=...) under REPEATABLE READ. After every step the database
 is checked against a plain-Python model (see ``Machine.check``):
@@ -622,6 +623,26 @@ class Machine(RuleBasedStateMachine):
         for invocation in model_jobs.INVOCATIONS:
             if invocation.job_id == job_id and invocation.wrote and not invocation.ended:
                 self.interrupted.add(id(invocation))
+
+    @rule(which=picks)
+    def lose_a_host(self, which: int) -> None:
+        """Another worker's host took a long job's lease, ran it (writing nothing) and died:
+        the job is pending under a lease that has run out, and its lost run must count
+        towards ``max_attempts`` (the lease's next taker records it; see S-lease)."""
+        with self.db.transaction():
+            free = [job_id for (job_id,) in self.db.execute(
+                "SELECT id FROM djasync_job WHERE status = 'pending' "
+                "AND meta -> 'atomic' = 'false'::jsonb "
+                "AND (lease_expires IS NULL OR lease_expires < clock_timestamp()) "
+                "ORDER BY id FOR NO KEY UPDATE SKIP LOCKED")]
+            if not free:
+                return
+            self._step("lose_a_host")
+            job_id = free[which % len(free)]
+            self._say(f"a lost host leaves #{job_id} under an expired lease")
+            self.db.execute("UPDATE djasync_job SET lease_owner = 'lost-host:1/abc', "
+                            "lease_expires = clock_timestamp() - interval '1 second' "
+                            "WHERE id = %s", [job_id])
 
     # -- a client's transaction held open across steps -----------------------------------------
 
