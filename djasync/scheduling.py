@@ -327,17 +327,17 @@ _LOCK_GROUP = f"SELECT final_id FROM {Group._meta.db_table} WHERE id = %s FOR SH
 #: Share-lock a final job's row: a worker claims with FOR NO KEY UPDATE SKIP LOCKED, so it
 #: passes over the final job until this transaction ends; and if a worker is running it now,
 #: this waits for it to finish.
-#: It returns whether a worker runs it as a long job now (under a live lease: a long job's row
-#: is not locked while it runs, so there is nothing to wait for; the group is closed).
-_LOCK_FINAL = f"""
-SELECT lease_owner <> '' AND lease_expires > clock_timestamp() FROM {sql.JOB} WHERE id = %s
-   FOR SHARE
-"""
+#: It returns whether a run of it as a long job has started and not ended: under a live lease
+#: (a long job's row is not locked while it runs, so there is nothing to wait for), or under
+#: one that ran out (its worker froze or died after committing what it wrote so far, which
+#: stays: the run happened). Either way the group has started running: it is closed.
+_LOCK_FINAL = f"SELECT lease_owner <> '' FROM {sql.JOB} WHERE id = %s FOR SHARE"
 
 
 def _lock(group: Group) -> bool:
     """Keep the group's final job from starting until this transaction ends; return whether
-    it is running as a long job (``atomic: False``) right now, which closes the group.
+    a run of it as a long job (``atomic: False``) has started and not ended (its lease is
+    held, or ran out), which closes the group.
 
     Without it, a member added while the group's other members run could still be uncommitted
     when they finish: the claim of the final job, not seeing it, would run the final job first
@@ -399,8 +399,8 @@ def group_for_reference(reference: str, description: str = "") -> Group:
                 reference=reference,
                 description=description or (latest.description if latest else ""))
         if _lock(latest):
-            raise GroupClosed(f"group {reference!r} is running its final job; it takes new jobs "
-                              "again once that has finished")
+            raise GroupClosed(f"group {reference!r} has started running its final job; it "
+                              "takes new jobs again once that has finished")
         if _has_started(latest):
             raise GroupClosed(
                 f"group {reference!r} is running ({latest.progress()[Status.PENDING]} jobs "

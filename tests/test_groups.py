@@ -100,3 +100,23 @@ def test_a_group_whose_long_final_job_is_running_takes_no_new_job(tmp_path, by):
     assert [f.job_id for f in ran] == [final.pk]
     assert list(Job.objects.filter(group=group).values_list("pk", "status")) == [
         (final.pk, Status.SUCCEEDED)]
+
+
+def test_a_group_whose_long_final_job_lost_its_run_takes_no_new_job():
+    """The final job's run was cut off (its worker froze or died; its lease ran out) after
+    committing part of its work: the group has started running. A job added then ran after
+    that part of the final's work (found by the model-based test)."""
+    from django.utils import timezone
+
+    group = create_group("lost")
+    final = group.on_completion(djasync.schedule(jobs.long_job, ["final"],
+                                                 meta={"atomic": False}))
+    Job.objects.filter(pk=final.pk).update(
+        lease_owner="lost-host:1/abc",
+        lease_expires=timezone.now() - datetime.timedelta(seconds=1))
+    for target in ("lost", group):
+        with pytest.raises(GroupClosed):
+            djasync.schedule(jobs.echo, ["late"], group=target)
+    [finished] = executor.drain()
+    assert finished.job_id == final.pk and finished.status == Status.SUCCEEDED
+    assert list(Job.objects.filter(group=group).values_list("pk", flat=True)) == [final.pk]
