@@ -781,23 +781,27 @@ def _begin(job: ClaimedJob, worker: str) -> Run | Finished:
 
 
 def _recount(job_id: int) -> int:
-    """Count the job's attempts as committed now.
+    """Count the job's attempts as committed now, and those this transaction wrote.
 
-    Under READ COMMITTED a statement of its own sees every committed attempt. Under REPEATABLE
-    READ (or SERIALIZABLE) it reads the claim's snapshot, which misses a crash the supervisor
-    recorded (then released the row's lock) after that snapshot was taken: the job ran once past
-    ``max_attempts``. Then the count is asked on a connection of its own (only near
-    ``max_attempts``, and only at those levels).
+    Under READ COMMITTED a statement of its own sees both. Under REPEATABLE READ (or
+    SERIALIZABLE) it reads the claim's snapshot, which misses a crash the supervisor recorded
+    (then released the row's lock) after that snapshot was taken: the job ran once past
+    ``max_attempts``. A connection of its own (autocommit, READ COMMITTED) sees that crash,
+    but not what this transaction wrote and has not committed: the lost attempt of a long job
+    whose lease ran out, recorded just now by :func:`leases.take` (the job then ran once past
+    ``max_attempts`` too). So at those levels the attempts are counted as the union of what
+    each sees, by id (only near ``max_attempts``, and only at those levels).
     """
     with connection.cursor() as cursor:
         cursor.execute(_COUNT_AND_ISOLATION, [job_id])
         count, isolation = cursor.fetchone()
-    if isolation == "read committed":
-        return int(count)
+        if isolation == "read committed":
+            return int(count)
+        cursor.execute(sql.ATTEMPT_IDS, [job_id])
+        seen_here = {row[0] for row in cursor.fetchall()}
     side = _fresh_counter()
-    row = side.execute(sql.COUNT_ATTEMPTS, [job_id]).fetchone()
-    assert row is not None
-    return int(row[0])
+    committed = {row[0] for row in side.execute(sql.ATTEMPT_IDS, [job_id])}
+    return len(seen_here | committed)
 
 
 _COUNT_AND_ISOLATION = (f"SELECT ({sql.COUNT_ATTEMPTS}), "
@@ -808,11 +812,38 @@ def _fresh_counter() -> psycopg.Connection[Any]:
     """A connection of this thread's own (autocommit, READ COMMITTED) for counts on a fresh
     snapshot. Plain psycopg, not a Django connection: the worker hands each new Django
     connection's socket to its supervisor as the job's (see ``djasync_worker.child``)."""
-    side: psycopg.Connection[Any] | None = getattr(_counter, "connection", None)
+    holder = getattr(_counter, "holder", None)
+    if holder is None:
+        holder = _counter.holder = _CounterConnection()
+    side = holder.connection
     if side is None or side.closed or side.broken:
-        side = _counter.connection = psycopg.connect(**connection.get_connection_params(),
-                                                     autocommit=True)
+        side = holder.connection = psycopg.connect(**connection.get_connection_params(),
+                                                   autocommit=True)
     return side
+
+
+def close_fresh_counter() -> None:
+    """Close this thread's counting connection (see :func:`_fresh_counter`), if it has one."""
+    holder = getattr(_counter, "holder", None)
+    if holder is not None:
+        holder.close()
+
+
+class _CounterConnection:
+    """Holds a thread's counting connection, and closes it when the thread ends (its
+    thread-local data goes then): a thread that ran jobs above READ COMMITTED (``job()`` in a
+    web server's thread, a test's) must not leave an open session behind."""
+
+    def __init__(self) -> None:
+        self.connection: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        side, self.connection = self.connection, None
+        if side is not None:
+            side.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 _counter = threading.local()

@@ -326,10 +326,9 @@ def _open_group(group: Group | str, opened: dict[int | str, Group]) -> Group:
         if isinstance(group, str):
             found = group_for_reference(group)
         else:
-            _lock(group)
-            if _has_started(group):
+            if _lock(group) or _has_started(group):
                 raise GroupClosed(f"group {group.reference!r} (#{group.pk}) has started running "
-                                  "(a job of it finished)")
+                                  "(a job of it finished, or its final job is running)")
             found = group
         opened[key] = found
     return found
@@ -341,11 +340,17 @@ _LOCK_GROUP = f"SELECT final_id FROM {Group._meta.db_table} WHERE id = %s FOR SH
 #: Share-lock a final job's row: a worker claims with FOR NO KEY UPDATE SKIP LOCKED, so it
 #: passes over the final job until this transaction ends; and if a worker is running it now,
 #: this waits for it to finish.
-_LOCK_FINAL = f"SELECT 1 FROM {sql.JOB} WHERE id = %s FOR SHARE"
+#: It returns whether a run of it as a long job has started and not ended: under a live lease
+#: (a long job's row is not locked while it runs, so there is nothing to wait for), or under
+#: one that ran out (its worker froze or died after committing what it wrote so far, which
+#: stays: the run happened). Either way the group has started running: it is closed.
+_LOCK_FINAL = f"SELECT lease_owner <> '' FROM {sql.JOB} WHERE id = %s FOR SHARE"
 
 
-def _lock(group: Group) -> None:
-    """Keep the group's final job from starting until this transaction ends.
+def _lock(group: Group) -> bool:
+    """Keep the group's final job from starting until this transaction ends; return whether
+    a run of it as a long job (``atomic: False``) has started and not ended (its lease is
+    held, or ran out), which closes the group.
 
     Without it, a member added while the group's other members run could still be uncommitted
     when they finish: the claim of the final job, not seeing it, would run the final job first
@@ -362,8 +367,11 @@ def _lock(group: Group) -> None:
         row = cursor.fetchone()
         if row is None:
             raise Group.DoesNotExist(f"group #{group.pk} no longer exists")
-        if row[0] is not None:
-            cursor.execute(_LOCK_FINAL, [row[0]])
+        if row[0] is None:
+            return False
+        cursor.execute(_LOCK_FINAL, [row[0]])
+        final = cursor.fetchone()
+        return bool(final and final[0])
 
 
 def _has_started(group: Group) -> bool:
@@ -401,7 +409,9 @@ def group_for_reference(reference: str, description: str = "") -> Group:
             latest = _latest(reference)  # as it is now that no one else is creating one
         if latest is None or latest.has_completed():
             return _new_group(reference, description or (latest.description if latest else ""))
-        _lock(latest)
+        if _lock(latest):
+            raise GroupClosed(f"group {reference!r} has started running its final job; it "
+                              "takes new jobs again once that has finished")
         if _has_started(latest):
             raise GroupClosed(
                 f"group {reference!r} is running ({latest.progress()[Status.PENDING]} jobs "

@@ -135,6 +135,9 @@ SELECT current_setting('statement_timeout'),
 
 #: Attempts so far, seen by a fresh snapshot (READ COMMITTED: each statement takes one).
 COUNT_ATTEMPTS = f"SELECT count(*) FROM {ATTEMPT} WHERE job_id = %s"
+#: The ids of the job's attempts a snapshot sees (the recount above READ COMMITTED counts the
+#: union of two snapshots' ids: see ``executor._recount``).
+ATTEMPT_IDS = f"SELECT id FROM {ATTEMPT} WHERE job_id = %s"
 
 #: After a job's whole transaction rolled back (a failed attempt run without a savepoint),
 #: take the row again to record the failure; skip it if another worker holds it already.

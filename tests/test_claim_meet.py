@@ -128,9 +128,7 @@ def test_the_poison_recount_sees_a_crash_committed_after_the_claims_snapshot(oth
         try:
             [finished] = executor.run_batch(1)
         finally:
-            counter = getattr(executor._counter, "connection", None)
-            if counter is not None:  # the recount's own connection (see executor._recount)
-                counter.close()
+            executor.close_fresh_counter()  # the recount's own connection (executor._recount)
     assert finished.status == Status.FAILED
     assert not Ledger.objects.exists()  # it did not run a third time
     assert Job.objects.get(pk=job.pk).status == Status.FAILED
@@ -343,3 +341,41 @@ def test_a_worker_serving_two_queues_drains_both_and_leaves_the_others(tmp_path)
                 Job.objects.values_list("queue", "status").annotate(n=Count("id"))}
     assert statuses == {("a", Status.SUCCEEDED): 30, ("b", Status.SUCCEEDED): 30,
                         ("c", Status.PENDING): 30}
+
+
+def test_a_thread_that_recounted_above_read_committed_leaves_no_session_behind():
+    """The recount above READ COMMITTED asks a connection of the thread's own; a thread that
+    ends (a web server's, a test's) closes it, instead of leaving an open session for the
+    garbage collector to warn about (and a test database that cannot be dropped)."""
+    import gc
+    import threading
+
+    job = djasync.schedule(jobs.write_ledger, ["x"], meta={"max_attempts": 1})
+
+    def sessions():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity "
+                           "WHERE datname = current_database()")
+            return cursor.fetchone()[0]
+
+    counted = []
+
+    def recount():
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                counted.append(executor._recount(job.pk))
+        finally:
+            connection.close()
+
+    before = sessions()
+    thread = threading.Thread(target=recount)
+    thread.start()
+    thread.join(30)
+    gc.collect()
+    assert counted == [0]
+    deadline = timezone.now() + datetime.timedelta(seconds=10)
+    while sessions() > before and timezone.now() < deadline:
+        pass
+    assert sessions() == before

@@ -121,3 +121,61 @@ def test_a_job_saved_in_a_group_that_has_not_started_is_accepted_and_so_is_a_res
     member = Job.objects.get(pk=member.pk)  # finished, in a now complete group
     member.priority = 5
     member.save()  # it keeps its group: nothing to check
+
+
+@pytest.mark.parametrize("by", ["reference", "group"])
+def test_a_group_whose_long_final_job_is_running_takes_no_new_job(tmp_path, by):
+    """A long final job (``atomic: False``) runs under a lease, with no row lock to wait for:
+    a job added to its group while it ran was accepted, and ran after the final job (whose
+    group was then complete before it). It must be refused as for an atomic final job."""
+    import threading
+
+    from django.db import connection
+
+    gate, pidfile = tmp_path / "gate", tmp_path / "pid"
+    group = create_group("solo")
+    final = group.on_completion(djasync.schedule(
+        jobs.long_job, ["final", str(gate), str(pidfile)], meta={"atomic": False}))
+    ran: list = []
+
+    def worker():
+        try:
+            ran.extend(executor.run_batch())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=60)
+        while not pidfile.exists():
+            assert datetime.datetime.now() < deadline, "the final job did not start"
+            thread.join(0.05)
+        with pytest.raises(GroupClosed):
+            djasync.schedule(jobs.echo, ["late"], group="solo" if by == "reference" else group)
+    finally:
+        gate.touch()
+        thread.join(60)
+    assert [f.job_id for f in ran] == [final.pk]
+    assert list(Job.objects.filter(group=group).values_list("pk", "status")) == [
+        (final.pk, Status.SUCCEEDED)]
+
+
+def test_a_group_whose_long_final_job_lost_its_run_takes_no_new_job():
+    """The final job's run was cut off (its worker froze or died; its lease ran out) after
+    committing part of its work: the group has started running. A job added then ran after
+    that part of the final's work (found by the model-based test)."""
+    from django.utils import timezone
+
+    group = create_group("lost")
+    final = group.on_completion(djasync.schedule(jobs.long_job, ["final"],
+                                                 meta={"atomic": False}))
+    Job.objects.filter(pk=final.pk).update(
+        lease_owner="lost-host:1/abc",
+        lease_expires=timezone.now() - datetime.timedelta(seconds=1))
+    for target in ("lost", group):
+        with pytest.raises(GroupClosed):
+            djasync.schedule(jobs.echo, ["late"], group=target)
+    [finished] = executor.drain()
+    assert finished.job_id == final.pk and finished.status == Status.SUCCEEDED
+    assert list(Job.objects.filter(group=group).values_list("pk", flat=True)) == [final.pk]

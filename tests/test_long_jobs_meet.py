@@ -3,7 +3,10 @@
 import os
 import signal
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 
+import psycopg
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
@@ -14,7 +17,7 @@ from djasync.exceptions import DjasyncError
 from djasync.models import Attempt, Job, Outcome, Status
 from djasync.testing import run_jobs
 from tests import jobs
-from tests.daemon import short_lease_env, start_worker, stop, wait_for
+from tests.daemon import short_lease_env, start_worker, stop, wait_for, worker_env
 from tests.models import Ledger
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
@@ -299,3 +302,92 @@ def test_queue_health_counts_a_long_job_running_under_a_live_lease_as_running():
     assert health.running_count() == 1
     Job.objects.filter(pk=job.pk).update(lease_expires=timezone.now() - minute)
     assert health.running_count() == 0  # its worker died or froze: waiting again
+
+
+@contextmanager
+def isolation_level(level):
+    """Django's default connection at this ``isolation_level`` (its OPTIONS, as a project
+    sets it) inside the block."""
+    from djasync import executor
+
+    options = connection.settings_dict.setdefault("OPTIONS", {})
+    missing = object()
+    saved = options.get("isolation_level", missing)
+    connection.close()
+    options["isolation_level"] = psycopg.IsolationLevel[level]
+    try:
+        yield
+    finally:
+        connection.close()
+        executor.close_fresh_counter()  # the recount's own connection (executor._recount)
+        if saved is missing:
+            del options["isolation_level"]
+        else:
+            options["isolation_level"] = saved
+
+
+def expired_lease(job):
+    """``job``'s worker froze (or died with its host) mid-run: its lease ran out."""
+    Job.objects.filter(pk=job.pk).update(
+        lease_owner="frozen-host:7/abc", lease_expires=timezone.now() - timedelta(seconds=1))
+
+
+@pytest.mark.parametrize("level", ["READ_COMMITTED", "REPEATABLE_READ"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_long_job_whose_lease_expired_on_its_last_attempt_is_failed_and_not_run_again(
+        level, batch):
+    """The run that lost its lease used the job's only attempt: the claim that finds the
+    lease expired records that attempt as lost, and then must fail the job, not run it a
+    second time (2 attempts of max 1). Under REPEATABLE READ the recount near max_attempts
+    asked a connection of its own, which did not see the lost attempt this very transaction
+    had just written."""
+    from djasync import executor
+
+    job = djasync.schedule(jobs.write_ledger, ["long"], meta={"atomic": False,
+                                                             "max_attempts": 1})
+    mates = [djasync.schedule(jobs.write_ledger, [f"mate{i}"]) for i in range(batch - 1)]
+    expired_lease(job)
+    with isolation_level(level):
+        if batch == 1:
+            executor.drain()
+        else:
+            executor.run_batch(batch)
+    job.refresh_from_db()
+    assert ledger("long") == 0
+    assert job.status == Status.FAILED
+    assert list(job.attempt_set.values_list("outcome", flat=True)) == [Outcome.CRASHED]
+    assert (job.lease_owner, job.lease_expires) == ("", None)
+    assert all(ledger(f"mate{i}") == 1 for i in range(len(mates)))
+
+
+@pytest.mark.parametrize("level", ["READ_COMMITTED", "REPEATABLE_READ"])
+def test_a_long_job_whose_lease_expired_with_attempts_left_runs_once_more(level):
+    from djasync import executor
+
+    job = djasync.schedule(jobs.write_ledger, ["long"], meta={"atomic": False,
+                                                             "max_attempts": 2})
+    expired_lease(job)
+    with isolation_level(level):
+        assert [f.outcome for f in executor.drain()] == [Outcome.SUCCEEDED]
+    job.refresh_from_db()
+    assert ledger("long") == 1 and job.status == Status.SUCCEEDED
+    assert list(job.attempt_set.order_by("number").values_list("outcome", "number")) == [
+        (Outcome.CRASHED, 1), (Outcome.SUCCEEDED, 2)]
+
+
+@pytest.mark.parametrize("level", ["READ_COMMITTED", "REPEATABLE_READ"])
+def test_the_daemon_fails_a_long_job_whose_lease_expired_on_its_last_attempt(tmp_path, level):
+    """The same through the worker's batches (``--batch-size 3``) and its isolation level."""
+    job = djasync.schedule(jobs.write_ledger, ["long"], meta={"atomic": False,
+                                                             "max_attempts": 1})
+    for i in range(2):
+        djasync.schedule(jobs.write_ledger, [f"mate{i}"])
+    expired_lease(job)
+    log = tmp_path / "w.log"
+    daemon = start_worker("--settings", "tests.settings_rr", "--batch-size", "3", "--burst",
+                          log=log, env=worker_env(DJASYNC_TEST_ISOLATION=level))
+    assert daemon.wait(timeout=120) == 0, log.read_text()[-3000:]
+    job.refresh_from_db()
+    assert ledger("long") == 0 and job.status == Status.FAILED, log.read_text()[-3000:]
+    assert list(job.attempt_set.values_list("outcome", flat=True)) == [Outcome.CRASHED]
+    assert ledger("mate0") == ledger("mate1") == 1

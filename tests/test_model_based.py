@@ -4,7 +4,8 @@ Hypothesis drives schedule (atomic / long / unique / group with a final / priori
 queue, committed or rolled back, from the test or from a "client" transaction held open across
 steps), cancel, deschedule, ``job()``, ``retry_now``, batches of 1..5 (on this thread, or on a
 background thread whose first job is held mid-run), lease expiry (a frozen worker: its lease
-set in the past from a second connection), crashes (the background run's session killed with
+set in the past from a second connection; or a host that died running a long job, leaving
+its lease run out), crashes (the background run's session killed with
 ``pg_terminate_backend``), in-job cancels, prune, periodic ticks and restarts under a clock of
 the test's own, and schedule(unique=...) under REPEATABLE READ. After every step the database
 is checked against a plain-Python model (see ``Machine.check``):
@@ -24,20 +25,29 @@ is checked against a plain-Python model (see ``Machine.check``):
 ``make test`` runs a short, derandomized form (same examples on every run). ``make verify`` sets
 ``DJASYNC_MODEL_MINUTES`` and runs random examples until that many minutes have passed.
 
-Known breaks (issue 13) that the current code still has are kept out of the short run by
-:data:`KNOWN_BROKEN`: each entry names the issue item and the combination it gates. Remove an
-entry once its fix is merged; ``DJASYNC_MODEL_GATES=none`` (or a list such as ``2,4``) runs
-with fewer gates.
+Every combination is checked: no rule is gated any more (issue 13's items 2-7 and the break
+this test found, "S-lease": a long job whose lease ran out on its last attempt ran once more
+under REPEATABLE READ, are fixed and have tests of their own). A break found from now on is
+fixed, with a test of its own, rather than gated here.
 
-State at the end of the session that merged the fixes (issue 13): items 2-7 are fixed and have
-tests of their own, but with the gates lifted (``DJASYNC_MODEL_GATES=none``, or ``3,4,S-lease``)
-the state machine hangs (no report within 150-400 s; suspected: a lock wait in one of its own
-rules or gates), so the gates stay until that is diagnosed. "S-lease" is an open break.
+Lock waits. The client's transaction and the background batch's (held at its gate) stay open
+across steps, and only a later step ends them; a statement of the main thread (or of a client)
+that waits for one of their locks would wait for ever: on_completion() for the client's share
+lock on its group, schedule() into a group whose final job the background batch runs, the
+client itself in the same case. Waiting is djasync's right behaviour there, so such a wait ends
+at a short ``lock_timeout`` (:data:`LOCK_TIMEOUT`), the step does nothing, and it is counted
+("waited" in the report); a lock timeout while the test holds no transaction open fails the
+test. (With the 20 s ``lock_timeout`` this test used to have, each such step failed after 20 s
+and Hypothesis then shrank through more of them: the run looked hung for minutes.)
+
+The test runs at the settings' isolation level (READ COMMITTED); ``pytest --ds
+tests.settings_rr`` runs it at REPEATABLE READ.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 import threading
@@ -47,10 +57,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 from cronsim import CronSim
 from django.conf import settings as django_settings
 from django.db import DatabaseError, connection, transaction
+from django.db.backends.signals import connection_created
 from django.test.utils import override_settings
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
@@ -76,33 +88,6 @@ from tests.models import Ledger
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-#: Issue 13 items the current code still breaks, and the combination each one gates out.
-KNOWN_BROKEN: dict[int | str, str] = {
-    2: "a long job's lease expiring while it waits its turn in a background batch (only the "
-       "running job's lease is expired) and cancel of a leased batch-mate (see 3)",
-    3: "cancel / deschedule / job() / retry_now of a long job whose lease is held (running)",
-    4: "a job that cancels or deschedules itself, or a batch-mate (in-job actions force "
-       "batches of 1 and never target the job itself)",
-    5: "a periodic restart after a prune (the restart waits for the next slot)",
-    6: "a client transaction held open that schedules into a group (clients use no group)",
-    7: "schedule(unique=...) under REPEATABLE READ racing another scheduler (rule off)",
-    # Found by this test; issue 13 lists it only as suspected ("one run past max_attempts").
-    "S-lease": "a long job whose lease expired is charged a lost attempt, then run once more "
-               "even when that used its last attempt (attempts may exceed max_attempts by one)",
-}
-
-
-def _gates() -> set[int | str]:
-    chosen = os.environ.get("DJASYNC_MODEL_GATES")
-    if chosen is None:
-        return set(KNOWN_BROKEN)
-    if chosen.strip().lower() in ("", "none"):
-        return set()
-    items = [item.strip() for item in chosen.split(",") if item.strip()]
-    return {int(item) if item.isdigit() else item for item in items}
-
-
-GATES: set[int | str] = _gates()
 MINUTES = float(os.environ.get("DJASYNC_MODEL_MINUTES") or 0)
 STEP = "tests.model_jobs.step"
 QUEUES = ("a", "b")
@@ -215,6 +200,51 @@ class Client:
         assert not self.thread.is_alive(), "the client transaction did not end"
 
 
+#: How long a statement of the test's main thread (or a client's) waits for a lock. Every lock
+#: it can wait on is held by a transaction the test itself holds open across steps (the
+#: client's, or the background batch's, held at its gate), which only a later step ends: a
+#: wait could only end in a deadlock of the test with itself. So waits end quickly, and the
+#: step is counted as one that waits (see :func:`waits_on_held`).
+LOCK_TIMEOUT = "1s"
+#: Steps that waited for a transaction the test holds open, by rule.
+WAITED = Counter[str]()
+
+
+def _lock_timed_out(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, psycopg.errors.LockNotAvailable):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def waits_on_held(rule_function: Any) -> Any:
+    """A rule whose statements may wait for a lock held by the client's open transaction or
+    the background batch's (held at its gate): the right behaviour is to wait, until that
+    transaction ends, which only a later step does. Such a wait ends at :data:`LOCK_TIMEOUT`;
+    the rule's own transaction rolls back, and the step is counted as one that waited. A lock
+    timeout with no held transaction to wait for is a failure."""
+
+    @functools.wraps(rule_function)
+    def rule_body(self: Machine, *args: Any, **kwargs: Any) -> None:
+        try:
+            rule_function(self, *args, **kwargs)
+        except DatabaseError as exc:
+            if not _lock_timed_out(exc):
+                raise
+            assert self.client is not None or self.background is not None, (
+                f"{rule_function.__name__} waited for a lock while the test held no "
+                f"transaction open: {exc}")
+            WAITED[rule_function.__name__] += 1
+            self._say(f"{rule_function.__name__} waits for a transaction the test holds "
+                      "open (lock_timeout): nothing done")
+
+    return rule_body
+
+
 class Machine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -239,7 +269,6 @@ class Machine(RuleBasedStateMachine):
         self.first_start: datetime.datetime | None = None
         self.latest_clock = self.clock
         self.scheduler: Scheduler | None = None
-        self.pruned_since_start = False
         self.periodic_jobs: dict[str, set[int]] = defaultdict(set)
         self.groups_used: set[str] = set()
         self.trace: list[str] = []
@@ -295,10 +324,6 @@ class Machine(RuleBasedStateMachine):
                 "AND lease_expires > clock_timestamp()")}
         return (pending - free) | leased
 
-    def _leased_and_running(self, job: ModelJob) -> bool:
-        row = self._row(job.id)
-        return bool(row and row[1])
-
     def _adopt(self, job_id: int, token: str, kwargs: dict[str, Any], long: bool,
                periodic: bool = False) -> None:
         if job_id not in self.jobs:
@@ -311,13 +336,6 @@ class Machine(RuleBasedStateMachine):
                     [STEP, f'["{entry.args[0]}"]']):
                 self._adopt(job_id, entry.args[0], {}, long=False, periodic=True)
                 self.periodic_jobs[entry.name].add(job_id)
-
-    def _actions_pending(self) -> bool:
-        return any(self.jobs.get(owner) is None or self.jobs[owner].status == "pending"
-                   for owner in model_jobs.ACTIONS)
-
-    def _limit(self, size: int) -> int:
-        return 1 if 4 in GATES and self._actions_pending() else size
 
     def _eligible(self, limit: int, queues: list[str] | None) -> list[int]:
         """The jobs a claim of ``limit`` must take now, by DESIGN §3 (not by djasync's SQL)."""
@@ -354,6 +372,7 @@ class Machine(RuleBasedStateMachine):
           queue=st.sampled_from(QUEUES), unique=st.sampled_from([None, None, "u1", "u2"]),
           group=st.sampled_from([None, None, "g1", "g2"]),
           commit=st.sampled_from([True, True, True, False]))
+    @waits_on_held
     def schedule(self, long: bool, fail_times: int, max_attempts: int, priority: int,
                  when: str, queue: str, unique: str | None, group: str | None,
                  commit: bool) -> None:
@@ -390,6 +409,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.groups_used)
     @rule(which=picks, long=st.booleans())
+    @waits_on_held
     def schedule_final(self, which: int, long: bool) -> None:
         """Give a group a final job (the group's current generation, or a new one)."""
         self._step("schedule_final")
@@ -410,12 +430,11 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(which=picks)
+    @waits_on_held
     def cancel_job(self, which: int) -> None:
         self._step("cancel")
         job = self._pick(which)
         assert job is not None
-        if 3 in GATES and self._leased_and_running(job):
-            return
         row, running = self._row(job.id), self._running()
         with transaction.atomic():
             count = cancel([job.id])
@@ -428,12 +447,11 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live(periodic=False))
     @rule(which=picks)
+    @waits_on_held
     def deschedule_job(self, which: int) -> None:
         self._step("deschedule")
         job = self._pick(which, periodic=False)
         assert job is not None
-        if 3 in GATES and self._leased_and_running(job):
-            return
         row, running = self._row(job.id), self._running()
         with transaction.atomic():
             count = djasync.deschedule(STEP, [job.token], job.kwargs)
@@ -446,12 +464,11 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(which=picks)
+    @waits_on_held
     def retry_job(self, which: int) -> None:
         self._step("retry_now")
         job = self._pick(which)
         assert job is not None
-        if 3 in GATES and self._leased_and_running(job):
-            return
         row, running = self._row(job.id), self._running()
         # Another pending job holds its unique key: retry_now leaves it be.
         taken = row is not None and row[0] != "pending" and row[2] is not None and \
@@ -477,13 +494,12 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(which=picks)
+    @waits_on_held
     def run_job_now(self, which: int) -> None:
         """``job()``: runs a pending job that nobody runs; refuses anything else."""
         self._step("job()")
         job = self._pick(which)
         assert job is not None
-        if 3 in GATES and self._leased_and_running(job):
-            return
         row, running = self._row(job.id), self._running()
         waiting_final = self.db.execute(
             "SELECT 1 FROM djasync_group g JOIN djasync_job o ON o.group_id = g.id "
@@ -512,10 +528,11 @@ class Machine(RuleBasedStateMachine):
                 f"{', a final with members pending' if waiting_final else ''}")
 
     @rule(size=st.integers(1, 5), queues=st.sampled_from([None, None, ["a"], ["b"]]))
+    @waits_on_held
     def run_batch(self, size: int, queues: list[str] | None) -> None:
         """A worker's batch on this thread: it must take exactly the best eligible jobs."""
         self._step("run_batch")
-        limit = self._limit(size)
+        limit = size
         expected = self._eligible(limit, queues)
         markers = Ledger.objects.filter(key__startswith="cancel:").count()
         seen = len(model_jobs.INVOCATIONS)
@@ -533,6 +550,7 @@ class Machine(RuleBasedStateMachine):
             f"a batch of {limit} left eligible jobs {sorted(missed)} (claimed {sorted(claimed)})")
 
     @rule(max_jobs=st.integers(1, 5))
+    @waits_on_held
     def drain(self, max_jobs: int) -> None:
         self._step("drain")
         done = executor.drain(max_jobs=max_jobs, worker="model-drain")
@@ -545,7 +563,7 @@ class Machine(RuleBasedStateMachine):
     def start_background(self, size: int, queues: list[str] | None) -> None:
         self._step("background")
         # Known to teardown at once: a failure below must not leave it running jobs.
-        self.background = background = Background(self._limit(size), queues)
+        self.background = background = Background(size, queues)
         if background.wait_blocked_or_done():
             held = background.gate.invocation
             assert held is not None
@@ -595,10 +613,6 @@ class Machine(RuleBasedStateMachine):
         leased = [job_id for (job_id,) in self.db.execute(
             "SELECT id FROM djasync_job WHERE status = 'pending' AND lease_owner <> '' "
             "AND lease_expires > clock_timestamp() ORDER BY id")]
-        held = self.background.gate.invocation if self.background else None
-        if 2 in GATES:  # only the lease of the job running right now
-            leased = [job_id for job_id in leased if held is not None and job_id == held.job_id
-                      and not held.ended]
         if not leased:
             return
         self._step("expire_lease")
@@ -610,6 +624,26 @@ class Machine(RuleBasedStateMachine):
             if invocation.job_id == job_id and invocation.wrote and not invocation.ended:
                 self.interrupted.add(id(invocation))
 
+    @rule(which=picks)
+    def lose_a_host(self, which: int) -> None:
+        """Another worker's host took a long job's lease, ran it (writing nothing) and died:
+        the job is pending under a lease that has run out, and its lost run must count
+        towards ``max_attempts`` (the lease's next taker records it; see S-lease)."""
+        with self.db.transaction():
+            free = [job_id for (job_id,) in self.db.execute(
+                "SELECT id FROM djasync_job WHERE status = 'pending' "
+                "AND meta -> 'atomic' = 'false'::jsonb "
+                "AND (lease_expires IS NULL OR lease_expires < clock_timestamp()) "
+                "ORDER BY id FOR NO KEY UPDATE SKIP LOCKED")]
+            if not free:
+                return
+            self._step("lose_a_host")
+            job_id = free[which % len(free)]
+            self._say(f"a lost host leaves #{job_id} under an expired lease")
+            self.db.execute("UPDATE djasync_job SET lease_owner = 'lost-host:1/abc', "
+                            "lease_expires = clock_timestamp() - interval '1 second' "
+                            "WHERE id = %s", [job_id])
+
     # -- a client's transaction held open across steps -----------------------------------------
 
     @precondition(lambda self: self.client is None)
@@ -617,11 +651,14 @@ class Machine(RuleBasedStateMachine):
           long=st.booleans())
     def client_begin(self, group: str | None, queue: str, long: bool) -> None:
         self._step("client")
-        if 6 in GATES:
-            group = None
         client = Client(self._token(), {"fail_times": 0}, group, queue, long)
         if client.error is not None:
             client.thread.join(WAIT_SECONDS)
+            if _lock_timed_out(client.error):  # on the background batch's held transaction
+                assert self.background is not None, client.error
+                WAITED["client"] += 1
+                self._say("the client waits for the background batch (lock_timeout)")
+                return
             if not isinstance(client.error, GroupClosed | GroupInUse):
                 raise client.error
             return
@@ -655,8 +692,6 @@ class Machine(RuleBasedStateMachine):
         """When job A next runs, it cancels (or deschedules) job B in its own transaction."""
         a, b = self._pick(owner), self._pick(victim, periodic=False)
         assert a is not None and b is not None
-        if 4 in GATES and a.id == b.id:
-            return
         self._step("plan_cancel")
         model_jobs.ACTIONS.setdefault(a.id, []).append((action, b.id, b.token, b.kwargs))
         self._say(f"#{a.id} will {action} #{b.id}")
@@ -665,6 +700,7 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.client is None)
     @rule()
+    @waits_on_held
     def prune(self) -> None:
         """Prune every finished job (age zero): only finished jobs and whole groups go."""
         self._step("prune")
@@ -682,9 +718,9 @@ class Machine(RuleBasedStateMachine):
             if job_id in self.jobs:
                 self.jobs[job_id].pruned = True
         self._say(f"pruned {sorted(set(before) - after)}")
-        self.pruned_since_start = True
 
     @rule(minutes=st.sampled_from([0, 1, 30, 60, 61, 24 * 60, 31 * 24 * 60]))
+    @waits_on_held
     def periodic_tick(self, minutes: int) -> None:
         """The supervisor's periodic tick, at the test's clock (started first if need be)."""
         self._step("periodic")
@@ -699,10 +735,9 @@ class Machine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.scheduler is not None)
     @rule()
+    @waits_on_held
     def periodic_restart(self) -> None:
         """A daemon restart: a new scheduler catches up the latest missed slot once."""
-        if 5 in GATES and self.pruned_since_start:
-            return
         self._step("periodic_restart")
         self._start_scheduler()
         self._adopt_periodic()
@@ -712,9 +747,8 @@ class Machine(RuleBasedStateMachine):
             self.first_start = self.clock
         self.scheduler = Scheduler(PERIODIC)
         self.scheduler.start(self.clock)
-        self.pruned_since_start = False
 
-    @precondition(lambda self: 7 not in GATES and self.background is None
+    @precondition(lambda self: self.background is None
                   and self.client is None)
     @rule()
     def unique_under_repeatable_read(self) -> None:
@@ -776,8 +810,7 @@ class Machine(RuleBasedStateMachine):
             """
             SELECT j.id, j.status, j.group_id, coalesce((j.meta->>'max_attempts')::int, 10),
                    count(a.id), count(a.id) FILTER (WHERE a.outcome = 'succeeded'),
-                   bool_or(a.exception_message LIKE '%%counted late%%'),
-                   bool_or(a.exception_message LIKE '%%lease expired%%')
+                   bool_or(a.exception_message LIKE '%%counted late%%')
               FROM djasync_job j LEFT JOIN djasync_attempt a ON a.job_id = j.id
              GROUP BY j.id
             """)}
@@ -792,7 +825,7 @@ class Machine(RuleBasedStateMachine):
                 continue
             row = rows.get(job.id)
             assert row is not None, f"job #{job.id} disappeared without a prune"
-            status, _, max_attempts, tries, successes, late, lease_lost = row
+            status, _, max_attempts, tries, successes, late = row
             effects = ledger.get(f"e{job.id}", [])
             what = f"job #{job.id} ({'long' if job.long else 'atomic'}, {status})"
             # Exactly-once effects (at-least-once per cut-off run for long jobs).
@@ -811,8 +844,7 @@ class Machine(RuleBasedStateMachine):
                 assert legal, f"{what}: went from {job.status} to {status}"
                 job.status = status
             # Attempts.
-            slack = (1 if late else 0) + (1 if lease_lost and "S-lease" in GATES else 0)
-            assert tries <= max_attempts + slack, (
+            assert tries <= max_attempts + (1 if late else 0), (
                 f"{what}: {tries} attempts recorded, max_attempts {max_attempts}")
             assert successes == (1 if status == "succeeded" else 0), (
                 f"{what}: {successes} succeeded attempts")
@@ -880,10 +912,11 @@ def _run(**options: Any) -> None:
     djasync_settings = {**django_settings.DJASYNC, "LEASE_SECONDS": 3600}
     try:
         with override_settings(DJASYNC=djasync_settings):
+            # Every connection of the main thread and of the clients (also one djasync opens
+            # again after closing it) waits for a lock at most LOCK_TIMEOUT: see waits_on_held.
+            connection_created.connect(_short_lock_waits)
+            connection.close()
             connection.ensure_connection()
-            with connection.cursor() as cursor:
-                # A wait on another transaction's lock would hang the test: fail it instead.
-                cursor.execute("SET lock_timeout = '20s'")
             try:
                 run_state_machine_as_test(Machine, settings=settings(
                     deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -893,16 +926,25 @@ def _run(**options: Any) -> None:
                       sep="\n")
                 raise
     finally:
+        connection_created.disconnect(_short_lock_waits)
+        executor.close_fresh_counter()  # opened above READ COMMITTED (see executor._recount)
         if _other[0] is not None:
             _other[0].close()
             _other[0] = None
+
+
+def _short_lock_waits(sender: Any, connection: Any, **kwargs: Any) -> None:
+    thread = threading.current_thread()
+    if thread is threading.main_thread() or thread.name == "model-client":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
 
 
 @pytest.mark.skipif(MINUTES > 0, reason="the long run (DJASYNC_MODEL_MINUTES) replaces it")
 def test_every_feature_together_keeps_the_transaction_contract():
     _run(max_examples=30, stateful_step_count=40, derandomize=True)
     print(f"\nmodel-based run: {STEPS['checks']} checked steps; "
-          f"per rule: {dict(sorted(STEPS.items()))}")
+          f"per rule: {dict(sorted(STEPS.items()))}; waited: {dict(WAITED)}")
 
 
 @pytest.mark.skipif(MINUTES <= 0, reason="set DJASYNC_MODEL_MINUTES (make verify)")
@@ -916,4 +958,4 @@ def test_every_feature_together_for_minutes():
             _run(max_examples=10, stateful_step_count=60, derandomize=False)
     finally:
         print(f"\nmodel-based run: {rounds} rounds, {STEPS['checks']} checked steps; "
-              f"per rule: {dict(sorted(STEPS.items()))}")
+              f"per rule: {dict(sorted(STEPS.items()))}; waited: {dict(WAITED)}")
