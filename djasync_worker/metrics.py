@@ -229,20 +229,11 @@ class Exporter:
         logger.info("serving metrics url=http://%s:%s/metrics directory=%s", host, port,
                     self.directory)
 
-    def job_lost(self, job_id: int, outcome: Outcome) -> None:
-        """Count an attempt whose process died (crashed) or was killed past its timeout."""
-        from django.db import connection
+    def job_lost(self, outcome: Outcome, labels: tuple[str, str] | None) -> None:
+        """Count an attempt whose process died (crashed) or was killed past its timeout;
+        ``labels`` is the job's (queue, name), as the database agent read them."""
+        from djasync.models import Outcome
 
-        from djasync.models import Job, Outcome
-
-        try:
-            labels = Job.objects.filter(pk=job_id).values_list("queue", "name").first()
-        except Exception as exc:
-            logger.warning("cannot read the lost job's name for metrics id=%s error=%s",
-                           job_id, exc)
-            with contextlib.suppress(Exception):
-                connection.close()
-            labels = None
         queue, name = labels if labels is not None else ("<unknown>", "<unknown>")
         counter = self.timed_out if outcome == Outcome.TIMED_OUT else self.crashed
         counter.labels(queue, name).inc()
@@ -271,7 +262,9 @@ class Exporter:
 
     def queue_depth(self) -> list[tuple[str, int, int, float]] | None:
         """Read (queue, pending, due, oldest due age) per queue; None if the database fails."""
-        rows = read_queue_depth()
+        # In the daemon, the supervisor's database agent reads it (the loop never waits).
+        supervisor = self._supervisor
+        rows = read_queue_depth() if supervisor is None else supervisor.queue_depth()
         if rows is None:
             return None
         # A queue that emptied reads 0, rather than vanishing from the scrape.
