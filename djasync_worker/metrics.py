@@ -7,11 +7,12 @@ files in a directory private to this daemon, which the supervisor creates before
 and removes when it stops; a scrape adds up every file, those of dead children included.
 The supervisor counts what only it sees (crashes, jobs killed past their timeout) and, at scrape
 time, reads its own state (children, the LISTEN connection) and the queue depth (one bounded
-query).
+query, run by its database agent: see ``Supervisor.queue_depth``).
 
 The supervisor answers scrapes itself, in its event loop: no thread. A thread alive while the
 supervisor forks would be a hazard (a child could inherit a lock it held, or a database session
-it opened); here one scrape is a short pause of the loop, like a heartbeat.
+it opened); here one scrape is a short pause of the loop (at most half a second spent waiting
+for the queue depth).
 
 Nothing here is imported, and nothing is done per job, unless ``--metrics-port`` is given.
 """

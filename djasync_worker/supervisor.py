@@ -63,7 +63,9 @@ LOST_RETRY_SECONDS = 0.2
 #: At the end, how long to wait for the database agent to write what is left (lost attempts,
 #: the worker's row) before leaving it unwritten.
 FINISH_DATABASE_SECONDS = 5.0
-#: A queue depth read longer ago than this is not reported (metrics).
+#: How long a scrape waits for the agent to read the queue depth (metrics), and the age past
+#: which a depth read before is not reported.
+QUEUE_DEPTH_WAIT_SECONDS = 0.5
 QUEUE_DEPTH_MAX_AGE_SECONDS = 10.0
 
 
@@ -572,8 +574,10 @@ class Supervisor:
         self.agent.submit("periodic", on_done=answered)
 
     def queue_depth(self) -> list[tuple[str, int, int, float]] | None:
-        """The queue depth for metrics, as last read (None if not read lately); ask for it
-        again. A scrape is answered from the loop, which must not wait on the database."""
+        """The queue depth for metrics: asked of the agent, waited for at most
+        :data:`QUEUE_DEPTH_WAIT_SECONDS` (a scrape is answered from the loop, which must not
+        wait on the database for long), else as last read if recent, else None."""
+        asked = time.monotonic()
         if not self.agent.busy("queue_depth"):
             def answered(ok: bool, rows: Any) -> None:
                 if ok and rows is not None:
@@ -581,6 +585,13 @@ class Supervisor:
                 else:
                     self.queue_depth_rows = None
             self.agent.submit("queue_depth", on_done=answered)
+        deadline = asked + QUEUE_DEPTH_WAIT_SECONDS
+        while self.agent.busy("queue_depth") and self.agent.pipe is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _wait([self.agent.pipe], [], timeout=left)
+            self.agent.receive()
         if time.monotonic() - self.queue_depth_at > QUEUE_DEPTH_MAX_AGE_SECONDS:
             return None
         return None if self.queue_depth_rows is None else list(self.queue_depth_rows)
