@@ -495,8 +495,16 @@ class Supervisor:
         if not ok:  # the agent logged why; try again shortly
             self.next_lost_retry = time.monotonic() + LOST_RETRY_SECONDS
             return
-        self.lost.remove(lost)
         attempt_id, labels = value
+        if attempt_id is None and not late and not _session_alive(lost.db_socket):
+            # Nothing written because the row was not locked any more: the session ended
+            # after our look (the agent may have been busy with the network for seconds).
+            # Write it as the look would have then: late.
+            self.agent.submit("record_lost", lost.job_id, lost.outcome.value, lost.started,
+                              lost.worker, lost.reason, True,
+                              on_done=functools.partial(self._lost_recorded, lost, True))
+            return
+        self.lost.remove(lost)
         if attempt_id is not None and not late and not _session_alive(lost.db_socket):
             late = True  # it ended between our look and the commit: perhaps before the write
             self.agent.submit("mark_lost_late", attempt_id)
