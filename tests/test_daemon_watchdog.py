@@ -136,3 +136,30 @@ def test_a_job_whose_session_was_ended_stops_before_another_worker_runs_it_again
         codes = [stop(daemon, timeout=30) for daemon in daemons]
     assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
     assert os.path.exists(ticks)
+
+
+def test_a_killed_database_agent_is_replaced_and_the_worker_goes_on(tmp_path):
+    """The agent does the supervisor's database work: kill -9 it, and crashes are still
+    counted and heartbeats still written, by its successor."""
+    import re
+    import signal
+
+    log = tmp_path / "worker.log"
+    worker = start_worker("--concurrency", "1", "--poll-interval", "0.2", log=log)
+    try:
+        match = wait_for(lambda: re.search(r"database agent started pid=(\d+)", log.read_text()),
+                         what="the agent")
+        os.kill(int(match.group(1)), signal.SIGKILL)
+        wait_for(lambda: len(re.findall(r"database agent started", log.read_text())) == 2,
+                 what="another agent")
+        crash = djasync.schedule(jobs.kill_self, meta={"max_attempts": 1})
+        wait_for(lambda: Attempt.objects.filter(job=crash, outcome=Outcome.CRASHED).exists(),
+                 what="the crash to be counted")
+        seen = Worker.objects.get(pid=worker.pid).last_seen
+        wait_for(lambda: Worker.objects.get(pid=worker.pid).last_seen > seen, timeout=15,
+                 what="a heartbeat")
+        assert "database agent died" in log.read_text()
+    finally:
+        code = stop(worker)
+    assert code == 0, log.read_text()[-3000:]
+    assert Worker.objects.get(pid=worker.pid).stopped_at is not None
