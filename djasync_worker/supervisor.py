@@ -430,16 +430,22 @@ class Supervisor:
         self.jobs_done_by_exited += int(child.shared[shared_layout.JOBS_DONE])
         running = running_job(child)
         worker = f"{socket.gethostname()}:{child.process.pid}"  # the child's name in its leases
-        charged = running is not None and not self.forced
+        # A child fenced off because PostgreSQL ended its session is not charged either:
+        # before its kill the run had already ended as a session's end ends any atomic job
+        # (rolled back, claimable again, not counted), and the end came from outside the job
+        # (a terminate, a restart, a partition), so it must not use up the job's attempts.
+        fenced = running is not None and child.killed_for_lost_session
+        charged = running is not None and not self.forced and not fenced
+        if fenced:
+            assert running is not None
+            logger.warning("job stopped: its database session had ended id=%s pid=%s; the run "
+                           "rolled back and is not charged (the job runs again)", running[0],
+                           child.process.pid)
         if charged:
             assert running is not None
             job_id, _, _, epoch = running
             if child.killed_for_timeout:
                 outcome, reason = Outcome.TIMED_OUT, "ran past its timeout; its process was killed"
-            elif child.killed_for_lost_session:
-                outcome, reason = Outcome.CRASHED, ("its database session ended while it ran "
-                                                    "(its transaction rolled back); its process "
-                                                    "was killed")
             else:
                 outcome, reason = Outcome.CRASHED, f"its worker process died ({_describe(code)})"
             logger.error("job lost its process id=%s pid=%s outcome=%s reason=%s", job_id,
@@ -451,7 +457,7 @@ class Supervisor:
                                          child.db_socket))
             child.db_socket = None
             self._record_lost()
-        elif code != 0 and not self.forced:
+        elif code != 0 and not self.forced and not fenced:
             logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
         # A child that died idle held no job: its session may end now. (A lost job's session
         # ends when _record_lost has written its attempt.)
