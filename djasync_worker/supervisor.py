@@ -236,11 +236,13 @@ class Supervisor:
         if any(not c.idle for c in self.children.values()):
             moments.append(now + DEADLINE_CHECK_SECONDS)  # jobs start without telling us
         moments.extend(self.respawn_at.values())
-        if self.lost:
+        # (Not while the agent works on it: the moment is past, and we would spin.)
+        if self.lost and not self.agent.busy("record_lost"):
             moments.append(self.next_lost_retry)
         if self.notifier.watchdog_interval:
             moments.append(self.next_watchdog)
-        if self.options.burst and self._all_idle():  # else it would spin while they work
+        if (self.options.burst and self._all_idle()  # else it would spin while they work
+                and not self.agent.busy("due_jobs")):
             moments.append(self.next_burst_check)
         if self.periodic is not None:
             moments.append(self.next_periodic)

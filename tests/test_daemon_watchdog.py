@@ -81,10 +81,17 @@ def test_a_job_past_its_timeout_is_killed_on_time_while_the_workers_own_row_is_l
         assert list(Attempt.objects.filter(job=job).values_list("outcome", flat=True)) == [
             Outcome.TIMED_OUT]
         assert Worker.objects.get(pid=worker.pid).running == []
+        # Waiting on the agent, the supervisor's loop sleeps: it does not spin.
+        assert cpu_seconds(worker.pid) < 3, cpu_seconds(worker.pid)
     finally:
         holder.close()
         code = stop(worker)
     assert code == 0, log.read_text()[-3000:]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def workers_heartbeat_seconds() -> float:
