@@ -244,7 +244,7 @@ class Supervisor:
         if (self.options.burst and self._all_idle()  # else it would spin while they work
                 and not self.agent.busy("due_jobs")):
             moments.append(self.next_burst_check)
-        if self.periodic is not None:
+        if self.periodic and not self.agent.busy("periodic"):
             moments.append(self.next_periodic)
         return max(0.0, min(moments) - now)
 
