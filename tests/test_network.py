@@ -345,3 +345,38 @@ def test_the_watchdog_kills_a_job_past_its_deadline_during_a_cut_and_not_after_t
             "succeeded", "timed_out"], 20, "the timed-out attempt")
         assert outcomes, log.read_text()[-3000:]
         assert log.read_text().count("job timed out, killing") == 1
+
+
+@pytest.mark.network
+def test_a_cut_off_host_stops_its_job_before_the_server_frees_it_when_it_detects_first(
+        host, tmp_path):
+    """The fence in a partition: no FIN arrives, so the host learns that its session is gone
+    from its own keepalives. Shorter than the server's (4 s against the recipe's 10-11 s), the
+    host kills the job's child before the job can run elsewhere."""
+    lab = host
+    log = tmp_path / "worker.log"
+    (tmp_path / "fence_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        "DJASYNC = {**DJASYNC, 'WORKER_CONNECTION_OPTIONS': "
+        "{'keepalives_idle': 2, 'keepalives_interval': 1, 'keepalives_count': 2,"
+        " 'tcp_user_timeout': 4000}}\n")  # Linux lets tcp_user_timeout bound keepalives too
+    lab.spawn("h1", [sys.executable, "-m", "djasync_worker", "--settings", "fence_settings",
+                     "--log-level", "debug", "--concurrency", "1"], log,
+              env={"PYTHONPATH": f"{tmp_path}:{netlab.ROOT}"})
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.sleep", 600)
+        netlab.wait_for(lambda: not claimable(conn, job), 30, "the job to run")
+        lab.cut("h1")
+        cut_at = time.monotonic()
+        fence_line = ("job's database session ended while it ran, killing its child (another "
+                      f"worker may run the job now) id={job} ")
+        netlab.wait_for(lambda: fence_line in log.read_text(), 20, "the fence", interval=0.05)
+        fenced = time.monotonic() - cut_at
+        assert not claimable(conn, job), "the server freed the job before the host stopped it"
+        netlab.wait_for(lambda: claimable(conn, job), 20, "the job to be free", interval=0.1)
+        freed = time.monotonic() - cut_at
+        print(f"fenced {fenced:.1f} s after the cut, job free {freed:.1f} s after it")
+        assert fenced < freed
+        assert conn.execute("SELECT count(*) FROM djasync_attempt WHERE job_id = %s",
+                            [job]).fetchone()[0] == 0  # not charged
