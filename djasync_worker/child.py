@@ -23,7 +23,7 @@ import psycopg
 from django.db import DatabaseError, connection
 from django.db.backends.signals import connection_created
 
-from djasync import conf, executor
+from djasync import conf, executor, leases
 from djasync.executor import ClaimedJob, Finished
 
 if TYPE_CHECKING:
@@ -39,8 +39,11 @@ RECONNECT_DELAY_MAX_SECONDS = 2.0
 #: Layout of the array a child shares with its supervisor (written by the child only).
 #: The job id is written last when a job starts and cleared first when it ends, so a reader
 #: that sees an id sees that job's start and timeout.
-JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE = range(5)
-SHARED_SIZE = 5
+#: IN_TRANSACTION is 1 while the job runs inside the transaction of the child's connection (an
+#: atomic job): then that session's end means the job's claim is gone (see the supervisor's
+#: fence); a long job (``atomic=False``) runs outside it, under a lease.
+JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE, IN_TRANSACTION = range(6)
+SHARED_SIZE = 6
 NO_TIMEOUT = -1.0
 
 
@@ -188,6 +191,7 @@ class Child:
         self.shared[STARTED_MONOTONIC] = time.monotonic()
         self.shared[TIMEOUT] = NO_TIMEOUT if timeout is None else float(timeout)
         self.shared[STARTED_EPOCH] = time.time()
+        self.shared[IN_TRANSACTION] = 0.0 if leases.is_leased(meta) else 1.0
         self.shared[JOB_ID] = job.id
         if self.metrics is not None:
             self.metrics.job_started(job)

@@ -7,11 +7,12 @@ files in a directory private to this daemon, which the supervisor creates before
 and removes when it stops; a scrape adds up every file, those of dead children included.
 The supervisor counts what only it sees (crashes, jobs killed past their timeout) and, at scrape
 time, reads its own state (children, the LISTEN connection) and the queue depth (one bounded
-query).
+query, run by its database agent: see ``Supervisor.queue_depth``).
 
 The supervisor answers scrapes itself, in its event loop: no thread. A thread alive while the
 supervisor forks would be a hazard (a child could inherit a lock it held, or a database session
-it opened); here one scrape is a short pause of the loop, like a heartbeat.
+it opened); here one scrape is a short pause of the loop (at most half a second spent waiting
+for the queue depth).
 
 Nothing here is imported, and nothing is done per job, unless ``--metrics-port`` is given.
 """
@@ -232,22 +233,11 @@ class Exporter:
         logger.info("serving metrics url=http://%s:%s/metrics directory=%s", host, port,
                     self.directory)
 
-    def job_lost(self, job_id: int, outcome: Outcome) -> None:
-        """Count an attempt whose process died (crashed) or was killed past its timeout."""
-        from django.db import connection
+    def job_lost(self, outcome: Outcome, labels: tuple[str, str] | None) -> None:
+        """Count an attempt whose process died (crashed) or was killed past its timeout;
+        ``labels`` is the job's (queue, name), as the database agent read them."""
+        from djasync.models import Outcome
 
-        from djasync.models import Job, Outcome
-        from djasync.registry import display_name
-
-        try:
-            row = Job.objects.filter(pk=job_id).values_list("queue", "name", "args").first()
-            labels = (row[0], display_name(row[1], row[2])) if row is not None else None
-        except Exception as exc:
-            logger.warning("cannot read the lost job's name for metrics id=%s error=%s",
-                           job_id, exc)
-            with contextlib.suppress(Exception):
-                connection.close()
-            labels = None
         queue, name = labels if labels is not None else ("<unknown>", "<unknown>")
         counter = self.timed_out if outcome == Outcome.TIMED_OUT else self.crashed
         counter.labels(queue, name).inc()
@@ -276,7 +266,9 @@ class Exporter:
 
     def queue_depth(self) -> list[tuple[str, int, int, float]] | None:
         """Read (queue, pending, due, oldest due age) per queue; None if the database fails."""
-        rows = read_queue_depth()
+        # In the daemon, the supervisor's database agent reads it (the loop never waits).
+        supervisor = self._supervisor
+        rows = read_queue_depth() if supervisor is None else supervisor.queue_depth()
         if rows is None:
             return None
         # A queue that emptied reads 0, rather than vanishing from the scrape.

@@ -6,12 +6,21 @@ each child is running, so when a child dies (kill -9, segfault, OOM, ``os._exit`
 that job alone with a ``crashed`` attempt, and when a job overruns its timeout it kills the
 child and records ``timed out``. The dead child's transaction has rolled back, so the job is
 claimable again at once. The supervisor itself never runs a job.
+
+Its loop never waits on the database, so that those deadlines hold whatever PostgreSQL or the
+network does: every statement it needs goes to its database agent (:mod:`.agent`), a process
+of its own, and the answer comes back as an event. And it fences a child whose database
+session is gone: while an atomic job runs, the child's transaction is its claim on the job, so
+when PostgreSQL ends that session (``pg_terminate_backend``, an idle timeout, a partition
+seen by keepalives) the job is free for another worker, and the child is killed at once rather
+than left running the job as if it still held it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import multiprocessing
 import os
@@ -22,16 +31,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing import reduction
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from django.db import connection, connections
-from django.utils import timezone
 
-from djasync import attempts, conf, executor, leases, periodic, sql, workers
+from djasync import conf, workers
 from djasync.connections import configure_worker_connections
-from djasync.models import Job, Outcome
+from djasync.models import Outcome
 from djasync_worker import child as shared_layout
+from djasync_worker.agent import Agent
 from djasync_worker.child import ChildOptions, child_main
 from djasync_worker.listener import Listener
 from djasync_worker.systemd import Notifier
@@ -51,6 +60,13 @@ BURST_RECHECK_SECONDS = 0.05
 RESPAWN_DELAY_SECONDS = 0.05
 #: How often to try again to write a lost attempt while the database is away (a restart).
 LOST_RETRY_SECONDS = 0.2
+#: At the end, how long to wait for the database agent to write what is left (lost attempts,
+#: the worker's row) before leaving it unwritten.
+FINISH_DATABASE_SECONDS = 5.0
+#: How long a scrape waits for the agent to read the queue depth (metrics), and the age past
+#: which a depth read before is not reported.
+QUEUE_DEPTH_WAIT_SECONDS = 0.5
+QUEUE_DEPTH_MAX_AGE_SECONDS = 10.0
 
 
 @dataclass
@@ -74,6 +90,8 @@ class ChildState:
     idle: bool = False
     reported: bool = False
     killed_for_timeout: bool = False
+    #: Killed because its database session ended while it ran an atomic job (the fence).
+    killed_for_lost_session: bool = False
     #: Our duplicate of the child's database socket (see ``Child._share_socket``).
     db_socket: int | None = None
     #: Why it was last woken ("poll" matters: a poll that finds work hints LISTEN is broken).
@@ -93,6 +111,15 @@ def running_job(child: ChildState) -> tuple[int, float, float | None, float] | N
         if int(shared[shared_layout.JOB_ID]) == job_id:
             return job_id, started, None if timeout < 0 else timeout, epoch
     return None
+
+
+def running_in_session(child: ChildState) -> int | None:
+    """The id of the job the child runs inside its session's transaction (an atomic job)."""
+    shared = child.shared
+    job_id = int(shared[shared_layout.JOB_ID])
+    if not job_id or not shared[shared_layout.IN_TRANSACTION]:
+        return None
+    return job_id if int(shared[shared_layout.JOB_ID]) == job_id else None
 
 
 @dataclass
@@ -138,9 +165,13 @@ class Supervisor:
         self.pending_signals: list[int] = []
         self.listener = Listener(_conninfo())
         entries = conf.get().PERIODIC
-        self.periodic = periodic.Scheduler(entries) if entries else None
-        self.periodic_started = False
+        self.periodic = bool(entries)
         self.next_periodic = 0.0
+        self.agent = Agent(self.context, entries or ())
+        #: Ask for the next run_after again when the answer in flight comes (it may be stale).
+        self.timer_again = False
+        self.queue_depth_rows: list[tuple[str, int, int, float]] | None = None
+        self.queue_depth_at = 0.0
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -151,6 +182,8 @@ class Supervisor:
         logger.info("worker starting name=%s concurrency=%s queues=%s burst=%s", self.name,
                     self.options.concurrency, ",".join(self.options.queues) or "*",
                     self.options.burst)
+        connections.close_all()  # the agent must not inherit our connection
+        self.agent.start(self._socket_copies())
         self.listener.ensure()
         if self.metrics is not None:
             self.metrics.watch(self)
@@ -171,9 +204,15 @@ class Supervisor:
             waitables.append(listen_fd)
         if self.metrics is not None:
             waitables.append(self.metrics)
+        if self.agent.pipe is not None:
+            waitables.extend([self.agent.pipe, self.agent.sentinel])
         for child in self.children.values():
             waitables.extend([child.pipe, child.process.sentinel])
-        ready = wait(waitables, timeout=self._timeout(now))
+        ready = _wait(waitables, self._fenced_sockets(), timeout=self._timeout(now))
+        if self.agent.pipe is not None and self.agent.pipe in ready:
+            self.agent.receive()
+        if self.agent.pipe is not None and not self.agent.alive():
+            self.agent.restart(self._socket_copies())
         if self.signal_reader in ready:
             self._handle_signals()
         for child in list(self.children.values()):
@@ -197,19 +236,20 @@ class Supervisor:
         if any(not c.idle for c in self.children.values()):
             moments.append(now + DEADLINE_CHECK_SECONDS)  # jobs start without telling us
         moments.extend(self.respawn_at.values())
-        if self.lost:
+        # (Not while the agent works on it: the moment is past, and we would spin.)
+        if self.lost and not self.agent.busy("record_lost"):
             moments.append(self.next_lost_retry)
         if self.notifier.watchdog_interval:
             moments.append(self.next_watchdog)
-        if self.options.burst and self._all_idle():  # else it would spin while they work
+        if (self.options.burst and self._all_idle()  # else it would spin while they work
+                and not self.agent.busy("due_jobs")):
             moments.append(self.next_burst_check)
-        if self.periodic is not None:
+        if self.periodic and not self.agent.busy("periodic"):
             moments.append(self.next_periodic)
         return max(0.0, min(moments) - now)
 
     def _tick(self, now: float) -> None:
         if self.lost and now >= self.next_lost_retry:  # not written yet: the database was away
-            self.next_lost_retry = now + LOST_RETRY_SECONDS
             self._record_lost()
         for slot, when in list(self.respawn_at.items()):
             if when <= now and not self.stopping:
@@ -225,6 +265,7 @@ class Supervisor:
                                child.process.pid)
                 child.killed_for_timeout = True
                 _kill(child.process.pid)
+        self._fence()
         if self.stopping:
             if self.stop_deadline is not None and now >= self.stop_deadline:
                 self._kill_all("shutdown timeout reached")
@@ -235,7 +276,7 @@ class Supervisor:
         if self.next_run_after is not None and now >= self.next_run_after:
             self.next_run_after = None
             self._wake(1)
-        if self.periodic is not None and now >= self.next_periodic:
+        if self.periodic and now >= self.next_periodic and not self.agent.busy("periodic"):
             self._run_periodic(now)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + workers.HEARTBEAT_SECONDS
@@ -243,24 +284,41 @@ class Supervisor:
         if self.notifier.watchdog_interval and self.ready_sent and now >= self.next_watchdog:
             self.next_watchdog = now + self.notifier.watchdog_interval
             self.notifier.watchdog()
-        if self.options.burst and self._all_idle() and now >= self.next_burst_check:
-            if self._due_jobs_exist():
-                # Due but locked: running in another daemon, or held by a dead child's
-                # session that PostgreSQL has not ended yet. Look again shortly.
-                self.next_burst_check = now + BURST_RECHECK_SECONDS
-                self._wake(len(self.children))
-            else:
-                logger.info("burst: no due job left, stopping")
-                self._stop(graceful=True)
+        if (self.options.burst and self._all_idle() and now >= self.next_burst_check
+                and not self.agent.busy("due_jobs")):
+            self.agent.submit("due_jobs", list(self.options.queues), on_done=self._burst_answer)
+
+    def _burst_answer(self, ok: bool, due: Any) -> None:
+        if self.stopping or not self._all_idle():
+            return  # work came meanwhile: look again once the children are idle
+        if not ok or due:
+            # Due but locked: running in another daemon, or held by a dead child's session
+            # that PostgreSQL has not ended yet (or the database is away). Look again shortly.
+            self.next_burst_check = time.monotonic() + BURST_RECHECK_SECONDS
+            self._wake(len(self.children))
+        else:
+            logger.info("burst: no due job left, stopping")
+            self._stop(graceful=True)
 
     def _finish(self) -> None:
-        self._record_lost()
+        """Write what is left (lost attempts, the worker's row), for a few seconds at most."""
+        stopped: list[bool] = []
+        self.agent.submit("mark_stopped", self.name, self.jobs_done,
+                          on_done=lambda ok, value: stopped.append(ok))
+        deadline = time.monotonic() + FINISH_DATABASE_SECONDS
+        while ((self.lost or not stopped) and self.agent.alive()
+               and time.monotonic() < deadline):
+            self._record_lost()
+            _wait([self.agent.pipe], [], timeout=LOST_RETRY_SECONDS)
+            self.agent.receive()
         for lost in self.lost:  # the database is away: these attempts stay unwritten
+            logger.warning("lost attempt left unwritten id=%s worker=%s", lost.job_id,
+                           lost.worker)
             _close_fd(lost.db_socket)
-        try:
-            workers.mark_stopped(self.name, jobs_done=self.jobs_done)
-        except Exception as exc:
-            logger.warning("could not mark this worker stopped error=%s", exc)
+        if not stopped or not stopped[0]:
+            logger.warning("could not mark this worker stopped")
+        self.agent.close()
+        self.agent.join(FINISH_DATABASE_SECONDS)
         self.listener.close()
         connections.close_all()
         logger.info("worker stopped name=%s jobs_done=%s%s", self.name, self.jobs_done,
@@ -276,8 +334,9 @@ class Supervisor:
                                self.options.max_jobs_per_child, self.metrics)
         # Our copies of other children's database sockets must not live on in the new child:
         # they would keep a dead child's session, and its job's lock, alive.
-        copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
-        copies += [lost.db_socket for lost in self.lost if lost.db_socket is not None]
+        copies = self._socket_copies()
+        if self.agent.pipe is not None:
+            copies.append(self.agent.pipe.fileno())  # the agent stops when our end closes
         shared = self.context.Array("d", shared_layout.SHARED_SIZE, lock=False)
         process = self.context.Process(
             target=child_main, args=(child_end, shared, options, os.getpid(), copies),
@@ -287,6 +346,43 @@ class Supervisor:
         child_end.close()
         self.children[slot] = ChildState(slot, process, parent_end, shared)
         logger.debug("child started slot=%s pid=%s", slot, process.pid)
+
+    def _socket_copies(self) -> list[int]:
+        """Our copies of children's database sockets (a forked process must close them)."""
+        copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
+        return copies + [lost.db_socket for lost in self.lost if lost.db_socket is not None]
+
+    def _fenced_sockets(self) -> list[int]:
+        """The sockets of children running an atomic job: their end must wake us at once."""
+        return [c.db_socket for c in self.children.values()
+                if c.db_socket is not None and not c.killed_for_lost_session
+                and not c.killed_for_timeout and running_in_session(c) is not None]
+
+    def _fence(self) -> None:
+        """Kill each child whose atomic job's session PostgreSQL has ended.
+
+        The session's transaction was the child's claim on the job: it is rolled back, the
+        job's row is unlocked, and another worker may run the job now. A job left running
+        would write to a connection that is gone, or, worse, do its work outside the
+        database a second time alongside the new run. So it stops here, within a loop turn
+        of the server's FIN reaching this host (the socket shows it: no query needed).
+        """
+        for child in self.children.values():
+            if (child.killed_for_lost_session or child.killed_for_timeout
+                    or child.db_socket is None or running_in_session(child) is None
+                    or _session_alive(child.db_socket)):
+                continue
+            # The child may have reconnected: its new socket comes over the pipe before it
+            # claims again, so read the pipe before deciding.
+            self._read_messages(child)
+            job_id = running_in_session(child)
+            if job_id is None or child.db_socket is None or _session_alive(child.db_socket):
+                continue
+            logger.warning("job's database session ended while it ran, killing its child "
+                           "(another worker may run the job now) id=%s pid=%s", job_id,
+                           child.process.pid)
+            child.killed_for_lost_session = True
+            _kill(child.process.pid)
 
     def _read_messages(self, child: ChildState) -> None:
         while True:
@@ -336,7 +432,17 @@ class Supervisor:
         self.jobs_done_by_exited += int(child.shared[shared_layout.JOBS_DONE])
         running = running_job(child)
         worker = f"{socket.gethostname()}:{child.process.pid}"  # the child's name in its leases
-        charged = running is not None and not self.forced
+        # A child fenced off because PostgreSQL ended its session is not charged either:
+        # before its kill the run had already ended as a session's end ends any atomic job
+        # (rolled back, claimable again, not counted), and the end came from outside the job
+        # (a terminate, a restart, a partition), so it must not use up the job's attempts.
+        fenced = running is not None and child.killed_for_lost_session
+        charged = running is not None and not self.forced and not fenced
+        if fenced:
+            assert running is not None
+            logger.warning("job stopped: its database session had ended id=%s pid=%s; the run "
+                           "rolled back and is not charged (the job runs again)", running[0],
+                           child.process.pid)
         if charged:
             assert running is not None
             job_id, _, _, epoch = running
@@ -352,11 +458,8 @@ class Supervisor:
             self.lost.append(LostAttempt(job_id, outcome, started, reason, worker,
                                          child.db_socket))
             child.db_socket = None
-            if not self._record_lost():
-                self._record_lost()  # once more, on a fresh connection
-            if self.metrics is not None:
-                self.metrics.job_lost(job_id, outcome)
-        elif code != 0 and not self.forced:
+            self._record_lost()
+        elif code != 0 and not self.forced and not fenced:
             logger.error("child died while idle pid=%s %s", child.process.pid, _describe(code))
         # A child that died idle held no job: its session may end now. (A lost job's session
         # ends when _record_lost has written its attempt.)
@@ -376,8 +479,9 @@ class Supervisor:
         # Replace it: a recycled child at once, a dead one after a short pause.
         self.respawn_at[child.slot] = time.monotonic() + (0 if code == 0 else RESPAWN_DELAY_SECONDS)
 
-    def _record_lost(self) -> bool:
-        """Write the attempts of jobs whose process died; keep them if the database is down.
+    def _record_lost(self) -> None:
+        """Have the agent write the attempts of jobs whose process died, one at a time, in
+        order; until written, they stay here (the database may be away) and are tried again.
 
         Only once an attempt is written do we close our copy of its dead child's socket: until
         then PostgreSQL keeps that session, its transaction and the job's row lock, so nobody
@@ -387,43 +491,47 @@ class Supervisor:
         frees the job early. Then the attempt is still written, whatever the job's status,
         and marked counted late (``attempts.LATE_NOTE``): the job may have run once more.
         """
-        while self.lost:
-            lost = self.lost[0]
-            late = not _session_alive(lost.db_socket)
-            try:
-                attempt_id = executor.record_lost_attempt(
-                    lost.job_id, outcome=lost.outcome, started=lost.started, worker=lost.worker,
-                    reason=lost.reason, late=late, holder=lost.worker)
-            except Exception as exc:
-                logger.warning("cannot record a lost attempt yet id=%s error=%s", lost.job_id, exc)
-                _close_quietly()
-                return False
-            self.lost.pop(0)
-            if attempt_id is not None and not late and not _session_alive(lost.db_socket):
-                late = True  # it ended between our look and our commit: perhaps before the write
-                try:
-                    attempts.mark_lost_late(attempt_id)
-                except Exception as exc:
-                    logger.warning("cannot mark a lost attempt late id=%s error=%s",
-                                   lost.job_id, exc)
-                    _close_quietly()
-            if late:
-                logger.warning("lost attempt counted late id=%s worker=%s: its session had "
-                               "ended first, so the job could run again meanwhile",
-                               lost.job_id, lost.worker)
-            _close_fd(lost.db_socket)
-            # Free the non-atomic jobs the dead child held (their crash is counted now).
-            self._release_leases(lost.worker, lost.job_id)
-        return True
+        if not self.lost or self.agent.busy("record_lost"):
+            return
+        lost = self.lost[0]
+        late = not _session_alive(lost.db_socket)
+        self.agent.submit("record_lost", lost.job_id, lost.outcome.value, lost.started,
+                          lost.worker, lost.reason, late,
+                          on_done=functools.partial(self._lost_recorded, lost, late))
+
+    def _lost_recorded(self, lost: LostAttempt, late: bool, ok: bool, value: Any) -> None:
+        if not ok:  # the agent logged why; try again shortly
+            self.next_lost_retry = time.monotonic() + LOST_RETRY_SECONDS
+            return
+        attempt_id, labels = value
+        if attempt_id is None and not late and not _session_alive(lost.db_socket):
+            # Nothing written because the row was not locked any more: the session ended
+            # after our look (the agent may have been busy with the network for seconds).
+            # Write it as the look would have then: late.
+            self.agent.submit("record_lost", lost.job_id, lost.outcome.value, lost.started,
+                              lost.worker, lost.reason, True,
+                              on_done=functools.partial(self._lost_recorded, lost, True))
+            return
+        self.lost.remove(lost)
+        if attempt_id is not None and not late and not _session_alive(lost.db_socket):
+            late = True  # it ended between our look and the commit: perhaps before the write
+            self.agent.submit("mark_lost_late", attempt_id)
+        if late:
+            logger.warning("lost attempt counted late id=%s worker=%s: its session had "
+                           "ended first, so the job could run again meanwhile",
+                           lost.job_id, lost.worker)
+        _close_fd(lost.db_socket)
+        # Free the non-atomic jobs the dead child held (their crash is counted now).
+        self._release_leases(lost.worker, lost.job_id)
+        if self.metrics is not None:
+            self.metrics.job_lost(lost.outcome, labels)
+        self._record_lost()  # the next one
 
     def _release_leases(self, worker: str, running: int | None) -> None:
         """Free the non-atomic jobs a dead child held, so they run again without waiting for
-        their leases to expire (the one it was running is charged already, or not at all)."""
-        try:
-            leases.free_leases_of_dead(worker, charged=running)
-        except Exception as exc:  # the leases then expire on their own
-            logger.warning("cannot release the leases of a dead child error=%s", exc)
-            _close_quietly()
+        their leases to expire (the one it was running is charged already, or not at all).
+        If this fails, the leases expire on their own."""
+        self.agent.submit("release_leases", worker, running)
 
     def _wake(self, count: int, reason: str = "") -> int:
         """Wake up to ``count`` idle children; return how many were woken."""
@@ -458,46 +566,51 @@ class Supervisor:
         """Arrange to wake a child when the earliest future ``run_after`` comes due."""
         if self.stopping or not any(c.idle for c in self.children.values()):
             return
-        try:
-            pending = Job.objects.scheduled()
-            if self.options.queues:
-                pending = pending.filter(queue__in=self.options.queues)
-            when = pending.order_by("run_after").values_list("run_after", flat=True).first()
-        except Exception as exc:
-            logger.warning("cannot read the next run_after error=%s", exc)
-            _close_quietly()
+        if self.agent.busy("next_run_after"):
+            self.timer_again = True  # the answer on its way may predate what woke us
             return
-        if when is None:
-            self.next_run_after = None
-            return
-        delay = max(0.0, (when - timezone.now()).total_seconds())
-        self.next_run_after = time.monotonic() + delay
+        self.timer_again = False
+        self.agent.submit("next_run_after", list(self.options.queues), on_done=self._timer_answer)
+
+    def _timer_answer(self, ok: bool, delay: Any) -> None:
+        if ok:
+            self.next_run_after = None if delay is None else time.monotonic() + delay
+        if self.timer_again:
+            self._schedule_timer()
 
     def _run_periodic(self, now: float) -> None:
-        """Enqueue periodic slots that came due (each exactly once across all daemons)."""
-        assert self.periodic is not None
-        try:
-            if not self.periodic_started:
-                self.periodic.start(timezone.now())
-                self.periodic_started = True
-            wait = self.periodic.tick(timezone.now())
-        except Exception as exc:
-            logger.warning("cannot enqueue periodic jobs yet error=%s", exc)
-            _close_quietly()
-            self.next_periodic = now + 1.0
-            return
-        self.next_periodic = now + min(wait if wait is not None else 60.0, 60.0)
+        """Have the agent enqueue periodic slots that came due (each exactly once across all
+        daemons)."""
+        self.next_periodic = now + 60.0  # until the answer says when
 
-    def _due_jobs_exist(self) -> bool:
-        query = sql.claim(by_queue=bool(self.options.queues), by_name_prefix=False, exists=True)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(query, {"queues": list(self.options.queues), "now": None})
-                return bool(cursor.fetchone()[0])
-        except Exception as exc:
-            logger.warning("cannot check for due jobs error=%s", exc)
-            _close_quietly()
-            return True
+        def answered(ok: bool, wait: Any) -> None:
+            later = 1.0 if not ok else min(wait if wait is not None else 60.0, 60.0)
+            self.next_periodic = time.monotonic() + later
+
+        self.agent.submit("periodic", on_done=answered)
+
+    def queue_depth(self) -> list[tuple[str, int, int, float]] | None:
+        """The queue depth for metrics: asked of the agent, waited for at most
+        :data:`QUEUE_DEPTH_WAIT_SECONDS` (a scrape is answered from the loop, which must not
+        wait on the database for long), else as last read if recent, else None."""
+        asked = time.monotonic()
+        if not self.agent.busy("queue_depth"):
+            def answered(ok: bool, rows: Any) -> None:
+                if ok and rows is not None:
+                    self.queue_depth_rows, self.queue_depth_at = rows, time.monotonic()
+                else:
+                    self.queue_depth_rows = None
+            self.agent.submit("queue_depth", on_done=answered)
+        deadline = asked + QUEUE_DEPTH_WAIT_SECONDS
+        while self.agent.busy("queue_depth") and self.agent.pipe is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _wait([self.agent.pipe], [], timeout=left)
+            self.agent.receive()
+        if time.monotonic() - self.queue_depth_at > QUEUE_DEPTH_MAX_AGE_SECONDS:
+            return None
+        return None if self.queue_depth_rows is None else list(self.queue_depth_rows)
 
     @property
     def jobs_done(self) -> int:
@@ -509,13 +622,9 @@ class Supervisor:
         return [r[0] for r in map(running_job, self.children.values()) if r is not None]
 
     def _heartbeat(self) -> None:
-        running = self._running()
-        try:
-            self._record_lost()
-            workers.heartbeat(self.name, running=running, jobs_done=self.jobs_done)
-        except Exception as exc:
-            logger.warning("heartbeat failed error=%s", exc)
-            _close_quietly()
+        # One at a time: a heartbeat stuck on a lock or in a partition is not queued behind.
+        if not self.agent.busy("heartbeat"):
+            self.agent.submit("heartbeat", self.name, self._running(), self.jobs_done)
         if self.ready_sent:
             self.notifier.status(self._status())
 
@@ -601,6 +710,29 @@ def _session_alive(fd: int | None) -> bool:
     return not any(mask & _GONE_EVENTS for _, mask in events)
 
 
+def _wait(readables: list[Any], hangups: list[int], timeout: float) -> set[Any]:
+    """Wait until one of ``readables`` (file descriptors, or objects with ``fileno()``) can be
+    read, or one of ``hangups`` (sockets) is closed or broken at the other end, or
+    ``timeout`` seconds pass; return the readables that are ready.
+
+    A hang-up is watched alone (POLLRDHUP, not POLLIN): the children's sockets carry their
+    queries' answers, which must not wake us."""
+    poller = select.poll()
+    by_fd: dict[int, Any] = {}
+    for item in readables:
+        fd = item if isinstance(item, int) else item.fileno()
+        by_fd[fd] = item
+        poller.register(fd, select.POLLIN)
+    for fd in hangups:
+        if fd not in by_fd:
+            poller.register(fd, _GONE_EVENTS)
+    try:
+        events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
+    except InterruptedError:
+        return set()
+    return {by_fd[fd] for fd, _ in events if fd in by_fd}
+
+
 def _close_fd(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -613,11 +745,6 @@ def _describe(exitcode: int | None) -> str:
     if exitcode < 0:
         return f"killed by {signal.Signals(-exitcode).name}"
     return f"exit code {exitcode}"
-
-
-def _close_quietly() -> None:
-    with contextlib.suppress(Exception):
-        connection.close()
 
 
 def _conninfo() -> dict[str, Any]:

@@ -299,3 +299,29 @@ def long_job_losing_its_session(key):
     with psycopg.connect(**params, autocommit=True) as other:
         other.execute("SELECT pg_terminate_backend(%s)", [pid])
     return key
+
+
+def tick(path, seconds, idle_timeout_ms=None):
+    """Run for ``seconds``, appending ``<event> <pid> <backend pid> <epoch>`` lines to ``path``
+    every 0.05 s (``start``, ``tick``s, ``end``): the file shows when each run went on, from
+    the local clock, whatever happened to its database session. ``idle_timeout_ms`` sets the
+    session's idle-in-transaction timeout for the rest of the transaction (PostgreSQL then
+    ends the session while the code sleeps)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+        if idle_timeout_ms is not None:
+            cursor.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                           [str(idle_timeout_ms)])
+
+    def write(event):
+        with open(path, "a") as out:
+            out.write(f"{event} {os.getpid()} {backend} {time.time():.3f}\n")
+
+    write("start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        write("tick")
+    write("end")
+    return seconds

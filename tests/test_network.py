@@ -254,13 +254,13 @@ def test_a_host_cut_off_mid_job_frees_the_job_in_15_s_and_reconnects_in_5_s_afte
         netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
         job = schedule(lab, "tests.jobs.sleep", 600)
         netlab.wait_for(lambda: not claimable(conn, job), 30, "the job to run")
+        lost = log.read_text().count("LISTEN connection lost")  # before the cut
         cut = lab.cut("h1")
         cut_at = time.monotonic()
         netlab.wait_for(lambda: claimable(conn, job), 20, "the job to be free", interval=0.1)
         freed = time.monotonic() - cut_at
         print(f"job claimable {freed:.1f} s after the cut")
         assert freed < 15, log.read_text()[-3000:]
-        lost = log.read_text().count("LISTEN connection lost")
         netlab.wait_for(lambda: "LISTEN connection lost" in log.read_text(), 10,
                         "the worker to notice")
         lab.heal(cut)
@@ -307,3 +307,76 @@ def test_a_cut_of_the_listen_connection_alone_is_detected_and_the_listener_recov
         assert time.monotonic() - scheduled < 10
         lab.heal(cut)
         assert "did not answer a probe" in log.read_text()
+
+
+@pytest.mark.network
+def test_the_watchdog_kills_a_job_past_its_deadline_during_a_cut_and_not_after_the_heal(
+        host, tmp_path):
+    """The job's code ends at 4 s and sends its outcome into the void; its deadline (6 s, + 1 s
+    of grace) passes during the cut. The supervisor's own database work is stuck in the cut
+    too, but its watchdog must kill the child on time, not after the heal, when the outcome
+    could go through and a committed job would be killed as timed out."""
+    lab = host
+    log = tmp_path / "worker.log"
+    start_worker(lab, log, "--concurrency", "1", "--poll-interval", "0.5")
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        out = lab.django(code="import djasync\nprint(djasync.schedule('tests.jobs.sleep', "
+                              "args=[4], meta={'timeout': 6, 'max_attempts': 2}).pk)")
+        job = int(out.split()[-1])
+        netlab.wait_for(lambda: not claimable(conn, job), 30, "the job to run", interval=0.01)
+        started = time.monotonic()
+        cut = lab.cut("h1")
+        kill_line = f"job timed out, killing its child id={job} "
+        netlab.wait_for(lambda: kill_line in log.read_text(), 20, "the watchdog's kill",
+                        interval=0.05)
+        killed = time.monotonic() - started
+        print(f"killed {killed:.1f} s after the job started (timeout 6 s), during the cut")
+        assert killed < 6 + 1 + 1.5, log.read_text()[-3000:]
+        time.sleep(max(0.0, 15 - (time.monotonic() - started)))  # the server ends the session
+        lab.heal(cut)
+        netlab.wait_for(lambda: conn.execute("SELECT status FROM djasync_job WHERE id = %s",
+                                             [job]).fetchone()[0] == "succeeded", 40,
+                        "the job to run again and succeed")
+        # The timed-out attempt is written once the agent reaches the database again: before
+        # or after the re-run, which PostgreSQL let happen when it ended the cut-off session.
+        outcomes = netlab.wait_for(lambda: sorted(row[0] for row in conn.execute(
+            "SELECT outcome FROM djasync_attempt WHERE job_id = %s", [job])) == [
+            "succeeded", "timed_out"], 20, "the timed-out attempt")
+        assert outcomes, log.read_text()[-3000:]
+        assert log.read_text().count("job timed out, killing") == 1
+
+
+@pytest.mark.network
+def test_a_cut_off_host_stops_its_job_before_the_server_frees_it_when_it_detects_first(
+        host, tmp_path):
+    """The fence in a partition: no FIN arrives, so the host learns that its session is gone
+    from its own keepalives. Shorter than the server's (4 s against the recipe's 10-11 s), the
+    host kills the job's child before the job can run elsewhere."""
+    lab = host
+    log = tmp_path / "worker.log"
+    (tmp_path / "fence_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        "DJASYNC = {**DJASYNC, 'WORKER_CONNECTION_OPTIONS': "
+        "{'keepalives_idle': 2, 'keepalives_interval': 1, 'keepalives_count': 2,"
+        " 'tcp_user_timeout': 4000}}\n")  # Linux lets tcp_user_timeout bound keepalives too
+    lab.spawn("h1", [sys.executable, "-m", "djasync_worker", "--settings", "fence_settings",
+                     "--log-level", "debug", "--concurrency", "1"], log,
+              env={"PYTHONPATH": f"{tmp_path}:{netlab.ROOT}"})
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.sleep", 600)
+        netlab.wait_for(lambda: not claimable(conn, job), 30, "the job to run")
+        lab.cut("h1")
+        cut_at = time.monotonic()
+        fence_line = ("job's database session ended while it ran, killing its child (another "
+                      f"worker may run the job now) id={job} ")
+        netlab.wait_for(lambda: fence_line in log.read_text(), 20, "the fence", interval=0.05)
+        fenced = time.monotonic() - cut_at
+        assert not claimable(conn, job), "the server freed the job before the host stopped it"
+        netlab.wait_for(lambda: claimable(conn, job), 20, "the job to be free", interval=0.1)
+        freed = time.monotonic() - cut_at
+        print(f"fenced {fenced:.1f} s after the cut, job free {freed:.1f} s after it")
+        assert fenced < freed
+        assert conn.execute("SELECT count(*) FROM djasync_attempt WHERE job_id = %s",
+                            [job]).fetchone()[0] == 0  # not charged
