@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from django.db import connection, connections
 from django.utils import timezone
 
-from djasync import attempts, conf, executor, leases, periodic, sql, workers
-from djasync.connections import configure_worker_connections
+from djasync import attempts, budget, conf, executor, leases, periodic, sql, workers
+from djasync.connections import configure_worker_connections, listen_conninfo
 from djasync.models import Job, Outcome
 from djasync_worker import child as shared_layout
 from djasync_worker.child import ChildOptions, child_main
@@ -151,6 +151,7 @@ class Supervisor:
         logger.info("worker starting name=%s concurrency=%s queues=%s burst=%s", self.name,
                     self.options.concurrency, ",".join(self.options.queues) or "*",
                     self.options.burst)
+        budget.check_at_start(self.name, self.options.concurrency)
         self.listener.ensure()
         if self.metrics is not None:
             self.metrics.watch(self)
@@ -621,10 +622,11 @@ def _close_quietly() -> None:
 
 
 def _conninfo() -> dict[str, Any]:
-    """Connection parameters of Django's default database, for the LISTEN connection."""
+    """Connection parameters for the LISTEN connection: ``DJASYNC["LISTEN_URL"]`` (straight to
+    PostgreSQL when the database goes through a pooler), else Django's default database's."""
     params = dict(connection.get_connection_params())
     params.pop("cursor_factory", None)
     params.pop("context", None)
     params.pop("prepare_threshold", None)
     params.pop("server_side_binding", None)
-    return params
+    return listen_conninfo(params)

@@ -299,3 +299,14 @@ def long_job_losing_its_session(key):
     with psycopg.connect(**params, autocommit=True) as other:
         other.execute("SELECT pg_terminate_backend(%s)", [pid])
     return key
+
+
+def record_timeouts(key):
+    """Write the timeouts this job's statements run under (``statement_timeout`` and the
+    idle-in-transaction one, as ``SHOW`` prints them) to the ledger, as ``"<stmt>|<idle>"``."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('statement_timeout') || '|' ||"
+                       " current_setting('idle_in_transaction_session_timeout')")
+        (note,) = cursor.fetchone()
+    Ledger.objects.create(key=key, note=note)
+    return note

@@ -310,7 +310,8 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
     assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
     # The transaction's own statements before the job runs too (protocol-level, as pgbench
     # -M prepared does); not those after its code (see the next test).
-    for statement in ("BEGIN", 'SAVEPOINT "djasync_job"', *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
+    claim_settings = sql.CLAIM_SETTINGS.replace("%(statement)s", "$1").replace("%(idle)s", "$2")
+    for statement in ("BEGIN", 'SAVEPOINT "djasync_job"', claim_settings, *sql.CLAIM_PLAN_DONE):
         assert prepared.count(statement) == 1, statement
     assert "COMMIT" not in prepared
     assert 'RELEASE SAVEPOINT "djasync_job"' not in prepared
