@@ -259,3 +259,21 @@ def test_the_listener_gives_up_listen_only_on_evidence_that_its_session_changed(
     finally:
         listener.close()
         direct.close()
+
+
+def test_a_worker_preparing_statements_through_a_pooler_says_what_that_needs(tmp_path, bouncer):
+    """Prepared statements through a pooler work only with PgBouncer 1.21+ and
+    max_prepared_statements; the worker notices the pooler (its session is not the one the
+    connection was given a key for) and says so, with the way out for older ones."""
+    log = tmp_path / "w.log"
+    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=True)
+    daemon = start_worker("--concurrency", "1", "--settings", "pooled_settings", log=log,
+                          env=env)
+    try:
+        wait_for(lambda: "prepares its statements through a connection pooler" in
+                 log.read_text(), timeout=30, what="the log line")
+    finally:
+        assert stop(daemon) == 0, log.read_text()[-3000:]
+    line = next(line for line in log.read_text().splitlines()
+                if "prepares its statements through a connection pooler" in line)
+    assert "max_prepared_statements" in line and "'prepare_threshold': None" in line, line
