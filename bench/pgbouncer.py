@@ -80,12 +80,14 @@ def main() -> None:
                     print(f"rep {rep + 1} {name}: {rate:.0f} jobs/s", flush=True)
     finally:
         bouncer.stop()
-    base = statistics.median(rates["direct"])
     print(f"\nPgBouncer {'.'.join(map(str, version))}, {args.jobs} jobs, --concurrency "
-          f"{args.concurrency}, --batch-size {args.batch_size}, median of {args.reps}:")
+          f"{args.concurrency}, --batch-size {args.batch_size}, median of {args.reps} (the "
+          "ratio is the median of each rep's ratio to the direct run next to it, which "
+          "cancels most of a shared machine's drift):")
     for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"  {name:15} {median:7.0f} jobs/s  {median / base:6.1%} of direct  "
+        ratios = [v / d for v, d in zip(values, rates["direct"], strict=True)]
+        print(f"  {name:15} {statistics.median(values):7.0f} jobs/s  "
+              f"{statistics.median(ratios):6.1%} of direct  "
               f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
 
 
