@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 _json = DjangoJSONEncoder(allow_nan=False)
 
 #: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
-IDLE_MARGIN_SECONDS = 10
+IDLE_MARGIN_SECONDS = sql.IDLE_MARGIN_SECONDS
 #: Recount attempts exactly when a job is this close to ``max_attempts`` (see ``sql.claim``).
 RECOUNT_MARGIN = 2
 
@@ -151,12 +151,8 @@ class _Raised(Exception):
         self.exc = exc
 
 
-def timeout_settings(timeout: float | None) -> dict[str, str]:
-    """The ``statement_timeout`` and idle-in-transaction timeout (ms) for a job's timeout."""
-    if timeout is None:
-        return {"statement": "0", "idle": "0"}
-    return {"statement": str(max(1, int(timeout * 1000))),
-            "idle": str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))}
+#: The ``statement_timeout`` and idle-in-transaction timeout (ms) for a job's timeout.
+timeout_settings = sql.timeout_params
 
 
 def set_session_timeouts_if_direct() -> bool:

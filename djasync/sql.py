@@ -112,6 +112,19 @@ CLAIM_PLAN = ("SET LOCAL enable_sort = off", "SET LOCAL enable_seqscan = off")
 CLAIM_PLAN_DONE = ("SET LOCAL enable_sort TO DEFAULT", "SET LOCAL enable_seqscan TO DEFAULT")
 FINISH_PLAN = ("SET LOCAL enable_seqscan = off",)
 
+#: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
+IDLE_MARGIN_SECONDS = 10
+
+
+def timeout_params(timeout: float | None) -> dict[str, str]:
+    """The parameters of ``SET_TIMEOUTS`` for a job ``timeout``: ``statement_timeout`` and the
+    idle-in-transaction timeout, in milliseconds (0: none)."""
+    if timeout is None:
+        return {"statement": "0", "idle": "0"}
+    return {"statement": str(max(1, int(timeout * 1000))),
+            "idle": str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))}
+
+
 #: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
 #: ``SET LOCAL`` (``set_config(…, true)``) ends with the transaction: nothing is left on the
 #: session, which behind a pooler in transaction mode (PgBouncer) is shared with other clients.
