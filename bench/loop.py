@@ -57,11 +57,11 @@ def main() -> None:
         cursor.execute("VACUUM ANALYZE djasync_job")
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
-    executor.set_session_timeouts()
+    executor.set_session_timeouts_if_direct()
     server0, client0, wall0 = backend_cpu(pid), time.process_time(), time.perf_counter()
     done = 0
     if args.unchained:
-        while batch := executor.run_batch(args.batch, worker="loop", session_timeouts=True):
+        while batch := executor.run_batch(args.batch, worker="loop"):
             done += len(batch)
     else:
         def count(batch: list) -> bool:
@@ -69,7 +69,7 @@ def main() -> None:
             done += len(batch)
             return True
 
-        executor.run_batches(args.batch, count, worker="loop", session_timeouts=True)
+        executor.run_batches(args.batch, count, worker="loop")
     server1, client1, wall1 = backend_cpu(pid), time.process_time(), time.perf_counter()
     print(json.dumps({
         "jobs": done, "batch": args.batch, "chained": not args.unchained,

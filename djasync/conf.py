@@ -62,6 +62,11 @@ class Settings:
     #: Log a line at INFO for every job that succeeded (a failed attempt is always logged, at
     #: WARNING or ERROR); False logs it at DEBUG only, for very busy queues.
     LOG_FINISHED_JOBS: bool = True
+    #: libpq URL or ``key=value`` string of the worker's LISTEN connection, straight to
+    #: PostgreSQL, for a project whose ``DATABASES`` go through a pooler in transaction mode
+    #: (PgBouncer), which cannot carry LISTEN. ``None``: the default database's parameters.
+    #: The worker's connection options (keepalives…) are added unless the URL sets them.
+    LISTEN_URL: str | None = None
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
     def backoff(self, attempt: int, job_backoff: Any = None) -> float:
@@ -143,6 +148,10 @@ def load(raw: Any) -> Settings:
         from djasync.connections import check
 
         values["WORKER_CONNECTION_OPTIONS"] = check(values["WORKER_CONNECTION_OPTIONS"])
+    if values.get("LISTEN_URL") is not None:
+        from djasync.connections import check_listen_url
+
+        check_listen_url(values["LISTEN_URL"])
     backoff = values.get("BACKOFF", Settings.BACKOFF)
     if isinstance(backoff, str):
         try:

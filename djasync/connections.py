@@ -96,3 +96,36 @@ def configure_worker_connections() -> None:
         own = settings_dict.setdefault("OPTIONS", {})
         for key, value in options.items():
             own.setdefault(key, value)
+
+
+def check_listen_url(raw: Any) -> None:
+    """Validate ``DJASYNC["LISTEN_URL"]``: a libpq URL or ``key=value`` string."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from djasync.exceptions import ImproperlyConfigured
+
+    name = "DJASYNC['LISTEN_URL']"
+    if not isinstance(raw, str) or not raw.strip():
+        raise ImproperlyConfigured(f"{name} must be a libpq connection URL such as "
+                                   "'postgresql://user@db-host:5432/dbname', or None.")
+    try:
+        conninfo_to_dict(raw)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's own message
+        raise ImproperlyConfigured(f"{name} cannot be parsed: {exc}") from None
+
+
+def listen_conninfo(database_params: dict[str, Any]) -> dict[str, Any]:
+    """Connection parameters of the worker's LISTEN connection: ``DJASYNC["LISTEN_URL"]`` with
+    :func:`worker_options` added (the URL's own values win), else ``database_params`` (the
+    default database's, which carry the worker options already)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from djasync import conf
+
+    url = conf.get().LISTEN_URL
+    if url is None:
+        return database_params
+    params: dict[str, Any] = dict(conninfo_to_dict(url))
+    for key, value in worker_options().items():
+        params.setdefault(key, value)
+    return params

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 _json = DjangoJSONEncoder(allow_nan=False)
 
 #: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
-IDLE_MARGIN_SECONDS = 10
+IDLE_MARGIN_SECONDS = sql.IDLE_MARGIN_SECONDS
 #: Recount attempts exactly when a job is this close to ``max_attempts`` (see ``sql.claim``).
 RECOUNT_MARGIN = 2
 
@@ -151,19 +151,27 @@ class _Raised(Exception):
         self.exc = exc
 
 
-def timeout_settings(timeout: float | None) -> dict[str, str]:
-    """The ``statement_timeout`` and idle-in-transaction timeout (ms) for a job's timeout."""
-    if timeout is None:
-        return {"statement": "0", "idle": "0"}
-    return {"statement": str(max(1, int(timeout * 1000))),
-            "idle": str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))}
+#: The ``statement_timeout`` and idle-in-transaction timeout (ms) for a job's timeout.
+timeout_settings = sql.timeout_params
 
 
-def set_session_timeouts() -> None:
-    """Make the default job timeout this session's own (a worker does it once per connection),
-    so that only jobs with another ``timeout`` need a ``SET LOCAL``."""
+def set_session_timeouts_if_direct() -> bool:
+    """On a connection straight to PostgreSQL, also make the default job timeouts the session's
+    own (the worker does it once per connection); return whether it did.
+
+    Every transaction the worker runs sets its job timeouts itself (``SET LOCAL``, in the claim
+    message: see ``sql.CLAIM_SETTINGS``), so this is only a bound for the statements a long
+    (non-atomic) job runs outside any transaction of ours. Behind a connection pooler the
+    session is not ours: a session-level setting would stay on the server connection and reach
+    the pooler's other clients. So nothing is set unless the session PostgreSQL runs us in is
+    the one the connection was opened with (a pooler answers the connection with a backend
+    key of its own), in the same statement, at no extra round trip.
+    """
+    raw = connection.connection
     with connection.cursor() as cursor:
-        cursor.execute(sql.SET_SESSION_TIMEOUTS, timeout_settings(conf.get().TIMEOUT))
+        cursor.execute(sql.SET_SESSION_TIMEOUTS_IF_DIRECT,
+                       {**timeout_settings(conf.get().TIMEOUT), "pid": raw.info.backend_pid})
+        return cursor.fetchone() is not None
 
 
 def claim(
@@ -233,27 +241,25 @@ def run_batch(
     name_prefix: str | None = None,
     worker: str | None = None,
     before_each: Callable[[ClaimedJob], None] | None = None,
-    session_timeouts: bool = False,
     now: datetime.datetime | None = None,
 ) -> list[Finished]:
     """Claim up to ``limit`` due jobs and run them in one transaction; return what happened.
 
     ``before_each`` is called with each job just before it runs: the worker uses it to tell its
     supervisor which job it is on, so that a crash can be charged to that job alone.
-    ``session_timeouts`` says the session already has the default timeouts
-    (:func:`set_session_timeouts`). An empty list means nothing was due.
+    An empty list means nothing was due.
     """
     _check_limit(limit)
     worker = worker or default_worker_name()
     if not connection.in_atomic_block:  # the worker, flush_queue, drain(): a transaction of ours
         try:
-            return _FastBatch(worker, before_each, session_timeouts).run(
+            return _FastBatch(worker, before_each).run(
                 limit, queues=queues, name_prefix=name_prefix, now=now)
         except CommitRefused as refused:
             logger.warning("%s; running the next %s jobs one at a time", refused, refused.jobs)
             finished: list[Finished] = []
             for _ in range(refused.jobs):
-                batch = _FastBatch(worker, before_each, session_timeouts).run(
+                batch = _FastBatch(worker, before_each).run(
                     1, queues=queues, name_prefix=name_prefix, now=now)
                 if not batch:
                     break
@@ -267,7 +273,6 @@ def run_batch(
             for job in claimed:
                 if not leases.is_leased(job.meta):
                     outcomes.append(_run_in_savepoint(job, worker, before_each,
-                                                      session_timeouts,
                                                       defer_success=limit > 1))
                 else:
                     _lease(job, worker, outcomes, leased)
@@ -284,7 +289,6 @@ def run_batches(
     queues: Sequence[str] | None = None,
     worker: str | None = None,
     before_each: Callable[[ClaimedJob], None] | None = None,
-    session_timeouts: bool = False,
 ) -> None:
     """Run batches (as :func:`run_batch`) back to back until nothing is due or ``on_batch``,
     called with each batch once it has committed, returns false. The worker's loop.
@@ -297,10 +301,9 @@ def run_batches(
     worker = worker or default_worker_name()
     alone = 0  # after a batch's writes were lost: this many jobs are claimed one at a time
     while True:
-        fast = _FastBatch(worker, before_each, session_timeouts)
+        fast = _FastBatch(worker, before_each)
         if connection.in_atomic_block:
-            batch = run_batch(limit, queues=queues, worker=worker, before_each=before_each,
-                              session_timeouts=session_timeouts)
+            batch = run_batch(limit, queues=queues, worker=worker, before_each=before_each)
         elif alone:
             batch = fast.run(1, queues=queues, name_prefix=None, now=None)
             alone = alone - 1 if batch else 0
@@ -426,11 +429,9 @@ class _FastBatch:
     successes are written together with the last RELEASE and the COMMIT.
     """
 
-    def __init__(self, worker: str, before_each: Callable[[ClaimedJob], None] | None,
-                 session_timeouts: bool) -> None:
+    def __init__(self, worker: str, before_each: Callable[[ClaimedJob], None] | None) -> None:
         self.worker = worker
         self.before_each = before_each
-        self.session_timeouts = session_timeouts
         self.in_savepoint = False
         #: The jobs of the open transaction's batch, and what happened to those that ran
         #: (their records written in it, not committed yet).
@@ -527,13 +528,19 @@ class _FastBatch:
     def _claim_message(self, statements: wire.Statements, limit: int,
                        queues: Sequence[str] | None, name_prefix: str | None,
                        now: datetime.datetime | None) -> list[wire.Command]:
-        """BEGIN, the claim between its plan settings, and the first job's SAVEPOINT (all
-        prepared now, before our BEGIN)."""
+        """BEGIN, the job timeouts and the claim's plan settings (one statement), the claim,
+        its plan settings put back, and the first job's SAVEPOINT (all prepared now, before
+        our BEGIN).
+
+        The timeouts are ``SET LOCAL``: every transaction of the worker sets them afresh, so
+        that none depends on its session's settings, and none leaves any behind. Behind a
+        pooler in transaction mode the session is not ours (see ``sql.CLAIM_SETTINGS``)."""
         query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit,
                           one_queue=queues is not None and len(queues) == 1)
         claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
         command = statements.command
-        return [command(statements.begin(worker=True)), *map(command, sql.CLAIM_PLAN),
+        return [command(statements.begin(worker=True)),
+                command(sql.CLAIM_SETTINGS, timeout_settings(conf.get().TIMEOUT)),
                 command(query, claim_params), *map(command, sql.CLAIM_PLAN_DONE),
                 command(f'SAVEPOINT "{JOB_SAVEPOINT}"')]
 
@@ -571,7 +578,8 @@ class _FastBatch:
         run = _begin(job, self.worker)  # a row that may not run is failed inside the savepoint
         if isinstance(run, Finished):
             return run
-        custom_timeout = _apply_timeout(run, self.session_timeouts)
+        # The claim message set the default timeouts (SET LOCAL): only another one is set here.
+        custom_timeout = _apply_timeout(run, defaults_set=True)
         try:
             if self.before_each is not None:
                 self.before_each(job)
@@ -582,7 +590,7 @@ class _FastBatch:
         except BaseException:
             self._roll_back()
             raise
-        if custom_timeout and self.session_timeouts:  # the next job gets the default again
+        if custom_timeout:  # the next job of the batch gets the default again
             _set_local_timeouts(conf.get().TIMEOUT)
         return attempts.succeeded_now(run, result, encoded)
 
@@ -670,7 +678,6 @@ class _FastBatch:
 
 def _run_in_savepoint(job: ClaimedJob, worker: str,
                       before_each: Callable[[ClaimedJob], None] | None,
-                      session_timeouts: bool,
                       defer_success: bool = False) -> Finished | attempts.Succeeded:
     """Run one claimed job in a savepoint of the open transaction.
 
@@ -680,7 +687,7 @@ def _run_in_savepoint(job: ClaimedJob, worker: str,
     run = _begin(job, worker)
     if isinstance(run, Finished):
         return run
-    custom_timeout = _apply_timeout(run, session_timeouts)
+    _apply_timeout(run, defaults_set=False)  # SET LOCAL: it outlives the savepoint
     try:
         with transaction.atomic():
             if before_each is not None:
@@ -691,8 +698,6 @@ def _run_in_savepoint(job: ClaimedJob, worker: str,
     else:
         finished = (attempts.succeeded_now(run, result, encoded) if defer_success
                     else attempts.succeed(run, result, encoded))
-    if custom_timeout and session_timeouts:  # the next job of the batch gets the default again
-        _set_local_timeouts(conf.get().TIMEOUT)
     return finished
 
 
@@ -733,7 +738,7 @@ def _run_in_savepoint_keeping_timeouts(claimed: ClaimedJob, nested: bool) -> Fin
     with connection.cursor() as cursor:
         cursor.execute(sql.READ_TIMEOUTS)
         statement, idle = cursor.fetchone()
-    finished = _run_in_savepoint(claimed, default_worker_name(), None, False)
+    finished = _run_in_savepoint(claimed, default_worker_name(), None)
     assert isinstance(finished, Finished)
     if nested:
         with connection.cursor() as cursor:
@@ -914,10 +919,11 @@ def _check_storable(encoded: str) -> None:
                              "which PostgreSQL's jsonb cannot store")
 
 
-def _apply_timeout(run: Run, session_timeouts: bool) -> bool:
-    """Give the job its timeout; return whether it differs from the session's default."""
+def _apply_timeout(run: Run, *, defaults_set: bool) -> bool:
+    """Give the job its timeout (``SET LOCAL``); return whether it differs from the default.
+    ``defaults_set``: the transaction has the default timeouts already (the worker's claim)."""
     custom = run.timeout != conf.get().TIMEOUT
-    if custom or not session_timeouts:
+    if custom or not defaults_set:
         _set_local_timeouts(run.timeout)
     return custom
 

@@ -196,8 +196,14 @@ def _write_outcome(run: Run, owner: str, failure: BaseException | None, result: 
 
 def _write_outcome_once(run: Run, owner: str, failure: BaseException | None, result: Any,
                         encoded: str) -> Finished:
+    nested = connection.in_atomic_block  # job() or run_jobs() in a caller's transaction
     with transaction.atomic():
         with connection.cursor() as cursor:
+            if not nested:
+                # The default job timeouts bound this transaction too (it may wait on the
+                # row's lock), SET LOCAL as in every transaction of the worker: nothing stays
+                # on the session. A caller's transaction keeps its own.
+                cursor.execute(sql.SET_TIMEOUTS, sql.timeout_params(conf.get().TIMEOUT))
             cursor.execute(sql.LOCK_IF_LEASED, {"job_id": run.job_id, "owner": owner})
             held = cursor.fetchone() is not None
         if not held:

@@ -112,18 +112,46 @@ CLAIM_PLAN = ("SET LOCAL enable_sort = off", "SET LOCAL enable_seqscan = off")
 CLAIM_PLAN_DONE = ("SET LOCAL enable_sort TO DEFAULT", "SET LOCAL enable_seqscan TO DEFAULT")
 FINISH_PLAN = ("SET LOCAL enable_seqscan = off",)
 
+#: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
+IDLE_MARGIN_SECONDS = 10
+
+
+def timeout_params(timeout: float | None) -> dict[str, str]:
+    """The parameters of ``SET_TIMEOUTS`` for a job ``timeout``: ``statement_timeout`` and the
+    idle-in-transaction timeout, in milliseconds (0: none)."""
+    if timeout is None:
+        return {"statement": "0", "idle": "0"}
+    return {"statement": str(max(1, int(timeout * 1000))),
+            "idle": str(int((timeout + IDLE_MARGIN_SECONDS) * 1000))}
+
+
 #: Bound the job's statements, and the time its transaction may sit idle (a frozen worker).
-#: ``SET LOCAL`` ends with the transaction, so it also suits PgBouncer's transaction mode.
-#: A worker sets its default timeouts once per session and sends this only for jobs whose
-#: ``timeout`` differs.
+#: ``SET LOCAL`` (``set_config(…, true)``) ends with the transaction: nothing is left on the
+#: session, which behind a pooler in transaction mode (PgBouncer) is shared with other clients.
 SET_TIMEOUTS = """
 SELECT set_config('statement_timeout', %(statement)s, true),
        set_config('idle_in_transaction_session_timeout', %(idle)s, true)
 """
 
-SET_SESSION_TIMEOUTS = """
+#: The start of each of the worker's transactions, in one statement (no extra round trip, one
+#: statement fewer than the two of ``CLAIM_PLAN``): the claim's plan settings and the default
+#: job timeouts (``SET_TIMEOUTS``), all ``SET LOCAL``. The timeouts bound the claim and the
+#: finish as well as the job; a job with a ``timeout`` of its own sets it after the claim.
+CLAIM_SETTINGS = """
+SELECT set_config('enable_sort', 'off', true), set_config('enable_seqscan', 'off', true),
+       set_config('statement_timeout', %(statement)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle)s, true)
+"""
+
+#: On a worker's connection straight to PostgreSQL, make the default job timeouts the
+#: session's own as well (for the statements long jobs run outside our transactions). The
+#: ``WHERE`` is the guard: it holds only if the server session is the one the connection was
+#: opened with (``pid``: the backend key the connection was given). Behind a pooler it is the
+#: pooler's key, so nothing is set on a session that other clients share (no row returned).
+SET_SESSION_TIMEOUTS_IF_DIRECT = """
 SELECT set_config('statement_timeout', %(statement)s, false),
        set_config('idle_in_transaction_session_timeout', %(idle)s, false)
+ WHERE pg_backend_pid() = %(pid)s
 """
 
 #: The session's timeouts, read before ``job()`` runs inside a caller's transaction so that

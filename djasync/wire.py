@@ -30,6 +30,7 @@ statements of its own, which would drop these too.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import selectors
 import threading
@@ -42,6 +43,8 @@ from django.db import connection, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
+
+logger = logging.getLogger(__name__)
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
@@ -121,24 +124,68 @@ class Statements:
         known = _prepared.get(self.raw)
         with self.db.wrap_database_errors:
             if known is None:
-                # Asked, not tried and caught: this may run inside the worker's transaction
-                # (the finish statement, prepared again after a DEALLOCATE), where a failed
-                # Parse would abort the transaction and with it the job that just ran.
-                cursor = psycopg.Cursor(self.raw)
-                cursor.execute("SELECT name FROM pg_prepared_statements"
-                               " WHERE starts_with(name, 'djasync_')")
-                known = _prepared[self.raw] = {found for (found,) in cursor.fetchall()}
+                known = _prepared[self.raw] = self._known_names()
             if name not in known:
                 try:
                     (result,) = self._exchange([(None, body.encode(), None)],
                                                prepare=name.encode())
                 except BaseException:
-                    _prepared.pop(self.raw, None)  # prepared or not: ask the server next time
+                    self._forget_prepared()  # prepared or not: ask the server next time
                     raise
                 if result.status != pq.ExecStatus.COMMAND_OK:
                     raise psycopg.errors.error_from_result(result, encoding=self._encoding)
                 known.add(name)
         return name.encode(), body.encode(), names
+
+    def _known_names(self) -> set[str]:
+        """The names of djasync's statements this connection's session has prepared.
+
+        Asked, not tried and caught: this may run inside the worker's transaction (the finish
+        statement, prepared again after a DEALLOCATE), where a failed Parse would abort the
+        transaction and with it the job that just ran. Behind a pooler (the session answering
+        is not the one the connection was given a key for), the server's list says nothing
+        about this connection: PgBouncer 1.21+ (``max_prepared_statements``) prepares each
+        client's statements under names of its own, tracks the client's names itself, and
+        drops a client that prepares one of its names twice. So a pooled connection starts
+        with none, and is closed rather than asked again (see :meth:`_forget_prepared`).
+        """
+        cursor = psycopg.Cursor(self.raw)
+        cursor.execute("SELECT pg_backend_pid(), ARRAY(SELECT name FROM pg_prepared_statements"
+                       " WHERE starts_with(name, 'djasync_'))")
+        row = cursor.fetchone()
+        assert row is not None
+        pid, names = row
+        if pid == self.raw.info.backend_pid:
+            return set(names)
+        _pooled.add(self.raw)
+        global _warned_pooled
+        if not _warned_pooled:
+            _warned_pooled = True
+            logger.info(
+                "djasync prepares its statements through a connection pooler: that needs "
+                "PgBouncer 1.21 or newer with max_prepared_statements > 0; with an older one "
+                "(or another pooler in transaction mode) set the database OPTIONS "
+                "{'prepare_threshold': None} so that they go unnamed (docs/howto/pgbouncer.md)")
+        return set()
+
+    def _forget_prepared(self, missing: bool = False) -> None:
+        """Whether djasync's statements are still prepared is unknown (a failed prepare, or
+        one found ``missing``): ask the session next time; behind a pooler, where asking cannot
+        tell, close the connection: a new one starts with none (the transaction fails either
+        way, and the worker runs it again)."""
+        self._statements.clear()
+        _prepared.pop(self.raw, None)
+        if self.raw in _pooled:
+            global _warned_missing
+            if missing and not _warned_missing:
+                _warned_missing = True
+                logger.warning(
+                    "a statement djasync prepared through the connection pooler is missing on "
+                    "the server connection it was sent to: the pooler does not carry prepared "
+                    "statements (PgBouncer older than 1.21, or max_prepared_statements = 0). "
+                    "Set the database OPTIONS {'prepare_threshold': None} (djasync's "
+                    "statements then go unnamed), or max_prepared_statements in pgbouncer.ini")
+            self._close()
 
     @property
     def _encoding(self) -> str:
@@ -199,8 +246,7 @@ class Statements:
                         # does when its own prepared statements are on and it sees a
                         # ROLLBACK): prepare again next time. This transaction fails and rolls
                         # back; the worker retries it.
-                        self._statements.clear()
-                        _prepared.pop(self.raw, None)
+                        self._forget_prepared(missing=True)
                     raise error
         return results
 
@@ -369,6 +415,9 @@ def prepared_statements_allowed() -> bool:
 #: of a connection reads and adds to the same set (a thread's, another's; old and new).
 _prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
     weakref.WeakKeyDictionary())
+#: The connections found to go through a pooler (see :meth:`Statements._known_names`).
+_pooled: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+_warned_pooled = _warned_missing = False
 
 #: The :class:`Statements` of each database alias's current connection, per thread (Django's
 #: connections are per thread). One slot per alias: a reconnect replaces it (a weak-keyed

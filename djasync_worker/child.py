@@ -113,7 +113,6 @@ class Child:
                     queues=self.options.queues or None,
                     worker=self.name,
                     before_each=self._started,
-                    session_timeouts=True,
                 )
             except _Stopping:
                 self.shared[JOB_ID] = 0
@@ -176,7 +175,7 @@ class Child:
             reduction.send_handle(self.pipe, connection.connection.fileno(), self.parent_pid)
         except OSError:
             os._exit(1)
-        executor.set_session_timeouts()
+        executor.set_session_timeouts_if_direct()
 
     def _started(self, job: ClaimedJob) -> None:
         """Publish the job we start in shared memory: no message, no system call per job.

@@ -14,6 +14,14 @@ Liveness is not left to TCP: every :data:`PROBE_INTERVAL_SECONDS` the listener s
 cuts only this connection (its packets dropped, no FIN, no reset) leaves the socket looking
 fine for as long as the kernel's keepalive allows (two hours by default) while the server has
 long ended the session; the probe notices within seconds, and the listener reconnects.
+
+Behind a pooler in transaction mode (PgBouncer) LISTEN cannot work: the LISTEN runs on
+whichever server connection the pooler lends for it, and notifications reach that server
+connection, not us. The listener finds out from evidence, never by guess: the LISTEN and every
+probe return ``pg_backend_pid()``, and a session that changes under a connection that stayed
+up is a pooler's doing. Then LISTEN is given up for good, with one log line that says why and
+what to do (``DJASYNC["LISTEN_URL"]``: a connection straight to PostgreSQL); jobs are found by
+polling.
 """
 
 from __future__ import annotations
@@ -45,8 +53,11 @@ CONNECTING_RECHECK_SECONDS = 0.05
 #: Polls that found work while no notification arrived before we warn.
 SUSPICIOUS_POLLS_BEFORE_WARNING = 3
 
-# States of the connection.
+# States of the connection. UNAVAILABLE: LISTEN cannot work through this connection (a pooler).
 DOWN, CONNECTING, SUBSCRIBING, UP = "down", "connecting", "subscribing", "up"
+UNAVAILABLE = "unavailable"
+#: The LISTEN, and the probe: each says which server session (process id) answered it.
+PROBE = "SELECT pg_backend_pid()"
 
 
 class Listener:
@@ -69,6 +80,9 @@ class Listener:
         self._suspicious_polls = 0
         self._warned = False
         self.last_notification: float | None = None
+        #: The server session that ran our LISTEN, and the last one a statement of ours ran in.
+        self._listen_pid: int | None = None
+        self._answered_pid: int | None = None
         #: Successful LISTENs: the first connection, then one per reconnect (for metrics).
         self.connects = 0
 
@@ -87,6 +101,8 @@ class Listener:
     def next_deadline(self) -> float:
         """When (``time.monotonic()``) :meth:`ensure` has something to do, if nothing else
         wakes the supervisor first."""
+        if self.state == UNAVAILABLE:
+            return float("inf")
         if self.state == DOWN:
             return self._next_attempt
         if self.state == CONNECTING and self._polling != pq.PollingStatus.READING:
@@ -100,6 +116,8 @@ class Listener:
         return True if the connection just came (back) up: notifications may have been
         missed meanwhile."""
         now = time.monotonic()
+        if self.state == UNAVAILABLE:
+            return False
         if self.state == DOWN and now >= self._next_attempt:
             self._start_connecting(now)
         if self.state == CONNECTING and self._polling != pq.PollingStatus.READING:
@@ -111,7 +129,7 @@ class Listener:
                 self._fail(f"the server did not answer a probe within "
                            f"{PROBE_TIMEOUT_SECONDS:g} s")
             elif not self._probing and now >= self._next_probe:
-                self._send("SELECT 1")
+                self._send(PROBE)
                 self._probing, self._deadline = True, now + PROBE_TIMEOUT_SECONDS
         just_connected, self._just_connected = self._just_connected, False
         return just_connected
@@ -162,9 +180,15 @@ class Listener:
                 self._suspicious_polls, last,
             )
 
+    @property
+    def unavailable(self) -> bool:
+        """Whether LISTEN was given up for good (a pooler: see the module's docstring)."""
+        return self.state == UNAVAILABLE
+
     def close(self) -> None:
         self._close()
-        self.state = DOWN
+        if self.state != UNAVAILABLE:
+            self.state = DOWN
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -186,7 +210,7 @@ class Listener:
         if self._polling == pq.PollingStatus.FAILED:
             self._fail(self._error())
         elif self._polling == pq.PollingStatus.OK:
-            self._send(f"LISTEN {NOTIFY_CHANNEL}")
+            self._send(f"LISTEN {NOTIFY_CHANNEL}; {PROBE}")  # one query: one server session
             if self.state == CONNECTING:
                 self.state = SUBSCRIBING
 
@@ -201,15 +225,27 @@ class Listener:
     def _read_results(self) -> None:
         """Read the answer to LISTEN or to the probe, whichever is in flight."""
         assert self._pgconn is not None
+        pid, answered = None, False
         while (result := self._pgconn.get_result()) is not None:
+            answered = True
             if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
                 message = (result.error_message or b"").decode(self._pgconn._encoding, "replace")
                 raise RuntimeError(f"the server refused it: {message.strip()}")
+            if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
+                value = result.get_value(0, 0)
+                pid = int(value) if value is not None else None
+        if not answered:  # woken by notifications alone: the probe stays due when it was
+            return
         now = time.monotonic()
         if self.state == SUBSCRIBING:
+            self._listen_pid = self._answered_pid = pid
             self._on_up(now)
         elif self._probing:
             self._probing = False
+            self._answered_pid = pid
+            if pid is not None and self._listen_pid is not None and pid != self._listen_pid:
+                self._give_up_behind_a_pooler(pid)
+                return
         self._next_probe = now + PROBE_INTERVAL_SECONDS
 
     def _on_up(self, now: float) -> None:
@@ -223,6 +259,29 @@ class Listener:
             self._lost_at = None
         else:
             logger.info("listening channel=%s", NOTIFY_CHANNEL)
+        assert self._pgconn is not None
+        if self._listen_pid is not None and self._pgconn.backend_pid != self._listen_pid:
+            # Direct, the two are the same process; a pooler answers the connection itself.
+            logger.info(
+                "the LISTEN connection goes through a connection pooler (its session is pid %s, "
+                "the connection was opened with backend key %s). In session mode LISTEN works; "
+                "in transaction mode it cannot: this is checked on every probe, and then "
+                "DJASYNC['LISTEN_URL'] (straight to PostgreSQL) is what gives wake-ups back.",
+                self._listen_pid, self._pgconn.backend_pid)
+
+    def _give_up_behind_a_pooler(self, pid: int) -> None:
+        """Evidence that the connection does not keep its server session: LISTEN cannot work
+        through it. Stop for good (the next connection would be pooled the same way)."""
+        logger.warning(
+            "LISTEN unavailable: the LISTEN connection ran its LISTEN in server session pid %s "
+            "and a later probe in pid %s without reconnecting, so a connection pooler "
+            "in transaction mode (PgBouncer) hands its statements to any server connection, and "
+            "notifications cannot reach it. Jobs are found by polling every --poll-interval "
+            "seconds instead. Set DJASYNC['LISTEN_URL'] to a connection straight to PostgreSQL "
+            "for wake-ups within milliseconds.",
+            self._listen_pid, pid)
+        self._close()
+        self.state, self._probing = UNAVAILABLE, False
 
     def _fail(self, reason: str) -> None:
         """Drop the connection and schedule the next attempt; log once per outage."""

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import connection, connections
 
-from djasync import conf, workers
-from djasync.connections import configure_worker_connections
+from djasync import budget, conf, workers
+from djasync.connections import configure_worker_connections, listen_conninfo
 from djasync.models import Outcome
 from djasync_worker import child as shared_layout
 from djasync_worker.agent import Agent
@@ -182,6 +182,7 @@ class Supervisor:
         logger.info("worker starting name=%s concurrency=%s queues=%s burst=%s", self.name,
                     self.options.concurrency, ",".join(self.options.queues) or "*",
                     self.options.burst)
+        budget.check_at_start(self.name, self.options.concurrency)
         connections.close_all()  # the agent must not inherit our connection
         self.agent.start(self._socket_copies())
         self.listener.ensure()
@@ -748,10 +749,11 @@ def _describe(exitcode: int | None) -> str:
 
 
 def _conninfo() -> dict[str, Any]:
-    """Connection parameters of Django's default database, for the LISTEN connection."""
+    """Connection parameters for the LISTEN connection: ``DJASYNC["LISTEN_URL"]`` (straight to
+    PostgreSQL when the database goes through a pooler), else Django's default database's."""
     params = dict(connection.get_connection_params())
     params.pop("cursor_factory", None)
     params.pop("context", None)
     params.pop("prepare_threshold", None)
     params.pop("server_side_binding", None)
-    return params
+    return listen_conninfo(params)

@@ -325,3 +325,14 @@ def tick(path, seconds, idle_timeout_ms=None):
         write("tick")
     write("end")
     return seconds
+
+
+def record_timeouts(key):
+    """Write the timeouts this job's statements run under (``statement_timeout`` and the
+    idle-in-transaction one, as ``SHOW`` prints them) to the ledger, as ``"<stmt>|<idle>"``."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('statement_timeout') || '|' ||"
+                       " current_setting('idle_in_transaction_session_timeout')")
+        (note,) = cursor.fetchone()
+    Ledger.objects.create(key=key, note=note)
+    return note

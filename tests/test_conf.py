@@ -88,6 +88,10 @@ def test_no_setting_and_an_empty_dict_give_the_defaults():
     ("BACKOFF", 42),
     ("BACKOFF", None),
     ("TRACEBACK_MAX_CHARS", 10),
+    ("LISTEN_URL", ""),
+    ("LISTEN_URL", 5432),
+    ("LISTEN_URL", "host=db port"),
+    ("LISTEN_URL", "postgresql://db/x?nosuchoption=1"),
 ])
 def test_a_bad_value_is_an_improperly_configured_error_that_names_its_key(key, value):
     with pytest.raises(ImproperlyConfigured) as error:
@@ -104,6 +108,9 @@ def test_a_bad_value_is_an_improperly_configured_error_that_names_its_key(key, v
     ("ALLOWED_MODULES", ["a.b", "c"], ("a.b", "c")),
     ("ALLOWED_MODULES", (), ()),
     ("DEFAULT_QUEUE", "mail.high:1", "mail.high:1"),
+    ("LISTEN_URL", None, None),
+    ("LISTEN_URL", "postgresql://u@db:5432/x", "postgresql://u@db:5432/x"),
+    ("LISTEN_URL", "host=db port=5432 dbname=x", "host=db port=5432 dbname=x"),
 ])
 def test_a_good_value_is_accepted(key, value, expected):
     assert getattr(conf.load({key: value}), key) == expected
@@ -262,3 +269,18 @@ def test_the_database_check_reads_the_engine_and_never_connects(tmp_path):
                                     '"HOST": "127.0.0.1", "PORT": "1", "NAME": "x"}}')
     assert completed.returncode == 0, completed.stderr
     assert "no issues" in completed.stdout
+
+
+def test_the_listen_connection_takes_listen_url_with_the_worker_connection_options(settings):
+    from djasync.connections import listen_conninfo
+
+    database = {"host": "bouncer", "port": 6432, "dbname": "app", "keepalives_idle": 5}
+    assert listen_conninfo(database) == database  # no LISTEN_URL: the database's own
+    settings.DJASYNC = {**settings.DJASYNC,
+                        "LISTEN_URL": "postgresql://u@db:5432/app?keepalives_idle=30",
+                        "WORKER_CONNECTION_OPTIONS": {"connect_timeout": 3}}
+    params = listen_conninfo(database)
+    assert (params["host"], params["port"], params["user"], params["dbname"]) == (
+        "db", "5432", "u", "app")
+    assert params["keepalives_idle"] == "30"  # the URL's own value wins
+    assert params["connect_timeout"] == 3 and params["tcp_user_timeout"] == 10_000

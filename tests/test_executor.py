@@ -310,7 +310,8 @@ def test_the_claim_and_the_finish_are_prepared_once_per_connection():
     assert sum("INSERT INTO djasync_job" in s for s in prepared) == 1  # schedule()
     # The transaction's own statements before the job runs too (protocol-level, as pgbench
     # -M prepared does); not those after its code (see the next test).
-    for statement in ("BEGIN", 'SAVEPOINT "djasync_job"', *sql.CLAIM_PLAN, *sql.CLAIM_PLAN_DONE):
+    claim_settings = sql.CLAIM_SETTINGS.replace("%(statement)s", "$1").replace("%(idle)s", "$2")
+    for statement in ("BEGIN", 'SAVEPOINT "djasync_job"', claim_settings, *sql.CLAIM_PLAN_DONE):
         assert prepared.count(statement) == 1, statement
     assert "COMMIT" not in prepared
     assert 'RELEASE SAVEPOINT "djasync_job"' not in prepared
@@ -380,3 +381,17 @@ def test_prepare_threshold_in_the_database_options_means_no_prepared_statements(
 def test_a_claim_limit_that_is_not_a_positive_integer_is_refused(limit):
     with pytest.raises(ValueError, match="limit must be a positive integer"):
         executor.run_batch(limit)
+
+
+def test_a_direct_connection_takes_the_default_job_timeouts_as_its_sessions_own():
+    """Straight to PostgreSQL (its session is the one the connection was given a key for),
+    the worker also makes the default timeouts the session's, for a long job's statements;
+    behind a pooler nothing is set (tests/test_pgbouncer.py)."""
+    try:
+        assert executor.set_session_timeouts_if_direct() is True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('statement_timeout'),"
+                           " current_setting('idle_in_transaction_session_timeout')")
+            assert cursor.fetchone() == ("5min", "310s")
+    finally:
+        connection.close()  # the next test gets a session without them

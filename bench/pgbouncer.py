@@ -1,0 +1,115 @@
+"""Throughput of the worker daemon through PgBouncer (transaction mode) against direct.
+
+Fills ``djasync_job`` with N small jobs (``tests.jobs.add``), drains them with
+``djasync-worker --burst`` and reports jobs/s from the first to the last ``finished_at``, for:
+
+- ``direct``: straight to PostgreSQL, djasync's statements prepared (the default);
+- ``direct-unnamed``: straight to PostgreSQL, statements unnamed (``prepare_threshold: None``),
+  what a PgBouncer without prepared-statement support forces;
+- ``pgbouncer``: through a PgBouncer started here (Debian's package) in transaction mode,
+  statements unnamed (below 1.21), or prepared through ``max_prepared_statements`` (1.21+).
+
+Each variant runs ``--reps`` times, interleaved; the median is reported, and each variant's
+ratio to ``direct``. It empties the djasync tables of ``DATABASE_URL`` (migrated first)::
+
+    DATABASE_URL=postgresql://root@127.0.0.1:5432/h3 .venv/bin/python bench/pgbouncer.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests import pgbouncer
+
+    url = os.environ["DATABASE_URL"]
+    target = {k: str(v) for k, v in conninfo_to_dict(url).items()
+              if k in ("host", "port", "user", "password", "dbname")}
+    version = pgbouncer.version()
+    if version is None:
+        raise SystemExit("pgbouncer is not installed (apt-get install pgbouncer)")
+    tracks_prepared = version >= (1, 21)
+    work = Path(tempfile.mkdtemp(prefix="djasync-bench-pgbouncer-"))
+    settings = work / "settings"
+    settings.mkdir()
+    (settings / "unnamed_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        "DATABASES['default']['OPTIONS'] = {'prepare_threshold': None}\n")
+    bouncer = pgbouncer.start(work / "pgbouncer", target, pool_size=args.concurrency + 4,
+                              max_prepared_statements=200 if tracks_prepared else None)
+    variants = {
+        "direct": (url, "tests.settings"),
+        "direct-unnamed": (url, "unnamed_settings"),
+        "pgbouncer": (bouncer.url(), "tests.settings" if tracks_prepared else "unnamed_settings"),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for rep in range(args.reps):
+                for name, (database_url, module) in variants.items():
+                    _fill(conn, args.jobs)
+                    env = {**os.environ, "DATABASE_URL": database_url,
+                           "PYTHONPATH": f"{settings}:{ROOT}"}
+                    subprocess.run(
+                        [sys.executable, "-m", "djasync_worker", "--settings", module, "--burst",
+                         "--concurrency", str(args.concurrency), "--batch-size",
+                         str(args.batch_size), "--log-level", "warning"],
+                        cwd=ROOT, env=env, check=True, timeout=600)
+                    rate = _rate(conn, args.jobs)
+                    rates[name].append(rate)
+                    print(f"rep {rep + 1} {name}: {rate:.0f} jobs/s", flush=True)
+    finally:
+        bouncer.stop()
+    print(f"\nPgBouncer {'.'.join(map(str, version))}, {args.jobs} jobs, --concurrency "
+          f"{args.concurrency}, --batch-size {args.batch_size}, median of {args.reps} (the "
+          "ratio is the median of each rep's ratio to the direct run next to it, which "
+          "cancels most of a shared machine's drift):")
+    for name, values in rates.items():
+        ratios = [v / d for v, d in zip(values, rates["direct"], strict=True)]
+        print(f"  {name:15} {statistics.median(values):7.0f} jobs/s  "
+              f"{statistics.median(ratios):6.1%} of direct  "
+              f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
+
+
+def _fill(conn, jobs: int) -> None:
+    conn.execute("TRUNCATE djasync_attempt, djasync_job CASCADE")
+    conn.execute("""
+        INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, status, run_after,
+                                 created_at, attempts, worker, identity)
+        SELECT 'tests.jobs.add', '[1, 2]', '{}', '{}', 'default', 0, 'pending',
+               now() - interval '1 s', now(), 0, '', ''
+          FROM generate_series(1, %s)""", [jobs])
+    conn.execute("VACUUM ANALYZE djasync_job")
+
+
+def _rate(conn, jobs: int) -> float:
+    done, first, last = conn.execute(
+        "SELECT count(*), min(finished_at), max(finished_at) FROM djasync_job"
+        " WHERE status = 'succeeded'").fetchone()
+    if done != jobs:
+        raise SystemExit(f"{done} of {jobs} jobs succeeded")
+    return (jobs - 1) / (last - first).total_seconds()
+
+
+if __name__ == "__main__":
+    main()

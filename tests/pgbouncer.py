@@ -1,0 +1,166 @@
+"""Start a real PgBouncer (Debian's ``pgbouncer`` package) in front of the test database.
+
+Used by tests/test_pgbouncer.py and bench/pgbouncer.py. Each instance has its own directory
+(ini, userlist), listens on a free port of 127.0.0.1 only (no Unix socket) and is stopped by
+:meth:`PgBouncer.stop`. PgBouncer refuses to run as root: as root it is started with ``-u``
+and an unprivileged user, which must be able to read its directory.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+#: Who runs PgBouncer when we are root (it will not run as root).
+RUN_AS_WHEN_ROOT = "nobody"
+
+
+def executable() -> str | None:
+    """PgBouncer's program, if installed (Debian puts it in /usr/sbin)."""
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+
+
+def version() -> tuple[int, ...] | None:
+    """The installed PgBouncer's version, e.g. (1, 18, 0); None if it is not installed."""
+    program = executable()
+    if program is None:
+        return None
+    out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x or 0) for x in found.groups()) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class PgBouncer:
+    directory: Path
+    port: int
+    process: subprocess.Popen
+    #: The server PgBouncer forwards to (host, port, user, password): the target's conninfo.
+    target: dict[str, str]
+    log: Path
+
+    def conninfo(self, **overrides: Any) -> dict[str, Any]:
+        """Connection parameters that reach the target's database through this PgBouncer."""
+        return {**self.target, "host": "127.0.0.1", "port": str(self.port), **overrides}
+
+    def url(self, **overrides: Any) -> str:
+        return make_conninfo(**self.conninfo(**overrides))
+
+    def admin(self, command: str) -> list[tuple[Any, ...]]:
+        """Run a command on PgBouncer's admin console (``SHOW POOLS``, ``SHOW STATS`` …)."""
+        params = self.conninfo(dbname="pgbouncer")
+        with psycopg.connect(**params, autocommit=True, prepare_threshold=None) as conn:
+            return conn.execute(command).fetchall()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(directory: Path, target: dict[str, str], *, pool_mode: str = "transaction",
+          pool_size: int = 6, max_prepared_statements: int | None = None) -> PgBouncer:
+    """Start PgBouncer in ``directory`` for every database of the ``target`` server; wait until
+    it accepts connections. ``max_prepared_statements`` needs PgBouncer 1.21 or newer."""
+    program = executable()
+    if program is None:
+        raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
+    directory.mkdir(parents=True, exist_ok=True)
+    user = target.get("user") or pwd.getpwuid(os.geteuid()).pw_name
+    server = f"host={target.get('host') or '127.0.0.1'} port={target.get('port') or 5432}"
+    if target.get("password"):
+        server += f" password={target['password']}"
+    password = (target.get("password") or "").replace('"', '""')
+    (directory / "userlist.txt").write_text(f'"{user}" "{password}"\n')
+    log = directory / "pgbouncer.log"
+    for attempt in range(5):  # a free port may be taken between our look and PgBouncer's bind
+        port = _free_port()
+        settings = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(directory / "userlist.txt"),
+            "admin_users": user,
+            "pool_mode": pool_mode,
+            "default_pool_size": str(pool_size),
+            "max_client_conn": "500",
+            # psycopg and Django send nothing PgBouncer does not know; jdbc-style extras would
+            # go here. statement_timeout is *not* listed: a client must not be able to set it.
+            "ignore_startup_parameters": "extra_float_digits",
+            "server_lifetime": "3600",
+            "server_idle_timeout": "60",
+            "log_connections": "0",
+            "log_disconnections": "0",
+        }
+        if max_prepared_statements is not None:
+            settings["max_prepared_statements"] = str(max_prepared_statements)
+        ini = directory / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = {server}\n\n[pgbouncer]\n"
+            + "".join(f"{key} = {value}\n" for key, value in settings.items())
+        )
+        command = [program, str(ini)]
+        if os.geteuid() == 0:
+            _open_to(directory, RUN_AS_WHEN_ROOT)
+            command[1:1] = ["-u", RUN_AS_WHEN_ROOT]
+        with log.open("ab") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        bouncer = PgBouncer(directory, port, process, dict(target), log)
+        if _wait_ready(bouncer):
+            return bouncer
+        bouncer.stop()
+        if attempt == 4 or "Address already in use" not in log.read_text(errors="replace"):
+            raise RuntimeError(f"pgbouncer did not start; its log:\n{log.read_text()[-2000:]}")
+    raise AssertionError("unreachable")
+
+
+def _wait_ready(bouncer: PgBouncer, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if bouncer.process.poll() is not None:
+            return False
+        try:
+            with psycopg.connect(**bouncer.conninfo(), connect_timeout=2,
+                                 prepare_threshold=None) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            time.sleep(0.05)
+    return False
+
+
+def _open_to(directory: Path, username: str) -> None:
+    """Let ``username`` read ``directory`` and traverse its parents (pytest's tmp dirs are 0700)."""
+    path = directory
+    while path != path.parent:
+        mode = path.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            path.chmod(mode | stat.S_IXOTH)
+        path = path.parent
+    for child in directory.iterdir():
+        child.chmod(child.stat().st_mode | stat.S_IROTH)
+    directory.chmod(directory.stat().st_mode | stat.S_IROTH | stat.S_IWOTH | stat.S_IXOTH)

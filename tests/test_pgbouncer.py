@@ -1,0 +1,279 @@
+"""End to end through a real PgBouncer in transaction mode (Debian's ``pgbouncer`` package).
+
+The daemon runs with ``DATABASES`` pointing at a PgBouncer started here, in front of the test
+database; a second client shares the same pool. Nothing the worker sets may reach that client
+(every job timeout is ``SET LOCAL``), every job must still run under its timeouts, and LISTEN
+either goes straight to PostgreSQL (``DJASYNC["LISTEN_URL"]``) or is given up with evidence.
+
+PgBouncer 1.21+ can carry protocol-level prepared statements (``max_prepared_statements``);
+older ones cannot, and then the project sets ``prepare_threshold: None`` (djasync's statements
+go unnamed). The installed version decides which variants run; the others are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.db.models import Count
+
+import djasync
+from djasync.models import Job, Outcome, Status
+from djasync_worker import listener as listener_module
+from djasync_worker.listener import Listener
+from tests import jobs, pgbouncer
+from tests.conftest import conninfo
+from tests.daemon import ROOT, database_url, start_worker, stop, wait_for, worker_env
+from tests.models import Ledger
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
+
+VERSION = pgbouncer.version()
+#: PgBouncer's pool for the test database: fewer server connections than its clients, so
+#: that the worker's children and the other client share them.
+POOL_SIZE = 3
+#: The worker's default job timeout here, and what SHOW prints for it and its idle timeout.
+TIMEOUT = 120
+DEFAULT_TIMEOUTS = "2min|130s"
+
+
+@pytest.fixture
+def bouncer(tmp_path: Path, transactional_db: None):
+    """A PgBouncer in transaction mode in front of the test database, on a free port."""
+    if VERSION is None:
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)")
+    started = pgbouncer.start(tmp_path / "pgbouncer", conninfo(), pool_size=POOL_SIZE,
+                              max_prepared_statements=100 if VERSION >= (1, 21) else None)
+    yield started
+    started.stop()
+
+
+def pooled_env(tmp_path: Path, bouncer: pgbouncer.PgBouncer, *, listen_url: str | None,
+               prepared: bool) -> dict[str, str]:
+    """The worker's environment: its database through ``bouncer``; its settings module
+    ``pooled_settings`` (no prepared statements unless ``prepared``)."""
+    lines = ["from tests.settings import *  # noqa",
+             f"DJASYNC = {{**DJASYNC, 'TIMEOUT': {TIMEOUT}, 'LISTEN_URL': {listen_url!r}}}"]
+    if not prepared:
+        lines.append("DATABASES['default']['OPTIONS'] = {'prepare_threshold': None}")
+    (tmp_path / "pooled_settings.py").write_text("\n".join(lines) + "\n")
+    return worker_env(DATABASE_URL=bouncer.url(), PYTHONPATH=f"{tmp_path}:{ROOT}")
+
+
+def server_defaults() -> str:
+    with psycopg.connect(**conninfo(), autocommit=True) as direct:
+        return "|".join(direct.execute(f"SHOW {name}").fetchone()[0] for name in (
+            "statement_timeout", "idle_in_transaction_session_timeout"))
+
+
+class PoolWatcher(threading.Thread):
+    """Another client of the pool: reads the two timeouts again and again, in autocommit
+    statements and in transactions, and counts what it saw."""
+
+    def __init__(self, bouncer: pgbouncer.PgBouncer) -> None:
+        super().__init__(daemon=True)
+        self.bouncer = bouncer
+        self.seen: collections.Counter[str] = collections.Counter()
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.bouncer.url(), autocommit=True,
+                                 prepare_threshold=None) as conn:
+                while not self.stopped.is_set():
+                    self.seen[_show_timeouts(conn)] += 1
+                    with conn.transaction():
+                        self.seen[_show_timeouts(conn)] += 1
+                    time.sleep(0.01)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def _show_timeouts(conn: psycopg.Connection) -> str:
+    return "|".join(conn.execute(f"SHOW {name}").fetchone()[0] for name in (
+        "statement_timeout", "idle_in_transaction_session_timeout"))
+
+
+def every_server_connection(bouncer: pgbouncer.PgBouncer) -> list[str]:
+    """The two timeouts on each server connection of the pool: as many clients as the pool
+    has connections each hold a transaction open, so each is on a server connection of its own."""
+    clients = [psycopg.connect(bouncer.url(), prepare_threshold=None) for _ in range(POOL_SIZE)]
+    try:
+        seen = [_show_timeouts(client) for client in clients]  # each opens a transaction
+        pids = {client.execute("SELECT pg_backend_pid()").fetchone()[0] for client in clients}
+        assert len(pids) == POOL_SIZE, pids
+        return seen
+    finally:
+        for client in clients:
+            client.close()
+
+
+def prepared_variant(name: str) -> bool:
+    if name == "prepared" and (VERSION is None or VERSION < (1, 21)):
+        pytest.skip(f"PgBouncer {'.'.join(map(str, VERSION or ()))} is older than 1.21: no "
+                    "max_prepared_statements, so djasync's statements must go unnamed "
+                    "(prepare_threshold None); that variant runs")
+    return name == "prepared"
+
+
+@pytest.mark.parametrize("statements", ["unnamed", "prepared"])
+def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_other_clients(
+        tmp_path, bouncer, statements):
+    prepared = prepared_variant(statements)
+    defaults = server_defaults()
+    assert defaults != DEFAULT_TIMEOUTS  # else a leak could not be told from the default
+    log = tmp_path / "w.log"
+    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=prepared)
+    watcher = PoolWatcher(bouncer)
+    watcher.start()
+    daemon = start_worker("--concurrency", "3", "--poll-interval", "30",
+                          "--settings", "pooled_settings", log=log, env=env)
+    try:
+        wait_for(lambda: "worker ready" in log.read_text(), timeout=30, what="ready")
+        for round_ in range(4):  # while the worker runs, scheduled after it started
+            djasync.schedule_many(
+                [djasync.JobSpec(jobs.record_timeouts, [f"r{round_}-{i}"]) for i in range(40)]
+                + [djasync.JobSpec(jobs.add, [i, i]) for i in range(20)]
+                + [djasync.JobSpec(jobs.record_timeouts, [f"c{round_}"], meta={"timeout": 7})])
+            time.sleep(0.2)
+        over = djasync.schedule(jobs.pg_sleep, args=[5], meta={"timeout": 1, "max_attempts": 1})
+        wait_for(lambda: not Job.objects.filter(status=Status.PENDING).exists(), timeout=60,
+                 what="every job to end")
+    finally:
+        assert stop(daemon) == 0, log.read_text()[-3000:]
+        watcher.stopped.set()
+        watcher.join(10)
+    text = log.read_text()
+    assert watcher.error is None, watcher.error
+    # The other client saw the server's defaults, and only them, all along.
+    assert sum(watcher.seen.values()) > 20, watcher.seen
+    assert set(watcher.seen) == {defaults}, watcher.seen
+    # After the run, not one server connection of the pool keeps a setting of the worker's.
+    assert every_server_connection(bouncer) == [defaults] * POOL_SIZE
+    # Every job ran under its timeouts: the default one, or its own.
+    notes = dict(Ledger.objects.values_list("note").annotate(n=Count("id")))
+    assert notes == {DEFAULT_TIMEOUTS: 160, "7s|17s": 4}, notes
+    over.refresh_from_db()
+    assert over.status == Status.FAILED
+    attempt = over.attempt_set.get()
+    # Stopped by its statement_timeout (1 s), not by the watchdog (which kills at 2 s).
+    assert attempt.outcome == Outcome.TIMED_OUT
+    assert "statement timeout" in attempt.exception_message, attempt.exception_message
+    assert Job.objects.filter(status=Status.SUCCEEDED).count() == 244
+    # LISTEN went straight to PostgreSQL (LISTEN_URL); the budget is the pooler's.
+    assert "listening channel=djasync" in text
+    assert "LISTEN unavailable" not in text
+    assert "connection budget not checked: this worker goes through a connection pooler" in text
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_without_listen_url_the_worker_says_listen_is_unavailable_and_why_and_still_runs_jobs(
+        tmp_path, bouncer):
+    log = tmp_path / "w.log"
+    env = pooled_env(tmp_path, bouncer, listen_url=None, prepared=prepared_variant("unnamed"))
+    daemon = start_worker("--concurrency", "2", "--poll-interval", "0.3",
+                          "--settings", "pooled_settings", log=log, env=env)
+    stop_churn = threading.Event()
+
+    def churn() -> None:
+        """As a busy application would, take the server connection the LISTEN ran on (the
+        one session whose pg_listening_channels() has it) and hold it for longer than the
+        listener's probe interval."""
+        with psycopg.connect(bouncer.url(), prepare_threshold=None) as conn:
+            while not stop_churn.is_set():
+                if take_the_listening_session(conn):
+                    time.sleep(listener_module.PROBE_INTERVAL_SECONDS * 1.5)
+                conn.commit()
+                time.sleep(0.02)
+
+    churner = threading.Thread(target=churn, daemon=True)
+    try:
+        wait_for(lambda: "worker ready" in log.read_text(), timeout=30, what="ready")
+        churner.start()
+        wait_for(lambda: "LISTEN unavailable" in log.read_text(), timeout=60,
+                 what="the listener to find out")
+        job = djasync.schedule(jobs.add, args=[1, 2])
+        wait_for(lambda: Job.objects.filter(pk=job.pk, status=Status.SUCCEEDED).exists(),
+                 timeout=30, what="the job, found by polling")
+    finally:
+        stop_churn.set()
+        if churner.is_alive():
+            churner.join(10)  # before the fixture stops PgBouncer under it
+        assert stop(daemon) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    line = next(line for line in text.splitlines() if "LISTEN unavailable" in line)
+    assert "server session pid" in line and "LISTEN_URL" in line, line
+    assert text.count("LISTEN unavailable") == 1, text[-3000:]
+    assert "the LISTEN connection goes through a connection pooler" in text
+
+
+def take_the_listening_session(conn: psycopg.Connection) -> bool:
+    """In the transaction ``conn`` opens, whether its server session is the one that LISTENs."""
+    return conn.execute("SELECT 'djasync' IN (SELECT pg_listening_channels())").fetchone()[0]
+
+
+def test_the_listener_gives_up_listen_only_on_evidence_that_its_session_changed(
+        bouncer, monkeypatch, caplog):
+    monkeypatch.setattr(listener_module, "PROBE_INTERVAL_SECONDS", 0.05)
+    caplog.set_level(logging.INFO, logger="djasync_worker.listener")
+    listener = Listener(bouncer.conninfo())
+    direct = Listener(conninfo())
+
+    def drive(until, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, (listener.state, direct.state)
+            for one in (listener, direct):
+                one.ensure()
+                one.receive()
+            time.sleep(0.01)
+
+    try:
+        drive(lambda: listener.up and direct.up)
+        # Up, through the pooler: nothing says yet that LISTEN cannot work (session mode would).
+        assert "goes through a connection pooler" in caplog.text
+        assert "LISTEN unavailable" not in caplog.text
+        # Another client takes that very server connection and holds it: the next probe must
+        # run on another one.
+        with psycopg.connect(bouncer.url(), prepare_threshold=None) as other:
+            for _ in range(200):
+                if take_the_listening_session(other):
+                    break
+                other.rollback()
+                time.sleep(0.02)
+            else:
+                pytest.fail("the pool never lent the listener's server connection again")
+            drive(lambda: listener.unavailable)
+        assert "LISTEN unavailable" in caplog.text
+        # Given up for good: no reconnect, no deadline; a direct listener is untouched.
+        assert listener.next_deadline() == float("inf") and listener.fileno() is None
+        assert not listener.ensure() and not listener.up
+        drive(lambda: direct.up)
+        assert direct.state == listener_module.UP and not direct.unavailable
+    finally:
+        listener.close()
+        direct.close()
+
+
+def test_a_worker_preparing_statements_through_a_pooler_says_what_that_needs(tmp_path, bouncer):
+    """Prepared statements through a pooler work only with PgBouncer 1.21+ and
+    max_prepared_statements; the worker notices the pooler (its session is not the one the
+    connection was given a key for) and says so, with the way out for older ones."""
+    log = tmp_path / "w.log"
+    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=True)
+    daemon = start_worker("--concurrency", "1", "--settings", "pooled_settings", log=log,
+                          env=env)
+    try:
+        wait_for(lambda: "prepares its statements through a connection pooler" in
+                 log.read_text(), timeout=30, what="the log line")
+    finally:
+        assert stop(daemon) == 0, log.read_text()[-3000:]
+    line = next(line for line in log.read_text().splitlines()
+                if "prepares its statements through a connection pooler" in line)
+    assert "max_prepared_statements" in line and "'prepare_threshold': None" in line, line
