@@ -59,6 +59,10 @@ class Settings:
     #: tcp_user_timeout, connect_timeout: see djasync.connections), merged over its defaults;
     #: the project's DATABASES OPTIONS win over both.
     WORKER_CONNECTION_OPTIONS: dict[str, int | None] = field(default_factory=_connection_defaults)
+    #: Flow control: key (or ``"name:*"`` pattern, or ``"queue:<name>"``) ->
+    #: ``{"concurrency": N, "rate": "N/s|m|h"}`` (see djasync.limits). Parsed into
+    #: :class:`djasync.limits.Limit` values.
+    LIMITS: dict[str, Any] = field(default_factory=dict)
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
     def backoff(self, attempt: int, job_backoff: Any = None) -> float:
@@ -138,6 +142,10 @@ def load(raw: Any) -> Settings:
         from djasync.connections import check
 
         values["WORKER_CONNECTION_OPTIONS"] = check(values["WORKER_CONNECTION_OPTIONS"])
+    if "LIMITS" in values:
+        from djasync.limits import parse
+
+        values["LIMITS"] = parse(values["LIMITS"])
     backoff = values.get("BACKOFF", Settings.BACKOFF)
     if isinstance(backoff, str):
         try:

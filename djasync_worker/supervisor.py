@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import connection, connections
 from django.utils import timezone
 
-from djasync import attempts, conf, executor, leases, periodic, sql, workers
+from djasync import attempts, conf, executor, leases, limits, periodic, sql, workers
 from djasync.connections import configure_worker_connections
 from djasync.models import Job, Outcome
 from djasync_worker import child as shared_layout
@@ -489,10 +489,16 @@ class Supervisor:
         self.next_periodic = now + min(wait if wait is not None else 60.0, 60.0)
 
     def _due_jobs_exist(self) -> bool:
-        query = sql.claim(by_queue=bool(self.options.queues), by_name_prefix=False, exists=True)
         try:
+            # Jobs of a paused queue are not due for anyone (a burst worker stops).
+            paused = limits.paused_queues()
+            queues = [q for q in self.options.queues if q not in paused]
+            if self.options.queues and not queues:
+                return False
+            query = sql.claim(by_queue=bool(queues), by_name_prefix=False, exists=True,
+                              paused=bool(paused) and not queues)
             with connection.cursor() as cursor:
-                cursor.execute(query, {"queues": list(self.options.queues), "now": None})
+                cursor.execute(query, {"queues": queues, "now": None, "paused": paused})
                 return bool(cursor.fetchone()[0])
         except Exception as exc:
             logger.warning("cannot check for due jobs error=%s", exc)
