@@ -806,6 +806,9 @@ def _why_not_runnable(job: Job) -> str:
     if group is not None and group.jobs.using(connection.alias).exclude(pk=job.pk).filter(
             status=Status.PENDING).exists():
         return f"it is the final job of group {group} and other jobs of the group are pending"
+    if job.limits and limits.enabled():
+        return (f"one of its limits ({', '.join(job.limits)}) is full, or another worker is "
+                "running it right now")
     return "another worker is running it right now"
 
 

@@ -1,0 +1,227 @@
+"""Flow control: concurrency limits and rates by key, and paused queues (djasync.limits)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.core import checks
+from django.db import connection, transaction
+from django.test import override_settings
+
+import djasync
+from djasync import executor, limits, sql
+from djasync.exceptions import DjasyncError, ImproperlyConfigured
+from djasync.models import Job, PausedQueue, Status
+from tests import jobs
+from tests.conftest import conninfo
+from tests.settings import DJASYNC
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LIMITS = {
+    "stripe": {"concurrency": 2, "rate": "100/m"},
+    "tenant:*": {"concurrency": 1},
+    "queue:mail": {"rate": "10/s"},
+    "solo": {"concurrency": 1},
+}
+WITH_LIMITS = {**DJASYNC, "LIMITS": LIMITS}
+
+
+@pytest.fixture
+def flow_runs(transactional_db):
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {jobs.FLOW_RUNS} (key text, started "
+                       "timestamptz, finished timestamptz, pid integer)")
+        cursor.execute(f"TRUNCATE {jobs.FLOW_RUNS}")
+    return jobs.FLOW_RUNS
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_key_matching_no_configured_limit_is_refused_at_schedule_naming_the_key():
+    with pytest.raises(limits.UnknownLimit, match="'stripes'"):
+        djasync.schedule(jobs.add, [1, 2], limits=["stripes"])
+    with pytest.raises(limits.UnknownLimit, match="'client:7'"):
+        djasync.schedule(jobs.add, [1, 2], limits=["tenant:1", "client:7"])
+    assert not Job.objects.exists()
+
+
+def test_limits_are_refused_when_none_are_configured():
+    with pytest.raises(limits.UnknownLimit, match="configured: none"):
+        djasync.schedule(jobs.add, [1, 2], limits=["stripe"])
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_job_holds_its_keys_and_its_queues_key_and_unlimited_jobs_hold_none():
+    charged = djasync.schedule(jobs.add, [1, 2], limits=["stripe", "tenant:4", "stripe"])
+    mail = djasync.schedule(jobs.add, [1, 2], queue="mail")
+    plain = djasync.schedule(jobs.add, [1, 2])
+    rows = dict(Job.objects.values_list("id", "limits"))
+    assert rows == {charged.pk: ["stripe", "tenant:4"], mail.pk: ["queue:mail"],
+                    plain.pk: None}
+    # The rate tokens of the keys with a rate exist (made at schedule time).
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key, count(*) FROM djasync_ratetoken GROUP BY key ORDER BY key")
+        assert cursor.fetchall() == [("queue:mail", 10), ("stripe", 100)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"x": {"concurrency": 0}}, "concurrency"),
+    ({"x": {"rate": "10/d"}}, "rate"),
+    ({"x": {"rate": "ten/s"}}, "rate"),
+    ({"x": {}}, "concurrency"),
+    ({"x": {"concurency": 2}}, "unknown"),
+    ({"x*": {"concurrency": 1}}, "pattern"),
+    ([("x", 1)], "must be a dict"),
+])
+def test_invalid_limits_are_system_check_errors(bad, message):
+    with override_settings(DJASYNC={**DJASYNC, "LIMITS": bad}):
+        errors = [e for e in checks.run_checks() if e.id.startswith("djasync")]
+    assert [e.id for e in errors] == ["djasync.E001"]
+    assert "LIMITS" in errors[0].msg and message in errors[0].msg
+    with pytest.raises(ImproperlyConfigured):
+        limits.parse(bad)
+
+
+def test_without_limits_or_pauses_the_claim_is_the_plain_statement():
+    """Jobs without limits cost nothing when no limit is configured: the claim statement is
+    byte for byte the one djasync used before flow control (and its EXPLAIN tests hold)."""
+    for queues in (None, ["a"], ["a", "b"]):
+        query, params = executor._claim_statement(1, queues, None, None, None)
+        assert query == sql.claim(by_queue=bool(queues), by_name_prefix=False, limit=1,
+                                  one_queue=queues is not None and len(queues) == 1)
+        assert "paused" not in params and "limits" not in query
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_full_key_is_passed_over_and_other_jobs_run(other_connection):
+    first = djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    second = djasync.schedule(jobs.add, [2, 2], limits=["tenant:1"])
+    other_tenant = djasync.schedule(jobs.add, [3, 3], limits=["tenant:2"])
+    plain = djasync.schedule(jobs.add, [4, 4])
+    # Another session claims the first job and keeps its transaction open: tenant:1 is full.
+    holder = psycopg.connect(**conninfo())
+    try:
+        rows = holder.execute(sql.claim_limited(1), _params()).fetchall()
+        assert [row[0] for row in rows] == [first.pk]
+        with transaction.atomic():
+            claimed = executor.claim(5)
+        assert [job.id for job in claimed] == [other_tenant.pk, plain.pk]
+        holder.rollback()  # the holder's session gives tenant:1 back with its transaction
+        with transaction.atomic():
+            claimed = executor.claim(5)
+        assert [job.id for job in claimed] == [first.pk, other_tenant.pk, plain.pk]
+    finally:
+        holder.close()
+    assert second.pk not in [job.id for job in claimed]  # one slot, first in line took it
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_batch_takes_one_slot_per_job_of_a_key():
+    for n in range(4):
+        djasync.schedule(jobs.add, [n, n], limits=["stripe"])
+    with transaction.atomic():
+        claimed = executor.claim(4)
+        assert len(claimed) == 2  # concurrency 2: re-entrant advisory locks are not reused
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                           "AND pid = pg_backend_pid()")
+            assert cursor.fetchone()[0] == 2
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_crashed_sessions_slot_is_free_as_soon_as_postgresql_ends_the_session():
+    crashed = djasync.schedule(jobs.add, [1, 1], limits=["solo"])
+    djasync.schedule(jobs.add, [2, 2], limits=["solo"])
+    holder = psycopg.connect(**conninfo())
+    pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert len(holder.execute(sql.claim_limited(1), _params()).fetchall()) == 1
+    with transaction.atomic():
+        assert executor.claim(1) == []  # solo is full
+    with psycopg.connect(**conninfo(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])  # waits for its end
+    holder.close()
+    with transaction.atomic():
+        # Its job is free again (its transaction rolled back), and so is the slot.
+        assert [job.id for job in executor.claim(1)] == [crashed.pk]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_job_call_takes_a_slot_and_says_so_when_the_key_is_full():
+    blocked = djasync.schedule(jobs.add, [2, 2], limits=["solo"])
+    assert blocked() == 4
+    job = djasync.schedule(jobs.add, [3, 3], limits=["solo"])
+    holder = psycopg.connect(**conninfo())
+    try:
+        djasync.schedule(jobs.add, [1, 1], limits=["solo"])
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
+        with pytest.raises(DjasyncError, match="limits"):
+            job()
+    finally:
+        holder.close()
+    assert job() == 6
+
+
+def test_a_paused_queue_is_not_claimed_until_resumed():
+    mail = djasync.schedule(jobs.add, [1, 1], queue="mail")
+    other = djasync.schedule(jobs.add, [2, 2])
+    assert djasync.pause_queue("mail") is True
+    assert djasync.pause_queue("mail") is False  # already paused
+    for queues in (None, ["mail"], ["mail", "default"]):
+        with transaction.atomic():
+            assert mail.pk not in [j.id for j in executor.claim(5, queues=queues)]
+    executor.drain()
+    assert Job.objects.get(pk=other.pk).status == Status.SUCCEEDED
+    assert Job.objects.get(pk=mail.pk).status == Status.PENDING
+    assert list(PausedQueue.objects.values_list("queue", flat=True)) == ["mail"]
+    assert djasync.resume_queue("mail") is True
+    executor.drain()
+    assert Job.objects.get(pk=mail.pk).status == Status.SUCCEEDED
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_paused_queue_is_not_claimed_with_limits_configured():
+    mail = djasync.schedule(jobs.add, [1, 1], queue="mail")
+    limited = djasync.schedule(jobs.add, [1, 1], queue="mail", limits=["stripe"])
+    djasync.pause_queue("mail")
+    assert executor.drain() == []
+    djasync.resume_queue("mail")
+    assert {f.job_id for f in executor.drain()} == {mail.pk, limited.pk}
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_rate_lets_n_jobs_start_per_window_and_no_more():
+    for n in range(15):
+        djasync.schedule(jobs.add, [n, n], queue="mail")  # queue:mail is 10/s
+    first = executor.drain()
+    assert len(first) == 10
+    assert executor.drain() == []  # the next ones wait for the window to pass
+    with connection.cursor() as cursor:  # as if a second had passed
+        cursor.execute("UPDATE djasync_ratetoken SET used_at = used_at - interval '1 second'")
+    assert len(executor.drain()) == 5
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_usage_reports_running_waiting_and_rate_used():
+    djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    djasync.schedule(jobs.add, [1, 1], limits=["stripe"])
+    holder = psycopg.connect(**conninfo())
+    try:
+        assert len(holder.execute(sql.claim_limited(2), _params()).fetchall()) == 2
+        usage = {row["key"]: row for row in limits.usage()}
+        holder.commit()  # the token taken counts once the claim has committed
+        after = {row["key"]: row for row in limits.usage()}
+    finally:
+        holder.close()
+    assert usage["tenant:*"]["running"] == 1 and usage["tenant:*"]["waiting"] == 2
+    assert usage["stripe"]["running"] == 1 and usage["stripe"]["rate_used"] == 0
+    assert usage["queue:mail"]["running"] == 0
+    assert after["stripe"]["running"] == 0 and after["stripe"]["rate_used"] == 1
+
+
+def _params(**extra):
+    with override_settings(DJASYNC=WITH_LIMITS):
+        params = {"queues": None, "now": None, "name_prefix": None, "job_id": None,
+                  "channel": "djasync", **limits.config_params()}
+    params.update(extra)
+    return params
