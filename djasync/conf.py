@@ -143,9 +143,9 @@ def load(raw: Any) -> Settings:
 
         values["WORKER_CONNECTION_OPTIONS"] = check(values["WORKER_CONNECTION_OPTIONS"])
     if "LIMITS" in values:
-        from djasync.limits import parse
+        from djasync import limits
 
-        values["LIMITS"] = parse(values["LIMITS"])
+        values["LIMITS"] = limits.parse(values["LIMITS"])
     backoff = values.get("BACKOFF", Settings.BACKOFF)
     if isinstance(backoff, str):
         try:

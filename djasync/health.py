@@ -9,8 +9,8 @@ from django.db import connection
 from django.db.models import Avg, Count, F, Max
 from django.utils import timezone
 
-from djasync import workers
-from djasync.models import Attempt, Job, Outcome, Status
+from djasync import limits, workers
+from djasync.models import Attempt, Job, Outcome, PausedQueue, Status
 
 SLOWEST_WINDOW = datetime.timedelta(days=1)
 
@@ -67,6 +67,8 @@ def health() -> dict[str, Any]:
         ],
         "estimated_drain_seconds": round(due / rate, 1) if rate else None,
         "workers": workers.summary(),
+        "paused_queues": list(PausedQueue.objects.values_list("queue", flat=True)),
+        "limits": limits.usage(),
     }
 
 

@@ -225,3 +225,45 @@ def _params(**extra):
                   "channel": "djasync", **limits.config_params()}
     params.update(extra)
     return params
+
+
+@override_settings(DJASYNC=WITH_LIMITS, TASKS={"default": {
+    "BACKEND": "djasync.backends.DjasyncBackend", "QUEUES": ["default", "emails"],
+    "OPTIONS": {"MAX_ATTEMPTS": 3, "LIMITS": {"tests.tasks.add": ["stripe"]}},
+}})
+def test_tasks_get_their_limits_from_the_backend_options_by_task_path():
+    from tests import tasks
+
+    added = tasks.add.enqueue(1, 2)
+    written = tasks.write_ledger.enqueue("k")
+    rows = dict(Job.objects.values_list("id", "limits"))
+    assert rows == {int(added.id): ["stripe"], int(written.id): None}
+    assert Job.objects.get(pk=added.id).meta == {"max_attempts": 3}
+
+
+def test_a_task_limit_key_matching_no_configured_limit_is_a_check_error():
+    from djasync.backends import DjasyncBackend
+
+    backend = DjasyncBackend("x", {"OPTIONS": {"LIMITS": {"tests.tasks.add": ["nope"]}}})
+    assert [e.id for e in backend.check()] == ["djasync.E104"]
+    from django.core.exceptions import ImproperlyConfigured as DjangoImproperlyConfigured
+
+    with pytest.raises(DjangoImproperlyConfigured, match="LIMITS"):
+        DjasyncBackend("x", {"OPTIONS": {"LIMITS": ["stripe"]}})
+
+
+def test_queue_health_shows_paused_queues_and_limits(capsys):
+    from django.core.management import call_command
+
+    call_command("pause_queue", "mail")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        djasync.schedule(jobs.add, [1, 1], limits=["tenant:3"])
+        call_command("queue_health")
+    out = capsys.readouterr().out
+    assert "queue mail paused" in out
+    assert "paused queues: mail" in out
+    assert "limit tenant:*: running 0/1, waiting 1" in out
+    assert "limit stripe: running 0/2, waiting 0, rate used 0 of 100/m" in out
+    call_command("resume_queue", "mail")
+    assert "queue mail resumed" in capsys.readouterr().out
+    assert not PausedQueue.objects.exists()

@@ -32,6 +32,15 @@ class Command(BaseCommand):
         for queue, counts in sorted(report["queues"].items()):
             summary = ", ".join(f"{k} {v}" for k, v in counts.items())
             self.stdout.write(f"  queue {queue}: {summary}")
+        if report["paused_queues"]:
+            self.stdout.write(f"paused queues: {', '.join(report['paused_queues'])}")
+        for limit in report["limits"]:
+            parts = [f"running {limit['running']}"
+                     + (f"/{limit['concurrency']}" if limit["concurrency"] else ""),
+                     f"waiting {limit['waiting']}"]
+            if limit["rate"]:
+                parts.append(f"rate used {limit['rate_used']} of {limit['rate']}")
+            self.stdout.write(f"  limit {limit['key']}: {', '.join(parts)}")
         last = report["last_hour"]
         self.stdout.write(
             f"last hour: {last['succeeded']} succeeded, {last['errors']} errors, "
