@@ -267,3 +267,28 @@ def test_queue_health_shows_paused_queues_and_limits(capsys):
     call_command("resume_queue", "mail")
     assert "queue mail resumed" in capsys.readouterr().out
     assert not PausedQueue.objects.exists()
+
+
+def test_the_dashboard_and_the_metrics_show_paused_queues_and_limits(admin_client):
+    djasync.pause_queue("mail")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        djasync.schedule(jobs.add, [1, 1], limits=["tenant:3"])
+        page = admin_client.get("/admin/djasync/job/dashboard/").content.decode()
+    assert "Paused queues (no new claims): mail" in page
+    assert '<th scope="row">tenant:*</th><td>0</td><td>1</td><td>1</td>' in page
+
+
+def test_the_metrics_show_paused_queues_and_limit_use():
+    pytest.importorskip("prometheus_client")
+    from djasync_worker import metrics
+
+    djasync.pause_queue("mail")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        djasync.schedule(jobs.add, [1, 1], limits=["stripe"])
+        families = {f.name: f for f in metrics._flow_control()}
+    samples = {(name, tuple(s.labels.values())): s.value
+               for name, f in families.items() for s in f.samples}
+    assert samples[("djasync_queue_paused", ("mail",))] == 1
+    assert samples[("djasync_limit_waiting_jobs", ("stripe",))] == 1
+    assert samples[("djasync_limit_running_jobs", ("stripe",))] == 0
+    assert samples[("djasync_limit_rate_used", ("stripe",))] == 0
