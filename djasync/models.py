@@ -138,15 +138,17 @@ class Job(models.Model):
         indexes = [
             # The claim walks this index in its ORDER BY; only pending rows are in it, so its
             # size follows the backlog, never the history of finished jobs.
+            # Jobs with flow-control keys are not in it (``limits`` NULL): however many of
+            # them wait on a full key, the claim of other jobs never reads past them.
             models.Index(
                 fields=["-priority", "run_after", "id"],
-                condition=Q(status="pending"),
+                condition=Q(status="pending", limits__isnull=True),
                 name="djasync_job_claim",
             ),
             # The same for a worker serving one queue (``--queue``): it walks its queue only.
             models.Index(
                 fields=["queue", "-priority", "run_after", "id"],
-                condition=Q(status="pending"),
+                condition=Q(status="pending", limits__isnull=True),
                 name="djasync_job_claim_queue",
             ),
             # Every index below is partial, so that scheduling a job writes 4 index entries

@@ -27,8 +27,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
       dies releases it with its transaction.
     - Every eligibility predicate sits inside this locked select (never in an outer query), so a
       row that is locked is always a row that will run.
-    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only), and
-      ``djasync_job_claim_queue`` after its queue.
+    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows without
+      flow-control keys only), and ``djasync_job_claim_queue`` after its queue. A job with
+      keys is claimed only by :func:`claim_limited`, used when ``DJASYNC["LIMITS"]`` is set:
+      with it empty, such jobs wait.
     - ``previous_attempts`` counts the attempt rows. It may miss an attempt committed by the
       transaction that held the row just before us (the statement's snapshot predates that
       commit), so the executor recounts exactly (:data:`COUNT_ATTEMPTS`) when a job is near its
@@ -68,6 +70,9 @@ SELECT * FROM djasync_claim_queues(%(queues)s::text[], {int(limit)}, %(now)s::ti
 """
     filters = [
         "j.status = 'pending'",
+        # Jobs with flow-control keys are claimed by CLAIM_LIMITED only, and are not in the
+        # claim indexes (this predicate is theirs). ``exists`` counts them: they are due.
+        "TRUE" if exists else "j.limits IS NULL",
         # ``job()`` (by id) runs a job now even if its run_after is in the future.
         # clock_timestamp(), not now(): inside a long transaction (a TestCase) now() stands
         # still. ``%(now)s`` lets djasync.testing run jobs "later" without waiting.

@@ -83,13 +83,38 @@ def test_invalid_limits_are_system_check_errors(bad, message):
 
 
 def test_without_limits_or_pauses_the_claim_is_the_plain_statement():
-    """Jobs without limits cost nothing when no limit is configured: the claim statement is
-    byte for byte the one djasync used before flow control (and its EXPLAIN tests hold)."""
+    """Jobs without limits cost nothing when no limit is configured: the claim is the plain
+    statement (its one change, ``j.limits IS NULL``, is the predicate of its partial index;
+    its EXPLAIN tests in test_models and test_claim_meet hold)."""
     for queues in (None, ["a"], ["a", "b"]):
         query, params = executor._claim_statement(1, queues, None, None, None)
         assert query == sql.claim(by_queue=bool(queues), by_name_prefix=False, limit=1,
                                   one_queue=queues is not None and len(queues) == 1)
-        assert "paused" not in params and "limits" not in query
+        assert "paused" not in params and "djasync_claim_limited" not in query
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_jobs_waiting_on_a_full_key_are_not_even_read_by_a_claim_of_other_jobs():
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [n, n], priority=5, limits=["solo"])
+                           for n in range(2000)])
+    plain = djasync.schedule(jobs.add, [1, 1])
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE djasync_job")
+        with transaction.atomic():
+            for statement in sql.CLAIM_PLAN:
+                cursor.execute(statement)
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql.claim(
+                by_queue=False, by_name_prefix=False), {"now": None})
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan using djasync_job_claim on" in plan, plan
+    assert "Rows Removed by Filter" not in plan.split("SubPlan")[0], plan
+    holder = psycopg.connect(**conninfo())
+    try:
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
+        with transaction.atomic():
+            assert [job.id for job in executor.claim(1)] == [plain.pk]
+    finally:
+        holder.close()
 
 
 @override_settings(DJASYNC=WITH_LIMITS)

@@ -126,7 +126,7 @@ DECLARE
     taken integer := 0;
 BEGIN
     IF one_id IS NULL THEN
-        -- The best job without keys: jobs with keys that rank after it wait for the next
+        -- The n-th best job without keys: jobs with keys that rank after it wait for the next
         -- claim (it may be running elsewhere right now: then they wait one claim more).
         SELECT j.priority, j.run_after, j.id INTO b_priority, b_run_after, b_id
           FROM djasync_job j
@@ -136,7 +136,7 @@ BEGIN
            AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
            AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
          ORDER BY j.priority DESC, j.run_after, j.id
-         LIMIT 1;
+         LIMIT 1 OFFSET n - 1;
         OPEN candidates FOR
             SELECT j.id, j.limits, j.priority, j.run_after
               FROM djasync_job j
