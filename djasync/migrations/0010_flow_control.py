@@ -121,7 +121,9 @@ DECLARE
     full_keys text[] := '{}';
     blocked text;
     k text;
+    s integer;
     got boolean;
+    wake boolean := false;
     c integer;
     taken integer := 0;
 BEGIN
@@ -157,9 +159,11 @@ BEGIN
         EXIT WHEN b_id IS NOT NULL AND (cand.priority < b_priority
             OR (cand.priority = b_priority
                 AND (cand.run_after, cand.id) > (b_run_after, b_id)));
-        CONTINUE WHEN EXISTS (SELECT 1 FROM jsonb_array_elements_text(cand.limits) e
-                               WHERE e = ANY(full_keys));
+        -- A job waiting on a key found full is passed over untried (a simple expression:
+        -- no query per job, as this may read many of them).
+        CONTINUE WHEN cand.limits ?| full_keys;
         got := false;
+        s := 0;
         BEGIN  -- a subtransaction: a full key gives back this job's row lock and slots
             SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
                    (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
@@ -177,10 +181,11 @@ BEGIN
                     c := coalesce(array_position(cfg_keys, k),
                                   array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
                     CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
-                    IF (cfg_concurrency[c] > 0
-                            AND djasync_take_slot(k, cfg_concurrency[c], false) < 0)
-                       OR (cfg_rate[c] > 0
-                            AND djasync_take_token(k, cfg_rate[c], cfg_per[c]) IS NULL) THEN
+                    IF cfg_concurrency[c] > 0 THEN
+                        s := djasync_take_slot(k, cfg_concurrency[c], false);
+                    END IF;
+                    IF s < 0 OR (cfg_rate[c] > 0
+                                 AND djasync_take_token(k, cfg_rate[c], cfg_per[c]) IS NULL) THEN
                         blocked := k;
                         RAISE EXCEPTION 'djasync limit % is full', k USING ERRCODE = 'DJA01';
                     END IF;
@@ -192,13 +197,17 @@ BEGIN
         END;
         IF got THEN
             taken := taken + 1;
-            -- Delivered at COMMIT, when this job's slots are given back: a job waiting on
-            -- them is claimed at once rather than at the next poll.
-            PERFORM pg_notify(channel, '*');
+            wake := true;
             RETURN NEXT;
         END IF;
     END LOOP;
     CLOSE candidates;
+    IF wake THEN
+        -- Delivered at COMMIT, when the slots are given back: a job waiting on one of them
+        -- is claimed at once rather than at the next poll. (Sent whether or not a job waits:
+        -- knowing would cost a query; this costs what the NOTIFY of a schedule() does.)
+        PERFORM pg_notify(channel, '*');
+    END IF;
     IF taken >= n THEN
         RETURN;
     END IF;
