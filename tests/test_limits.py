@@ -317,3 +317,32 @@ def test_the_metrics_show_paused_queues_and_limit_use():
     assert samples[("djasync_limit_waiting_jobs", ("stripe",))] == 1
     assert samples[("djasync_limit_running_jobs", ("stripe",))] == 0
     assert samples[("djasync_limit_rate_used", ("stripe",))] == 0
+
+
+def test_periodic_jobs_hold_their_limits_and_unknown_keys_are_check_errors():
+    from django.utils import timezone
+
+    from djasync import conf, periodic
+
+    entry = {"cron": "* * * * *", "function": "tests.jobs.add", "args": [1, 2],
+             "limits": ["stripe"]}
+    with override_settings(DJASYNC={**WITH_LIMITS, "PERIODIC": [entry]}):
+        assert [e.id for e in checks.run_checks() if e.id.startswith("djasync")] == []
+        (parsed,) = conf.get().PERIODIC
+        assert periodic.enqueue_slot(parsed, timezone.now().replace(second=0, microsecond=0))
+    assert list(Job.objects.values_list("limits", flat=True)) == [["stripe"]]
+    with override_settings(DJASYNC={**DJASYNC, "PERIODIC": [entry]}):
+        errors = [e for e in checks.run_checks() if e.id.startswith("djasync")]
+    assert [e.id for e in errors] == ["djasync.E005"] and "'stripe'" in errors[0].msg
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_groups_final_job_with_limits_waits_for_its_group_and_for_its_key():
+    from djasync.scheduling import create_group
+
+    group = create_group("g")
+    members = [djasync.schedule(jobs.add, [n, n], group=group, limits=["tenant:9"])
+               for n in range(2)]
+    final = group.on_completion(djasync.schedule(jobs.add, [9, 9], limits=["tenant:9"]))
+    ran = [f.job_id for f in executor.drain()]
+    assert ran == [members[0].pk, members[1].pk, final.pk]
