@@ -346,3 +346,26 @@ def test_a_groups_final_job_with_limits_waits_for_its_group_and_for_its_key():
     final = group.on_completion(djasync.schedule(jobs.add, [9, 9], limits=["tenant:9"]))
     ran = [f.job_id for f in executor.drain()]
     assert ran == [members[0].pk, members[1].pk, final.pk]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_jobs_of_free_keys_behind_a_deep_backlog_of_a_full_key_are_still_claimed():
+    """Past 200 jobs it cannot take, the claim looks at each key's first jobs instead of
+    reading on through the full key's backlog; it still takes the best jobs it can."""
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [n, n], priority=5, limits=["solo"])
+                           for n in range(500)])
+    tenant = djasync.schedule(jobs.add, [1, 1], priority=1, limits=["tenant:1"])
+    stripe = [djasync.schedule(jobs.add, [n, n], priority=2, limits=["stripe"]).pk
+              for n in range(3)]
+    plain = djasync.schedule(jobs.add, [2, 2])
+    holder = psycopg.connect(**conninfo())
+    try:
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
+        with transaction.atomic():
+            claimed = [job.id for job in executor.claim(5)]
+        # stripe allows 2 at once; then tenant:1, then the job without keys.
+        assert claimed == [*stripe[:2], tenant.pk, plain.pk]
+        with transaction.atomic():
+            assert [job.id for job in executor.claim(1)] == stripe[:1]
+    finally:
+        holder.close()

@@ -126,6 +126,14 @@ DECLARE
     wake boolean := false;
     c integer;
     taken integer := 0;
+    taken_ids bigint[] := '{}';
+    -- Jobs the walk in claim order reads before it turns to each key's first jobs.
+    look_cap integer := 200 + n;
+    looked integer := 0;
+    deep boolean := false;
+    by_key boolean := false;
+    -- Jobs looked at per key then: its running jobs (locked) come first.
+    key_cap integer := coalesce((SELECT max(x) FROM unnest(cfg_concurrency) x), 0) + n + 4;
 BEGIN
     IF one_id IS NULL THEN
         -- The n-th best job without keys: jobs with keys that rank after it wait for the next
@@ -152,16 +160,23 @@ BEGIN
               FROM djasync_job j
              WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NOT NULL;
     END IF;
+    LOOP  -- the walk in claim order; then, if it read too far, the walk of each key's first jobs
     LOOP
         EXIT WHEN taken >= n;
         FETCH candidates INTO cand;
         EXIT WHEN NOT FOUND;
+        looked := looked + 1;
+        IF NOT by_key AND looked > look_cap THEN
+            deep := true;
+            EXIT;
+        END IF;
         EXIT WHEN b_id IS NOT NULL AND (cand.priority < b_priority
             OR (cand.priority = b_priority
                 AND (cand.run_after, cand.id) > (b_run_after, b_id)));
         -- A job waiting on a key found full is passed over untried (a simple expression:
         -- no query per job, as this may read many of them).
         CONTINUE WHEN cand.limits ?| full_keys;
+        CONTINUE WHEN cand.id = ANY(taken_ids);  -- ours: a lock of our own is not skipped
         got := false;
         s := 0;
         BEGIN  -- a subtransaction: a full key gives back this job's row lock and slots
@@ -197,11 +212,42 @@ BEGIN
         END;
         IF got THEN
             taken := taken + 1;
+            taken_ids := taken_ids || id;
             wake := true;
             RETURN NEXT;
         END IF;
     END LOOP;
     CLOSE candidates;
+    EXIT WHEN NOT deep OR by_key OR taken >= n;
+    -- The walk read past look_cap jobs it could not take (jobs waiting on full keys, ranked
+    -- first): rather than read on through all of them, look at the first jobs of each key
+    -- (by a job's first key, through djasync_job_claim_key: one index descent per key, none
+    -- of the rows of a key known full), merged in claim order.
+    by_key := true;
+    OPEN candidates FOR
+        WITH RECURSIVE keys(k) AS (
+            (SELECT j.limits ->> 0 FROM djasync_job j
+              WHERE j.status = 'pending' AND j.limits IS NOT NULL
+              ORDER BY j.limits ->> 0 LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.limits ->> 0 FROM djasync_job j
+                     WHERE j.status = 'pending' AND j.limits IS NOT NULL
+                       AND (j.limits ->> 0) > keys.k
+                     ORDER BY j.limits ->> 0 LIMIT 1)
+              FROM keys WHERE keys.k IS NOT NULL)
+        SELECT h.id, h.limits, h.priority, h.run_after
+          FROM keys CROSS JOIN LATERAL (
+               SELECT j.id, j.limits, j.priority, j.run_after
+                 FROM djasync_job j
+                WHERE (j.limits ->> 0) = keys.k AND j.status = 'pending'
+                  AND j.limits IS NOT NULL AND j.run_after <= due
+                  AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+                  AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
+                ORDER BY j.limits ->> 0, j.priority DESC, j.run_after, j.id
+                LIMIT key_cap) h
+         WHERE keys.k IS NOT NULL AND keys.k <> ALL(full_keys)
+         ORDER BY h.priority DESC, h.run_after, h.id;
+    END LOOP;
     IF wake THEN
         -- Delivered at COMMIT, when the slots are given back: a job waiting on one of them
         -- is claimed at once rather than at the next poll. (Sent whether or not a job waits:
@@ -255,6 +301,13 @@ END
 $$;
 """
 
+# Each key's first jobs, by a job's first key: the claim's second walk (see above).
+KEY_INDEX = """
+CREATE INDEX djasync_job_claim_key ON djasync_job
+    ((limits ->> 0), priority DESC, run_after, id)
+ WHERE status = 'pending' AND limits IS NOT NULL
+"""
+
 DROP_FLOW_CONTROL = """
 DROP FUNCTION djasync_claim_limited(text[], integer, timestamptz, text, bigint, text[], integer[],
                                     integer[], double precision[], text);
@@ -305,5 +358,6 @@ class Migration(migrations.Migration):
             model_name='ratetoken',
             constraint=models.UniqueConstraint(fields=('key', 'slot'), name='djasync_rate_token_key_slot'),
         ),
+        migrations.RunSQL(KEY_INDEX, "DROP INDEX djasync_job_claim_key"),
         migrations.RunSQL(FLOW_CONTROL, DROP_FLOW_CONTROL),
     ]
