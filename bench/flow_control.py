@@ -10,7 +10,9 @@ tests.settings); its queue tables are TRUNCATEd. Rows:
 2. LIMITS set, jobs without keys (the claim goes through ``djasync_claim_limited``);
 3. LIMITS set, every job holding one key with ``concurrency: 8``;
 4. the time of one claim of a job without keys while 100,000 due jobs wait behind a full key
-   (its one slot held by another session), and of a job of another key.
+   (its one slot held by another session), and of a job of another key;
+5. the same behind 100 and 1,000 full keys of a pattern, 10 due jobs each (the claim's walk
+   of each key's first jobs costs one index descent per key).
 
 Each drain is ``djasync-worker --burst --concurrency 4`` over ``--n`` no-op jobs.
 """
@@ -111,6 +113,45 @@ def claim_ms(url: str, waiting: int, tries: int = 200) -> tuple[float, float]:
     return results[0], results[1]
 
 
+def many_keys_claim_ms(url: str, keys: int, per_key: int = 10, tries: int = 100) -> float:
+    """Median ms of one claim of a job without keys when ``keys`` keys of a pattern, each
+    full, have ``per_key`` due jobs waiting ranked first (the claim's per-key walk)."""
+    from django.db import connection, transaction
+    from django.test import override_settings
+
+    from djasync import executor
+    from tests.settings import DJASYNC
+
+    with psycopg.connect(url, autocommit=True) as db:
+        reset(db)
+        db.execute("""
+            INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, run_after,
+                                     status, attempts, identity, created_at, worker,
+                                     lease_owner, limits)
+            SELECT 'tests.jobs.add', '[1, 1]', '{}', '{}', 'default', 1,
+                   now() - interval '1 second', 'pending', 0, md5(g::text), now(), '', '',
+                   jsonb_build_array('tenant:' || (g % %s))
+              FROM generate_series(1, %s) g""", [keys, keys * per_key])
+        fill(db, 1, None)
+    holder = psycopg.connect(url)
+    for key in range(keys):
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:tenant:' || %s), 0)",
+                       [str(key)])
+    holder.commit()
+    times = []
+    with override_settings(DJASYNC={**DJASYNC, "LIMITS": {**LIMITS,
+                                                           "tenant:*": {"concurrency": 1}}}):
+        for _ in range(tries):
+            start = time.perf_counter()
+            with transaction.atomic():
+                assert len(executor.claim(1)) == 1
+                transaction.set_rollback(True)
+            times.append((time.perf_counter() - start) * 1000)
+    holder.close()
+    connection.close()
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10_000)
@@ -141,6 +182,9 @@ def main() -> None:
           f"(median of 200):")
     print(f"  a job without keys: {plain:.2f} ms;  it and a job of another key: "
           f"{other_key:.2f} ms")
+    for keys in (100, 1000):
+        print(f"one claim of a job without keys behind {keys} full keys (tenant:*), 10 due jobs "
+              f"each: {many_keys_claim_ms(url, keys):.2f} ms")
 
 
 if __name__ == "__main__":
