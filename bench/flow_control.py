@@ -130,7 +130,7 @@ def many_keys_claim_ms(url: str, keys: int, per_key: int = 10, tries: int = 100)
                                      lease_owner, limits)
             SELECT 'tests.jobs.add', '[1, 1]', '{}', '{}', 'default', 1,
                    now() - interval '1 second', 'pending', 0, md5(g::text), now(), '', '',
-                   jsonb_build_array('tenant:' || (g % %s))
+                   jsonb_build_array('tenant:' || (g %% %s))
               FROM generate_series(1, %s) g""", [keys, keys * per_key])
         fill(db, 1, None)
     holder = psycopg.connect(url)
