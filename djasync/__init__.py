@@ -10,13 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["deschedule", "schedule", "schedule_many", "JobSpec"]
+__all__ = ["deschedule", "schedule", "schedule_many", "JobSpec", "pause_queue", "resume_queue"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from djasync.limits import pause_queue, resume_queue
     from djasync.scheduling import JobSpec, deschedule, schedule, schedule_many
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("pause_queue", "resume_queue"):
+        from djasync import limits
+
+        return getattr(limits, name)
     if name in __all__:
         from djasync import scheduling
 

@@ -1,4 +1,4 @@
-"""Read-only admin for jobs and groups, with "retry now" and "cancel" actions.
+"""Read-only admin for jobs and groups, with "retry now" and "cancel" actions; paused queues.
 
 Nobody types a function name or arguments into a form: jobs are created by code only.
 The two actions need the change permission on jobs. The queue dashboard
@@ -17,8 +17,8 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils.html import format_html
 
-from djasync import charts, dashboard, scheduling
-from djasync.models import Attempt, Group, Job, shown_name, task_path
+from djasync import charts, dashboard, limits, scheduling
+from djasync.models import Attempt, Group, Job, PausedQueue, shown_name, task_path
 from djasync.registry import TASK_RUNNER
 
 
@@ -146,3 +146,30 @@ class GroupAdmin(ReadOnlyMixin, admin.ModelAdmin):
         return (f"{finished}/{progress['total']} finished "
                 f"({progress['succeeded']} ok, {progress['failed']} failed, "
                 f"{progress['cancelled']} cancelled)")
+
+
+@admin.register(PausedQueue)
+class PausedQueueAdmin(admin.ModelAdmin):
+    """Paused queues: add one to pause it, delete it to resume (``djasync.pause_queue``)."""
+
+    list_display = ["queue", "paused_at"]
+    fields = ["queue"]
+    actions = ["resume"]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # nothing to edit: a queue is paused or not
+
+    def save_model(self, request: HttpRequest, obj: PausedQueue, form: Any, change: bool) -> None:
+        limits.pause_queue(obj.queue)
+
+    def delete_model(self, request: HttpRequest, obj: PausedQueue) -> None:
+        limits.resume_queue(obj.queue)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[PausedQueue]) -> None:
+        for queue in queryset.values_list("queue", flat=True):
+            limits.resume_queue(queue)
+
+    @admin.action(description="Resume the selected queues", permissions=["delete"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[PausedQueue]) -> None:
+        self.delete_queryset(request, queryset)
+        self.message_user(request, "Queue(s) resumed.", messages.SUCCESS)

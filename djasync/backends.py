@@ -150,7 +150,11 @@ class DjasyncBackend(BaseTaskBackend):
         # Backends are built when a tasks.py module is imported, possibly before the app
         # registry is ready: no model imports and no queries here.
         super().__init__(alias, params)
-        self.meta = _meta_from_options(alias, self.options)
+        options = dict(self.options) if isinstance(self.options, dict) else self.options
+        #: Flow-control keys by Task path (OPTIONS "LIMITS"): ``@task`` has no place for them.
+        self.task_limits = _limits_from_options(alias, options.pop("LIMITS", {})
+                                                if isinstance(options, dict) else {})
+        self.meta = _meta_from_options(alias, options)
 
     def validate_task(self, task: Task) -> None:
         super().validate_task(task)
@@ -180,6 +184,7 @@ class DjasyncBackend(BaseTaskBackend):
             meta={**self.meta, **_task_meta(task)},
             priority=int(task.priority),
             queue=task.queue_name,
+            limits=self.task_limits.get(task.module_path),
         )
         result: TaskResult = TaskResult(
             task=task, id=str(job.pk), status=TaskResultStatus.READY,
@@ -237,6 +242,19 @@ class DjasyncBackend(BaseTaskBackend):
                 hint="Set DATABASES['default']['ENGINE'] to 'django.db.backends.postgresql'.",
                 id="djasync.E102",
             ))
+        from djasync import conf, limits
+        from djasync.exceptions import ImproperlyConfigured as BadSettings
+
+        try:
+            configured = conf.get().LIMITS
+        except BadSettings:
+            configured = {}  # reported by djasync's own check
+        for path, keys in sorted(self.task_limits.items()):
+            for key in keys:
+                if limits.matching(key, configured) is None:
+                    errors.append(checks.Error(
+                        f"TASKS[{self.alias!r}]['OPTIONS']['LIMITS'][{path!r}]: key {key!r} "
+                        "matches no entry of DJASYNC['LIMITS']", id="djasync.E104"))
         for queue in sorted(self.queues):
             try:
                 check_queue_name(queue)
@@ -384,6 +402,18 @@ def _meta_from_options(alias: str, options: Any) -> dict[str, Any]:
         return check_meta(meta)
     except (TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"TASKS[{alias!r}]['OPTIONS']: {exc}") from None
+
+
+def _limits_from_options(alias: str, raw: Any) -> dict[str, list[str]]:
+    """Return OPTIONS "LIMITS": Task path -> the flow-control keys its jobs hold."""
+    where = f"TASKS[{alias!r}]['OPTIONS']['LIMITS']"
+    if not isinstance(raw, dict) or not all(
+            isinstance(path, str) and isinstance(keys, list | tuple)
+            and all(isinstance(k, str) and k for k in keys) for path, keys in raw.items()):
+        raise ImproperlyConfigured(
+            f"{where} must be a dict of Task path -> list of limit keys, such as "
+            "{'shop.tasks.charge': ['stripe']}.")
+    return {path: list(keys) for path, keys in raw.items()}
 
 
 def _task_meta(task: Task) -> dict[str, Any]:

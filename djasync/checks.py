@@ -30,12 +30,19 @@ def check_periodic(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         entries = conf.get().PERIODIC
     except ImproperlyConfigured:
         return []  # reported by check_settings
+    from djasync import limits
+
     errors: list[checks.CheckMessage] = []
     for entry in entries:
         try:
             registry.resolve(entry.function)
         except (DjasyncError, ImportError) as exc:
             errors.append(checks.Error(f"periodic job {entry.name!r}: {exc}", id="djasync.E004"))
+        for key in entry.limits:
+            if limits.matching(key, conf.get().LIMITS) is None:
+                errors.append(checks.Error(
+                    f"periodic job {entry.name!r}: limit key {key!r} matches no entry of "
+                    "DJASYNC['LIMITS']", id="djasync.E005"))
     return errors
 
 

@@ -67,6 +67,10 @@ class Settings:
     #: (PgBouncer), which cannot carry LISTEN. ``None``: the default database's parameters.
     #: The worker's connection options (keepalives…) are added unless the URL sets them.
     LISTEN_URL: str | None = None
+    #: Flow control: key (or ``"name:*"`` pattern, or ``"queue:<name>"``) ->
+    #: ``{"concurrency": N, "rate": "N/s|m|h"}`` (see djasync.limits). Parsed into
+    #: :class:`djasync.limits.Limit` values.
+    LIMITS: dict[str, Any] = field(default_factory=dict)
     _backoff: Callable[[int], float] = field(default=default_backoff, repr=False)
 
     def backoff(self, attempt: int, job_backoff: Any = None) -> float:
@@ -152,6 +156,10 @@ def load(raw: Any) -> Settings:
         from djasync.connections import check_listen_url
 
         check_listen_url(values["LISTEN_URL"])
+    if "LIMITS" in values:
+        from djasync import limits
+
+        values["LIMITS"] = limits.parse(values["LIMITS"])
     backoff = values.get("BACKOFF", Settings.BACKOFF)
     if isinstance(backoff, str):
         try:

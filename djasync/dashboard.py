@@ -35,7 +35,8 @@ from typing import Any
 from django.db import connection
 from django.utils import timezone
 
-from djasync.models import Outcome, Status, Worker, shown_name
+from djasync import limits as flow_limits
+from djasync.models import Outcome, PausedQueue, Status, Worker, shown_name
 from djasync.registry import TASK_RUNNER
 from djasync.workers import STALE_AFTER
 
@@ -273,6 +274,9 @@ class Dashboard:
     failing: list[FailingName]
     workers: list[AliveWorker]
     totals: dict[str, int] = field(default_factory=dict)
+    #: Flow control now: paused queues, and each limit's use (djasync.limits.usage).
+    paused: list[str] = field(default_factory=list)
+    limits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -292,4 +296,6 @@ def collect(now: datetime.datetime | None = None) -> Dashboard:
         workers=workers_alive(now),
         totals={"depth_now": sum(series[-1] for series in depth.values()),
                 "succeeded": sum(flow.succeeded), "failed": sum(flow.failed)},
+        paused=list(PausedQueue.objects.values_list("queue", flat=True)),
+        limits=flow_limits.usage(),
     )

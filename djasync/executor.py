@@ -44,7 +44,7 @@ from django.db import (
 )
 from django.utils import timezone
 
-from djasync import attempts, conf, leases, registry, sql, wire
+from djasync import attempts, conf, leases, limits, registry, sql, wire
 from djasync.attempts import Finished, PermanentFailure, Run
 from djasync.exceptions import DjasyncError
 from djasync.models import Job, Outcome, Status
@@ -187,12 +187,10 @@ def claim(
     ``now`` pretends the time is ``now`` when deciding which ``run_after`` has passed.
     """
     _check_limit(limit)
-    query = sql.claim(
-        by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None,
-        limit=limit, one_queue=queues is not None and len(queues) == 1,
-    )
-    params: dict[str, Any] = {"queues": list(queues or []),
-                              "name_prefix": name_prefix, "job_id": job_id, "now": now}
+    found = _claim_statement(limit, queues, name_prefix, job_id, now)
+    if found is None:  # every queue served is paused
+        return []
+    query, params = found
     cursor = attempts.hot_cursor()
     for statement in sql.CLAIM_PLAN:
         cursor.execute(statement)
@@ -205,6 +203,37 @@ def claim(
         ClaimedJob(id, name, _loads(args), _loads(kwargs), _loads(meta), *rest)
         for id, name, args, kwargs, meta, *rest in rows
     ]
+
+
+def _claim_statement(limit: int, queues: Sequence[str] | None, name_prefix: str | None,
+                     job_id: int | None, now: datetime.datetime | None,
+                     ) -> tuple[str, dict[str, Any]] | None:
+    """The claim statement and its parameters; None if every queue served is paused.
+
+    With ``DJASYNC["LIMITS"]`` set: :func:`sql.claim_limited`, which reads the paused queues
+    itself. Without: the plain claim (:func:`sql.claim`), unchanged while no queue is paused;
+    a paused queue is left out of the queues served (read at most every
+    ``limits.PAUSED_TTL_SECONDS``), or, for a worker serving every queue, filtered out."""
+    params: dict[str, Any] = {"queues": list(queues or []), "name_prefix": name_prefix,
+                              "job_id": job_id, "now": now}
+    if limits.enabled():
+        params.update(limits.config_params(), queues=list(queues) if queues else None,
+                      channel=conf.NOTIFY_CHANNEL)
+        return sql.claim_limited(limit), params
+    paused = limits.paused_queues() if job_id is None else []
+    if paused and queues:
+        queues = [queue for queue in queues if queue not in paused]
+        if not queues:
+            return None
+        params["queues"] = queues
+    query = sql.claim(
+        by_queue=bool(queues), by_name_prefix=bool(name_prefix), by_id=job_id is not None,
+        limit=limit, one_queue=queues is not None and len(queues) == 1,
+        paused=bool(paused) and not queues,
+    )
+    if paused and not queues:
+        params["paused"] = paused
+    return query, params
 
 
 def _check_limit(limit: Any) -> None:
@@ -342,35 +371,53 @@ def _after_commit(outcomes: list[Finished | attempts.Succeeded], written: dict[i
         if isinstance(started, Finished):  # its row may not run: failed, as in the claim
             finished.append(started)
             continue
-        run, owner = started
-        if before_each is not None:
-            try:
-                before_each(job)
-            except BaseException:  # the worker is stopping: this job and the next ones wait
-                leases.give_back([(job.id, owner)])
-                raise
-        finished.append(leases.run(run, owner, functools.partial(_call, run, job), _Raised))
+        run, owner, holds_slots = started
+        try:
+            if before_each is not None:
+                try:
+                    before_each(job)
+                except BaseException:  # the worker is stopping: this job and the next wait
+                    leases.give_back([(job.id, owner)])
+                    raise
+            finished.append(leases.run(run, owner, functools.partial(_call, run, job),
+                                       _Raised))
+        finally:
+            if holds_slots:  # its flow-control slots, held by this session
+                limits.release_session_slots()
     return finished
 
 
-def _start_leased(job: ClaimedJob, worker: str) -> tuple[Run, str] | Finished | None:
+def _start_leased(job: ClaimedJob, worker: str) -> tuple[Run, str, bool] | Finished | None:
     """Lease a long job just before it starts, in a short transaction of its own; return its
-    run and lease owner, how it ended if its row may not run, or None if it may no longer
+    run, lease owner and whether it holds flow-control slots (at session level: see
+    :func:`leases.take`), how it ended if its row may not run, or None if it may no longer
     start here: since our claim committed, another worker ran it or runs it, or it was
-    cancelled (then it is skipped, and logged)."""
-    with transaction.atomic():
-        taken = leases.take(job.id, job.due_at, worker)
-        if taken is None:
-            logger.info("long job skipped id=%s name=%s: it was cancelled, rescheduled or "
-                        "taken by another worker after this batch claimed it", job.id, job.name)
-            return None
-        owner, previous = taken
-        run = _begin(dataclasses.replace(job, previous_attempts=previous, lease_expired=False),
-                     worker)
-        if isinstance(run, Finished):
-            leases.release(job.id)
-            return run
-    return run, owner
+    cancelled, or one of its limits is full (then it is skipped, and logged)."""
+    try:
+        with transaction.atomic():
+            taken = leases.take(job.id, job.due_at, worker)
+            if taken is None:
+                logger.info("long job skipped id=%s name=%s: it was cancelled, rescheduled or "
+                            "taken by another worker after this batch claimed it", job.id,
+                            job.name)
+                return None
+            owner, previous, holds_slots = taken
+            run = _begin(dataclasses.replace(job, previous_attempts=previous,
+                                             lease_expired=False), worker)
+            if isinstance(run, Finished):
+                leases.release(job.id)
+                if holds_slots:
+                    limits.release_session_slots()
+                return run
+    except leases.LimitFull as full:
+        logger.info("long job skipped id=%s name=%s: limit %s became full after this batch "
+                    "claimed it", job.id, job.name, full)
+        return None
+    except BaseException:
+        if connection.connection is not None and limits.enabled():
+            limits.release_session_slots()
+        raise
+    return run, owner, holds_slots
 
 
 class CommitRefused(DjasyncError):
@@ -444,6 +491,8 @@ class _FastBatch:
         #: Django's connection object itself: ``connection`` is a proxy that looks it up (in
         #: a thread-and-task-local) at every attribute, several times per job.
         self.db = connections[DEFAULT_DB_ALIAS]
+        #: When the claim message's paused queues were read (see ``run``).
+        self.claim_read_at = 0.0
 
     def run(self, limit: int, *, queues: Sequence[str] | None, name_prefix: str | None,
             now: datetime.datetime | None,
@@ -462,6 +511,8 @@ class _FastBatch:
         """
         statements = wire.statements()
         claim_message = self._claim_message(statements, limit, queues, name_prefix, now)
+        if claim_message is None:  # every queue served is paused
+            return []
         outcomes: list[Outcomes] = []
         written: dict[int, Finished] = {}
         leased: list[Leased] = []
@@ -477,8 +528,12 @@ class _FastBatch:
                     jobs = self._claimed(statements, results)
                     while True:
                         outcomes, leased = self._run_jobs(statements, jobs)
+                        # The plain claim's paused queues are read at most every
+                        # PAUSED_TTL_SECONDS: a chain stops then, to read them again.
                         chain = (on_batch is not None and bool(jobs) and not leased
-                                 and not self.db.run_on_commit)
+                                 and not self.db.run_on_commit
+                                 and time.monotonic() - self.claim_read_at
+                                 < limits.PAUSED_TTL_SECONDS)
                         written, jobs = self._finish(
                             statements,
                             [o for o in outcomes if isinstance(o, attempts.Succeeded)],
@@ -527,17 +582,19 @@ class _FastBatch:
 
     def _claim_message(self, statements: wire.Statements, limit: int,
                        queues: Sequence[str] | None, name_prefix: str | None,
-                       now: datetime.datetime | None) -> list[wire.Command]:
+                       now: datetime.datetime | None) -> list[wire.Command] | None:
         """BEGIN, the job timeouts and the claim's plan settings (one statement), the claim,
         its plan settings put back, and the first job's SAVEPOINT (all prepared now, before
-        our BEGIN).
+        our BEGIN); None if every queue served is paused.
 
         The timeouts are ``SET LOCAL``: every transaction of the worker sets them afresh, so
         that none depends on its session's settings, and none leaves any behind. Behind a
         pooler in transaction mode the session is not ours (see ``sql.CLAIM_SETTINGS``)."""
-        query = sql.claim(by_queue=bool(queues), by_name_prefix=bool(name_prefix), limit=limit,
-                          one_queue=queues is not None and len(queues) == 1)
-        claim_params = {"queues": list(queues or []), "name_prefix": name_prefix, "now": now}
+        found = _claim_statement(limit, queues, name_prefix, None, now)
+        if found is None:
+            return None
+        query, claim_params = found
+        self.claim_read_at = time.monotonic()
         command = statements.command
         return [command(statements.begin(worker=True)),
                 command(sql.CLAIM_SETTINGS, timeout_settings(conf.get().TIMEOUT)),
@@ -755,6 +812,9 @@ def _why_not_runnable(job: Job) -> str:
             status=Status.PENDING).exists():
         return (f"it is the final job of group {group.reference!r} (#{group.pk}) and other jobs "
                 "of the group are pending")
+    if job.limits and limits.enabled():
+        return (f"one of its limits ({', '.join(job.limits)}) is full, or another worker is "
+                "running it right now")
     return "another worker is running it right now"
 
 

@@ -10,8 +10,8 @@ from django.db import connection
 from django.db.models import Count, F, Max, Sum
 from django.utils import timezone
 
-from djasync import workers
-from djasync.models import Attempt, Job, Outcome, Status, shown_name, task_path
+from djasync import limits, workers
+from djasync.models import Attempt, Job, Outcome, PausedQueue, Status, shown_name, task_path
 
 #: Succeeded attempts of this last span give the run times: the slowest functions, and the
 #: estimate of the time to drain the due jobs.
@@ -82,6 +82,8 @@ def health() -> dict[str, Any]:
         "estimate": estimate,
         "estimated_drain_seconds": estimate["drain_seconds"],
         "workers": workers_now,
+        "paused_queues": list(PausedQueue.objects.values_list("queue", flat=True)),
+        "limits": limits.usage(),
     }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from djasync import attempts, conf, sql
+from djasync import attempts, conf, limits, sql
 from djasync.attempts import Finished, Run
 from djasync.models import Outcome, Status
 
@@ -39,7 +39,13 @@ def is_leased(meta: Any) -> bool:
     return isinstance(meta, dict) and meta.get("atomic") is False
 
 
-def take(job_id: int, run_after: datetime.datetime | None, worker: str) -> tuple[str, int] | None:
+class LimitFull(Exception):
+    """A long job's flow-control key has no free slot now: its lease is rolled back, and the
+    job waits for the next claim."""
+
+
+def take(job_id: int, run_after: datetime.datetime | None, worker: str,
+         ) -> tuple[str, int, bool] | None:
     """Take the lease of a long job about to start, in the open (short) transaction; return
     the owner token and the attempts made so far, or None if the job may no longer start here
     (see :data:`sql.TAKE_LEASE`: it ran, runs or was cancelled elsewhere since our claim).
@@ -47,6 +53,11 @@ def take(job_id: int, run_after: datetime.datetime | None, worker: str) -> tuple
     ``run_after`` is the job's ``run_after`` as the claim read it. If the previous holder's
     lease ran out, its attempt is recorded as lost first, so that it counts towards
     ``max_attempts`` before this one starts.
+
+    A job with flow-control keys also takes a slot of each, held by this session (not this
+    transaction) until :func:`limits.release_session_slots` after its outcome, or until the
+    session ends if its worker dies; the third value says so. Raises :class:`LimitFull` if a
+    key is full (the caller rolls the lease back).
     """
     owner = f"{worker}/{uuid.uuid4().hex[:12]}"
     with connection.cursor() as cursor:
@@ -55,12 +66,17 @@ def take(job_id: int, run_after: datetime.datetime | None, worker: str) -> tuple
         row = cursor.fetchone()
     if row is None:
         return None
-    expired, previous = row
+    expired, previous, keys = row
+    holds_slots = keys is not None and limits.enabled()
+    if holds_slots:
+        full = limits.take_session_slots(keys)
+        if full is not None:
+            raise LimitFull(full)
     if expired:
         attempts.record_lost(job_id, outcome=Outcome.CRASHED, started=timezone.now(),
                              worker=worker, reason="its lease expired (worker dead or frozen)")
         previous += 1
-    return owner, int(previous)
+    return owner, int(previous), holds_slots
 
 
 def release(job_id: int) -> None:

@@ -134,6 +134,10 @@ class Job(models.Model):
         help_text="Who holds the lease of a running non-atomic job (meta atomic=False).",
     )
     lease_expires = models.DateTimeField(null=True, blank=True, editable=False)
+    #: Flow-control keys (``schedule(..., limits=[...])``, see :mod:`djasync.limits`); NULL
+    #: for a job with none, which the claim then takes exactly as before limits existed.
+    #: A JSON array of strings (jsonb: no dependency on ``django.contrib.postgres``).
+    limits = models.JSONField(null=True, blank=True, editable=False)
 
     objects = JobQuerySet.as_manager()
 
@@ -160,15 +164,17 @@ class Job(models.Model):
         indexes = [
             # The claim walks this index in its ORDER BY; only pending rows are in it, so its
             # size follows the backlog, never the history of finished jobs.
+            # Jobs with flow-control keys are not in it (``limits`` NULL): however many of
+            # them wait on a full key, the claim of other jobs never reads past them.
             models.Index(
                 fields=["-priority", "run_after", "id"],
-                condition=Q(status="pending"),
+                condition=Q(status="pending", limits__isnull=True),
                 name="djasync_job_claim",
             ),
             # The same for a worker serving one queue (``--queue``): it walks its queue only.
             models.Index(
                 fields=["queue", "-priority", "run_after", "id"],
-                condition=Q(status="pending"),
+                condition=Q(status="pending", limits__isnull=True),
                 name="djasync_job_claim_queue",
             ),
             # Every index below is partial, so that scheduling a job writes 4 index entries
@@ -185,6 +191,13 @@ class Job(models.Model):
             # An idle worker sleeps until the earliest future run_after: found in O(log n).
             models.Index(
                 fields=["run_after"], condition=Q(status="pending"), name="djasync_job_pending_at"
+            ),
+            # The claim of jobs with flow-control keys walks these (djasync_claim_limited):
+            # they are few, or the limits would not be needed, so they get their own walk.
+            models.Index(
+                fields=["-priority", "run_after", "id"],
+                condition=Q(status="pending", limits__isnull=False),
+                name="djasync_job_claim_limited",
             ),
         ]
 
@@ -441,3 +454,35 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class PausedQueue(models.Model):
+    """A queue no worker claims from until it is resumed (``djasync.pause_queue``)."""
+
+    queue = models.CharField(max_length=100, primary_key=True)
+    paused_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["queue"]
+
+    def __str__(self) -> str:
+        return f"{self.queue} (paused)"
+
+
+class RateToken(models.Model):
+    """One of a rate-limited key's N starts per window: free once ``used_at`` is a window old.
+
+    A claim takes a free token (and stamps it) in the claiming transaction, so no window of
+    the key's length holds more than N starts (see :mod:`djasync.limits`).
+    """
+
+    key = models.CharField(max_length=200)
+    slot = models.PositiveIntegerField()
+    used_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "slot"],
+                                               name="djasync_rate_token_key_slot")]
+
+    def __str__(self) -> str:
+        return f"{self.key}#{self.slot}"

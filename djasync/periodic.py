@@ -35,7 +35,7 @@ from djasync.exceptions import ImproperlyConfigured
 
 logger = logging.getLogger(__name__)
 
-KEYS = {"cron", "function", "name", "args", "kwargs", "queue", "priority", "meta"}
+KEYS = {"cron", "function", "name", "args", "kwargs", "queue", "priority", "meta", "limits"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Periodic:
     queue: str | None = None
     priority: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Flow-control keys of its jobs (checked against ``DJASYNC["LIMITS"]`` when enqueued).
+    limits: tuple[str, ...] = ()
 
     def latest_slot(self, now: datetime.datetime) -> datetime.datetime:
         """The most recent slot at or before ``now`` (in UTC)."""
@@ -122,10 +124,13 @@ def parse(raw: Any) -> tuple[Periodic, ...]:
             raise ImproperlyConfigured(
                 f"{where}: name {name!r} is used twice; give one of them a distinct 'name'."
             )
+        keys = item.get("limits") or ()
+        if not isinstance(keys, list | tuple) or not all(isinstance(k, str) for k in keys):
+            raise ImproperlyConfigured(f"{where}: 'limits' must be a list of limit keys.")
         entries[name] = Periodic(
             name, item["cron"], item["function"], list(item.get("args") or []),
             dict(item.get("kwargs") or {}), item.get("queue"), item.get("priority"),
-            dict(item.get("meta") or {}),
+            dict(item.get("meta") or {}), tuple(keys),
         )
     return tuple(entries.values())
 
@@ -148,7 +153,7 @@ def enqueue_slot(entry: Periodic, slot: datetime.datetime) -> bool:
             if cursor.fetchone() is None:
                 return False
         schedule(entry.function, entry.args, entry.kwargs, meta=entry.meta or None,
-                 queue=entry.queue, priority=entry.priority)
+                 queue=entry.queue, priority=entry.priority, limits=entry.limits or None)
     logger.info("periodic job enqueued name=%s slot=%s", entry.name, slot.isoformat())
     return True
 

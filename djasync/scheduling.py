@@ -20,6 +20,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from djasync import attempts, conf, executor, registry, sql, wire
+from djasync import limits as flow
 from djasync.conf import NOTIFY_CHANNEL
 from djasync.exceptions import DjasyncError, GroupClosed, GroupInUse, UniqueJobNotVisible
 from djasync.models import Group, Job, Status, identity_of
@@ -51,6 +52,8 @@ class JobSpec:
     group: Group | str | None = field(default=None)
     #: True: unique by function and arguments; a string: unique by that key.
     unique: bool | str = False
+    #: Flow-control keys (each must match an entry of ``DJASYNC["LIMITS"]``).
+    limits: Iterable[str] | None = None
 
 
 def schedule(
@@ -64,6 +67,7 @@ def schedule(
     queue: str | None = None,
     group: Group | str | None = None,
     unique: bool | str = False,
+    limits: Iterable[str] | None = None,
 ) -> Job:
     """Add a job to the queue in the caller's transaction and return the saved row.
 
@@ -85,10 +89,12 @@ def schedule(
     reference, or a new one).
     ``unique=True`` (same function and arguments) or ``unique="some-key"`` keeps at most one
     pending job per key, enforced by a partial unique index: if one is pending (or running),
-    it is returned and nothing is added.
+    it is returned and nothing is added. ``limits`` names flow-control keys (see
+    ``DJASYNC["LIMITS"]``): the job starts only when each of them has room.
     """
     (job,) = schedule_many(
-        [JobSpec(function, args, kwargs, run_after, meta, priority, queue, group, unique)]
+        [JobSpec(function, args, kwargs, run_after, meta, priority, queue, group, unique,
+                 limits)]
     )
     return job
 
@@ -126,11 +132,15 @@ def schedule_many(specs: Iterable[JobSpec]) -> list[Job]:
             "unique_key": _unique_key(spec.unique, identity),
             "group_id": None, "created_at": now,
         }
+        values["limits"] = flow.keys_for(spec.limits, values["queue"], settings.LIMITS)
         job = Job.from_db(alias, _ATTNAMES, [values[f] for f in _ATTNAMES])
         job._state.adding = True  # not saved yet (from_db builds it the fast way)
         jobs.append(job)
     if not jobs:
         return []
+    keys = {key for job in jobs if job.limits for key in job.limits}
+    if keys:
+        flow.ensure_tokens(sorted(keys), settings.LIMITS)
     if len(jobs) < COPY_FROM and not connection.in_atomic_block and all(
             job.unique_key is None for job in jobs) and all(group is None for group in groups):
         # Autocommit and plain jobs: the one statement is its own transaction (one round trip;
@@ -171,7 +181,7 @@ COPY_FROM = 200
 #: The columns COPY fills, in the order :func:`_copy` writes them.
 _COPY_COLUMNS = ("id", "name", "args", "kwargs", "meta", "queue", "priority", "run_after",
                  "status", "attempts", "identity", "group_id", "created_at", "worker",
-                 "lease_owner")
+                 "lease_owner", "limits")
 
 
 def _insert(jobs: list[Job], now: datetime.datetime) -> None:
@@ -192,6 +202,7 @@ def _insert(jobs: list[Job], now: datetime.datetime) -> None:
         "run_after": [job.run_after for job in jobs],
         "identity": [job.identity for job in jobs],
         "group_id": [job.group_id for job in jobs],
+        "limits": [None if job.limits is None else _json.encode(job.limits) for job in jobs],
         "now": now, "channel": NOTIFY_CHANNEL,
     }
     # Prepared once per connection (COPY takes over from COPY_FROM jobs).
@@ -217,7 +228,7 @@ def _copy(jobs: list[Job], now: datetime.datetime) -> None:
                 copy.write_row((pk, job.name, _encode(job.args), _encode(job.kwargs),
                                 _encode(job.meta), job.queue, job.priority, job.run_after,
                                 Status.PENDING.value, 0, job.identity, job.group_id, now, "",
-                                ""))
+                                "", None if job.limits is None else _json.encode(job.limits)))
         cursor.execute(sql.NOTIFY_QUEUES, {"channel": NOTIFY_CHANNEL,
                                            "queues": sorted({job.queue for job in jobs})})
     alias = connection.alias

@@ -15,7 +15,8 @@ ATTEMPT = "djasync_attempt"
 
 @cache
 def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
-          exists: bool = False, limit: int = 1, one_queue: bool = False) -> str:
+          exists: bool = False, limit: int = 1, one_queue: bool = False,
+          paused: bool = False) -> str:
     """Lock and read up to ``limit`` runnable jobs, best first.
 
     - ``FOR NO KEY UPDATE``: a plain ``FOR UPDATE`` would conflict with the ``FOR KEY SHARE`` lock
@@ -26,8 +27,10 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
       dies releases it with its transaction.
     - Every eligibility predicate sits inside this locked select (never in an outer query), so a
       row that is locked is always a row that will run.
-    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows only), and
-      ``djasync_job_claim_queue`` after its queue.
+    - The ORDER BY matches the partial index ``djasync_job_claim`` (pending rows without
+      flow-control keys only), and ``djasync_job_claim_queue`` after its queue. A job with
+      keys is claimed only by :func:`claim_limited`, used when ``DJASYNC["LIMITS"]`` is set:
+      with it empty, such jobs wait.
     - ``previous_attempts`` counts the attempt rows. It may miss an attempt committed by the
       transaction that held the row just before us (the statement's snapshot predates that
       commit), so the executor recounts exactly (:data:`COUNT_ATTEMPTS`) when a job is near its
@@ -53,6 +56,11 @@ def claim(*, by_queue: bool, by_name_prefix: bool, by_id: bool = False,
 
     With ``exists``, return instead whether any such job exists, locked or not (a burst worker
     uses it to tell "nothing due" from "due but held by someone right now").
+
+    ``paused`` (a claim of every queue while some are paused, ``%(paused)s``): pass over the
+    jobs of those queues. A worker serving listed queues leaves the paused ones out of its
+    list instead, so its statement is the plain one. (With ``DJASYNC["LIMITS"]`` set, the
+    claim is :data:`CLAIM_LIMITED` instead.)
     """
     if by_queue and not one_queue and not exists and not by_id:
         prefix = "%(name_prefix)s::text" if by_name_prefix else "NULL"
@@ -62,6 +70,9 @@ SELECT * FROM djasync_claim_queues(%(queues)s::text[], {int(limit)}, %(now)s::ti
 """
     filters = [
         "j.status = 'pending'",
+        # Jobs with flow-control keys are claimed by CLAIM_LIMITED only, and are not in the
+        # claim indexes (this predicate is theirs). ``exists`` counts them: they are due.
+        "TRUE" if exists else "j.limits IS NULL",
         # ``job()`` (by id) runs a job now even if its run_after is in the future.
         # clock_timestamp(), not now(): inside a long transaction (a TestCase) now() stands
         # still. ``%(now)s`` lets djasync.testing run jobs "later" without waiting.
@@ -79,6 +90,8 @@ SELECT * FROM djasync_claim_queues(%(queues)s::text[], {int(limit)}, %(now)s::ti
         filters.append("j.queue = (%(queues)s::text[])[1]")
     elif by_queue:
         filters.append("j.queue = ANY(%(queues)s)")
+    if paused:
+        filters.append("j.queue <> ALL(%(paused)s::text[])")
     if by_name_prefix:
         filters.append("starts_with(j.name, %(name_prefix)s)")
     if by_id:
@@ -95,6 +108,22 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
  ORDER BY j.priority DESC, j.run_after, j.id
  LIMIT {int(limit)}
    FOR NO KEY UPDATE OF j SKIP LOCKED
+"""
+
+
+@cache
+def claim_limited(limit: int) -> str:
+    """The claim when flow-control limits are configured: ``djasync_claim_limited``
+    (migration 0010) takes the jobs with keys that rank before the best job without, each
+    only if a slot (and a rate token) of each of its keys is free, then the others; paused
+    queues are passed over (``job()``, by id, runs a job of a paused queue). ``limit`` is
+    written into the statement, as in :func:`claim`."""
+    return f"""
+SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::timestamptz,
+                                    %(name_prefix)s::text, %(job_id)s::bigint,
+                                    %(cfg_keys)s::text[], %(cfg_concurrency)s::integer[],
+                                    %(cfg_rate)s::integer[], %(cfg_per)s::float8[],
+                                    %(channel)s::text)
 """
 
 
@@ -299,7 +328,7 @@ UPDATE {JOB} j SET lease_owner = %(owner)s,
        lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)
   FROM free
  WHERE j.id = free.id
-RETURNING free.lease_expired, free.previous_attempts
+RETURNING free.lease_expired, free.previous_attempts, j.limits
 """
 RENEW_LEASE = f"""
 UPDATE {JOB} SET lease_expires = clock_timestamp() + make_interval(secs => %(seconds)s)
@@ -331,14 +360,14 @@ RELEASE_LEASES = f"UPDATE {JOB} SET lease_owner = '', lease_expires = NULL WHERE
 INSERT_JOBS = f"""
 WITH j AS (
     INSERT INTO {JOB} (name, args, kwargs, meta, queue, priority, run_after, status, attempts,
-                       identity, group_id, created_at, worker, lease_owner)
+                       identity, group_id, created_at, worker, lease_owner, limits)
     SELECT r.name, r.args::jsonb, r.kwargs::jsonb, r.meta::jsonb, r.queue, r.priority,
-           r.run_after, 'pending', 0, r.identity, r.group_id, %(now)s, '', ''
+           r.run_after, 'pending', 0, r.identity, r.group_id, %(now)s, '', '', r.limits::jsonb
       FROM unnest(%(name)s::text[], %(args)s::text[], %(kwargs)s::text[], %(meta)s::text[],
                   %(queue)s::text[], %(priority)s::int2[], %(run_after)s::timestamptz[],
-                  %(identity)s::text[], %(group_id)s::int8[])
+                  %(identity)s::text[], %(group_id)s::int8[], %(limits)s::text[])
            WITH ORDINALITY AS r(name, args, kwargs, meta, queue, priority, run_after, identity,
-                                group_id, n)
+                                group_id, limits, n)
      ORDER BY r.n
     RETURNING id, queue
 )

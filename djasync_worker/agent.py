@@ -31,7 +31,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from djasync import attempts, leases, periodic, sql, workers
+from djasync import attempts, leases, limits, periodic, sql, workers
 from djasync.models import Job, Outcome
 from djasync.registry import display_name
 
@@ -244,10 +244,17 @@ class Tasks:
         return wait
 
     def due_jobs(self, queues: list[str]) -> bool:
-        query = sql.claim(by_queue=bool(queues), by_name_prefix=False, exists=True)
-        with bounded(), connection.cursor() as cursor:
-            cursor.execute(query, {"queues": queues, "now": None})
-            return bool(cursor.fetchone()[0])
+        with bounded():
+            # Jobs of a paused queue are not due for anyone (a burst worker stops).
+            paused = limits.paused_queues()
+            served = [q for q in queues if q not in paused]
+            if queues and not served:
+                return False
+            query = sql.claim(by_queue=bool(served), by_name_prefix=False, exists=True,
+                              paused=bool(paused) and not served)
+            with connection.cursor() as cursor:
+                cursor.execute(query, {"queues": served, "now": None, "paused": paused})
+                return bool(cursor.fetchone()[0])
 
     def queue_depth(self) -> list[tuple[str, int, int, float]] | None:
         from djasync_worker.metrics import read_queue_depth

@@ -344,6 +344,43 @@ class _DaemonCollector:
             due.add_metric([queue], due_count)
             oldest.add_metric([queue], age)
         yield from (pending, due, oldest)
+        yield from _flow_control()
+
+
+def _flow_control() -> Iterator[Any]:
+    """Paused queues and each limit's use (djasync.limits), read at scrape time."""
+    from django.db import connection
+    from prometheus_client.core import GaugeMetricFamily
+
+    from djasync import limits
+
+    try:
+        paused_queues = limits.paused_queues()
+        usage = limits.usage()
+    except Exception as exc:
+        logger.warning("metrics: cannot read flow control error=%s", exc)
+        with contextlib.suppress(Exception):
+            connection.close()
+        return
+    paused = GaugeMetricFamily("djasync_queue_paused", "1 for a paused queue.",
+                               labels=["queue"])
+    for queue in paused_queues:
+        paused.add_metric([queue], 1)
+    yield paused
+    running = GaugeMetricFamily("djasync_limit_running_jobs",
+                                "Jobs holding a slot of the limit now (a pattern: all its keys).",
+                                labels=["limit"])
+    waiting = GaugeMetricFamily("djasync_limit_waiting_jobs",
+                                "Due pending jobs that hold the limit's key (running included).",
+                                labels=["limit"])
+    rate_used = GaugeMetricFamily("djasync_limit_rate_used",
+                                  "Starts in the rate's current window.", labels=["limit"])
+    for row in usage:
+        running.add_metric([row["key"]], row["running"])
+        waiting.add_metric([row["key"]], row["waiting"])
+        if row["rate_used"] is not None:
+            rate_used.add_metric([row["key"]], row["rate_used"])
+    yield from (running, waiting, rate_used)
 
 
 def _name_label(name: str) -> str:

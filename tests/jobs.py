@@ -336,3 +336,23 @@ def record_timeouts(key):
         (note,) = cursor.fetchone()
     Ledger.objects.create(key=key, note=note)
     return note
+
+
+#: The table flow-control tests record runs in (made by tests/test_limits.py): a job's start
+#: and end as PostgreSQL's clock_timestamp() saw them, written with the job's own commit.
+FLOW_RUNS = "flow_run"
+
+
+def flow_run(key, seconds=0.02, pidfile=None):
+    """Record this run's start and end under ``key`` (an atomic job: the row commits with
+    the job, so only runs that finished are recorded); optionally publish the pid and wait."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        (started,) = cursor.fetchone()
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+    time.sleep(seconds)
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {FLOW_RUNS} (key, started, finished, pid) "
+                       "VALUES (%s, %s, clock_timestamp(), pg_backend_pid())", [key, started])

@@ -79,7 +79,11 @@ def test_the_claim_walks_its_index_even_before_the_table_has_statistics():
                 planned = "\n".join(row[0] for row in cursor.fetchall())
         finally:
             cursor.execute("ANALYZE djasync_job")
-    assert "Sort" in unaided.split("SubPlan")[0], unaided  # the trap is real ...
+    # The trap was real (a Sort of the backlog) until the claim's predicate gained
+    # ``limits IS NULL`` (flow control, migration 0011): PostgreSQL's default selectivity for
+    # IS NULL on a table without statistics now makes it walk the index unaided too. The
+    # plan settings stay, for whichever estimate next goes wrong.
+    assert "Index Scan using djasync_job_claim" in unaided or "Sort" in unaided, unaided
     assert "Index Scan using djasync_job_claim" in planned, planned  # ... and avoided
     assert "Sort" not in planned.split("SubPlan")[0], planned
 

@@ -36,6 +36,15 @@ class Command(BaseCommand):
         for function, counts in report["functions"].items():
             summary = ", ".join(f"{k} {v}" for k, v in counts.items())
             self.stdout.write(f"  function {function}: {summary}")
+        if report["paused_queues"]:
+            self.stdout.write(f"paused queues: {', '.join(report['paused_queues'])}")
+        for limit in report["limits"]:
+            parts = [f"running {limit['running']}"
+                     + (f"/{limit['concurrency']}" if limit["concurrency"] else ""),
+                     f"waiting {limit['waiting']}"]
+            if limit["rate"]:
+                parts.append(f"rate used {limit['rate_used']} of {limit['rate']}")
+            self.stdout.write(f"  limit {limit['key']}: {', '.join(parts)}")
         last = report["last_hour"]
         self.stdout.write(
             f"last hour: {last['succeeded']} succeeded, {last['errors']} errors, "

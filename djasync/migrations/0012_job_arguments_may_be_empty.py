@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('djasync', '0009_claim_queues'),
+        ('djasync', '0011_claim_without_limited'),
     ]
 
     operations = [

@@ -1,0 +1,371 @@
+"""Flow control: concurrency limits and rates by key, and paused queues (djasync.limits)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.core import checks
+from django.db import connection, transaction
+from django.test import override_settings
+
+import djasync
+from djasync import executor, limits, sql
+from djasync.exceptions import DjasyncError, ImproperlyConfigured
+from djasync.models import Job, PausedQueue, Status
+from tests import jobs
+from tests.conftest import conninfo
+from tests.settings import DJASYNC
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LIMITS = {
+    "stripe": {"concurrency": 2, "rate": "100/m"},
+    "tenant:*": {"concurrency": 1},
+    "queue:mail": {"rate": "10/s"},
+    "solo": {"concurrency": 1},
+}
+WITH_LIMITS = {**DJASYNC, "LIMITS": LIMITS}
+
+
+@pytest.fixture
+def flow_runs(transactional_db):
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {jobs.FLOW_RUNS} (key text, started "
+                       "timestamptz, finished timestamptz, pid integer)")
+        cursor.execute(f"TRUNCATE {jobs.FLOW_RUNS}")
+    return jobs.FLOW_RUNS
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_key_matching_no_configured_limit_is_refused_at_schedule_naming_the_key():
+    with pytest.raises(limits.UnknownLimit, match="'stripes'"):
+        djasync.schedule(jobs.add, [1, 2], limits=["stripes"])
+    with pytest.raises(limits.UnknownLimit, match="'client:7'"):
+        djasync.schedule(jobs.add, [1, 2], limits=["tenant:1", "client:7"])
+    assert not Job.objects.exists()
+
+
+def test_limits_are_refused_when_none_are_configured():
+    with pytest.raises(limits.UnknownLimit, match="configured: none"):
+        djasync.schedule(jobs.add, [1, 2], limits=["stripe"])
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_job_holds_its_keys_and_its_queues_key_and_unlimited_jobs_hold_none():
+    charged = djasync.schedule(jobs.add, [1, 2], limits=["stripe", "tenant:4", "stripe"])
+    mail = djasync.schedule(jobs.add, [1, 2], queue="mail")
+    plain = djasync.schedule(jobs.add, [1, 2])
+    rows = dict(Job.objects.values_list("id", "limits"))
+    assert rows == {charged.pk: ["stripe", "tenant:4"], mail.pk: ["queue:mail"],
+                    plain.pk: None}
+    # The rate tokens of the keys with a rate exist (made at schedule time).
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key, count(*) FROM djasync_ratetoken GROUP BY key ORDER BY key")
+        assert cursor.fetchall() == [("queue:mail", 10), ("stripe", 100)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"x": {"concurrency": 0}}, "concurrency"),
+    ({"x": {"rate": "10/d"}}, "rate"),
+    ({"x": {"rate": "ten/s"}}, "rate"),
+    ({"x": {}}, "concurrency"),
+    ({"x": {"concurency": 2}}, "unknown"),
+    ({"x*": {"concurrency": 1}}, "pattern"),
+    ([("x", 1)], "must be a dict"),
+])
+def test_invalid_limits_are_system_check_errors(bad, message):
+    with override_settings(DJASYNC={**DJASYNC, "LIMITS": bad}):
+        errors = [e for e in checks.run_checks() if e.id.startswith("djasync")]
+    assert [e.id for e in errors] == ["djasync.E001"]
+    assert "LIMITS" in errors[0].msg and message in errors[0].msg
+    with pytest.raises(ImproperlyConfigured):
+        limits.parse(bad)
+
+
+def test_without_limits_or_pauses_the_claim_is_the_plain_statement():
+    """Jobs without limits cost nothing when no limit is configured: the claim is the plain
+    statement (its one change, ``j.limits IS NULL``, is the predicate of its partial index;
+    its EXPLAIN tests in test_models and test_claim_meet hold)."""
+    for queues in (None, ["a"], ["a", "b"]):
+        query, params = executor._claim_statement(1, queues, None, None, None)
+        assert query == sql.claim(by_queue=bool(queues), by_name_prefix=False, limit=1,
+                                  one_queue=queues is not None and len(queues) == 1)
+        assert "paused" not in params and "djasync_claim_limited" not in query
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_jobs_waiting_on_a_full_key_are_not_even_read_by_a_claim_of_other_jobs():
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [n, n], priority=5, limits=["solo"])
+                           for n in range(2000)])
+    plain = djasync.schedule(jobs.add, [1, 1])
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE djasync_job")
+        with transaction.atomic():
+            for statement in sql.CLAIM_PLAN:
+                cursor.execute(statement)
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql.claim(
+                by_queue=False, by_name_prefix=False), {"now": None})
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan using djasync_job_claim on" in plan, plan
+    assert "Rows Removed by Filter" not in plan.split("SubPlan")[0], plan
+    holder = psycopg.connect(**conninfo())
+    try:
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
+        with transaction.atomic():
+            assert [job.id for job in executor.claim(1)] == [plain.pk]
+    finally:
+        holder.close()
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_full_key_is_passed_over_and_other_jobs_run(other_connection):
+    first = djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    second = djasync.schedule(jobs.add, [2, 2], limits=["tenant:1"])
+    other_tenant = djasync.schedule(jobs.add, [3, 3], limits=["tenant:2"])
+    plain = djasync.schedule(jobs.add, [4, 4])
+    # Another session claims the first job and keeps its transaction open: tenant:1 is full.
+    holder = psycopg.connect(**conninfo())
+    try:
+        rows = holder.execute(sql.claim_limited(1), _params()).fetchall()
+        assert [row[0] for row in rows] == [first.pk]
+        with transaction.atomic():
+            claimed = executor.claim(5)
+        assert [job.id for job in claimed] == [other_tenant.pk, plain.pk]
+        holder.rollback()  # the holder's session gives tenant:1 back with its transaction
+        with transaction.atomic():
+            claimed = executor.claim(5)
+        assert [job.id for job in claimed] == [first.pk, other_tenant.pk, plain.pk]
+    finally:
+        holder.close()
+    assert second.pk not in [job.id for job in claimed]  # one slot, first in line took it
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_batch_takes_one_slot_per_job_of_a_key():
+    for n in range(4):
+        djasync.schedule(jobs.add, [n, n], limits=["stripe"])
+    with transaction.atomic():
+        claimed = executor.claim(4)
+        assert len(claimed) == 2  # concurrency 2: re-entrant advisory locks are not reused
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                           "AND pid = pg_backend_pid()")
+            assert cursor.fetchone()[0] == 2
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_crashed_sessions_slot_is_free_as_soon_as_postgresql_ends_the_session():
+    crashed = djasync.schedule(jobs.add, [1, 1], limits=["solo"])
+    djasync.schedule(jobs.add, [2, 2], limits=["solo"])
+    holder = psycopg.connect(**conninfo())
+    pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert len(holder.execute(sql.claim_limited(1), _params()).fetchall()) == 1
+    with transaction.atomic():
+        assert executor.claim(1) == []  # solo is full
+    with psycopg.connect(**conninfo(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])  # waits for its end
+    holder.close()
+    with transaction.atomic():
+        # Its job is free again (its transaction rolled back), and so is the slot.
+        assert [job.id for job in executor.claim(1)] == [crashed.pk]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_job_call_takes_a_slot_and_says_so_when_the_key_is_full():
+    blocked = djasync.schedule(jobs.add, [2, 2], limits=["solo"])
+    assert blocked() == 4
+    job = djasync.schedule(jobs.add, [3, 3], limits=["solo"])
+    holder = psycopg.connect(**conninfo())
+    try:
+        djasync.schedule(jobs.add, [1, 1], limits=["solo"])
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
+        with pytest.raises(DjasyncError, match="limits"):
+            job()
+    finally:
+        holder.close()
+    assert job() == 6
+
+
+def test_a_paused_queue_is_not_claimed_until_resumed():
+    mail = djasync.schedule(jobs.add, [1, 1], queue="mail")
+    other = djasync.schedule(jobs.add, [2, 2])
+    assert djasync.pause_queue("mail") is True
+    assert djasync.pause_queue("mail") is False  # already paused
+    for queues in (None, ["mail"], ["mail", "default"]):
+        with transaction.atomic():
+            assert mail.pk not in [j.id for j in executor.claim(5, queues=queues)]
+    executor.drain()
+    assert Job.objects.get(pk=other.pk).status == Status.SUCCEEDED
+    assert Job.objects.get(pk=mail.pk).status == Status.PENDING
+    assert list(PausedQueue.objects.values_list("queue", flat=True)) == ["mail"]
+    assert djasync.resume_queue("mail") is True
+    executor.drain()
+    assert Job.objects.get(pk=mail.pk).status == Status.SUCCEEDED
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_paused_queue_is_not_claimed_with_limits_configured():
+    mail = djasync.schedule(jobs.add, [1, 1], queue="mail")
+    limited = djasync.schedule(jobs.add, [1, 1], queue="mail", limits=["stripe"])
+    djasync.pause_queue("mail")
+    assert executor.drain() == []
+    djasync.resume_queue("mail")
+    assert {f.job_id for f in executor.drain()} == {mail.pk, limited.pk}
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_rate_lets_n_jobs_start_per_window_and_no_more():
+    for n in range(15):
+        djasync.schedule(jobs.add, [n, n], queue="mail")  # queue:mail is 10/s
+    first = executor.drain()
+    assert len(first) == 10
+    assert executor.drain() == []  # the next ones wait for the window to pass
+    with connection.cursor() as cursor:  # as if a second had passed
+        cursor.execute("UPDATE djasync_ratetoken SET used_at = used_at - interval '1 second'")
+    assert len(executor.drain()) == 5
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_usage_reports_running_waiting_and_rate_used():
+    djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    djasync.schedule(jobs.add, [1, 1], limits=["stripe"])
+    holder = psycopg.connect(**conninfo())
+    try:
+        assert len(holder.execute(sql.claim_limited(2), _params()).fetchall()) == 2
+        usage = {row["key"]: row for row in limits.usage()}
+        holder.commit()  # the token taken counts once the claim has committed
+        after = {row["key"]: row for row in limits.usage()}
+    finally:
+        holder.close()
+    assert usage["tenant:*"]["running"] == 1 and usage["tenant:*"]["waiting"] == 2
+    assert usage["stripe"]["running"] == 1 and usage["stripe"]["rate_used"] == 0
+    assert usage["queue:mail"]["running"] == 0
+    assert after["stripe"]["running"] == 0 and after["stripe"]["rate_used"] == 1
+
+
+def _params(**extra):
+    with override_settings(DJASYNC=WITH_LIMITS):
+        params = {"queues": None, "now": None, "name_prefix": None, "job_id": None,
+                  "channel": "djasync", **limits.config_params()}
+    params.update(extra)
+    return params
+
+
+@override_settings(DJASYNC=WITH_LIMITS, TASKS={"default": {
+    "BACKEND": "djasync.backends.DjasyncBackend", "QUEUES": ["default", "emails"],
+    "OPTIONS": {"MAX_ATTEMPTS": 3, "LIMITS": {"tests.tasks.add": ["stripe"]}},
+}})
+def test_tasks_get_their_limits_from_the_backend_options_by_task_path():
+    from tests import tasks
+
+    added = tasks.add.enqueue(1, 2)
+    written = tasks.write_ledger.enqueue("k")
+    rows = dict(Job.objects.values_list("id", "limits"))
+    assert rows == {int(added.id): ["stripe"], int(written.id): None}
+    assert Job.objects.get(pk=added.id).meta == {"max_attempts": 3}
+
+
+def test_a_task_limit_key_matching_no_configured_limit_is_a_check_error():
+    from djasync.backends import DjasyncBackend
+
+    backend = DjasyncBackend("x", {"OPTIONS": {"LIMITS": {"tests.tasks.add": ["nope"]}}})
+    assert [e.id for e in backend.check()] == ["djasync.E104"]
+    from django.core.exceptions import ImproperlyConfigured as DjangoImproperlyConfigured
+
+    with pytest.raises(DjangoImproperlyConfigured, match="LIMITS"):
+        DjasyncBackend("x", {"OPTIONS": {"LIMITS": ["stripe"]}})
+
+
+def test_queue_health_shows_paused_queues_and_limits(capsys):
+    from django.core.management import call_command
+
+    call_command("pause_queue", "mail")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        djasync.schedule(jobs.add, [1, 1], limits=["tenant:3"])
+        call_command("queue_health")
+    out = capsys.readouterr().out
+    assert "queue mail paused" in out
+    assert "paused queues: mail" in out
+    assert "limit tenant:*: running 0/1, waiting 1" in out
+    assert "limit stripe: running 0/2, waiting 0, rate used 0 of 100/m" in out
+    call_command("resume_queue", "mail")
+    assert "queue mail resumed" in capsys.readouterr().out
+    assert not PausedQueue.objects.exists()
+
+
+def test_the_dashboard_and_the_metrics_show_paused_queues_and_limits(admin_client):
+    djasync.pause_queue("mail")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        djasync.schedule(jobs.add, [1, 1], limits=["tenant:3"])
+        page = admin_client.get("/admin/djasync/job/dashboard/").content.decode()
+    assert "Paused queues (no new claims): mail" in page
+    assert '<th scope="row">tenant:*</th><td>0</td><td>1</td><td>1</td>' in page
+
+
+def test_the_metrics_show_paused_queues_and_limit_use():
+    pytest.importorskip("prometheus_client")
+    from djasync_worker import metrics
+
+    djasync.pause_queue("mail")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        djasync.schedule(jobs.add, [1, 1], limits=["stripe"])
+        families = {f.name: f for f in metrics._flow_control()}
+    samples = {(name, tuple(s.labels.values())): s.value
+               for name, f in families.items() for s in f.samples}
+    assert samples[("djasync_queue_paused", ("mail",))] == 1
+    assert samples[("djasync_limit_waiting_jobs", ("stripe",))] == 1
+    assert samples[("djasync_limit_running_jobs", ("stripe",))] == 0
+    assert samples[("djasync_limit_rate_used", ("stripe",))] == 0
+
+
+def test_periodic_jobs_hold_their_limits_and_unknown_keys_are_check_errors():
+    from django.utils import timezone
+
+    from djasync import conf, periodic
+
+    entry = {"cron": "* * * * *", "function": "tests.jobs.add", "args": [1, 2],
+             "limits": ["stripe"]}
+    with override_settings(DJASYNC={**WITH_LIMITS, "PERIODIC": [entry]}):
+        assert [e.id for e in checks.run_checks() if e.id.startswith("djasync")] == []
+        (parsed,) = conf.get().PERIODIC
+        assert periodic.enqueue_slot(parsed, timezone.now().replace(second=0, microsecond=0))
+    assert list(Job.objects.values_list("limits", flat=True)) == [["stripe"]]
+    with override_settings(DJASYNC={**DJASYNC, "PERIODIC": [entry]}):
+        errors = [e for e in checks.run_checks() if e.id.startswith("djasync")]
+    assert [e.id for e in errors] == ["djasync.E005"] and "'stripe'" in errors[0].msg
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_groups_final_job_with_limits_waits_for_its_group_and_for_its_key():
+    from djasync.scheduling import create_group
+
+    group = create_group("g")
+    members = [djasync.schedule(jobs.add, [n, n], group=group, limits=["tenant:9"])
+               for n in range(2)]
+    final = group.on_completion(djasync.schedule(jobs.add, [9, 9], limits=["tenant:9"]))
+    ran = [f.job_id for f in executor.drain()]
+    assert ran == [members[0].pk, members[1].pk, final.pk]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_jobs_of_free_keys_behind_a_deep_backlog_of_a_full_key_are_still_claimed():
+    """Past 200 jobs it cannot take, the claim looks at each key's first jobs instead of
+    reading on through the full key's backlog; it still takes the best jobs it can."""
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [n, n], priority=5, limits=["solo"])
+                           for n in range(500)])
+    tenant = djasync.schedule(jobs.add, [1, 1], priority=1, limits=["tenant:1"])
+    stripe = [djasync.schedule(jobs.add, [n, n], priority=2, limits=["stripe"]).pk
+              for n in range(3)]
+    plain = djasync.schedule(jobs.add, [2, 2])
+    holder = psycopg.connect(**conninfo())
+    try:
+        holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
+        with transaction.atomic():
+            claimed = [job.id for job in executor.claim(5)]
+        # stripe allows 2 at once; then tenant:1, then the job without keys.
+        assert claimed == [*stripe[:2], tenant.pk, plain.pk]
+        with transaction.atomic():
+            assert [job.id for job in executor.claim(1)] == stripe[:1]
+    finally:
+        holder.close()

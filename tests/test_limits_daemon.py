@@ -1,0 +1,169 @@
+"""Flow control through real daemons: limits hold across processes, kill -9 and long jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+
+import djasync
+from djasync.models import Job, Status
+from tests import jobs
+from tests.daemon import start_worker, stop, wait_for, worker_env
+from tests.settings import DJASYNC
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
+
+LIMITS = {"pair:*": {"concurrency": 2}, "solo": {"concurrency": 1},
+          "api": {"rate": "5/s"}}
+WITH_LIMITS = {**DJASYNC, "LIMITS": LIMITS}
+
+
+@pytest.fixture
+def limits_env(tmp_path, transactional_db):
+    """A worker environment whose settings module has the LIMITS above, and the table the
+    jobs record their runs in."""
+    (tmp_path / "limits_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        f"DJASYNC = {{**DJASYNC, 'LIMITS': {LIMITS!r}}}\n")
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {jobs.FLOW_RUNS} (key text, started "
+                       "timestamptz, finished timestamptz, pid integer)")
+        cursor.execute(f"TRUNCATE {jobs.FLOW_RUNS}")
+    with override_settings(DJASYNC=WITH_LIMITS):
+        yield worker_env(PYTHONPATH=f"{tmp_path}:{worker_env()['PYTHONPATH']}")
+
+
+def start(tmp_path, env, *args, name="w"):
+    return start_worker("--settings", "limits_settings", *args, log=tmp_path / f"{name}.log",
+                        env=env)
+
+
+def max_overlap() -> dict[str, int]:
+    """The most runs of each key that were running at one moment (an end and a start at the
+    same instant do not overlap)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"""
+            SELECT key, max(running) FROM (
+                SELECT key, sum(d) OVER (PARTITION BY key ORDER BY t, d
+                                         ROWS UNBOUNDED PRECEDING) AS running
+                  FROM (SELECT key, started AS t, 1 AS d FROM {jobs.FLOW_RUNS}
+                        UNION ALL SELECT key, finished, -1 FROM {jobs.FLOW_RUNS}) e) x
+             GROUP BY key ORDER BY key""")
+        return dict(cursor.fetchall())
+
+
+def all_done(ids):
+    return lambda: not Job.objects.filter(pk__in=ids).exclude(status=Status.SUCCEEDED).exists()
+
+
+def test_concurrency_limits_hold_across_two_daemons_and_a_killed_child(tmp_path, limits_env):
+    pidfile = tmp_path / "pid"
+    ids = [djasync.schedule(jobs.flow_run, [f"pair:{n % 4}", 0.01 + (n % 5) * 0.01],
+                            limits=[f"pair:{n % 4}"]).pk for n in range(160)]
+    # One job of pair:0 runs long and publishes its pid: its child is killed mid-run.
+    victim = djasync.schedule(jobs.flow_run, ["pair:0", 3, str(pidfile)],
+                              limits=["pair:0"], priority=10)
+    ids.append(victim.pk)
+    first = start(tmp_path, limits_env, "--concurrency", "4", name="a")
+    second = start(tmp_path, limits_env, "--concurrency", "4", "--batch-size", "3", name="b")
+    try:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=60,
+                           what="the long job's start"))
+        pidfile.unlink()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(all_done(ids), timeout=180, what="every job to succeed")
+    finally:
+        assert stop(first) == 0
+        assert stop(second) == 0
+    overlap = max_overlap()
+    assert set(overlap) == {"pair:0", "pair:1", "pair:2", "pair:3"}
+    assert max(overlap.values()) == 2, overlap  # the limit was reached, never passed
+    victim.refresh_from_db()
+    assert [a.outcome for a in victim.attempt_set.all()] == ["crashed", "succeeded"]
+
+
+def test_long_jobs_hold_their_slot_while_they_run_and_a_killed_one_frees_it(tmp_path,
+                                                                            limits_env):
+    pidfile = tmp_path / "pid"
+    victim = djasync.schedule(jobs.flow_run, ["solo", 2, str(pidfile)], limits=["solo"],
+                              meta={"atomic": False}, priority=10)
+    ids = [victim.pk] + [djasync.schedule(jobs.flow_run, ["solo", 0.2], limits=["solo"],
+                                          meta={"atomic": False}).pk for _ in range(4)]
+    daemon = start(tmp_path, limits_env, "--concurrency", "3")
+    try:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=60,
+                           what="the long job's start"))
+        # (Another job may have won the race to start first: the victim then waited.)
+        before = Job.objects.filter(status=Status.SUCCEEDED).count()
+        time.sleep(0.6)  # the other children try, and find solo full: none runs (0.2 s)
+        assert Job.objects.filter(status=Status.SUCCEEDED).count() == before
+        pidfile.unlink()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(all_done(ids), timeout=120, what="every job to succeed")
+    finally:
+        assert stop(daemon) == 0
+    assert max_overlap() == {"solo": 1}
+
+
+def test_a_job_waiting_on_a_key_starts_within_milliseconds_of_the_slot_freeing(tmp_path,
+                                                                              limits_env):
+    ids = [djasync.schedule(jobs.flow_run, ["solo", 0.02], limits=["solo"]).pk
+           for _ in range(15)]
+    # Polls every 30 s: only the NOTIFY sent when a limited job's claim commits can be quick.
+    daemon = start(tmp_path, limits_env, "--concurrency", "2", "--poll-interval", "30")
+    try:
+        wait_for(all_done(ids), timeout=60, what="every job to succeed")
+    finally:
+        assert stop(daemon) == 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"""
+            SELECT extract(epoch FROM started - lag(finished) OVER (ORDER BY started))
+              FROM {jobs.FLOW_RUNS} ORDER BY started""")
+        gaps = sorted(row[0] for row in cursor.fetchall() if row[0] is not None)
+    assert len(gaps) == 14 and min(gaps) >= 0
+    assert gaps[len(gaps) // 2] < 0.1, gaps  # median; typically a few ms
+
+
+def test_a_paused_queue_stops_every_daemon_within_a_second_and_resumes(tmp_path, limits_env):
+    daemon = start(tmp_path, limits_env, "--concurrency", "2")
+    try:
+        warm = djasync.schedule(jobs.flow_run, ["warm"], queue="mail").pk
+        wait_for(all_done([warm]), what="a first job")
+        djasync.pause_queue("mail")
+        time.sleep(1.0)
+        paused = [djasync.schedule(jobs.flow_run, ["mail"], queue="mail").pk for _ in range(3)]
+        other = djasync.schedule(jobs.flow_run, ["other"]).pk
+        wait_for(all_done([other]), what="a job of another queue")
+        time.sleep(1.0)
+        assert Job.objects.filter(pk__in=paused, status=Status.PENDING).count() == 3
+        djasync.resume_queue("mail")
+        wait_for(all_done(paused), timeout=30, what="the resumed queue's jobs")
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_a_rate_starts_no_more_than_n_jobs_in_any_window(tmp_path, limits_env):
+    ids = [djasync.schedule(jobs.flow_run, ["api", 0.0], limits=["api"]).pk
+           for _ in range(16)]
+    daemon = start(tmp_path, limits_env, "--concurrency", "4", "--poll-interval", "0.1")
+    try:
+        wait_for(all_done(ids), timeout=60, what="every job to succeed")
+    finally:
+        assert stop(daemon) == 0
+    with connection.cursor() as cursor:
+        # Starts as the jobs saw them, a little after their claims took the tokens: windows
+        # of 0.9 s, not 1 s, so that this jitter cannot make a window look fuller.
+        cursor.execute(f"""
+            SELECT max((SELECT count(*) FROM {jobs.FLOW_RUNS} b
+                         WHERE b.started >= a.started
+                           AND b.started < a.started + interval '0.9 s')),
+                   extract(epoch FROM max(started) - min(started))
+              FROM {jobs.FLOW_RUNS} a""")
+        most, span = cursor.fetchone()
+    assert most == 5  # 5/s: a full window, never more
+    assert span >= 2.5  # 16 starts at 5 per second: at least 3 windows
