@@ -5,15 +5,17 @@ Phases (each printed with the seconds since the start):
 1. Start a throwaway PostgreSQL (tools/pg.py: random port, fsync on, short keepalives),
    migrate, pre-queue the jobs (ledger jobs, a negative control, poison jobs spread mid-queue).
 2. Start 3 × ``python -m djasync_worker --concurrency 2`` (the third with ``--batch-size 5``;
-   restarted whenever one exits), a producer thread that schedules batches in
+   restarted whenever one exits; each on a host of its own, a network namespace, unless
+   ``--local`` or no root: chaos/network.py), a producer thread that schedules batches in
    ``transaction.atomic()``, rolling back every tenth, the mixed producer (long jobs, groups
    with final jobs, cancels and deschedules, a job cancelling its batch-mate, unique keys) and
    the housekeeper (``prune`` every 2 s, a sample of unique keys in between); periodic jobs
    come from the daemons. Measure throughput for a few seconds without faults.
 3. Chaos: one fault every 0.2-0.8 s, chosen by the seeded RNG (kill -9 of a child, kill -9 of
    a supervisor, pg_terminate_backend, pg_cancel_backend, SIGSTOP of a child for longer than
-   the idle-in-transaction timeout); at set times a ``fast`` restart of PostgreSQL, an
-   ``immediate`` one, and an ``immediate`` one under ``synchronous_commit = off``.
+   the idle-in-transaction timeout; cuts of a host's network, chaos/network.py); at set
+   times a ``fast`` restart of PostgreSQL, an ``immediate`` one, and an ``immediate`` one
+   under ``synchronous_commit = off``.
 4. Stop the faults, the producers and the pruning; the queue must drain within 30 s; no
    session may sit idle in a transaction.
 5. SIGTERM every daemon while slow jobs run: each exits 0 within its grace period and the slow
