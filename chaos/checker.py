@@ -60,6 +60,9 @@ class Expectations:
     #: The only events that may make a lost attempt be counted late.
     sessions_ended: list[tuple[datetime.datetime, datetime.datetime]] = field(
         default_factory=list)
+    #: Daemons and children of hosts the chaos cut off the network (chaos/network.py): their
+    #: jobs may be charged a crash or a timeout.
+    cut_pids: set[int] = field(default_factory=set)
     #: Children of supervisors the chaos killed (they die with it; nobody records their crash
     #: at once, their leases expire).
     orphaned_children: set[int] = field(default_factory=set)
@@ -146,7 +149,7 @@ LEASE_EXPIRED = "lease expired"
 #: Faults that may stop a running long job's lease renewals (not pg_cancel_backend: it only
 #: cancels a statement; a failed renewal is tried again a third of a lease later).
 LEASE_BREAKERS = ("kill_child", "kill_supervisor", "sigstop_child", "pg_terminate_backend",
-                  "pg_restart")
+                  "pg_restart", "cut_host", "cut_one_way", "cut_commit")
 #: Clock slack when matching a late attempt with the chaos event that ended its session.
 LATE_SLACK = datetime.timedelta(seconds=1)
 
@@ -342,12 +345,14 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
                 for at, kind in expected.fault_times) else None
         elif outcome == "crashed":
             cause = "crashed: child killed by chaos" if pid in expected.killed_children else (
-                "crashed: stopped child" if pid in expected.stopped_children else None)
+                "crashed: stopped child" if pid in expected.stopped_children else (
+                    "crashed: host cut off" if pid in expected.cut_pids else None))
         elif outcome == "timed_out" and "due to user request" in message:
             cause = "timed_out: pg_cancel_backend"
         elif outcome == "timed_out":
             cause = "timed_out: stopped child killed by its supervisor" if (
-                pid in expected.stopped_children) else None
+                pid in expected.stopped_children) else (
+                "timed_out: host cut off" if pid in expected.cut_pids else None)
         else:  # an error the chaos caused: a terminated connection, a restart
             cause = f"{outcome}: {exc_type}"
         if cause is None:

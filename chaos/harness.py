@@ -5,15 +5,17 @@ Phases (each printed with the seconds since the start):
 1. Start a throwaway PostgreSQL (tools/pg.py: random port, fsync on, short keepalives),
    migrate, pre-queue the jobs (ledger jobs, a negative control, poison jobs spread mid-queue).
 2. Start 3 × ``python -m djasync_worker --concurrency 2`` (the third with ``--batch-size 5``;
-   restarted whenever one exits), a producer thread that schedules batches in
+   restarted whenever one exits; each on a host of its own, a network namespace, unless
+   ``--local`` or no root: chaos/network.py), a producer thread that schedules batches in
    ``transaction.atomic()``, rolling back every tenth, the mixed producer (long jobs, groups
    with final jobs, cancels and deschedules, a job cancelling its batch-mate, unique keys) and
    the housekeeper (``prune`` every 2 s, a sample of unique keys in between); periodic jobs
    come from the daemons. Measure throughput for a few seconds without faults.
 3. Chaos: one fault every 0.2-0.8 s, chosen by the seeded RNG (kill -9 of a child, kill -9 of
    a supervisor, pg_terminate_backend, pg_cancel_backend, SIGSTOP of a child for longer than
-   the idle-in-transaction timeout); at set times a ``fast`` restart of PostgreSQL, an
-   ``immediate`` one, and an ``immediate`` one under ``synchronous_commit = off``.
+   the idle-in-transaction timeout; cuts of a host's network, chaos/network.py); at set
+   times a ``fast`` restart of PostgreSQL, an ``immediate`` one, and an ``immediate`` one
+   under ``synchronous_commit = off``.
 4. Stop the faults, the producers and the pruning; the queue must drain within 30 s; no
    session may sit idle in a transaction.
 5. SIGTERM every daemon while slow jobs run: each exits 0 within its grace period and the slow
@@ -44,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import netns
 import psycopg
 
 import pg
-from chaos import checker
+from chaos import checker, network
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = "chaos.settings"
@@ -105,6 +108,13 @@ class Config:
     #: prune_jobs every ``prune_interval`` s, deleting what finished ``prune_retention`` s ago.
     prune_interval: float = 2.0
     prune_retention: float = 3.0
+    #: Each chaos daemon on a host of its own (a network namespace) with cuts among the
+    #: faults (chaos/network.py); False, or no root/ip/nft: every daemon on this machine.
+    network: bool = True
+    #: How long a cut lasts (uniform), and the pause before the next one (a host at a time,
+    #: never all of them).
+    cut_seconds: tuple[float, float] = (5.0, 30.0)
+    network_unavailable: str | None = None
 
 
 def utcnow() -> datetime.datetime:
@@ -174,6 +184,10 @@ class Daemons:
     respawning: bool = True
     #: Extra options of a chaos slot's daemon (``--batch-size`` for one of them).
     extra_args: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    #: The command prefix that puts a slot's daemon on its host (``ip netns exec …``) and
+    #: the server's URL from there.
+    prefixes: dict[int, list[str]] = field(default_factory=dict)
+    urls: dict[int, str] = field(default_factory=dict)
 
     def start_all(self) -> None:
         for slot in range(self.count):
@@ -187,7 +201,10 @@ class Daemons:
                    "--concurrency", str(concurrency or self.concurrency),
                    "--queue", queue, "--shutdown-timeout", str(self.shutdown_timeout),
                    "--poll-interval", "1", "--log-level", level, *extra]
-        env = {**self.env, "PGAPPNAME": app_name} if app_name else self.env
+        env = {**self.env, "PGAPPNAME": app_name} if app_name else dict(self.env)
+        if slot in self.urls:
+            env["DATABASE_URL"] = self.urls[slot]
+        command = [*self.prefixes.get(slot, []), *command]
         offset = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
             # cwd: ``python -m`` puts it first on sys.path, before PYTHONPATH's code copy.
@@ -626,6 +643,7 @@ class ChaosRun:
         self.producer: Producer | None = None
         self.mixed: MixedProducer | None = None
         self.housekeeper: Housekeeper | None = None
+        self.network: network.HostNetwork | None = None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -724,8 +742,22 @@ class ChaosRun:
     def setup(self) -> None:
         self.say(f"seed {self.config.seed}; work directory {self.run_dir}")
         self.snapshot_code()
-        self.server = pg.EmbeddedPostgres(settings={"log_timezone": "UTC", "timezone": "UTC"})
+        settings = {"log_timezone": "UTC", "timezone": "UTC"}
+        if self.config.network:
+            # Its own RNG, so that the other faults keep their seeded sequence.
+            self.network = network.HostNetwork(
+                self.config.workers, random.Random(self.config.seed * 7919 + 4), self.say,
+                self.config.cut_seconds)
+            self.network.enter()  # before any thread: the server listens on the bridge
+            settings.update(self.network.server_settings())
+            self.say(f"hosts {self.network.net.hosts} on a bridge to {self.network.net.db_ns} "
+                     f"({self.network.net.db_address}); server recipe {network.SERVER_RECIPE}")
+        self.report["network"] = ({"unavailable": self.config.network_unavailable}
+                                  if self.config.network_unavailable else {})
+        self.server = pg.EmbeddedPostgres(settings=settings)
         self.server.start()
+        if self.network is not None:
+            self.network.allow_hosts(self.server.datadir, self.server.url)
         self.say(f"PostgreSQL at {self.server.url} (data {self.server.datadir})")
         os.environ["DATABASE_URL"] = self.server.url
         os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
@@ -739,6 +771,9 @@ class ChaosRun:
 
         self.expected.lease_seconds = settings.LEASE_SECONDS
         self.expected.timeout_seconds = settings.CHAOS_TIMEOUT
+        network.JOB_SECONDS = settings.CHAOS_TIMEOUT + 1
+        network.TRANSACTION_BOUND_SECONDS = (network.JOB_SECONDS
+                                             + network.ONE_WAY_LOCK_BOUND_SECONDS)
 
     def prequeue(self) -> None:
         from django.conf import settings
@@ -784,6 +819,10 @@ class ChaosRun:
                                self.config.concurrency, self.config.shutdown_timeout)
         self.daemons.extra_args[self.config.workers - 1] = (
             "--batch-size", str(self.config.batch_daemon_size))
+        if self.network is not None:
+            for slot in range(self.config.workers):
+                self.daemons.prefixes[slot] = self.network.exec_argv(slot)
+                self.daemons.urls[slot] = self.network.remote_url(self.server.port)
         self.daemons.start_all()
 
     def warm_up(self) -> None:
@@ -800,6 +839,8 @@ class ChaosRun:
                       timeout=120, what="every child up and a first job done", interval=0.05)
         self.say(f"{len(daemons.alive())} daemons running; {self.config.warmup:.0f} s without "
                  "faults")
+        if self.network is not None:
+            self.network.start_sampling(self.server.url)
         began = utcnow()
         deadline = time.monotonic() + self.config.warmup
         self.wait_for(lambda: time.monotonic() >= deadline, self.config.warmup + 5, "warm-up")
@@ -822,6 +863,8 @@ class ChaosRun:
                  f"{config.backlog_target} jobs wait); restarts at "
                  + ", ".join(f"{t:.1f} s ({m})" for t, m in plan))
         next_fault = self.clock() + self.rng.uniform(0.2, 0.8)
+        if self.network is not None:
+            self.network.next_cut = self.clock() + self.network.rng.uniform(1.0, 3.0)
         next_backlog_check = 0.0
         backlog = None
         cap = start + 2 * config.duration
@@ -837,6 +880,8 @@ class ChaosRun:
             if now >= next_fault:
                 self.random_fault()
                 next_fault = self.clock() + self.rng.uniform(0.2, 0.8)
+            if self.network is not None:
+                self.network_step(now)
             if now >= next_backlog_check:
                 backlog = self.pending()
                 next_backlog_check = now + 1.0
@@ -845,6 +890,8 @@ class ChaosRun:
                 break
             time.sleep(max(0.0, min(next_fault - self.clock(), 0.05)))
         self._resume_stopped(float("inf"))
+        if self.network is not None:
+            self.heal_all_and_wait()
         chaos_seconds = self.last_fault - start
         self.chaos_ended_at = utcnow()
         self.say(f"chaos over after {chaos_seconds:.1f} s; {backlog} jobs waiting")
@@ -876,6 +923,10 @@ class ChaosRun:
 
     def fault_kill_child(self) -> None:
         daemons = [d for d in self.daemons.alive() if self._children(d)]
+        if self.network is not None:
+            # A host cut off has no children for a while: aiming at the others only would
+            # put all the kills on one host (each child killed every second or so).
+            daemons = self.daemons.alive()
         if not daemons:
             return
         daemon = self.rng.choice(daemons)
@@ -955,6 +1006,31 @@ class ChaosRun:
                 self.sigstop_outcomes[outcome.split(" (")[0]] += 1
                 self.last_fault = self.clock()
                 self.say(f"SIGCONT pid={pid}: {outcome}")
+
+    def network_step(self, now: float) -> None:
+        """Heal the cuts that are over; start a new one when it is time."""
+        net = self.network
+        assert net is not None
+        before = len(net.active)
+        net.heal_due(now, self.expected)
+        if len(net.active) < before:
+            self.last_fault = self.clock()
+        if net.due(now):
+            net.random_cut(now, self.daemons, self.server.url, self.fault, self.expected,
+                           children_of)
+
+    def heal_all_and_wait(self) -> None:
+        """Heal every cut, then wait (the producers still scheduling) until every host is
+        back (N2, checked later), or the bound."""
+        net = self.network
+        assert net is not None
+        if net.active:
+            net.heal_all(self.expected)
+            self.last_fault = self.clock()
+        with contextlib.suppress(TimeoutError):
+            _, waited = self.wait_for(net.all_back, network.RECONNECT_BOUND_SECONDS + 5,
+                                      "every host back after the heals", interval=0.25)
+            self.say(f"every host back {waited:.1f} s after the last heal")
 
     def restart_postgres(self, mode: str) -> None:
         asynchronous = mode == "immediate-async"
@@ -1171,6 +1247,12 @@ class ChaosRun:
                                    "ledger rows after its re-run (expected 1)")
 
     def check(self) -> None:
+        if self.network is not None:
+            self.network.stop_sampling()
+            found_network, violations = self.network.check()
+            self.report["network"] = found_network
+            self.violations.extend(violations)
+            self.network.dump(self.run_dir / "activity.csv")
         with self.connect() as conn:
             found = checker.check(conn, self.expected)
             idle = checker.idle_in_transaction(conn, older_than=0)
@@ -1248,6 +1330,9 @@ class ChaosRun:
                                           if d != self.server.datadir]
                 self.report["kept_datadir"] = str(self.server.datadir)
             self.server.close()
+        if self.network is not None:
+            with contextlib.suppress(Exception):
+                self.network.close()
         if self.violations or self.config.keep:
             self.report["kept_run_dir"] = str(self.run_dir)
         else:
@@ -1289,6 +1374,17 @@ def summary(report: dict[str, Any]) -> str:
         f"double SIGTERM {report.get('double_sigterm')}",
         f"  throughput: {report.get('throughput')}",
     ]
+    net = report.get("network") or {}
+    if "cuts" in net:
+        lines.append(
+            f"  network: cuts {net['cuts']} (commit cuts without a COMMIT seen "
+            f"{net['commit_cuts_without_a_commit_seen']}); max locked after a cut "
+            f"{net['max_locked_after_cut_s']} s, longest host transaction "
+            f"{net['longest_host_transaction_s']} s, max back after a heal "
+            f"{net['max_back_after_heal_s']} s, max new listener after a LISTEN cut "
+            f"{net['max_new_listener_after_s']} s (bounds {net['bounds_s']})")
+    elif net:
+        lines.append(f"  network: none ({net.get('unavailable')})")
     for violation in report["violations"]:
         lines.append(f"  VIOLATION {violation}")
     return "\n".join(lines)
@@ -1307,6 +1403,9 @@ def parse(argv: list[str] | None) -> Config:
     parser.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory and data directory even on success")
+    parser.add_argument("--local", action="store_true",
+                        help="every daemon on this machine's network: no hosts, no cuts "
+                             "(the default needs root, ip and nft, and falls back to this)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     if args.short:
@@ -1316,10 +1415,15 @@ def parse(argv: list[str] | None) -> Config:
         config = Config(seed, args.jobs or 2000, args.duration or 25.0, True, args.report,
                         args.keep, poison_each=2, control_share=0.25, warmup=2.0,
                         slow_seconds=2.0, batch_size=5, backlog_target=300,
-                        mixed_interval=0.6)
+                        mixed_interval=0.6, cut_seconds=(5.0, 12.0))
     else:
         config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
                         args.keep)
+    if args.local:
+        config.network = False
+    elif reason := netns.unavailable():
+        config.network, config.network_unavailable = False, reason
+        print(f"no hosts and no network faults: {reason}", flush=True)
     return config
 
 

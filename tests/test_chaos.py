@@ -199,3 +199,43 @@ def test_pruning_never_deletes_a_pending_job_nor_part_of_an_unfinished_group(rep
 
 def test_the_report_lists_no_violation(report):
     assert report["violations"] == []
+
+
+# -- hosts and network cuts (issue 14): the daemons on hosts (network namespaces), cut off
+# -- by nftables (chaos/network.py). Needs root, ip and nft; without them the run has no hosts.
+
+
+def _network(report: dict[str, Any]) -> dict[str, Any]:
+    network = report.get("network") or {}
+    if "cuts" not in network:
+        pytest.skip(f"the run had no hosts: {network.get('unavailable')}")
+    return network
+
+
+def test_hosts_were_cut_off_both_ways_one_way_at_a_commit_and_on_the_listen_connection(report):
+    network = _network(report)
+    assert report["faults"].get("cut_listener", 0) > 0, network["cuts"]
+    assert sum(report["faults"].get(k, 0)
+               for k in ("cut_host", "cut_one_way", "cut_commit")) >= 2, network["cuts"]
+    assert all(c["healed"] for c in network["cut_log"]), network["cut_log"]
+
+
+def test_no_job_stays_locked_longer_than_the_bound_after_a_cut(report):
+    """N1: a cut host's transactions (its claimed jobs) end within the server's detection of
+    the cut, plus slack; no host transaction outlasts a job's timeout plus that."""
+    network = _network(report)
+    assert not [v for v in report["violations"] if v.startswith("N1")], report["violations"]
+    for cut in network["cut_log"]:
+        if "locked_after_cut_s" in cut:
+            assert cut["locked_after_cut_s"] <= cut["locked_bound_s"], cut
+    assert (network["longest_host_transaction_s"]
+            <= network["bounds_s"]["host_transaction"]), network
+
+
+def test_every_host_reconnects_after_each_heal_and_a_listen_cut_is_noticed(report):
+    """N2 and N3."""
+    network = _network(report)
+    assert not [v for v in report["violations"] if v[:2] in ("N2", "N3")], report["violations"]
+    for cut in network["cut_log"]:
+        assert cut["back_after_heal_s"] is not None, cut
+        assert cut["back_after_heal_s"] <= network["bounds_s"]["back_after_heal"], cut

@@ -380,3 +380,43 @@ def test_a_cut_off_host_stops_its_job_before_the_server_frees_it_when_it_detects
         assert fenced < freed
         assert conn.execute("SELECT count(*) FROM djasync_attempt WHERE job_id = %s",
                             [job]).fetchone()[0] == 0  # not charged
+
+
+def live_children(pid: int) -> list[int]:
+    try:
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    alive = []
+    for child in map(int, listed):
+        with contextlib.suppress(OSError, IndexError):
+            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(child)
+    return alive
+
+
+@pytest.mark.network
+def test_a_supervisor_cut_off_replaces_a_dead_child_within_seconds(host, tmp_path):
+    lab = host
+    log = tmp_path / "worker.log"
+    # Found by the chaos run's cuts (seed 804): the supervisor wrote a dead child's lost
+    # attempt on its own loop, waiting on the network, and replaced no child meanwhile.
+    worker = start_worker(lab, log, "--concurrency", "1", "--log-level", "debug")
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.sleep", 600)
+        netlab.wait_for(lambda: not claimable(conn, job), 30, "the job to run")
+    agent = netlab.wait_for(lambda: re.findall(r"database agent started pid=(\d+)",
+                                               log.read_text()), 30, "the database agent")
+    (child,) = [c for c in live_children(worker.pid) if str(c) not in agent]
+    cut = lab.cut("h1")
+    os.kill(child, 9)
+    killed_at = time.monotonic()
+    netlab.wait_for(lambda: [c for c in live_children(worker.pid)
+                             if c != child and str(c) not in agent], 40,
+                    "a new child", interval=0.05)
+    took = time.monotonic() - killed_at
+    print(f"new child {took:.1f} s after the kill")
+    lab.heal(cut)
+    # Respawning is local: a pause of RESPAWN_DELAY_SECONDS, not a wait on the database.
+    assert took < 3, log.read_text()[-3000:]
