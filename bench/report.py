@@ -188,6 +188,8 @@ def write(results: dict, out: Path, logdir: Path) -> None:
         md.append(w4_section(results, floors))
     if "w5" in results:
         md.append(w5_section(results))
+    if "w7" in results:
+        md.append(w7_section(results))
     if "profile" in results:
         md.append(profile_section(results))
     if "peers" in results:
@@ -309,7 +311,14 @@ def targets(results: dict, floors: Floors) -> str:
     if w5.get("growth_pct") is not None:
         rows.append(["W5 RSS growth < 10% (job 10k → 100k)", f"{w5['growth_pct']:.1f}%",
                      verdict(w5["growth_pct"] < 10)])
-    return "Targets from issue 5:\n\n" + table(["target", "measured", ""], rows)
+    w7 = results.get("w7")
+    if w7:
+        rows.append([f"W7 soak ({f0(w7['minutes'])} min): last window's drain rate ≥ 90% of "
+                     "the first's", pc(w7["ratio"]), verdict(w7["ratio"] >= 0.9)])
+        growth = w7["size_max_second_half"] / w7["size_max_first_half"] - 1
+        rows.append(["W7: table + index sizes level off (max of the 2nd half ≤ 110% of the "
+                     "1st half's)", f"{growth * 100:+.1f}%", verdict(growth <= 0.10)])
+    return "Targets from issues 5 and 14:\n\n" + table(["target", "measured", ""], rows)
 
 
 def w2_section(results: dict) -> str:
@@ -390,6 +399,45 @@ def w5_section(results: dict) -> str:
                 ["last sample", f"{f1((w5['rss_last'] or 0) * mb)} MiB"],
                 ["growth", f"{f1(w5['growth_pct'])}%"],
                 ["throughput", f"{f0(w5['jobs_per_s'])} jobs/s incl. start-up"]]))
+
+
+def w7_section(results: dict) -> str:
+    w7 = results["w7"]
+    mib = 1 / 2**20
+    short = "" if w7["minutes"] >= 20 else (
+        f" **Shortened run ({f0(w7['minutes'])} min, not the 20 min of the target.)**")
+    samples = w7["samples"]
+    rows = []
+    step = max(1, len(samples) // 12)
+    for s in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
+        rows.append([f0(s["t"]), f"{s['done']:,}", f"{s['pending']:,}",
+                     f1(s["job_bytes"] * mib), f1(s["job_index_bytes"] * mib),
+                     f1(s["attempt_bytes"] * mib), f1(s["attempt_index_bytes"] * mib),
+                     f"{s['job_dead_tuples']:,}", str(s["job_autovacuums"]),
+                     f1((s["wal_bytes"] - samples[0]["wal_bytes"]) * mib)])
+    prunes = w7.get("prunes", [])
+    return (f"\n## W7: soak\n\nA `djasync-worker --concurrency {w7['concurrency']}` daemon fed "
+            f"{f0(w7['target_rate'])} no-op jobs/s (80% of its drain rate, "
+            f"{f0(w7['drain_rate'])} jobs/s, "
+            + ("measured just before by a daemon drain" if w7["rate_measured"] else "given")
+            + f") for {f1(w7['minutes'])} min by `schedule_many` every 50 ms, with "
+            "`prune_jobs --older-than 0.000694` (1 minute) every minute and PostgreSQL's stock "
+            "autovacuum. Drain rate = jobs no longer pending per second; first and last window "
+            f"= {f0(w7['window_s'])} s (5 min in the full run, a quarter of a shorter one)."
+            f"{short} Chart: `soak.png`.\n\n"
+            + table(["", ""], [
+                ["drain rate, first window", f"{f0(w7['first_window_rate'])} jobs/s"],
+                ["drain rate, last window", f"{f0(w7['last_window_rate'])} jobs/s "
+                 f"({pc(w7['ratio'])} of the first)"],
+                ["tables + indexes at half-time / at the end",
+                 f"{f1(w7['size_mid'] * mib)} / {f1(w7['size_end'] * mib)} MiB"],
+                ["prune_jobs runs", f"{len(prunes)}, {f2(med([x['s'] for x in prunes]))} s "
+                 f"median, {f0(med([x['deleted'] for x in prunes]))} jobs deleted median"],
+            ])
+            + "\n\nOver time (every sample is `pg_relation_size` / `pg_indexes_size`; WAL "
+            "from `pg_current_wal_lsn()`):\n\n"
+            + table(["s", "done", "pending", "job MiB", "job idx MiB", "attempt MiB",
+                     "attempt idx MiB", "job dead tuples", "job autovacuums", "WAL MiB"], rows))
 
 
 def profile_section(results: dict) -> str:
@@ -532,6 +580,32 @@ def make_charts(results: dict, out: Path) -> list[str]:
         fig.savefig(out / "memory.png", dpi=110)
         plt.close(fig)
         made.append("memory.png")
+    w7 = results.get("w7")
+    if w7 and w7.get("samples"):
+        samples = w7["samples"]
+        t = [s["t"] / 60 for s in samples]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        rates = [(b["done"] - a["done"]) / (b["t"] - a["t"])
+                 for a, b in zip(samples, samples[1:], strict=False)]
+        top.plot(t[1:], rates, label="drained (jobs/s per sample)")
+        top.axhline(w7["target_rate"], color="k", linestyle="--", linewidth=1,
+                    label=f"arrival {w7['target_rate']:,.0f} jobs/s")
+        top.set_ylabel("jobs/s")
+        top.set_ylim(bottom=0)
+        top.legend(fontsize=8)
+        top.set_title("W7 soak: 80% of the drain rate, prune_jobs every minute")
+        for key, label in (("job_bytes", "djasync_job"), ("job_index_bytes", "its indexes"),
+                           ("attempt_bytes", "djasync_attempt"),
+                           ("attempt_index_bytes", "its indexes ")):
+            bottom.plot(t, [s[key] / 2**20 for s in samples], label=label)
+        bottom.set_ylabel("MiB")
+        bottom.set_xlabel("minutes")
+        bottom.set_ylim(bottom=0)
+        bottom.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "soak.png", dpi=110)
+        plt.close(fig)
+        made.append("soak.png")
     return made
 
 

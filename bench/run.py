@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -39,11 +40,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 import procstat  # noqa: E402
 import psycopg  # noqa: E402
 
-WORKLOADS = ["floor", "w1", "w2", "w3", "w6", "w4", "w5", "profile", "peers"]
+WORKLOADS = ["floor", "w1", "w2", "w3", "w6", "w4", "w5", "profile", "peers", "w7"]
 #: Run once per round, so the floor and djasync alternate and share the machine's mood; the
 #: report takes the median over rounds. The others run once, after the rounds.
 ROUNDS = ["floor", "w1", "w6", "w3", "w2", "peers"]
-DEFAULT_WORKLOADS = [w for w in WORKLOADS if w != "peers"]
+#: W7 (the soak) takes 20 minutes, so it runs only when asked for (``--only w7``).
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("peers", "w7")]
 QUEUE_TABLES = ["djasync_attempt", "djasync_job", "djasync_group", "djasync_worker",
                 "benchapp_ledger", "benchapp_mark"]
 SERVER_SETTINGS = {
@@ -78,6 +80,9 @@ class Config:
         self.w4_rows = args.w4_rows or (50_000 if quick else 1_000_000)
         self.w5_jobs = args.w5_jobs or (10_000 if quick else 100_000)
         self.w5_mark = self.w5_jobs // 10
+        self.w7_minutes = args.w7_minutes or (3.0 if quick else 20.0)
+        self.w7_rate = args.w7_rate
+        self.w7_load = 0.8
         self.log_level = args.worker_log_level
         self.batch = args.batch_size
         self.out = Path(args.out) if args.out else (BENCH / "work" / "quick" if quick else BENCH)
@@ -630,6 +635,113 @@ def w5(b: Bench) -> None:
     log(f"W5: RSS {at_mark} B at job {cfg.w5_mark}, {at_end} B at 99% of {n}")
 
 
+# -- W7: soak ------------------------------------------------------------------------------
+
+W7_CONCURRENCY = 4
+W7_SAMPLE_S = 10.0
+W7_PRUNE_S = 60.0
+W7_SIZES = """
+SELECT pg_relation_size('djasync_job'), pg_indexes_size('djasync_job'),
+       pg_relation_size('djasync_attempt'), pg_indexes_size('djasync_attempt'),
+       (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'djasync_job'),
+       (SELECT autovacuum_count FROM pg_stat_user_tables WHERE relname = 'djasync_job'),
+       pg_current_wal_lsn() - '0/0'::pg_lsn"""
+
+
+def w7(b: Bench) -> None:
+    """A daemon under a steady 80% of its measured drain rate for w7_minutes, with
+    ``prune_jobs`` every minute: does the drain rate hold, do the tables stop growing?"""
+    import io
+
+    from django.core.management import call_command
+
+    cfg = b.cfg
+    rate = cfg.w7_rate
+    if rate is None:
+        cal = drain_variant(b, "W7", "calibration c4 daemon", W7_CONCURRENCY, 1,
+                            "benchapp.jobs.noop", False, cfg.n, daemon=True)
+        rate = cal["jobs_per_s_after_first"]
+    target = cfg.w7_load * rate
+    duration = cfg.w7_minutes * 60
+    log(f"W7: drain rate {rate:.0f} jobs/s; soak at {target:.0f} jobs/s for {duration:.0f} s")
+    b.reset_queue()
+    cmd = worker_cmd(cfg, W7_CONCURRENCY, 1, burst=False)
+    b.commands["W7: daemon"] = shown(cmd)
+    b.commands["W7: prune every minute"] = "django-admin prune_jobs --older-than 0.000694"
+    samples: list[dict[str, Any]] = []
+    prunes: list[dict[str, Any]] = []
+    enqueued = 0
+    logfile = b.logdir / "w7.log"
+    with open(logfile, "ab") as stderr:
+        proc = subprocess.Popen(cmd, env=worker_env(b), stdout=stderr, stderr=stderr,
+                                cwd=worker_cwd(b))
+    try:
+        wait_for(lambda: b.one("SELECT count(*) FROM djasync_worker") > 0, 60,
+                 "the daemon to register")
+        t0 = time.perf_counter()
+        next_sample, next_prune = 0.0, W7_PRUNE_S
+        while (now := time.perf_counter() - t0) < duration:
+            if proc.poll() is not None:
+                raise RuntimeError(f"W7: the daemon exited {proc.returncode}; see {logfile}")
+            due = int(target * now) - enqueued
+            if due > 0:
+                enqueued += due
+                enqueue(due)
+            if now >= next_sample:
+                pending = b.one("SELECT count(*) FROM djasync_job WHERE status = 'pending'")
+                job, job_idx, att, att_idx, dead, autovacuums, wal = b.q(W7_SIZES)[0]
+                samples.append({"t": now, "enqueued": enqueued, "pending": pending,
+                                 "done": enqueued - pending, "job_bytes": job,
+                                 "job_index_bytes": job_idx, "attempt_bytes": att,
+                                 "attempt_index_bytes": att_idx, "job_dead_tuples": dead,
+                                 "job_autovacuums": autovacuums, "wal_bytes": int(wal)})
+                next_sample += W7_SAMPLE_S
+            if now >= next_prune:
+                out = io.StringIO()
+                begin = time.perf_counter()
+                call_command("prune_jobs", older_than=1 / 1440, stdout=out)
+                deleted = re.search(r"deleted (\d+)", out.getvalue())
+                prunes.append({"t": now, "s": time.perf_counter() - begin,
+                               "deleted": int(deleted.group(1)) if deleted else None})
+                next_prune += W7_PRUNE_S
+            time.sleep(0.05)
+        wait_for(lambda: b.one("SELECT count(*) FROM djasync_job WHERE status = 'pending'")
+                 == 0, 300, "W7's backlog to drain")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    bad = b.one("SELECT count(*) FROM djasync_job WHERE status <> 'succeeded'")
+    if bad:
+        raise RuntimeError(f"W7: {bad} jobs did not succeed")
+    window = min(300.0, duration / 4)
+
+    def rate_between(start: float, end: float) -> float:
+        inside = [s for s in samples if start <= s["t"] <= end]
+        if len(inside) < 2:
+            return math.nan
+        return (inside[-1]["done"] - inside[0]["done"]) / (inside[-1]["t"] - inside[0]["t"])
+
+    last_t = samples[-1]["t"]
+    first, last = rate_between(0, window), rate_between(last_t - window, last_t)
+
+    def total(s: dict) -> int:
+        return s["job_bytes"] + s["job_index_bytes"] + s["attempt_bytes"] + s["attempt_index_bytes"]
+
+    half = [s for s in samples if s["t"] >= last_t / 2]
+    b.results["w7"] = {
+        "minutes": cfg.w7_minutes, "drain_rate": rate, "rate_measured": cfg.w7_rate is None,
+        "target_rate": target, "window_s": window, "enqueued": enqueued,
+        "first_window_rate": first, "last_window_rate": last, "ratio": last / first,
+        "size_mid": total(half[0]), "size_end": total(samples[-1]),
+        "size_max_second_half": max(total(s) for s in half),
+        "size_max_first_half": max(total(s) for s in samples if s["t"] < last_t / 2),
+        "samples": samples, "prunes": prunes, "concurrency": W7_CONCURRENCY,
+    }
+    log(f"W7: {first:.0f} jobs/s in the first {window:.0f} s, {last:.0f} in the last "
+        f"({100 * last / first:.0f}%); tables+indexes {total(samples[-1]) / 2**20:.1f} MiB "
+        f"at the end, {total(half[0]) / 2**20:.1f} MiB at half-time")
+
+
 # -- the profile ----------------------------------------------------------------------------
 
 
@@ -851,6 +963,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w2-concurrency", type=int, default=4)
     p.add_argument("--w4-rows", type=int, help="finished rows and future rows (default 1M each)")
     p.add_argument("--w5-jobs", type=int, help="jobs one child runs in W5 (default 100000)")
+    p.add_argument("--w7-minutes", type=float,
+                   help="length of the W7 soak (default 20; --quick 3)")
+    p.add_argument("--w7-rate", type=float, help="W7's measured drain rate, jobs/s (default: "
+                   "measured first by a c4 daemon drain of --n jobs); the soak runs at 80%%")
     p.add_argument("--worker-log-level", default="info",
                    help="djasync-worker --log-level (default: info, the shipped default)")
     p.add_argument("--use-env-db", action="store_true",
