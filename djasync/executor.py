@@ -167,6 +167,7 @@ def set_session_timeouts_if_direct() -> bool:
     the one the connection was opened with (a pooler answers the connection with a backend
     key of its own), in the same statement, at no extra round trip.
     """
+    connection.ensure_connection()  # a connection not yet opened has no raw connection
     raw = connection.connection
     with connection.cursor() as cursor:
         cursor.execute(sql.SET_SESSION_TIMEOUTS_IF_DIRECT,

@@ -134,7 +134,7 @@ class Job(models.Model):
         help_text="Who holds the lease of a running non-atomic job (meta atomic=False).",
     )
     lease_expires = models.DateTimeField(null=True, blank=True, editable=False)
-    #: Flow-control keys (``schedule(..., limits=[...])``, see :mod:`djasync.limits`); NULL
+    #: Flow-control keys (``schedule(..., limits=[...])``, see ``djasync.limits``); NULL
     #: for a job with none, which the claim then takes exactly as before limits existed.
     #: A JSON array of strings (jsonb: no dependency on ``django.contrib.postgres``).
     limits = models.JSONField(null=True, blank=True, editable=False)
@@ -473,7 +473,7 @@ class RateToken(models.Model):
     """One of a rate-limited key's N starts per window: free once ``used_at`` is a window old.
 
     A claim takes a free token (and stamps it) in the claiming transaction, so no window of
-    the key's length holds more than N starts (see :mod:`djasync.limits`).
+    the key's length holds more than N starts (see ``djasync.limits``).
     """
 
     key = models.CharField(max_length=200)
