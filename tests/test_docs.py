@@ -117,6 +117,21 @@ def test_a_skip_marker_says_why_and_stands_right_before_a_fence() -> None:
             )
 
 
+def _keeping_the_connection(case: type[TestCase]) -> type[TestCase]:
+    """``case`` whose class teardown rolls its atomic blocks back but leaves the connection open.
+
+    Django's ``TestCase.tearDownClass`` closes every connection; here the page's samples run in
+    one transaction (pytest-django's), so the close would break the connection for the page's
+    next TestCase (Django keeps the closed connection while inside an atomic block)."""
+
+    def tear_down_class(cls: type[TestCase]) -> None:
+        cls._rollback_atomics(cls.cls_atomics)  # type: ignore[attr-defined]
+        super(TestCase, cls).tearDownClass()
+
+    return type(case.__name__, (case,), {"tearDownClass": classmethod(tear_down_class),
+                                         "__module__": case.__module__})
+
+
 class _Page:
     """The modules, settings and namespace that one page's samples share."""
 
@@ -207,7 +222,7 @@ class _Page:
                  and not getattr(value, "_docs_sample_ran", False)]
         for case in cases:
             case._docs_sample_ran = True  # type: ignore[attr-defined]
-            suite = unittest.defaultTestLoader.loadTestsFromTestCase(case)
+            suite = unittest.defaultTestLoader.loadTestsFromTestCase(_keeping_the_connection(case))
             result = unittest.TestResult()
             suite.run(result)
             problems = result.errors + result.failures
