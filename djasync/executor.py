@@ -65,6 +65,11 @@ RECOUNT_MARGIN = 2
 record_lost_attempt = attempts.record_lost
 
 
+#: Called (no arguments) just before the executor closes its connection on purpose, after a
+#: job's writes were lost: the daemon's child says so to its supervisor, whose fence would
+#: otherwise take the session's end for a lost session and kill the child mid-recording.
+BEFORE_DELIBERATE_CLOSE: list[Callable[[], None]] = []
+
 def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -563,6 +568,8 @@ class _FastBatch:
             # The job may have left its session changed (a role, a search path, prepared
             # statements dropped): the rollback undid what is transactional, closing the
             # connection undoes the rest, and the failure is written on a new one.
+            for hook in BEFORE_DELIBERATE_CLOSE:
+                hook()
             self.db.close()
             if len(self.claimed) > 1:  # the culprit is found alone, its own error recorded
                 raise CommitRefused(len(self.claimed)) from lost

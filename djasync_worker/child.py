@@ -99,6 +99,8 @@ class Child:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.set_wakeup_fd(self._signal_writer.fileno())
         connection_created.connect(self._share_socket)
+        # A session we end ourselves is no lost session: the fence must not kill us for it.
+        executor.BEFORE_DELIBERATE_CLOSE.append(self._leaving_the_session)
         delay = RECONNECT_DELAY_SECONDS
         claim = True  # a new child looks for work at once
         self.idle = True  # as far as the supervisor knows
@@ -156,6 +158,9 @@ class Child:
             logger.info("child recycling jobs_done=%s", self.jobs_done)
             self.recycle = True
         return not (self.stopping or self.recycle)
+
+    def _leaving_the_session(self) -> None:
+        self.shared[IN_TRANSACTION] = 0.0
 
     def _share_socket(self, sender: Any, connection: Any, **kwargs: Any) -> None:
         """Give the supervisor a duplicate of our database socket, before any claim.
