@@ -296,16 +296,8 @@ class HostNetwork:
                        direction: str) -> tuple[str, str, datetime.datetime]:
         """Cut ``host`` the moment one of its sessions is seen executing COMMIT (looked for
         during 2 s; then cut anyway, and say so)."""
-        self.net.cuts += 1
-        table = f"{self.net.word}cut{self.net.cuts}"
+        table, rules = self.net.cut_rules(host, None, direction)
         address = self.net.hosts[host]
-        rules = [f"add table inet {table}"]
-        if direction in ("both", "in"):
-            rules += [f"add chain inet {table} in {{ type filter hook input priority 0; }}",
-                      f"add rule inet {table} in ip saddr {address} drop"]
-        if direction in ("both", "out"):
-            rules += [f"add chain inet {table} out {{ type filter hook output priority 0; }}",
-                      f"add rule inet {table} out ip daddr {address} drop"]
         # nft reads its whole input before it applies it: started now, it applies the cut
         # within milliseconds of the end of its input.
         nft = subprocess.Popen(["ip", "netns", "exec", self.net.db_ns, "nft", "-f", "-"],

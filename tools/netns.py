@@ -115,6 +115,14 @@ class Network:
         """Drop, silently, what ``host`` and the server send each other (only on the host's
         TCP ``port`` if given, e.g. one connection); ``direction`` "in" drops only what the
         host sends, "out" only what it receives. Return the name of the cut, for heal."""
+        table, rules = self.cut_rules(host, port, direction)
+        # Bridged traffic between hosts is not filtered: only the server's own packets are.
+        run("ip", "netns", "exec", self.db_ns, "nft", "-f", "-", stdin="\n".join(rules) + "\n")
+        self.active_cuts.append(table)
+        return table
+
+    def cut_rules(self, host: str, port: int | None, direction: str) -> tuple[str, list[str]]:
+        """A new cut's nftables table name and the rules that make it (see :meth:`cut`)."""
         if direction not in ("both", "in", "out"):
             raise ValueError(f"direction must be both, in or out, not {direction!r}")
         self.cuts += 1
@@ -129,10 +137,7 @@ class Network:
         if direction in ("both", "out"):
             rules += [f"add chain inet {table} out {{ type filter hook output priority 0; }}",
                       f"add rule inet {table} out {match_out} drop"]
-        # Bridged traffic between hosts is not filtered: only the server's own packets are.
-        run("ip", "netns", "exec", self.db_ns, "nft", "-f", "-", stdin="\n".join(rules) + "\n")
-        self.active_cuts.append(table)
-        return table
+        return table, rules
 
     def heal(self, table: str) -> None:
         run("ip", "netns", "exec", self.db_ns, "nft", "delete", "table", "inet", table)
