@@ -74,8 +74,12 @@ docs: venv
 	$(VENV)/bin/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 	@echo "make docs: built docs/_build/html/index.html"
 
-bench: venv
+bench: venv $(VENV)/.bench-installed
 	$(WITH_DB) $(PY) bench/run.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet --group bench
+	@touch $@
 
 # Fault injection: its own throwaway PostgreSQL, 3 daemons, kill -9 / restarts / cut connections.
 CHAOS_ARGS ?=
