@@ -1,4 +1,4 @@
-"""Fixtures: a second, independent connection to the test database."""
+"""Fixtures: a second, independent connection to the test database; a scratch database."""
 
 from __future__ import annotations
 
@@ -21,6 +21,25 @@ def other_connection(transactional_db: None) -> Iterator[psycopg.Connection]:
     """A connection of its own (autocommit), like another process's."""
     with psycopg.connect(**conninfo(), autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def scratch_database(transactional_db: None) -> Iterator[str]:
+    """The URL of a new, empty database beside the test database, dropped afterwards: for
+    programs that reshape or empty the database they are given."""
+    import uuid
+
+    from psycopg.conninfo import make_conninfo
+
+    name = f"djasync_scratch_{uuid.uuid4().hex[:8]}"
+    admin = conninfo()
+    with psycopg.connect(**admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(**{**admin, "dbname": name})
+    finally:
+        with psycopg.connect(**admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

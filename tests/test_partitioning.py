@@ -11,14 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
-from tests.conftest import conninfo
 from tests.daemon import ROOT, run_worker, worker_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,19 +29,10 @@ def recipe() -> str:
 
 
 @pytest.fixture
-def scratch() -> Iterator[str]:
+def scratch(scratch_database: str) -> str:
     """A new database beside the test database, migrated; its URL."""
-    name = f"djasync_part_{uuid.uuid4().hex[:8]}"
-    admin = conninfo()
-    with psycopg.connect(**admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**admin, "dbname": name})
-    try:
-        manage("migrate", "--no-input", "-v", "0", url=url)
-        yield url
-    finally:
-        with psycopg.connect(**admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    manage("migrate", "--no-input", "-v", "0", url=scratch_database)
+    return scratch_database
 
 
 def manage(*args: str, url: str) -> str:
