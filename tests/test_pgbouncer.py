@@ -1,19 +1,22 @@
-"""End to end through a real PgBouncer in transaction mode (Debian's ``pgbouncer`` package).
+"""End to end through a real PgBouncer in transaction mode.
 
 The daemon runs with ``DATABASES`` pointing at a PgBouncer started here, in front of the test
 database; a second client shares the same pool. Nothing the worker sets may reach that client
 (every job timeout is ``SET LOCAL``), every job must still run under its timeouts, and LISTEN
 either goes straight to PostgreSQL (``DJASYNC["LISTEN_URL"]``) or is given up with evidence.
 
-PgBouncer 1.21+ can carry protocol-level prepared statements (``max_prepared_statements``);
-older ones cannot, and then the project sets ``prepare_threshold: None`` (djasync's statements
-go unnamed). The installed version decides which variants run; the others are skipped, saying so.
+Two PgBouncers, where it matters: Debian's package (1.18 on Debian 12), which cannot carry
+prepared statements (the project sets ``prepare_threshold: None``: djasync's statements go
+unnamed), and the newer one tools/pgbouncer_build.py builds (1.24), with
+``max_prepared_statements``: djasync's statements stay prepared through it. A missing one is
+skipped, saying why.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -33,22 +36,43 @@ from tests.models import Ledger
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
 
-VERSION = pgbouncer.version()
+#: Debian's package (1.18 on Debian 12).
+DEBIAN = pgbouncer.executable()
+#: The newer one, built by tools/pgbouncer_build.py (.ci/run builds it; a developer runs it).
+BUILT = pgbouncer.built_executable()
 #: PgBouncer's pool for the test database: fewer server connections than its clients, so
 #: that the worker's children and the other client share them.
 POOL_SIZE = 3
+#: max_prepared_statements of the newer PgBouncer: fewer than djasync's statements would make
+#: PgBouncer evict and prepare again; enough for all of them.
+MAX_PREPARED = 100
 #: The worker's default job timeout here, and what SHOW prints for it and its idle timeout.
 TIMEOUT = 120
 DEFAULT_TIMEOUTS = "2min|130s"
 
+_NO_DEBIAN = "Debian's pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)"
+_NO_BUILT = (f"PgBouncer {pgbouncer.pgbouncer_build.VERSION} is not built: run "
+             "`python3 tools/pgbouncer_build.py` (.ci/run does; it needs the Debian mirror)")
+#: The fixture's programs: ``bouncer`` takes Debian's unless a test asks for another.
+ON_DEBIAN = pytest.param("debian", id="pgbouncer-debian",
+                         marks=pytest.mark.skipif(DEBIAN is None, reason=_NO_DEBIAN))
+ON_BUILT = pytest.param("built", id=f"pgbouncer-{pgbouncer.pgbouncer_build.VERSION}",
+                        marks=pytest.mark.skipif(BUILT is None, reason=_NO_BUILT))
+
 
 @pytest.fixture
-def bouncer(tmp_path: Path, transactional_db: None):
-    """A PgBouncer in transaction mode in front of the test database, on a free port."""
-    if VERSION is None:
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)")
-    started = pgbouncer.start(tmp_path / "pgbouncer", conninfo(), pool_size=POOL_SIZE,
-                              max_prepared_statements=100 if VERSION >= (1, 21) else None)
+def bouncer(request: pytest.FixtureRequest, tmp_path: Path, transactional_db: None):
+    """A PgBouncer in transaction mode in front of the test database, on a free port: Debian's
+    (the default), or the built one (``built``) with ``max_prepared_statements`` set."""
+    which = getattr(request, "param", "debian")
+    program = DEBIAN if which == "debian" else BUILT
+    if program is None:
+        pytest.skip(_NO_DEBIAN if which == "debian" else _NO_BUILT)
+    version = pgbouncer.version(program)
+    assert version is not None, program
+    started = pgbouncer.start(
+        tmp_path / "pgbouncer", conninfo(), pool_size=POOL_SIZE, program=program,
+        max_prepared_statements=MAX_PREPARED if version >= pgbouncer.TRACKS_PREPARED else None)
     yield started
     started.stop()
 
@@ -110,22 +134,41 @@ def every_server_connection(bouncer: pgbouncer.PgBouncer) -> list[str]:
         assert len(pids) == POOL_SIZE, pids
         return seen
     finally:
-        for client in clients:
+        for client in clients:  # ended, not dropped mid-transaction: PgBouncer keeps the
+            client.rollback()   # server connection (it closes one its client left dirty)
             client.close()
 
 
-def prepared_variant(name: str) -> bool:
-    if name == "prepared" and (VERSION is None or VERSION < (1, 21)):
-        pytest.skip(f"PgBouncer {'.'.join(map(str, VERSION or ()))} is older than 1.21: no "
-                    "max_prepared_statements, so djasync's statements must go unnamed "
-                    "(prepare_threshold None); that variant runs")
-    return name == "prepared"
+def stats(bouncer: pgbouncer.PgBouncer) -> dict[str, int]:
+    """PgBouncer's SHOW STATS for the test database (1.24+ counts prepared statements:
+    ``total_client_parse_count``, ``total_server_parse_count``, ``total_bind_count``)."""
+    (row,) = [row for row in bouncer.admin_dicts("SHOW STATS")
+              if row["database"] == conninfo()["dbname"]]
+    return {key: int(value) for key, value in row.items() if key != "database"}
 
 
-@pytest.mark.parametrize("statements", ["unnamed", "prepared"])
+def server_prepared_statements(bouncer: pgbouncer.PgBouncer) -> list[tuple[str, str]]:
+    """(name, statement) of every prepared statement on every server connection of the pool
+    (one client per server connection, each holding a transaction, as above)."""
+    clients = [psycopg.connect(bouncer.url(), prepare_threshold=None) for _ in range(POOL_SIZE)]
+    try:
+        found = [row for client in clients for row in client.execute(
+            "SELECT name, statement FROM pg_prepared_statements").fetchall()]
+        pids = {client.execute("SELECT pg_backend_pid()").fetchone()[0] for client in clients}
+        assert len(pids) == POOL_SIZE, pids
+        return found
+    finally:
+        for client in clients:  # ended, not dropped mid-transaction: PgBouncer keeps the
+            client.rollback()   # server connection (it closes one its client left dirty)
+            client.close()
+
+
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT], indirect=True)
 def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_other_clients(
-        tmp_path, bouncer, statements):
-    prepared = prepared_variant(statements)
+        tmp_path, bouncer):
+    """On Debian's PgBouncer (1.18) djasync's statements go unnamed (``prepare_threshold:
+    None``); on 1.21+ with ``max_prepared_statements`` they stay prepared, with the defaults."""
+    prepared = bouncer.version >= pgbouncer.TRACKS_PREPARED
     defaults = server_defaults()
     assert defaults != DEFAULT_TIMEOUTS  # else a leak could not be told from the default
     log = tmp_path / "w.log"
@@ -171,12 +214,31 @@ def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_ot
     assert "LISTEN unavailable" not in text
     assert "connection budget not checked: this worker goes through a connection pooler" in text
     assert "Traceback" not in text, text[-3000:]
+    # No statement went missing, on either PgBouncer (unnamed ones cannot; prepared ones are
+    # carried by 1.21+), and PgBouncer logged no error of a client's.
+    assert "does not exist" not in text and "is missing on the server" not in text, text[-3000:]
+    assert not re.search(r"ERROR|WARNING", bouncer.log.read_text()), bouncer.log.read_text()
+    on_servers = server_prepared_statements(bouncer)
+    # djasync's names never reach a server connection: no other client can run into them.
+    assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
+    if not prepared:
+        assert on_servers == [], on_servers
+        return
+    # Prepared through 1.21+: PgBouncer prepared each statement once per server connection
+    # under a name of its own, and bound them for every job; djasync parsed each once per
+    # client connection (a few per child), not once per job.
+    counts = stats(bouncer)
+    assert any("FROM djasync_job" in statement and name.startswith("PGBOUNCER_")
+               for name, statement in on_servers), (on_servers, counts, bouncer.log.read_text())
+    assert counts["total_bind_count"] > 244 * 3, counts  # claim, finish, BEGIN/COMMIT … per job
+    assert counts["total_client_parse_count"] < counts["total_bind_count"] / 10, counts
+    assert counts["total_server_parse_count"] < counts["total_bind_count"] / 10, counts
 
 
 def test_without_listen_url_the_worker_says_listen_is_unavailable_and_why_and_still_runs_jobs(
         tmp_path, bouncer):
     log = tmp_path / "w.log"
-    env = pooled_env(tmp_path, bouncer, listen_url=None, prepared=prepared_variant("unnamed"))
+    env = pooled_env(tmp_path, bouncer, listen_url=None, prepared=False)
     daemon = start_worker("--concurrency", "2", "--poll-interval", "0.3",
                           "--settings", "pooled_settings", log=log, env=env)
     stop_churn = threading.Event()
