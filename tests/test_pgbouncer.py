@@ -6,10 +6,10 @@ database; a second client shares the same pool. Nothing the worker sets may reac
 either goes straight to PostgreSQL (``DJASYNC["LISTEN_URL"]``) or is given up with evidence.
 
 Two PgBouncers, where it matters: Debian's package (1.18 on Debian 12), which cannot carry
-prepared statements (the project sets ``prepare_threshold: None``: djasync's statements go
-unnamed), and the newer one tools/pgbouncer_build.py builds (1.24), with
-``max_prepared_statements``: djasync's statements stay prepared through it. A missing one is
-skipped, saying why.
+prepared statements, and the newer one tools/pgbouncer_build.py builds (1.24), which can
+(``max_prepared_statements``). With Django's default settings djasync finds out which, once per
+connection: its statements go unnamed through the first (as with ``prepare_threshold: None``)
+and stay prepared through the second. A missing PgBouncer is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from django.db.models import Count
+from django.db.models import Count, Sum
 
 import djasync
 from djasync.models import Job, Outcome, Status
@@ -58,23 +58,35 @@ ON_DEBIAN = pytest.param("debian", id="pgbouncer-debian",
                          marks=pytest.mark.skipif(DEBIAN is None, reason=_NO_DEBIAN))
 ON_BUILT = pytest.param("built", id=f"pgbouncer-{pgbouncer.pgbouncer_build.VERSION}",
                         marks=pytest.mark.skipif(BUILT is None, reason=_NO_BUILT))
+#: The built one with max_prepared_statements = 0 (its default from 1.24 on is 200).
+ON_BUILT_OFF = pytest.param(
+    "built-off", id=f"pgbouncer-{pgbouncer.pgbouncer_build.VERSION}-max_prepared_statements-0",
+    marks=pytest.mark.skipif(BUILT is None, reason=_NO_BUILT))
 
 
 @pytest.fixture
 def bouncer(request: pytest.FixtureRequest, tmp_path: Path, transactional_db: None):
     """A PgBouncer in transaction mode in front of the test database, on a free port: Debian's
-    (the default), or the built one (``built``) with ``max_prepared_statements`` set."""
+    (the default), or the built one with ``max_prepared_statements`` set (``built``) or 0
+    (``built-off``)."""
     which = getattr(request, "param", "debian")
     program = DEBIAN if which == "debian" else BUILT
     if program is None:
         pytest.skip(_NO_DEBIAN if which == "debian" else _NO_BUILT)
     version = pgbouncer.version(program)
     assert version is not None, program
-    started = pgbouncer.start(
-        tmp_path / "pgbouncer", conninfo(), pool_size=POOL_SIZE, program=program,
-        max_prepared_statements=MAX_PREPARED if version >= pgbouncer.TRACKS_PREPARED else None)
+    max_prepared = None
+    if version >= pgbouncer.TRACKS_PREPARED:
+        max_prepared = 0 if which == "built-off" else MAX_PREPARED
+    started = pgbouncer.start(tmp_path / "pgbouncer", conninfo(), pool_size=POOL_SIZE,
+                              program=program, max_prepared_statements=max_prepared)
     yield started
     started.stop()
+
+
+def carries_prepared(bouncer: pgbouncer.PgBouncer) -> bool:
+    return bouncer.version >= pgbouncer.TRACKS_PREPARED and "max_prepared_statements = 0" not in (
+        bouncer.directory / "pgbouncer.ini").read_text()
 
 
 def pooled_env(tmp_path: Path, bouncer: pgbouncer.PgBouncer, *, listen_url: str | None,
@@ -166,13 +178,13 @@ def server_prepared_statements(bouncer: pgbouncer.PgBouncer) -> list[tuple[str, 
 @pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT], indirect=True)
 def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_other_clients(
         tmp_path, bouncer):
-    """On Debian's PgBouncer (1.18) djasync's statements go unnamed (``prepare_threshold:
-    None``); on 1.21+ with ``max_prepared_statements`` they stay prepared, with the defaults."""
-    prepared = bouncer.version >= pgbouncer.TRACKS_PREPARED
+    """Django's default settings on both: through Debian's PgBouncer (1.18) djasync's
+    statements go unnamed; through 1.21+ with ``max_prepared_statements`` they stay prepared."""
+    prepared = carries_prepared(bouncer)
     defaults = server_defaults()
     assert defaults != DEFAULT_TIMEOUTS  # else a leak could not be told from the default
     log = tmp_path / "w.log"
-    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=prepared)
+    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=True)
     watcher = PoolWatcher(bouncer)
     watcher.start()
     daemon = start_worker("--concurrency", "3", "--poll-interval", "30",
@@ -216,10 +228,13 @@ def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_ot
     assert "Traceback" not in text, text[-3000:]
     # No statement went missing, on either PgBouncer (unnamed ones cannot; prepared ones are
     # carried by 1.21+), and PgBouncer logged no error of a client's.
+    assert ("statements stay prepared through the connection pooler" in text) == prepared
+    assert ("statements go unnamed (parsed every time) through" in text) != prepared
     assert "does not exist" not in text and "is missing on the server" not in text, text[-3000:]
     assert not re.search(r"ERROR|WARNING", bouncer.log.read_text()), bouncer.log.read_text()
     on_servers = server_prepared_statements(bouncer)
-    # djasync's names never reach a server connection: no other client can run into them.
+    # djasync's names never reach a server connection (not even its probe's, on 1.18): no
+    # other client can run into them.
     assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
     if not prepared:
         assert on_servers == [], on_servers
@@ -323,19 +338,30 @@ def test_the_listener_gives_up_listen_only_on_evidence_that_its_session_changed(
         direct.close()
 
 
-def test_a_worker_preparing_statements_through_a_pooler_says_what_that_needs(tmp_path, bouncer):
-    """Prepared statements through a pooler work only with PgBouncer 1.21+ and
-    max_prepared_statements; the worker notices the pooler (its session is not the one the
-    connection was given a key for) and says so, with the way out for older ones."""
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT, ON_BUILT_OFF], indirect=True)
+def test_a_worker_finds_out_whether_the_pooler_carries_prepared_statements(tmp_path, bouncer):
+    """Through a pooler, the worker's connections find out (once each) whether it carries
+    prepared statements (PgBouncer 1.21+ with max_prepared_statements > 0) or passes their
+    names through to whichever server connection it lends (1.18; 1.24 with 0), says which,
+    and runs its jobs either way without a statement going missing; 1.18's probe leaves no
+    statement behind on the server connections."""
     log = tmp_path / "w.log"
     env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=True)
-    daemon = start_worker("--concurrency", "1", "--settings", "pooled_settings", log=log,
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [i, i]) for i in range(100)])
+    daemon = start_worker("--concurrency", "2", "--settings", "pooled_settings", log=log,
                           env=env)
     try:
-        wait_for(lambda: "prepares its statements through a connection pooler" in
-                 log.read_text(), timeout=30, what="the log line")
+        wait_for(lambda: Job.objects.filter(status=Status.SUCCEEDED).count() == 100,
+                 timeout=60, what="every job to succeed")
     finally:
         assert stop(daemon) == 0, log.read_text()[-3000:]
-    line = next(line for line in log.read_text().splitlines()
-                if "prepares its statements through a connection pooler" in line)
-    assert "max_prepared_statements" in line and "'prepare_threshold': None" in line, line
+    text = log.read_text()
+    expected, other = ("stay prepared", "go unnamed") if carries_prepared(bouncer) else (
+        "go unnamed", "stay prepared")
+    lines = [line for line in text.splitlines() if f"statements {expected}" in line]
+    assert lines and f"statements {other}" not in text, text[-3000:]
+    assert "max_prepared_statements" in lines[0], lines[0]
+    assert "ERROR" not in text and "does not exist" not in text, text[-3000:]
+    assert Job.objects.aggregate(n=Sum("attempts"))["n"] == 100
+    on_servers = server_prepared_statements(bouncer)
+    assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
