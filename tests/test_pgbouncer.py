@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from django.db import connection, transaction
 from django.db.models import Count, Sum
 
 import djasync
@@ -365,3 +366,46 @@ def test_a_worker_finds_out_whether_the_pooler_carries_prepared_statements(tmp_p
     assert Job.objects.aggregate(n=Sum("attempts"))["n"] == 100
     on_servers = server_prepared_statements(bouncer)
     assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
+
+
+class _Rollback(Exception):
+    pass
+
+
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT], indirect=True)
+def test_scheduling_through_the_pooler_with_the_default_settings(bouncer):
+    """The web side: Django's own connection through PgBouncer, its default settings.
+    ``schedule_many`` finds out about the pooler on its first statement, in autocommit (the
+    probe in a transaction of its own) and inside the caller's transaction (the probe in it:
+    it neither commits nor ends it); its jobs are written or rolled back with the caller's."""
+    direct = dict(connection.settings_dict)
+    connection.close()
+    connection.settings_dict.update(HOST="127.0.0.1", PORT=str(bouncer.port))
+    try:
+        with pytest.raises(_Rollback), transaction.atomic():
+            Ledger.objects.create(key="rolled back", note="")
+            djasync.schedule_many([djasync.JobSpec(jobs.add, [1, 2])] * 3)  # probe: here
+            raise _Rollback
+        for _ in range(3):  # autocommit, one INSERT each, on connections made anew
+            connection.close()
+            djasync.schedule_many([djasync.JobSpec(jobs.add, [2, 3])] * 2)
+        connection.close()
+        with transaction.atomic():  # the probe inside a transaction that commits
+            Ledger.objects.create(key="kept", note="")
+            djasync.schedule_many([djasync.JobSpec(jobs.add, [3, 4])] * 2)
+    finally:
+        connection.close()
+        connection.settings_dict.clear()
+        connection.settings_dict.update(direct)
+    with psycopg.connect(**conninfo(), autocommit=True) as check:
+        assert check.execute("SELECT args::text, count(*) FROM djasync_job GROUP BY 1"
+                             " ORDER BY 1").fetchall() == [("[2, 3]", 6), ("[3, 4]", 2)]
+        assert check.execute(f"SELECT key FROM {Ledger._meta.db_table}").fetchall() == [
+            ("kept",)]
+    on_servers = server_prepared_statements(bouncer)
+    assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
+    if carries_prepared(bouncer):  # the INSERT, prepared once per server connection at most
+        assert any("INSERT INTO" in text for _, text in on_servers), on_servers
+        assert stats(bouncer)["total_client_parse_count"] <= 2 * 5, stats(bouncer)
+    else:
+        assert on_servers == [], on_servers
