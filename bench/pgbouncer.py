@@ -8,8 +8,9 @@ Fills ``djasync_job`` with N small jobs (``tests.jobs.add``), drains them with
   what a PgBouncer without prepared-statement support forces;
 - ``pgbouncer-<version>``: through each PgBouncer given (``--pgbouncer PATH``, again for more;
   default: Debian's package and the one tools/pgbouncer_build.py built, where present), started
-  here in transaction mode, with Django's default settings: djasync's statements stay prepared
-  through 1.21+ (``max_prepared_statements`` 200) and go unnamed through older ones;
+  here in transaction mode, with Django's default settings and ``LISTEN_URL`` straight to
+  PostgreSQL: djasync's statements stay prepared through 1.21+ (``max_prepared_statements``
+  200) and go unnamed through older ones;
 - ``pgbouncer-<version>-unnamed``: through a 1.21+ one with ``prepare_threshold: None``, which
   tells the pooler's own cost from that of the unnamed statements.
 
@@ -63,6 +64,12 @@ def main() -> None:
     (settings / "unnamed_settings.py").write_text(
         "from tests.settings import *  # noqa\n"
         "DATABASES['default']['OPTIONS'] = {'prepare_threshold': None}\n")
+    # Through PgBouncer, LISTEN goes straight to PostgreSQL, as docs/howto/pgbouncer.md says.
+    listen = f"DJASYNC = {{**DJASYNC, 'LISTEN_URL': {url!r}}}\n"
+    (settings / "pooled_settings.py").write_text(
+        "from tests.settings import *  # noqa\n" + listen)
+    (settings / "pooled_unnamed_settings.py").write_text(
+        "from unnamed_settings import *  # noqa\n" + listen)
     variants = {
         "direct": (url, "tests.settings"),
         "direct-unnamed": (url, "unnamed_settings"),
@@ -79,9 +86,9 @@ def main() -> None:
                                       max_prepared_statements=200 if tracks else None)
             bouncers.append(bouncer)
             name = f"pgbouncer-{pgbouncer.dotted(version)}"
-            variants[name] = (bouncer.url(), "tests.settings")
+            variants[name] = (bouncer.url(), "pooled_settings")
             if tracks:
-                variants[f"{name}-unnamed"] = (bouncer.url(), "unnamed_settings")
+                variants[f"{name}-unnamed"] = (bouncer.url(), "pooled_unnamed_settings")
         rates: dict[str, list[float]] = {name: [] for name in variants}
         with psycopg.connect(url, autocommit=True) as conn:
             names = list(variants)
