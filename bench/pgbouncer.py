@@ -15,9 +15,9 @@ Fills ``djasync_job`` with N small jobs (``tests.jobs.add``), drains them with
   tells the pooler's own cost from that of the unnamed statements.
 
 Each variant runs ``--reps`` times, interleaved (one of each, each rep starting one variant
-later than the last); the median is
-reported, and the median of each rep's ratio to ``direct``. It empties the djasync tables of
-``DATABASE_URL`` (migrated first)::
+later than the last); the median is reported, and the median of each rep's ratio to ``direct``
+and to the first PgBouncer (the machine's drift cancels mostly in these). It empties the
+djasync tables of ``DATABASE_URL`` (migrated first)::
 
     DATABASE_URL=postgresql://root@127.0.0.1:5432/h3 .venv/bin/python bench/pgbouncer.py
 """
@@ -113,11 +113,14 @@ def main() -> None:
     print(f"\n{args.jobs} jobs, --concurrency {args.concurrency}, --batch-size "
           f"{args.batch_size}, median of {args.reps} (the ratio is the median of each rep's "
           "ratio to the direct run next to it, which cancels most of a shared machine's drift):")
+    first = next(name for name in rates if name.startswith("pgbouncer-"))
     for name, values in rates.items():
         ratios = [v / d for v, d in zip(values, rates["direct"], strict=True)]
+        to_first = [v / d for v, d in zip(values, rates[first], strict=True)]
         print(f"  {name:26} {statistics.median(values):7.0f} jobs/s  "
               f"{statistics.median(ratios):6.1%} of direct  "
-              f"(runs: {', '.join(f'{v:.0f}' for v in values)}; ratios: "
+              f"{statistics.median(to_first):6.1%} of {first}  "
+              f"(runs: {', '.join(f'{v:.0f}' for v in values)}; ratios to direct: "
               f"{', '.join(f'{r:.0%}' for r in ratios)})")
 
 

@@ -119,7 +119,7 @@ class Statements:
             return f"${names.index(match[1]) + 1}"
 
         body = _PLACEHOLDER.sub(number, query)
-        if not self.prepare:
+        if not self.prepare or self.raw in _unnamed:  # (found out by another Statements)
             return None, body.encode(), names
         # The name is the statement's digest: a session (a pooled server connection, one this
         # process prepared on before an error made it forget) that already has the name has
