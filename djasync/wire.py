@@ -20,9 +20,12 @@ string.
 
 If the database OPTIONS set ``prepare_threshold`` (``None`` for a PgBouncer that cannot keep
 prepared statements), the statements are sent unnamed, parsed every time (see
-:func:`prepared_statements_allowed`). djasync never asks psycopg itself to prepare
-(``prepare=True``): psycopg answers a ROLLBACK with DEALLOCATE ALL when it has prepared
-statements of its own, which would drop these too.
+:func:`prepared_statements_allowed`). Behind a connection pooler, djasync finds out once per
+connection whether the pooler carries prepared statements (PgBouncer 1.21+ with
+``max_prepared_statements``: they stay prepared) or passes them through to whichever server
+connection it lends (older ones: they go unnamed), see :meth:`Statements._pooler_carries`.
+djasync never asks psycopg itself to prepare (``prepare=True``): psycopg answers a ROLLBACK
+with DEALLOCATE ALL when it has prepared statements of its own, which would drop these too.
 
 :class:`djasync.executor` keeps Django's view of the transaction right (see its ``_FastBatch``).
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 import selectors
 import threading
 import weakref
@@ -63,7 +67,7 @@ class Statements:
         #: Django's connection object that ``raw`` belongs to.
         self.db = db
         self.pgconn = raw.pgconn
-        self.prepare = prepared_statements_allowed()
+        self.prepare = prepared_statements_allowed() and raw not in _unnamed
         #: libpq's pipeline mode (libpq 14 and newer; psycopg[binary] bundles a newer one).
         self.pipeline = psycopg.Pipeline.is_supported()
         #: By query (``%(name)s`` placeholders): its prepared name or None, its text and its
@@ -115,7 +119,7 @@ class Statements:
             return f"${names.index(match[1]) + 1}"
 
         body = _PLACEHOLDER.sub(number, query)
-        if not self.prepare:
+        if not self.prepare or self.raw in _unnamed:  # (found out by another Statements)
             return None, body.encode(), names
         # The name is the statement's digest: a session (a pooled server connection, one this
         # process prepared on before an error made it forget) that already has the name has
@@ -125,6 +129,8 @@ class Statements:
         with self.db.wrap_database_errors:
             if known is None:
                 known = _prepared[self.raw] = self._known_names()
+                if not self.prepare:  # a pooler that does not carry them
+                    return None, body.encode(), names
             if name not in known:
                 try:
                     (result,) = self._exchange([(None, body.encode(), None)],
@@ -147,7 +153,9 @@ class Statements:
         about this connection: PgBouncer 1.21+ (``max_prepared_statements``) prepares each
         client's statements under names of its own, tracks the client's names itself, and
         drops a client that prepares one of its names twice. So a pooled connection starts
-        with none, and is closed rather than asked again (see :meth:`_forget_prepared`).
+        with none, and is closed rather than asked again (see :meth:`_forget_prepared`); and
+        if the pooler does not carry prepared statements at all, the connection's statements
+        go unnamed from now on (``self.prepare`` turns false).
         """
         cursor = psycopg.Cursor(self.raw)
         cursor.execute("SELECT pg_backend_pid(), ARRAY(SELECT name FROM pg_prepared_statements"
@@ -158,15 +166,58 @@ class Statements:
         if pid == self.raw.info.backend_pid:
             return set(names)
         _pooled.add(self.raw)
+        carries = self._pooler_carries()
+        if not carries:
+            _unnamed.add(self.raw)
+            self.prepare = False
         global _warned_pooled
-        if not _warned_pooled:
-            _warned_pooled = True
-            logger.info(
-                "djasync prepares its statements through a connection pooler: that needs "
-                "PgBouncer 1.21 or newer with max_prepared_statements > 0; with an older one "
-                "(or another pooler in transaction mode) set the database OPTIONS "
-                "{'prepare_threshold': None} so that they go unnamed (docs/howto/pgbouncer.md)")
+        if _warned_pooled != carries:
+            _warned_pooled = carries
+            if carries:
+                logger.info(
+                    "djasync's statements stay prepared through the connection pooler: it "
+                    "carries prepared statements (PgBouncer 1.21+ with max_prepared_statements)")
+            else:
+                logger.info(
+                    "djasync's statements go unnamed (parsed every time) through the connection "
+                    "pooler: it does not carry prepared statements (PgBouncer older than 1.21, "
+                    "max_prepared_statements = 0, or session mode); PgBouncer 1.21+ with "
+                    "max_prepared_statements > 0 keeps them prepared (docs/howto/pgbouncer.md)")
         return set()
+
+    def _pooler_carries(self) -> bool:
+        """Whether the pooler in front carries protocol-level prepared statements.
+
+        In one transaction (so on one server connection), prepare a statement under a name
+        of its own and look for that name on the server: PgBouncer 1.21+ with
+        ``max_prepared_statements`` prepares it there under a name of its own
+        (``PGBOUNCER_n``) and keeps the client's; an older one passes the name through, to a
+        server connection the next transaction may not get (``prepared statement … does not
+        exist``), and where another client preparing the same name would fail. Found, it is
+        deallocated again in that transaction: nothing is left for the pool's other clients.
+        Runs once per pooled connection; inside the caller's transaction if one is open."""
+        probe = f"djasync_probe_{secrets.token_hex(8)}"
+        own = self.pgconn.transaction_status == pq.TransactionStatus.IDLE
+        if own:
+            self._checked(self._exchange([(None, b"BEGIN", None)]))
+        try:
+            self._checked(self._exchange([(None, b"SELECT 1", None)], prepare=probe.encode()))
+            (found,) = self._checked(self._exchange([(
+                None, b"SELECT count(*) FROM pg_prepared_statements WHERE name = $1",
+                [probe.encode()])]))
+            passed_through = found.get_value(0, 0) != b"0"
+            if passed_through:
+                self._checked(self._exchange([(None, f'DEALLOCATE "{probe}"'.encode(), None)]))
+        finally:
+            if own and self.pgconn.transaction_status != pq.TransactionStatus.UNKNOWN:
+                self._checked(self._exchange([(None, b"ROLLBACK", None)]))
+        return not passed_through
+
+    def _checked(self, results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
+        for result in results:
+            if result.status not in _OK:
+                raise psycopg.errors.error_from_result(result, encoding=self._encoding)
+        return results
 
     def _forget_prepared(self, missing: bool = False) -> None:
         """Whether djasync's statements are still prepared is unknown (a failed prepare, or
@@ -417,7 +468,11 @@ _prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
     weakref.WeakKeyDictionary())
 #: The connections found to go through a pooler (see :meth:`Statements._known_names`).
 _pooled: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
-_warned_pooled = _warned_missing = False
+#: Those of them whose pooler does not carry prepared statements: their statements go unnamed.
+_unnamed: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+#: What the log said last about a pooler (None: nothing yet; True: it carries them).
+_warned_pooled: bool | None = None
+_warned_missing = False
 
 #: The :class:`Statements` of each database alias's current connection, per thread (Django's
 #: connections are per thread). One slot per alias: a reconnect replaces it (a weak-keyed

@@ -1,4 +1,6 @@
-"""Start a real PgBouncer (Debian's ``pgbouncer`` package) in front of the test database.
+"""Start a real PgBouncer in front of the test database: Debian's ``pgbouncer`` package (1.18
+on Debian 12), or the newer one tools/pgbouncer_build.py builds into a cache (1.21+: prepared
+statements through the pooler, ``max_prepared_statements``).
 
 Used by tests/test_pgbouncer.py and bench/pgbouncer.py. Each instance has its own directory
 (ini, userlist), listens on a free port of 127.0.0.1 only (no Unix socket) and is stopped by
@@ -15,6 +17,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +26,16 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tools") not in sys.path:  # a script (bench/pgbouncer.py), not pytest
+    sys.path.insert(0, str(ROOT / "tools"))
+
+import pgbouncer_build  # noqa: E402  (tools/pgbouncer_build.py: the pinned newer PgBouncer)
+
 #: Who runs PgBouncer when we are root (it will not run as root).
 RUN_AS_WHEN_ROOT = "nobody"
+#: The first PgBouncer that carries prepared statements in transaction mode.
+TRACKS_PREPARED = (1, 21)
 
 
 def executable() -> str | None:
@@ -32,14 +43,25 @@ def executable() -> str | None:
     return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
 
 
-def version() -> tuple[int, ...] | None:
-    """The installed PgBouncer's version, e.g. (1, 18, 0); None if it is not installed."""
-    program = executable()
+def built_executable() -> str | None:
+    """The newer PgBouncer tools/pgbouncer_build.py built into its cache, if it is there."""
+    found = pgbouncer_build.built()
+    return str(found) if found is not None else None
+
+
+def version(program: str | None = None) -> tuple[int, ...] | None:
+    """The version of ``program`` (default: the installed PgBouncer), e.g. (1, 18, 0); None if
+    there is no such program."""
+    program = program or executable()
     if program is None:
         return None
     out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
     found = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", out)
     return tuple(int(x or 0) for x in found.groups()) if found else None
+
+
+def dotted(version: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, version or ()))
 
 
 def _free_port() -> int:
@@ -53,6 +75,8 @@ class PgBouncer:
     directory: Path
     port: int
     process: subprocess.Popen
+    #: The program's version, e.g. (1, 24, 1).
+    version: tuple[int, ...]
     #: The server PgBouncer forwards to (host, port, user, password): the target's conninfo.
     target: dict[str, str]
     log: Path
@@ -70,6 +94,14 @@ class PgBouncer:
         with psycopg.connect(**params, autocommit=True, prepare_threshold=None) as conn:
             return conn.execute(command).fetchall()
 
+    def admin_dicts(self, command: str) -> list[dict[str, Any]]:
+        """Like :meth:`admin`, each row a dict by column name."""
+        params = self.conninfo(dbname="pgbouncer")
+        with psycopg.connect(**params, autocommit=True, prepare_threshold=None) as conn:
+            cursor = conn.execute(command)
+            names = [column.name for column in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -81,12 +113,19 @@ class PgBouncer:
 
 
 def start(directory: Path, target: dict[str, str], *, pool_mode: str = "transaction",
-          pool_size: int = 6, max_prepared_statements: int | None = None) -> PgBouncer:
-    """Start PgBouncer in ``directory`` for every database of the ``target`` server; wait until
-    it accepts connections. ``max_prepared_statements`` needs PgBouncer 1.21 or newer."""
-    program = executable()
+          pool_size: int = 6, max_prepared_statements: int | None = None,
+          program: str | None = None) -> PgBouncer:
+    """Start ``program`` (default: the installed PgBouncer) in ``directory`` for every database
+    of the ``target`` server; wait until it accepts connections. ``max_prepared_statements``
+    needs PgBouncer 1.21 or newer (from 1.24 its default is 200, so 0 turns it off)."""
+    program = program or executable()
     if program is None:
         raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
+    found_version = version(program)
+    if found_version is None:
+        raise RuntimeError(f"{program} is not PgBouncer (its --version says nothing of it)")
+    if max_prepared_statements is not None and found_version < TRACKS_PREPARED:
+        raise ValueError(f"PgBouncer {dotted(found_version)} has no max_prepared_statements")
     directory.mkdir(parents=True, exist_ok=True)
     user = target.get("user") or pwd.getpwuid(os.geteuid()).pw_name
     server = f"host={target.get('host') or '127.0.0.1'} port={target.get('port') or 5432}"
@@ -129,7 +168,7 @@ def start(directory: Path, target: dict[str, str], *, pool_mode: str = "transact
             command[1:1] = ["-u", RUN_AS_WHEN_ROOT]
         with log.open("ab") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        bouncer = PgBouncer(directory, port, process, dict(target), log)
+        bouncer = PgBouncer(directory, port, process, found_version, dict(target), log)
         if _wait_ready(bouncer):
             return bouncer
         bouncer.stop()

@@ -1,26 +1,30 @@
-"""End to end through a real PgBouncer in transaction mode (Debian's ``pgbouncer`` package).
+"""End to end through a real PgBouncer in transaction mode.
 
 The daemon runs with ``DATABASES`` pointing at a PgBouncer started here, in front of the test
 database; a second client shares the same pool. Nothing the worker sets may reach that client
 (every job timeout is ``SET LOCAL``), every job must still run under its timeouts, and LISTEN
 either goes straight to PostgreSQL (``DJASYNC["LISTEN_URL"]``) or is given up with evidence.
 
-PgBouncer 1.21+ can carry protocol-level prepared statements (``max_prepared_statements``);
-older ones cannot, and then the project sets ``prepare_threshold: None`` (djasync's statements
-go unnamed). The installed version decides which variants run; the others are skipped, saying so.
+Two PgBouncers, where it matters: Debian's package (1.18 on Debian 12), which cannot carry
+prepared statements, and the newer one tools/pgbouncer_build.py builds (1.24), which can
+(``max_prepared_statements``). With Django's default settings djasync finds out which, once per
+connection: its statements go unnamed through the first (as with ``prepare_threshold: None``)
+and stay prepared through the second. A missing PgBouncer is skipped, saying why.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from django.db.models import Count
+from django.db import connection, transaction
+from django.db.models import Count, Sum
 
 import djasync
 from djasync.models import Job, Outcome, Status
@@ -33,24 +37,57 @@ from tests.models import Ledger
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.daemon]
 
-VERSION = pgbouncer.version()
+#: Debian's package (1.18 on Debian 12).
+DEBIAN = pgbouncer.executable()
+#: The newer one, built by tools/pgbouncer_build.py (.ci/run builds it; a developer runs it).
+BUILT = pgbouncer.built_executable()
 #: PgBouncer's pool for the test database: fewer server connections than its clients, so
 #: that the worker's children and the other client share them.
 POOL_SIZE = 3
+#: max_prepared_statements of the newer PgBouncer: fewer than djasync's statements would make
+#: PgBouncer evict and prepare again; enough for all of them.
+MAX_PREPARED = 100
 #: The worker's default job timeout here, and what SHOW prints for it and its idle timeout.
 TIMEOUT = 120
 DEFAULT_TIMEOUTS = "2min|130s"
 
+_NO_DEBIAN = "Debian's pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)"
+_NO_BUILT = (f"PgBouncer {pgbouncer.pgbouncer_build.VERSION} is not built: run "
+             "`python3 tools/pgbouncer_build.py` (.ci/run does; it needs the Debian mirror)")
+#: The fixture's programs: ``bouncer`` takes Debian's unless a test asks for another.
+ON_DEBIAN = pytest.param("debian", id="pgbouncer-debian",
+                         marks=pytest.mark.skipif(DEBIAN is None, reason=_NO_DEBIAN))
+ON_BUILT = pytest.param("built", id=f"pgbouncer-{pgbouncer.pgbouncer_build.VERSION}",
+                        marks=pytest.mark.skipif(BUILT is None, reason=_NO_BUILT))
+#: The built one with max_prepared_statements = 0 (its default from 1.24 on is 200).
+ON_BUILT_OFF = pytest.param(
+    "built-off", id=f"pgbouncer-{pgbouncer.pgbouncer_build.VERSION}-max_prepared_statements-0",
+    marks=pytest.mark.skipif(BUILT is None, reason=_NO_BUILT))
+
 
 @pytest.fixture
-def bouncer(tmp_path: Path, transactional_db: None):
-    """A PgBouncer in transaction mode in front of the test database, on a free port."""
-    if VERSION is None:
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)")
+def bouncer(request: pytest.FixtureRequest, tmp_path: Path, transactional_db: None):
+    """A PgBouncer in transaction mode in front of the test database, on a free port: Debian's
+    (the default), or the built one with ``max_prepared_statements`` set (``built``) or 0
+    (``built-off``)."""
+    which = getattr(request, "param", "debian")
+    program = DEBIAN if which == "debian" else BUILT
+    if program is None:
+        pytest.skip(_NO_DEBIAN if which == "debian" else _NO_BUILT)
+    version = pgbouncer.version(program)
+    assert version is not None, program
+    max_prepared = None
+    if version >= pgbouncer.TRACKS_PREPARED:
+        max_prepared = 0 if which == "built-off" else MAX_PREPARED
     started = pgbouncer.start(tmp_path / "pgbouncer", conninfo(), pool_size=POOL_SIZE,
-                              max_prepared_statements=100 if VERSION >= (1, 21) else None)
+                              program=program, max_prepared_statements=max_prepared)
     yield started
     started.stop()
+
+
+def carries_prepared(bouncer: pgbouncer.PgBouncer) -> bool:
+    return bouncer.version >= pgbouncer.TRACKS_PREPARED and "max_prepared_statements = 0" not in (
+        bouncer.directory / "pgbouncer.ini").read_text()
 
 
 def pooled_env(tmp_path: Path, bouncer: pgbouncer.PgBouncer, *, listen_url: str | None,
@@ -110,26 +147,45 @@ def every_server_connection(bouncer: pgbouncer.PgBouncer) -> list[str]:
         assert len(pids) == POOL_SIZE, pids
         return seen
     finally:
-        for client in clients:
+        for client in clients:  # ended, not dropped mid-transaction: PgBouncer keeps the
+            client.rollback()   # server connection (it closes one its client left dirty)
             client.close()
 
 
-def prepared_variant(name: str) -> bool:
-    if name == "prepared" and (VERSION is None or VERSION < (1, 21)):
-        pytest.skip(f"PgBouncer {'.'.join(map(str, VERSION or ()))} is older than 1.21: no "
-                    "max_prepared_statements, so djasync's statements must go unnamed "
-                    "(prepare_threshold None); that variant runs")
-    return name == "prepared"
+def stats(bouncer: pgbouncer.PgBouncer) -> dict[str, int]:
+    """PgBouncer's SHOW STATS for the test database (1.24+ counts prepared statements:
+    ``total_client_parse_count``, ``total_server_parse_count``, ``total_bind_count``)."""
+    (row,) = [row for row in bouncer.admin_dicts("SHOW STATS")
+              if row["database"] == conninfo()["dbname"]]
+    return {key: int(value) for key, value in row.items() if key != "database"}
 
 
-@pytest.mark.parametrize("statements", ["unnamed", "prepared"])
+def server_prepared_statements(bouncer: pgbouncer.PgBouncer) -> list[tuple[str, str]]:
+    """(name, statement) of every prepared statement on every server connection of the pool
+    (one client per server connection, each holding a transaction, as above)."""
+    clients = [psycopg.connect(bouncer.url(), prepare_threshold=None) for _ in range(POOL_SIZE)]
+    try:
+        found = [row for client in clients for row in client.execute(
+            "SELECT name, statement FROM pg_prepared_statements").fetchall()]
+        pids = {client.execute("SELECT pg_backend_pid()").fetchone()[0] for client in clients}
+        assert len(pids) == POOL_SIZE, pids
+        return found
+    finally:
+        for client in clients:  # ended, not dropped mid-transaction: PgBouncer keeps the
+            client.rollback()   # server connection (it closes one its client left dirty)
+            client.close()
+
+
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT], indirect=True)
 def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_other_clients(
-        tmp_path, bouncer, statements):
-    prepared = prepared_variant(statements)
+        tmp_path, bouncer):
+    """Django's default settings on both: through Debian's PgBouncer (1.18) djasync's
+    statements go unnamed; through 1.21+ with ``max_prepared_statements`` they stay prepared."""
+    prepared = carries_prepared(bouncer)
     defaults = server_defaults()
     assert defaults != DEFAULT_TIMEOUTS  # else a leak could not be told from the default
     log = tmp_path / "w.log"
-    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=prepared)
+    env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=True)
     watcher = PoolWatcher(bouncer)
     watcher.start()
     daemon = start_worker("--concurrency", "3", "--poll-interval", "30",
@@ -171,12 +227,34 @@ def test_jobs_run_through_pgbouncer_under_their_timeouts_and_nothing_leaks_to_ot
     assert "LISTEN unavailable" not in text
     assert "connection budget not checked: this worker goes through a connection pooler" in text
     assert "Traceback" not in text, text[-3000:]
+    # No statement went missing, on either PgBouncer (unnamed ones cannot; prepared ones are
+    # carried by 1.21+), and PgBouncer logged no error of a client's.
+    assert ("statements stay prepared through the connection pooler" in text) == prepared
+    assert ("statements go unnamed (parsed every time) through" in text) != prepared
+    assert "does not exist" not in text and "is missing on the server" not in text, text[-3000:]
+    assert not re.search(r"ERROR|WARNING", bouncer.log.read_text()), bouncer.log.read_text()
+    on_servers = server_prepared_statements(bouncer)
+    # djasync's names never reach a server connection (not even its probe's, on 1.18): no
+    # other client can run into them.
+    assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
+    if not prepared:
+        assert on_servers == [], on_servers
+        return
+    # Prepared through 1.21+: PgBouncer prepared each statement once per server connection
+    # under a name of its own, and bound them for every job; djasync parsed each once per
+    # client connection (a few per child), not once per job.
+    counts = stats(bouncer)
+    assert any("FROM djasync_job" in statement and name.startswith("PGBOUNCER_")
+               for name, statement in on_servers), (on_servers, counts, bouncer.log.read_text())
+    assert counts["total_bind_count"] > 244 * 3, counts  # claim, finish, BEGIN/COMMIT … per job
+    assert counts["total_client_parse_count"] < counts["total_bind_count"] / 10, counts
+    assert counts["total_server_parse_count"] < counts["total_bind_count"] / 10, counts
 
 
 def test_without_listen_url_the_worker_says_listen_is_unavailable_and_why_and_still_runs_jobs(
         tmp_path, bouncer):
     log = tmp_path / "w.log"
-    env = pooled_env(tmp_path, bouncer, listen_url=None, prepared=prepared_variant("unnamed"))
+    env = pooled_env(tmp_path, bouncer, listen_url=None, prepared=False)
     daemon = start_worker("--concurrency", "2", "--poll-interval", "0.3",
                           "--settings", "pooled_settings", log=log, env=env)
     stop_churn = threading.Event()
@@ -261,19 +339,73 @@ def test_the_listener_gives_up_listen_only_on_evidence_that_its_session_changed(
         direct.close()
 
 
-def test_a_worker_preparing_statements_through_a_pooler_says_what_that_needs(tmp_path, bouncer):
-    """Prepared statements through a pooler work only with PgBouncer 1.21+ and
-    max_prepared_statements; the worker notices the pooler (its session is not the one the
-    connection was given a key for) and says so, with the way out for older ones."""
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT, ON_BUILT_OFF], indirect=True)
+def test_a_worker_finds_out_whether_the_pooler_carries_prepared_statements(tmp_path, bouncer):
+    """Through a pooler, the worker's connections find out (once each) whether it carries
+    prepared statements (PgBouncer 1.21+ with max_prepared_statements > 0) or passes their
+    names through to whichever server connection it lends (1.18; 1.24 with 0), says which,
+    and runs its jobs either way without a statement going missing; 1.18's probe leaves no
+    statement behind on the server connections."""
     log = tmp_path / "w.log"
     env = pooled_env(tmp_path, bouncer, listen_url=database_url(), prepared=True)
-    daemon = start_worker("--concurrency", "1", "--settings", "pooled_settings", log=log,
+    djasync.schedule_many([djasync.JobSpec(jobs.add, [i, i]) for i in range(100)])
+    daemon = start_worker("--concurrency", "2", "--settings", "pooled_settings", log=log,
                           env=env)
     try:
-        wait_for(lambda: "prepares its statements through a connection pooler" in
-                 log.read_text(), timeout=30, what="the log line")
+        wait_for(lambda: Job.objects.filter(status=Status.SUCCEEDED).count() == 100,
+                 timeout=60, what="every job to succeed")
     finally:
         assert stop(daemon) == 0, log.read_text()[-3000:]
-    line = next(line for line in log.read_text().splitlines()
-                if "prepares its statements through a connection pooler" in line)
-    assert "max_prepared_statements" in line and "'prepare_threshold': None" in line, line
+    text = log.read_text()
+    expected, other = ("stay prepared", "go unnamed") if carries_prepared(bouncer) else (
+        "go unnamed", "stay prepared")
+    lines = [line for line in text.splitlines() if f"statements {expected}" in line]
+    assert lines and f"statements {other}" not in text, text[-3000:]
+    assert "max_prepared_statements" in lines[0], lines[0]
+    assert "ERROR" not in text and "does not exist" not in text, text[-3000:]
+    assert Job.objects.aggregate(n=Sum("attempts"))["n"] == 100
+    on_servers = server_prepared_statements(bouncer)
+    assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
+
+
+class _Rollback(Exception):
+    pass
+
+
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT], indirect=True)
+def test_scheduling_through_the_pooler_with_the_default_settings(bouncer):
+    """The web side: Django's own connection through PgBouncer, its default settings.
+    ``schedule_many`` finds out about the pooler on its first statement, in autocommit (the
+    probe in a transaction of its own) and inside the caller's transaction (the probe in it:
+    it neither commits nor ends it); its jobs are written or rolled back with the caller's."""
+    direct = dict(connection.settings_dict)
+    connection.close()
+    connection.settings_dict.update(HOST="127.0.0.1", PORT=str(bouncer.port))
+    try:
+        with pytest.raises(_Rollback), transaction.atomic():
+            Ledger.objects.create(key="rolled back", note="")
+            djasync.schedule_many([djasync.JobSpec(jobs.add, [1, 2])] * 3)  # probe: here
+            raise _Rollback
+        for _ in range(3):  # autocommit, one INSERT each, on connections made anew
+            connection.close()
+            djasync.schedule_many([djasync.JobSpec(jobs.add, [2, 3])] * 2)
+        connection.close()
+        with transaction.atomic():  # the probe inside a transaction that commits
+            Ledger.objects.create(key="kept", note="")
+            djasync.schedule_many([djasync.JobSpec(jobs.add, [3, 4])] * 2)
+    finally:
+        connection.close()
+        connection.settings_dict.clear()
+        connection.settings_dict.update(direct)
+    with psycopg.connect(**conninfo(), autocommit=True) as check:
+        assert check.execute("SELECT args::text, count(*) FROM djasync_job GROUP BY 1"
+                             " ORDER BY 1").fetchall() == [("[2, 3]", 6), ("[3, 4]", 2)]
+        assert check.execute(f"SELECT key FROM {Ledger._meta.db_table}").fetchall() == [
+            ("kept",)]
+    on_servers = server_prepared_statements(bouncer)
+    assert not [name for name, _ in on_servers if name.startswith("djasync_")], on_servers
+    if carries_prepared(bouncer):  # the INSERT, prepared once per server connection at most
+        assert any("INSERT INTO" in text for _, text in on_servers), on_servers
+        assert stats(bouncer)["total_client_parse_count"] <= 2 * 5, stats(bouncer)
+    else:
+        assert on_servers == [], on_servers
