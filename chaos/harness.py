@@ -56,6 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = "chaos.settings"
 #: The chaos daemons serve this queue; the double-SIGTERM test's daemon serves its own.
 CHAOS_QUEUE = "default"
+#: The flow workload's queue (paused and resumed during the chaos); the chaos daemons serve both.
+FLOW_QUEUE = checker.FLOW_QUEUE
+CHAOS_QUEUES = f"{CHAOS_QUEUE},{FLOW_QUEUE}"
 SIGTERM_TEST_QUEUE = "sigterm-test"
 WORKER_APP_NAME = "chaos-worker"
 #: The double-SIGTERM test's daemon: its long job sits in its transaction on purpose.
@@ -115,6 +118,19 @@ class Config:
     #: never all of them).
     cut_seconds: tuple[float, float] = (5.0, 30.0)
     network_unavailable: str | None = None
+    #: Flow control (issue 16): jobs pre-queued over ``flow_tenants`` keys ``tenant:<n>``
+    #: (concurrency 2), a share of them also holding ``api`` (20/s), a share long; half in
+    #: queue ``flow``, which is paused at ``pause_at`` × duration for ``pause_seconds``.
+    flow_jobs: int = 2000
+    flow_tenants: int = 6
+    flow_rated_share: float = 0.25
+    flow_long_share: float = 0.1
+    flow_seconds: tuple[float, float] = (0.02, 0.15)
+    pause_at: float = 0.4
+    pause_seconds: float = 6.0
+    #: Run the workers with this concurrency for ``tenant:*`` instead of 2 (the checker still
+    #: checks 2): a run that must fail F1, to show the check bites.
+    flow_enforced_concurrency: int | None = None
 
 
 def utcnow() -> datetime.datetime:
@@ -194,7 +210,7 @@ class Daemons:
             self.start(slot)
 
     def start(self, slot: int, *extra: str, level: str = "warning", concurrency: int = 0,
-              queue: str = CHAOS_QUEUE, respawn: bool = True, app_name: str = "") -> Daemon:
+              queue: str = CHAOS_QUEUES, respawn: bool = True, app_name: str = "") -> Daemon:
         log = self.run_dir / f"worker-{slot}.log"
         extra = extra or self.extra_args.get(slot, ())
         command = [sys.executable, "-m", "djasync_worker", "--settings", SETTINGS,
@@ -393,7 +409,7 @@ class MixedProducer(HarnessThread):
     the COMMIT itself failed); the harness's sessions commit durably (chaos/settings.py).
     """
 
-    ACTIONS = {"long": 3, "group": 3, "cancel": 3, "mate": 2, "unique": 3}
+    ACTIONS = {"long": 3, "group": 3, "cancel": 3, "mate": 2, "unique": 3, "flow": 3}
 
     SEED_SALT = 2
 
@@ -550,6 +566,20 @@ class MixedProducer(HarnessThread):
 
         self._atomically(schedule)
 
+    def _flow(self) -> None:
+        """1-4 flow jobs (tenant keys, some rated, some long, in the flow queue or not) in one
+        transaction, ahead of the pre-queued ones."""
+        import djasync
+
+        specs = [flow_spec(self.config, self.rng, f"fm{self.number:05d}-{i}", priority=5)
+                 for i in range(self.rng.randint(1, 4))]
+
+        def schedule(added: list[tuple[str, str]]) -> None:
+            djasync.schedule_many([spec for _, _, spec in specs])
+            added.extend((key, function) for key, function, _ in specs)
+
+        self._atomically(schedule)
+
     def _unique(self) -> None:
         """A job with one of a few unique keys, due 0.2-2 s later: a new generation of the key,
         or merged into the one pending."""
@@ -569,6 +599,28 @@ class MixedProducer(HarnessThread):
 
         if self._atomically(schedule) is False:
             self.expected.unique_merged += 1
+
+
+def flow_spec(config: Config, rng: random.Random, key: str, priority: int
+              ) -> tuple[str, str, Any]:
+    """A flow job: one ``tenant:<n>`` key, ``api`` too for a share, long for a share (those in
+    queue default: a batch's long jobs start after its atomic ones commit, which would blur
+    the pause's 1 s), the others in the default or the flow queue."""
+    import djasync
+
+    tenant = f"tenant:{rng.randrange(config.flow_tenants)}"
+    rated = rng.random() < config.flow_rated_share
+    long = rng.random() < config.flow_long_share
+    queue = CHAOS_QUEUE if long or rng.random() < 0.5 else FLOW_QUEUE
+    if long:
+        function, seconds, meta = checker.LONG, rng.uniform(*config.long_seconds) / 2, {
+            "atomic": False}
+    else:
+        function, seconds, meta = checker.LEDGER, rng.uniform(*config.flow_seconds), None
+    spec = djasync.JobSpec(function, [key, round(seconds, 3), [tenant, rated, queue]],
+                           limits=[tenant, "api"] if rated else [tenant], queue=queue,
+                           priority=priority, meta=meta)
+    return key, function, spec
 
 
 class Housekeeper(HarnessThread):
@@ -683,11 +735,12 @@ class ChaosRun:
                 raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
             time.sleep(interval)
 
-    def pending(self, queue: str | None = None) -> int:
-        """Jobs not finished yet (in ``queue``, or in all queues)."""
+    def pending(self, queues: list[str] | None = None) -> int:
+        """Jobs not finished yet (in ``queues``, or in all queues)."""
         return int(self.query(
             "SELECT count(*) FROM djasync_job WHERE status = 'pending' "
-            "AND (%(queue)s::text IS NULL OR queue = %(queue)s)", {"queue": queue})[0][0])
+            "AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))",
+            {"queues": queues})[0][0])
 
     def fault(self, kind: str, detail: str) -> None:
         self.faults[kind] += 1
@@ -800,13 +853,21 @@ class ChaosRun:
             with transaction.atomic():
                 djasync.schedule_many([djasync.JobSpec(f, [k], meta=m) for k, f, m in part])
             self.expected.committed.update((k, f) for k, f, _ in part)
+        flow = [flow_spec(config, self.rng, f"f{n:05d}", priority=3)
+                for n in range(config.flow_jobs)]
+        for start in range(0, len(flow), chunk):
+            part = flow[start:start + chunk]
+            with transaction.atomic():
+                djasync.schedule_many([spec for _, _, spec in part])
+            self.expected.committed.update((k, f) for k, f, _ in part)
         connection.close()
         self.report["settings"] = {"DJASYNC": dict(settings.DJASYNC),
                                    "idle_in_transaction_timeout_s":
                                        settings.CHAOS_TIMEOUT + IDLE_MARGIN_SECONDS}
         self.say(f"pre-queued {len(specs)} jobs "
                  f"({sum(f == checker.EXTERNAL for _, f, _ in specs)} negative controls, "
-                 f"{len(checker.POISON) * config.poison_each} poison)")
+                 f"{len(checker.POISON) * config.poison_each} poison), and {len(flow)} flow "
+                 f"jobs over {config.flow_tenants} tenant keys")
 
     def start_workers(self) -> None:
         env = dict(os.environ)
@@ -815,6 +876,8 @@ class ChaosRun:
                     "DATABASE_URL": self.server.url})
         env.pop("NOTIFY_SOCKET", None)
         env.pop("CHAOS_HARNESS", None)
+        if self.config.flow_enforced_concurrency is not None:
+            env["CHAOS_FLOW_CONCURRENCY"] = str(self.config.flow_enforced_concurrency)
         self.daemons = Daemons(self.clock, self.run_dir, env, self.config.workers,
                                self.config.concurrency, self.config.shutdown_timeout)
         self.daemons.extra_args[self.config.workers - 1] = (
@@ -868,10 +931,19 @@ class ChaosRun:
         next_backlog_check = 0.0
         backlog = None
         cap = start + 2 * config.duration
+        pause_at = start + config.duration * config.pause_at
+        self.paused_since: datetime.datetime | None = None
         while True:
             now = self.clock()
             self.daemons.poll()
             self._resume_stopped(now)
+            if pause_at is not None and now >= pause_at:
+                if self.paused_since is None:
+                    self.pause_flow_queue()
+                    pause_at = self.clock() + config.pause_seconds
+                else:
+                    self.resume_flow_queue()
+                    pause_at = None
             if plan and now >= plan[0][0]:
                 _, mode = plan.pop(0)
                 self.restart_postgres(mode)
@@ -890,6 +962,8 @@ class ChaosRun:
                 break
             time.sleep(max(0.0, min(next_fault - self.clock(), 0.05)))
         self._resume_stopped(float("inf"))
+        if self.paused_since is not None:
+            self.resume_flow_queue()
         if self.network is not None:
             self.heal_all_and_wait()
         chaos_seconds = self.last_fault - start
@@ -904,6 +978,49 @@ class ChaosRun:
             "chaos_jobs_per_s": round(done / max(chaos_seconds, 0.001), 1),
             "backlog_at_last_fault": backlog,
         })
+
+    def pause_flow_queue(self) -> None:
+        """Pause the flow queue (retrying while the server is away); the pause's time is taken
+        just before the call that succeeded, so it is no later than the pause took effect."""
+        from django.db import connection
+
+        import djasync
+
+        while True:
+            began = utcnow()
+            try:
+                djasync.pause_queue(FLOW_QUEUE)
+                break
+            except Exception:
+                with contextlib.suppress(Exception):
+                    connection.close()
+                time.sleep(0.1)
+        self.paused_since = began
+        pending = self.pending([FLOW_QUEUE])
+        self.pause_record = {"pending_at_pause": pending}
+        self.say(f"paused queue {FLOW_QUEUE!r} ({pending} jobs of it pending)")
+
+    def resume_flow_queue(self) -> None:
+        from django.db import connection
+
+        import djasync
+
+        pending = self.pending([FLOW_QUEUE])
+        while True:
+            try:
+                djasync.resume_queue(FLOW_QUEUE)
+                break
+            except Exception:
+                with contextlib.suppress(Exception):
+                    connection.close()
+                time.sleep(0.1)
+        resumed = utcnow()  # after the call: no earlier than the resume took effect
+        assert self.paused_since is not None
+        self.expected.pauses.append((self.paused_since, resumed))
+        self.pause_record["pending_at_resume"] = pending
+        self.report.setdefault("pauses", []).append(self.pause_record)
+        self.paused_since = None
+        self.say(f"resumed queue {FLOW_QUEUE!r} ({pending} jobs of it were waiting)")
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -1096,7 +1213,8 @@ class ChaosRun:
         rate = max(self.report["throughput"]["no_chaos_jobs_per_s"], 1.0)
         limit = DRAIN_LIMIT_SECONDS + backlog / (rate / 2)
         with contextlib.suppress(TimeoutError):  # reported below; the rest still runs
-            self.wait_for(lambda: self.pending(CHAOS_QUEUE) == 0, timeout=limit + 60,
+            self.wait_for(lambda: self.pending([CHAOS_QUEUE, FLOW_QUEUE]) == 0,
+                          timeout=limit + 60,
                           what="the queue to drain", interval=0.1)
         since_fault = self.clock() - self.last_fault
         self.report["drain_seconds_after_last_fault"] = round(since_fault, 1)
@@ -1365,6 +1483,7 @@ def summary(report: dict[str, Any]) -> str:
         f"  groups {checks.get('groups')}; unique {checks.get('unique')}; "
         f"pruned {checks.get('pruned')}",
         f"  periodic {checks.get('periodic')}",
+        "  flow: " + _flow_summary(checks.get("flow") or {}),
         "  restarts: " + "; ".join(
             f"{r['mode']}{' (sync off)' if r['synchronous_commit_off'] else ''}: "
             f"{r['accept_to_first_commit_seconds']} s to first commit"
@@ -1390,6 +1509,19 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _flow_summary(flow: dict[str, Any]) -> str:
+    rate = flow.get("rate", {})
+    pauses = [(p["seconds"], p["last_start_after_pause_s"], p["first_start_after_resume_s"])
+              for p in flow.get("pauses", [])]
+    return (f"runs {flow.get('runs')}; max overlap by key {flow.get('max_overlap_by_key')} "
+            f"(if cut runs ran to their next mark: "
+            f"{flow.get('max_overlap_if_cut_runs_ran_to_their_next_mark')}); pauses "
+            f"{pauses}"
+            f" (s paused, last start after the pause s, first start after the resume s); "
+            f"rate {rate.get('max_in_a_window')} of {rate.get('rate')} in a window "
+            f"({rate.get('stamps')} stamps)")
+
+
 def parse(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      prog="chaos/run.py")
@@ -1403,6 +1535,9 @@ def parse(argv: list[str] | None) -> Config:
     parser.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory and data directory even on success")
+    parser.add_argument("--flow-enforced-concurrency", type=int, default=None,
+                        help="the workers enforce this concurrency for tenant:* instead of 2 "
+                             "(the checker checks 2): the run must fail F1")
     parser.add_argument("--local", action="store_true",
                         help="every daemon on this machine's network: no hosts, no cuts "
                              "(the default needs root, ip and nft, and falls back to this)")
@@ -1415,10 +1550,12 @@ def parse(argv: list[str] | None) -> Config:
         config = Config(seed, args.jobs or 2000, args.duration or 25.0, True, args.report,
                         args.keep, poison_each=2, control_share=0.25, warmup=2.0,
                         slow_seconds=2.0, batch_size=5, backlog_target=300,
-                        mixed_interval=0.6, cut_seconds=(5.0, 12.0))
+                        mixed_interval=0.6, cut_seconds=(5.0, 12.0), flow_jobs=400,
+                        pause_seconds=4.0)
     else:
         config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
                         args.keep)
+    config.flow_enforced_concurrency = args.flow_enforced_concurrency
     if args.local:
         config.network = False
     elif reason := netns.unavailable():
