@@ -227,3 +227,42 @@ def test_a_rate_starts_no_more_than_n_jobs_in_any_window(tmp_path, limits_env):
         most, span = cursor.fetchone()
     assert most == 5  # 5/s: a full window, never more
     assert span >= 2.5  # 16 starts at 5 per second: at least 3 windows
+
+
+def test_the_chaos_checker_finds_the_over_run_of_workers_enforcing_a_looser_limit(tmp_path,
+                                                                                 limits_env):
+    """The chaos checker's F1 (chaos/checker.py) on a real run whose workers enforce 3 for
+    a key it holds to 2: it reports 3. (Its other side, that a run enforcing 2 passes, is
+    the chaos run itself.)"""
+    from chaos import checker
+
+    (tmp_path / "loose_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        f"DJASYNC = {{**DJASYNC, 'LIMITS': {{**{LIMITS!r}, 'pair:*': {{'concurrency': 3}}}}}}\n")
+    ids = [djasync.schedule(jobs.flow_outside, ["pair:0", 0.1], limits=["pair:0"]).pk
+           for _ in range(30)]
+    daemon = start_worker("--settings", "loose_settings", "--concurrency", "4",
+                          log=tmp_path / "loose.log", env=limits_env)
+    try:
+        wait_for(all_done(ids), timeout=60, what="every job to succeed")
+    finally:
+        assert stop(daemon) == 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"""
+            CREATE TEMP VIEW chaos_flowrun AS
+            SELECT row_number() OVER () AS id, key AS job_key, key AS tenant, false AS rated,
+                   'default' AS queue, 'atomic' AS kind, pid, started, finished AS seen,
+                   finished
+              FROM {jobs.FLOW_RUNS}""")
+        cursor.execute("CREATE TEMP TABLE chaos_flowcommit (run_id bigint, xid bigint)")
+        cursor.execute("CREATE TEMP TABLE chaos_tokenlog (key text, slot integer, "
+                       "used_at timestamptz, xid bigint)")
+    violations: list[str] = []
+    try:
+        found = checker.check_flow(connection.connection, [], violations)
+    finally:  # this session's later tests may make the real tables
+        with connection.cursor() as cursor:
+            cursor.execute("DROP VIEW chaos_flowrun; DROP TABLE chaos_flowcommit, "
+                           "chaos_tokenlog")
+    assert found["max_overlap_by_key"] == {"pair:0": 3}
+    assert [v[:3] for v in violations] == ["F1:"]
