@@ -27,7 +27,7 @@ POISON = ("chaos.jobs.segv", "chaos.jobs.sigkill", "chaos.jobs.exit1", "chaos.jo
 #: workers enforced (a run with a looser limit must fail here).
 FLOW_CONCURRENCY = 2
 FLOW_RATE_KEY = "api"
-FLOW_RATE = 20
+FLOW_RATE = 10
 FLOW_RATE_SECONDS = 1.0
 #: The documented burst on top of a rate's N per window (docs/howto/flow-control.md: none,
 #: the burst is part of the N).

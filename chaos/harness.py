@@ -123,7 +123,12 @@ class Config:
     #: queue ``flow``, which is paused at ``pause_at`` × duration for ``pause_seconds``.
     flow_jobs: int = 2000
     flow_tenants: int = 6
-    flow_rated_share: float = 0.25
+    #: The pre-queued flow jobs fall due in bursts of this many, spread over ``duration``
+    #: from ``flow_start`` s after they are queued: every key sees contention all along the
+    #: chaos, not only at its start.
+    flow_burst: int = 16
+    flow_start: float = 5.0
+    flow_rated_share: float = 0.3
     flow_long_share: float = 0.1
     flow_seconds: tuple[float, float] = (0.02, 0.15)
     pause_at: float = 0.4
@@ -279,6 +284,13 @@ class Daemons:
     def alive(self) -> list[Daemon]:
         """The chaos daemons that are running (not the SIGTERM test's)."""
         return [d for d in self.slots.values() if d.respawn and d.process.poll() is None]
+
+    def all_up(self) -> bool:
+        """Every chaos daemon runs, with all its children and its database agent (a child
+        process too: djasync_worker/agent.py)."""
+        alive = self.alive()
+        return len(alive) == self.count and all(
+            len(children_of(d.process.pid)) >= self.concurrency + 1 for d in alive)
 
     def all_children(self) -> list[int]:
         return [c for d in self.alive() for c in children_of(d.process.pid)]
@@ -601,8 +613,8 @@ class MixedProducer(HarnessThread):
             self.expected.unique_merged += 1
 
 
-def flow_spec(config: Config, rng: random.Random, key: str, priority: int
-              ) -> tuple[str, str, Any]:
+def flow_spec(config: Config, rng: random.Random, key: str, priority: int,
+              due_in: float = 0.0) -> tuple[str, str, Any]:
     """A flow job: one ``tenant:<n>`` key, ``api`` too for a share, long for a share (those in
     queue default: a batch's long jobs start after its atomic ones commit, which would blur
     the pause's 1 s), the others in the default or the flow queue."""
@@ -619,7 +631,8 @@ def flow_spec(config: Config, rng: random.Random, key: str, priority: int
         function, seconds, meta = checker.LEDGER, rng.uniform(*config.flow_seconds), None
     spec = djasync.JobSpec(function, [key, round(seconds, 3), [tenant, rated, queue]],
                            limits=[tenant, "api"] if rated else [tenant], queue=queue,
-                           priority=priority, meta=meta)
+                           priority=priority, meta=meta,
+                           run_after=datetime.timedelta(seconds=due_in) if due_in else None)
     return key, function, spec
 
 
@@ -853,7 +866,10 @@ class ChaosRun:
             with transaction.atomic():
                 djasync.schedule_many([djasync.JobSpec(f, [k], meta=m) for k, f, m in part])
             self.expected.committed.update((k, f) for k, f, _ in part)
-        flow = [flow_spec(config, self.rng, f"f{n:05d}", priority=3)
+        bursts = max(1, config.flow_jobs // config.flow_burst)
+        flow = [flow_spec(config, self.rng, f"f{n:05d}", priority=3,
+                          due_in=config.flow_start + (n // config.flow_burst) % bursts
+                          * config.duration / bursts)
                 for n in range(config.flow_jobs)]
         for start in range(0, len(flow), chunk):
             part = flow[start:start + chunk]
@@ -896,7 +912,7 @@ class ChaosRun:
         self.housekeeper = Housekeeper(self.config, self.expected, self.clock)
         self.housekeeper.start()
         daemons = self.daemons
-        self.wait_for(lambda: len(daemons.all_children()) == daemons.count * daemons.concurrency
+        self.wait_for(lambda: daemons.all_up()
                       and self.query("SELECT EXISTS (SELECT 1 FROM djasync_job "
                                      "WHERE status = 'succeeded')")[0][0],
                       timeout=120, what="every child up and a first job done", interval=0.05)
@@ -1256,9 +1272,7 @@ class ChaosRun:
         # The batch daemon would take several slow jobs in one batch (and the waiting jobs
         # with them): this test wants one slow job per child.
         daemons.make_plain(self.config.workers - 1)
-        self.wait_for(lambda: len(daemons.alive()) == daemons.count and
-                      len(daemons.all_children()) == daemons.count * daemons.concurrency,
-                      60, "every daemon and child to be up")
+        self.wait_for(daemons.all_up, 60, "every daemon and child to be up")
         slots = daemons.count * daemons.concurrency
         keys = [f"slow-{i}" for i in range(slots)]
         self._schedule_many([(k, checker.SLOW, [k, self.config.slow_seconds]) for k in keys], 100)
