@@ -119,7 +119,7 @@ class Config:
     cut_seconds: tuple[float, float] = (5.0, 30.0)
     network_unavailable: str | None = None
     #: Flow control (issue 16): jobs pre-queued over ``flow_tenants`` keys ``tenant:<n>``
-    #: (concurrency 2), a share of them also holding ``api`` (20/s), a share long; half in
+    #: (concurrency 2), a share of them also holding ``api`` (10/s), a share long; half in
     #: queue ``flow``, which is paused at ``pause_at`` × duration for ``pause_seconds``.
     flow_jobs: int = 2000
     flow_tenants: int = 6
@@ -995,41 +995,37 @@ class ChaosRun:
             "backlog_at_last_fault": backlog,
         })
 
-    def pause_flow_queue(self) -> None:
-        """Pause the flow queue (retrying while the server is away); the pause's time is taken
-        just before the call that succeeded, so it is no later than the pause took effect."""
+    @staticmethod
+    def _until_done(call: Callable[[], Any]) -> datetime.datetime:
+        """Call ``call()`` until it returns (the server may be restarting); return the time
+        taken just before the call that did."""
         from django.db import connection
-
-        import djasync
 
         while True:
             began = utcnow()
             try:
-                djasync.pause_queue(FLOW_QUEUE)
-                break
+                call()
+                return began
             except Exception:
                 with contextlib.suppress(Exception):
                     connection.close()
                 time.sleep(0.1)
-        self.paused_since = began
+
+    def pause_flow_queue(self) -> None:
+        """Pause the flow queue; the pause's time is taken just before the call that
+        succeeded, so it is no later than the pause took effect."""
+        import djasync
+
+        self.paused_since = self._until_done(lambda: djasync.pause_queue(FLOW_QUEUE))
         pending = self.pending([FLOW_QUEUE])
         self.pause_record = {"pending_at_pause": pending}
         self.say(f"paused queue {FLOW_QUEUE!r} ({pending} jobs of it pending)")
 
     def resume_flow_queue(self) -> None:
-        from django.db import connection
-
         import djasync
 
         pending = self.pending([FLOW_QUEUE])
-        while True:
-            try:
-                djasync.resume_queue(FLOW_QUEUE)
-                break
-            except Exception:
-                with contextlib.suppress(Exception):
-                    connection.close()
-                time.sleep(0.1)
+        self._until_done(lambda: djasync.resume_queue(FLOW_QUEUE))
         resumed = utcnow()  # after the call: no earlier than the resume took effect
         assert self.paused_since is not None
         self.expected.pauses.append((self.paused_since, resumed))
