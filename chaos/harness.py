@@ -128,9 +128,9 @@ class Config:
     #: chaos, not only at its start.
     flow_burst: int = 16
     flow_start: float = 5.0
-    flow_rated_share: float = 0.3
+    flow_rated_share: float = 0.25
     flow_long_share: float = 0.1
-    flow_seconds: tuple[float, float] = (0.02, 0.15)
+    flow_seconds: tuple[float, float] = (0.01, 0.06)
     pause_at: float = 0.4
     pause_seconds: float = 6.0
     #: Run the workers with this concurrency for ``tenant:*`` instead of 2 (the checker still
