@@ -748,12 +748,13 @@ class ChaosRun:
                 raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
             time.sleep(interval)
 
-    def pending(self, queues: list[str] | None = None) -> int:
-        """Jobs not finished yet (in ``queues``, or in all queues)."""
+    def pending(self, queues: list[str] | None = None, due: bool = False) -> int:
+        """Jobs not finished yet (in ``queues``, or in all queues; only those due now)."""
         return int(self.query(
             "SELECT count(*) FROM djasync_job WHERE status = 'pending' "
-            "AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))",
-            {"queues": queues})[0][0])
+            "AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s)) "
+            "AND (NOT %(due)s OR run_after <= now())",
+            {"queues": queues, "due": due})[0][0])
 
     def fault(self, kind: str, detail: str) -> None:
         self.faults[kind] += 1
@@ -1018,21 +1019,24 @@ class ChaosRun:
 
         self.paused_since = self._until_done(lambda: djasync.pause_queue(FLOW_QUEUE))
         pending = self.pending([FLOW_QUEUE])
-        self.pause_record = {"pending_at_pause": pending}
+        self.pause_record = {"pending_at_pause": pending,
+                             "due_at_pause": self.pending([FLOW_QUEUE], due=True)}
         self.say(f"paused queue {FLOW_QUEUE!r} ({pending} jobs of it pending)")
 
     def resume_flow_queue(self) -> None:
         import djasync
 
         pending = self.pending([FLOW_QUEUE])
+        due = self.pending([FLOW_QUEUE], due=True)
         self._until_done(lambda: djasync.resume_queue(FLOW_QUEUE))
         resumed = utcnow()  # after the call: no earlier than the resume took effect
         assert self.paused_since is not None
         self.expected.pauses.append((self.paused_since, resumed))
-        self.pause_record["pending_at_resume"] = pending
+        self.pause_record.update(pending_at_resume=pending, due_at_resume=due)
         self.report.setdefault("pauses", []).append(self.pause_record)
         self.paused_since = None
-        self.say(f"resumed queue {FLOW_QUEUE!r} ({pending} jobs of it were waiting)")
+        self.say(f"resumed queue {FLOW_QUEUE!r} ({due} jobs of it due and waiting, "
+                 f"{pending} pending)")
 
     # -- faults -------------------------------------------------------------------------------
 

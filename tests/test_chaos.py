@@ -265,7 +265,7 @@ def test_a_paused_queue_starts_nothing_a_second_after_the_pause_and_runs_once_re
     """F2."""
     (pause,) = _flow(report)["pauses"]
     (harness,) = report["pauses"]
-    assert pause["starts_in_5_s_before"] > 0 and harness["pending_at_resume"] > 0, harness
+    assert pause["starts_in_5_s_before"] > 0 and harness["due_at_resume"] > 0, harness
     assert pause["started_while_paused"] == []
     assert pause["first_start_after_resume_s"] is not None, pause
 
