@@ -23,6 +23,18 @@ FINAL = "chaos.jobs.final"
 CANCEL_MATE = "chaos.jobs.cancel_mate"
 PERIODIC = "chaos.jobs.periodic"
 POISON = ("chaos.jobs.segv", "chaos.jobs.sigkill", "chaos.jobs.exit1", "chaos.jobs.always_raise")
+#: Flow control (chaos/settings.py LIMITS): what the checker holds the runs to, whatever the
+#: workers enforced (a run with a looser limit must fail here).
+FLOW_CONCURRENCY = 2
+FLOW_RATE_KEY = "api"
+FLOW_RATE = 10
+FLOW_RATE_SECONDS = 1.0
+#: The documented burst on top of a rate's N per window (docs/howto/flow-control.md: none,
+#: the burst is part of the N).
+FLOW_RATE_BURST = 0
+#: A paused queue's jobs may still start this long after the pause took effect.
+PAUSE_GRACE_SECONDS = 1.0
+FLOW_QUEUE = "flow"
 #: Jobs whose only effect is written in their own transaction: duplicates are bugs.
 IN_TRANSACTION = (LEDGER, SLOW, FINAL, CANCEL_MATE)
 
@@ -40,6 +52,8 @@ SAMPLE = 20
 #: ended (so the job was claimable, uncounted, meanwhile). Not imported: the checker runs
 #: before Django is set up.
 LATE_MARK = "[counted late: "
+#: The supervisor's reason for a long job its fence killed (djasync_worker/supervisor.py).
+FENCED_LONG = "and with it the flow-control slots it held"
 
 
 @dataclass
@@ -79,6 +93,9 @@ class Expectations:
     #: when more than one job with one unique key was pending (sampled during the run).
     unique_merged: int = 0
     unique_overlaps: list[Any] = field(default_factory=list)
+    #: Pauses of the flow queue: (paused at, resumed at). ``paused at`` is taken just before
+    #: the pause_queue() call that succeeded (so no later than the pause took effect).
+    pauses: list[tuple[datetime.datetime, datetime.datetime]] = field(default_factory=list)
     #: Seconds a long job's lease lasts (DJASYNC["LEASE_SECONDS"]) and the jobs' timeout.
     lease_seconds: float = 2.0
     timeout_seconds: float = 4.0
@@ -343,6 +360,13 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
             cause = "crashed: lease expired after a fault" if any(
                 written - lease_window <= at <= written and kind in LEASE_BREAKERS
                 for at, kind in expected.fault_times) else None
+        elif outcome == "crashed" and FENCED_LONG in message:
+            # A long job holding flow-control slots, killed by its supervisor's fence because
+            # PostgreSQL ended its session: a session the chaos ended, or a host cut off.
+            cause = "crashed: long job fenced after its session ended" if any(
+                began - lease_window <= written and ended >= written - lease_window
+                for began, ended in expected.sessions_ended) or pid in expected.cut_pids \
+                else None
         elif outcome == "crashed":
             cause = "crashed: child killed by chaos" if pid in expected.killed_children else (
                 "crashed: stopped child" if pid in expected.stopped_children else (
@@ -368,6 +392,7 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
                           f"timeout the chaos did not cause: {unexplained[:3]}")
 
     _check_long_jobs(conn, expected, jobs, found, violations)
+    found["flow"] = check_flow(conn, expected.pauses, violations)
     _check_cancels(conn, expected, jobs, found, violations)
     _check_groups(conn, jobs, found, violations)
     _check_periodic(conn, found, violations)
@@ -647,3 +672,134 @@ def _check_pruning(conn: psycopg.Connection, found: dict[str, Any],
     if orphaned:
         violations.append(f"R3: pruning deleted attempts of {len(orphaned)} jobs it kept: "
                           f"{orphaned[:5]}")
+
+
+# -- flow control (issue 16) ---------------------------------------------------------------------
+
+#: The most runs of each key running at one moment. A run counts from its start to its last
+#: mark (``seen``: its end if it completed, else the last moment it was known to run): a run
+#: killed or cut off counts for the time it provably ran, and no longer. An end and a start at
+#: one instant do not overlap (ends sort first).
+FLOW_OVERLAP = """
+WITH events AS (
+    SELECT tenant AS key, started AS t, 1 AS d, id FROM chaos_flowrun
+    UNION ALL SELECT tenant, {end}, -1, id FROM chaos_flowrun),
+running AS (
+    SELECT key, t, sum(d) OVER (PARTITION BY key ORDER BY t, d, id ROWS UNBOUNDED PRECEDING) AS n
+      FROM events)
+SELECT key, max(n), min(t) FILTER (WHERE n > %(limit)s), count(*) FILTER (WHERE n > %(limit)s)
+  FROM running GROUP BY key ORDER BY key
+"""
+#: The runs of ``key`` running at instant ``t`` (to show an over-run).
+FLOW_RUNNING_AT = """
+SELECT job_key, kind, pid, started, seen, finished IS NOT NULL FROM chaos_flowrun
+ WHERE tenant = %s AND started <= %s AND seen > %s ORDER BY started
+"""
+#: Runs of the paused queue that started after the pause's grace and before the resume.
+FLOW_STARTED_WHILE_PAUSED = """
+SELECT job_key, pid, started, extract(epoch FROM started - %(paused)s) FROM chaos_flowrun
+ WHERE queue = %(queue)s AND started > %(paused)s + make_interval(secs => %(grace)s)
+   AND started < %(resumed)s ORDER BY started
+"""
+FLOW_PAUSE_EDGES = """
+SELECT extract(epoch FROM max(started) FILTER (WHERE started >= %(paused)s
+                                                 AND started < %(resumed)s) - %(paused)s),
+       extract(epoch FROM min(started) FILTER (WHERE started >= %(resumed)s) - %(resumed)s),
+       count(*) FILTER (WHERE started >= %(paused)s - interval '5 s' AND started < %(paused)s)
+  FROM chaos_flowrun WHERE queue = %(queue)s
+"""
+#: The most committed stamps of the key's tokens in any window of its length (each stamp
+#: opens one: [stamp, stamp + window)).
+FLOW_RATE_WINDOWS = """
+SELECT coalesce(max(n), 0), count(*) FROM (
+    SELECT count(*) OVER (ORDER BY used_at RANGE BETWEEN CURRENT ROW
+                          AND make_interval(secs => %(per)s) - interval '1 microsecond' FOLLOWING) n
+      FROM chaos_tokenlog WHERE key = %(key)s) w
+"""
+FLOW_RATE_FULL_WINDOWS = """
+SELECT used_at, n FROM (
+    SELECT used_at, count(*) OVER (ORDER BY used_at RANGE BETWEEN CURRENT ROW
+                          AND make_interval(secs => %(per)s) - interval '1 microsecond' FOLLOWING) n
+      FROM chaos_tokenlog WHERE key = %(key)s) w
+ WHERE n > %(allowed)s ORDER BY used_at LIMIT 5
+"""
+#: A committed run of a rated atomic job whose claiming transaction stamped fewer tokens of
+#: the key than it committed rated runs: a start the rate did not count.
+FLOW_RATED_RUNS_WITHOUT_TOKEN = """
+SELECT c.xid, count(*), (SELECT count(*) FROM chaos_tokenlog t
+                          WHERE t.xid = c.xid AND t.key = %(key)s)
+  FROM chaos_flowcommit c JOIN chaos_flowrun r ON r.id = c.run_id
+ WHERE r.rated GROUP BY c.xid
+HAVING count(*) > (SELECT count(*) FROM chaos_tokenlog t WHERE t.xid = c.xid AND t.key = %(key)s)
+"""
+FLOW_RUNS = """
+SELECT kind, queue, rated, count(*), count(*) FILTER (WHERE finished IS NULL)
+  FROM chaos_flowrun GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+
+def check_flow(conn: psycopg.Connection,
+               pauses: list[tuple[datetime.datetime, datetime.datetime]],
+               violations: list[str], *, concurrency: int = FLOW_CONCURRENCY,
+               rate: int = FLOW_RATE, rate_key: str = FLOW_RATE_KEY,
+               rate_seconds: float = FLOW_RATE_SECONDS, burst: int = FLOW_RATE_BURST,
+               queue: str = FLOW_QUEUE, grace: float = PAUSE_GRACE_SECONDS) -> dict[str, Any]:
+    """F1-F3 over ``chaos_flowrun``, ``chaos_flowcommit`` and ``chaos_tokenlog`` (chaos
+    migration 0003): appends to ``violations``, returns the figures."""
+    found: dict[str, Any] = {"runs": [list(r) for r in conn.execute(FLOW_RUNS)]}
+    # F1: never more than ``concurrency`` runs of a key at once.
+    overlap = conn.execute(FLOW_OVERLAP.format(end="seen"), {"limit": concurrency}).fetchall()
+    found["max_overlap_by_key"] = {key: n for key, n, _, _ in overlap}
+    found["max_overlap"] = max((n for _, n, _, _ in overlap), default=0)
+    # The same if every run cut short had run on to its next mark (and a little more): for
+    # information (a run may die just before a mark), never a violation.
+    slack = f"seen + make_interval(secs => {2 * 0.025 + 0.05})"
+    upper = conn.execute(FLOW_OVERLAP.format(
+        end=f"CASE WHEN finished IS NULL THEN {slack} ELSE seen END"),
+        {"limit": concurrency}).fetchall()
+    found["max_overlap_if_cut_runs_ran_to_their_next_mark"] = max(
+        (n for _, n, _, _ in upper), default=0)
+    over = []
+    for key, n, first, moments in overlap:
+        if n > concurrency:
+            runs = conn.execute(FLOW_RUNNING_AT, [key, first, first]).fetchall()
+            over.append({"key": key, "max": n, "first_at": str(first), "moments": moments,
+                         "runs_then": [[str(c) for c in r] for r in runs]})
+    found["over_runs"] = over[:SAMPLE]
+    if over:
+        violations.append(f"F1: {len(over)} keys had more than {concurrency} runs at once: "
+                          f"{[(o['key'], o['max'], o['first_at']) for o in over[:5]]}")
+    # F2: no run of the paused queue starts later than ``grace`` after the pause until resumed.
+    found["pauses"] = []
+    for paused, resumed in pauses:
+        params = {"paused": paused, "resumed": resumed, "queue": queue, "grace": grace}
+        late = conn.execute(FLOW_STARTED_WHILE_PAUSED, params).fetchall()
+        last, first_after, before = conn.execute(FLOW_PAUSE_EDGES, params).fetchone()
+        found["pauses"].append({
+            "paused_at": str(paused), "seconds": round((resumed - paused).total_seconds(), 2),
+            "starts_in_5_s_before": before,
+            "last_start_after_pause_s": None if last is None else round(float(last), 3),
+            "first_start_after_resume_s": (None if first_after is None
+                                           else round(float(first_after), 3)),
+            "started_while_paused": [[k, p, str(t), round(float(s), 3)]
+                                     for k, p, t, s in late[:SAMPLE]]})
+        if late:
+            violations.append(f"F2: {len(late)} runs of paused queue {queue!r} started more "
+                              f"than {grace} s after the pause: {late[:3]}")
+    # F3: no window of the rate's length holds more than N (+ the burst) committed starts,
+    # and every committed rated run's claim stamped a token.
+    params = {"key": rate_key, "per": rate_seconds, "allowed": rate + burst}
+    most, stamps = conn.execute(FLOW_RATE_WINDOWS, params).fetchone()
+    found["rate"] = {"key": rate_key, "rate": rate, "per_s": rate_seconds, "burst": burst,
+                     "stamps": stamps, "max_in_a_window": most}
+    if most > rate + burst:
+        full = conn.execute(FLOW_RATE_FULL_WINDOWS, params).fetchall()
+        found["rate"]["windows_over"] = [[str(t), n] for t, n in full]
+        violations.append(f"F3: a window of {rate_seconds} s holds {most} starts of "
+                          f"{rate_key!r} (rate {rate} + burst {burst}): {full[:3]}")
+    untokened = conn.execute(FLOW_RATED_RUNS_WITHOUT_TOKEN, params).fetchall()
+    found["rate"]["committed_runs_without_token"] = [list(r) for r in untokened[:SAMPLE]]
+    if untokened:
+        violations.append(f"F3: {len(untokened)} claims committed more rated runs than "
+                          f"tokens stamped: {untokened[:3]}")
+    return found

@@ -56,6 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = "chaos.settings"
 #: The chaos daemons serve this queue; the double-SIGTERM test's daemon serves its own.
 CHAOS_QUEUE = "default"
+#: The flow workload's queue (paused and resumed during the chaos); the chaos daemons serve both.
+FLOW_QUEUE = checker.FLOW_QUEUE
+CHAOS_QUEUES = f"{CHAOS_QUEUE},{FLOW_QUEUE}"
 SIGTERM_TEST_QUEUE = "sigterm-test"
 WORKER_APP_NAME = "chaos-worker"
 #: The double-SIGTERM test's daemon: its long job sits in its transaction on purpose.
@@ -115,6 +118,24 @@ class Config:
     #: never all of them).
     cut_seconds: tuple[float, float] = (5.0, 30.0)
     network_unavailable: str | None = None
+    #: Flow control (issue 16): jobs pre-queued over ``flow_tenants`` keys ``tenant:<n>``
+    #: (concurrency 2), a share of them also holding ``api`` (10/s), a share long; half in
+    #: queue ``flow``, which is paused at ``pause_at`` × duration for ``pause_seconds``.
+    flow_jobs: int = 2000
+    flow_tenants: int = 6
+    #: The pre-queued flow jobs fall due in bursts of this many, spread over ``duration``
+    #: from ``flow_start`` s after they are queued: every key sees contention all along the
+    #: chaos, not only at its start.
+    flow_burst: int = 16
+    flow_start: float = 5.0
+    flow_rated_share: float = 0.25
+    flow_long_share: float = 0.1
+    flow_seconds: tuple[float, float] = (0.01, 0.06)
+    pause_at: float = 0.4
+    pause_seconds: float = 6.0
+    #: Run the workers with this concurrency for ``tenant:*`` instead of 2 (the checker still
+    #: checks 2): a run that must fail F1, to show the check bites.
+    flow_enforced_concurrency: int | None = None
 
 
 def utcnow() -> datetime.datetime:
@@ -194,7 +215,7 @@ class Daemons:
             self.start(slot)
 
     def start(self, slot: int, *extra: str, level: str = "warning", concurrency: int = 0,
-              queue: str = CHAOS_QUEUE, respawn: bool = True, app_name: str = "") -> Daemon:
+              queue: str = CHAOS_QUEUES, respawn: bool = True, app_name: str = "") -> Daemon:
         log = self.run_dir / f"worker-{slot}.log"
         extra = extra or self.extra_args.get(slot, ())
         command = [sys.executable, "-m", "djasync_worker", "--settings", SETTINGS,
@@ -263,6 +284,13 @@ class Daemons:
     def alive(self) -> list[Daemon]:
         """The chaos daemons that are running (not the SIGTERM test's)."""
         return [d for d in self.slots.values() if d.respawn and d.process.poll() is None]
+
+    def all_up(self) -> bool:
+        """Every chaos daemon runs, with all its children and its database agent (a child
+        process too: djasync_worker/agent.py)."""
+        alive = self.alive()
+        return len(alive) == self.count and all(
+            len(children_of(d.process.pid)) >= self.concurrency + 1 for d in alive)
 
     def all_children(self) -> list[int]:
         return [c for d in self.alive() for c in children_of(d.process.pid)]
@@ -393,7 +421,7 @@ class MixedProducer(HarnessThread):
     the COMMIT itself failed); the harness's sessions commit durably (chaos/settings.py).
     """
 
-    ACTIONS = {"long": 3, "group": 3, "cancel": 3, "mate": 2, "unique": 3}
+    ACTIONS = {"long": 3, "group": 3, "cancel": 3, "mate": 2, "unique": 3, "flow": 3}
 
     SEED_SALT = 2
 
@@ -550,6 +578,20 @@ class MixedProducer(HarnessThread):
 
         self._atomically(schedule)
 
+    def _flow(self) -> None:
+        """1-4 flow jobs (tenant keys, some rated, some long, in the flow queue or not) in one
+        transaction, ahead of the pre-queued ones."""
+        import djasync
+
+        specs = [flow_spec(self.config, self.rng, f"fm{self.number:05d}-{i}", priority=5)
+                 for i in range(self.rng.randint(1, 4))]
+
+        def schedule(added: list[tuple[str, str]]) -> None:
+            djasync.schedule_many([spec for _, _, spec in specs])
+            added.extend((key, function) for key, function, _ in specs)
+
+        self._atomically(schedule)
+
     def _unique(self) -> None:
         """A job with one of a few unique keys, due 0.2-2 s later: a new generation of the key,
         or merged into the one pending."""
@@ -569,6 +611,29 @@ class MixedProducer(HarnessThread):
 
         if self._atomically(schedule) is False:
             self.expected.unique_merged += 1
+
+
+def flow_spec(config: Config, rng: random.Random, key: str, priority: int,
+              due_in: float = 0.0) -> tuple[str, str, Any]:
+    """A flow job: one ``tenant:<n>`` key, ``api`` too for a share, long for a share (those in
+    queue default: a batch's long jobs start after its atomic ones commit, which would blur
+    the pause's 1 s), the others in the default or the flow queue."""
+    import djasync
+
+    tenant = f"tenant:{rng.randrange(config.flow_tenants)}"
+    rated = rng.random() < config.flow_rated_share
+    long = rng.random() < config.flow_long_share
+    queue = CHAOS_QUEUE if long or rng.random() < 0.5 else FLOW_QUEUE
+    if long:
+        function, seconds, meta = checker.LONG, rng.uniform(*config.long_seconds) / 2, {
+            "atomic": False}
+    else:
+        function, seconds, meta = checker.LEDGER, rng.uniform(*config.flow_seconds), None
+    spec = djasync.JobSpec(function, [key, round(seconds, 3), [tenant, rated, queue]],
+                           limits=[tenant, "api"] if rated else [tenant], queue=queue,
+                           priority=priority, meta=meta,
+                           run_after=datetime.timedelta(seconds=due_in) if due_in else None)
+    return key, function, spec
 
 
 class Housekeeper(HarnessThread):
@@ -683,11 +748,13 @@ class ChaosRun:
                 raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
             time.sleep(interval)
 
-    def pending(self, queue: str | None = None) -> int:
-        """Jobs not finished yet (in ``queue``, or in all queues)."""
+    def pending(self, queues: list[str] | None = None, due: bool = False) -> int:
+        """Jobs not finished yet (in ``queues``, or in all queues; only those due now)."""
         return int(self.query(
             "SELECT count(*) FROM djasync_job WHERE status = 'pending' "
-            "AND (%(queue)s::text IS NULL OR queue = %(queue)s)", {"queue": queue})[0][0])
+            "AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s)) "
+            "AND (NOT %(due)s OR run_after <= now())",
+            {"queues": queues, "due": due})[0][0])
 
     def fault(self, kind: str, detail: str) -> None:
         self.faults[kind] += 1
@@ -800,13 +867,24 @@ class ChaosRun:
             with transaction.atomic():
                 djasync.schedule_many([djasync.JobSpec(f, [k], meta=m) for k, f, m in part])
             self.expected.committed.update((k, f) for k, f, _ in part)
+        bursts = max(1, config.flow_jobs // config.flow_burst)
+        flow = [flow_spec(config, self.rng, f"f{n:05d}", priority=3,
+                          due_in=config.flow_start + (n // config.flow_burst) % bursts
+                          * config.duration / bursts)
+                for n in range(config.flow_jobs)]
+        for start in range(0, len(flow), chunk):
+            part = flow[start:start + chunk]
+            with transaction.atomic():
+                djasync.schedule_many([spec for _, _, spec in part])
+            self.expected.committed.update((k, f) for k, f, _ in part)
         connection.close()
         self.report["settings"] = {"DJASYNC": dict(settings.DJASYNC),
                                    "idle_in_transaction_timeout_s":
                                        settings.CHAOS_TIMEOUT + IDLE_MARGIN_SECONDS}
         self.say(f"pre-queued {len(specs)} jobs "
                  f"({sum(f == checker.EXTERNAL for _, f, _ in specs)} negative controls, "
-                 f"{len(checker.POISON) * config.poison_each} poison)")
+                 f"{len(checker.POISON) * config.poison_each} poison), and {len(flow)} flow "
+                 f"jobs over {config.flow_tenants} tenant keys")
 
     def start_workers(self) -> None:
         env = dict(os.environ)
@@ -815,6 +893,8 @@ class ChaosRun:
                     "DATABASE_URL": self.server.url})
         env.pop("NOTIFY_SOCKET", None)
         env.pop("CHAOS_HARNESS", None)
+        if self.config.flow_enforced_concurrency is not None:
+            env["CHAOS_FLOW_CONCURRENCY"] = str(self.config.flow_enforced_concurrency)
         self.daemons = Daemons(self.clock, self.run_dir, env, self.config.workers,
                                self.config.concurrency, self.config.shutdown_timeout)
         self.daemons.extra_args[self.config.workers - 1] = (
@@ -833,7 +913,7 @@ class ChaosRun:
         self.housekeeper = Housekeeper(self.config, self.expected, self.clock)
         self.housekeeper.start()
         daemons = self.daemons
-        self.wait_for(lambda: len(daemons.all_children()) == daemons.count * daemons.concurrency
+        self.wait_for(lambda: daemons.all_up()
                       and self.query("SELECT EXISTS (SELECT 1 FROM djasync_job "
                                      "WHERE status = 'succeeded')")[0][0],
                       timeout=120, what="every child up and a first job done", interval=0.05)
@@ -868,10 +948,19 @@ class ChaosRun:
         next_backlog_check = 0.0
         backlog = None
         cap = start + 2 * config.duration
+        pause_at = start + config.duration * config.pause_at
+        self.paused_since: datetime.datetime | None = None
         while True:
             now = self.clock()
             self.daemons.poll()
             self._resume_stopped(now)
+            if pause_at is not None and now >= pause_at:
+                if self.paused_since is None:
+                    self.pause_flow_queue()
+                    pause_at = self.clock() + config.pause_seconds
+                else:
+                    self.resume_flow_queue()
+                    pause_at = None
             if plan and now >= plan[0][0]:
                 _, mode = plan.pop(0)
                 self.restart_postgres(mode)
@@ -890,6 +979,8 @@ class ChaosRun:
                 break
             time.sleep(max(0.0, min(next_fault - self.clock(), 0.05)))
         self._resume_stopped(float("inf"))
+        if self.paused_since is not None:
+            self.resume_flow_queue()
         if self.network is not None:
             self.heal_all_and_wait()
         chaos_seconds = self.last_fault - start
@@ -904,6 +995,48 @@ class ChaosRun:
             "chaos_jobs_per_s": round(done / max(chaos_seconds, 0.001), 1),
             "backlog_at_last_fault": backlog,
         })
+
+    @staticmethod
+    def _until_done(call: Callable[[], Any]) -> datetime.datetime:
+        """Call ``call()`` until it returns (the server may be restarting); return the time
+        taken just before the call that did."""
+        from django.db import connection
+
+        while True:
+            began = utcnow()
+            try:
+                call()
+                return began
+            except Exception:
+                with contextlib.suppress(Exception):
+                    connection.close()
+                time.sleep(0.1)
+
+    def pause_flow_queue(self) -> None:
+        """Pause the flow queue; the pause's time is taken just before the call that
+        succeeded, so it is no later than the pause took effect."""
+        import djasync
+
+        self.paused_since = self._until_done(lambda: djasync.pause_queue(FLOW_QUEUE))
+        pending = self.pending([FLOW_QUEUE])
+        self.pause_record = {"pending_at_pause": pending,
+                             "due_at_pause": self.pending([FLOW_QUEUE], due=True)}
+        self.say(f"paused queue {FLOW_QUEUE!r} ({pending} jobs of it pending)")
+
+    def resume_flow_queue(self) -> None:
+        import djasync
+
+        pending = self.pending([FLOW_QUEUE])
+        due = self.pending([FLOW_QUEUE], due=True)
+        self._until_done(lambda: djasync.resume_queue(FLOW_QUEUE))
+        resumed = utcnow()  # after the call: no earlier than the resume took effect
+        assert self.paused_since is not None
+        self.expected.pauses.append((self.paused_since, resumed))
+        self.pause_record.update(pending_at_resume=pending, due_at_resume=due)
+        self.report.setdefault("pauses", []).append(self.pause_record)
+        self.paused_since = None
+        self.say(f"resumed queue {FLOW_QUEUE!r} ({due} jobs of it due and waiting, "
+                 f"{pending} pending)")
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -1096,7 +1229,8 @@ class ChaosRun:
         rate = max(self.report["throughput"]["no_chaos_jobs_per_s"], 1.0)
         limit = DRAIN_LIMIT_SECONDS + backlog / (rate / 2)
         with contextlib.suppress(TimeoutError):  # reported below; the rest still runs
-            self.wait_for(lambda: self.pending(CHAOS_QUEUE) == 0, timeout=limit + 60,
+            self.wait_for(lambda: self.pending([CHAOS_QUEUE, FLOW_QUEUE]) == 0,
+                          timeout=limit + 60,
                           what="the queue to drain", interval=0.1)
         since_fault = self.clock() - self.last_fault
         self.report["drain_seconds_after_last_fault"] = round(since_fault, 1)
@@ -1138,9 +1272,7 @@ class ChaosRun:
         # The batch daemon would take several slow jobs in one batch (and the waiting jobs
         # with them): this test wants one slow job per child.
         daemons.make_plain(self.config.workers - 1)
-        self.wait_for(lambda: len(daemons.alive()) == daemons.count and
-                      len(daemons.all_children()) == daemons.count * daemons.concurrency,
-                      60, "every daemon and child to be up")
+        self.wait_for(daemons.all_up, 60, "every daemon and child to be up")
         slots = daemons.count * daemons.concurrency
         keys = [f"slow-{i}" for i in range(slots)]
         self._schedule_many([(k, checker.SLOW, [k, self.config.slow_seconds]) for k in keys], 100)
@@ -1365,6 +1497,7 @@ def summary(report: dict[str, Any]) -> str:
         f"  groups {checks.get('groups')}; unique {checks.get('unique')}; "
         f"pruned {checks.get('pruned')}",
         f"  periodic {checks.get('periodic')}",
+        "  flow: " + _flow_summary(checks.get("flow") or {}),
         "  restarts: " + "; ".join(
             f"{r['mode']}{' (sync off)' if r['synchronous_commit_off'] else ''}: "
             f"{r['accept_to_first_commit_seconds']} s to first commit"
@@ -1390,6 +1523,19 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _flow_summary(flow: dict[str, Any]) -> str:
+    rate = flow.get("rate", {})
+    pauses = [(p["seconds"], p["last_start_after_pause_s"], p["first_start_after_resume_s"])
+              for p in flow.get("pauses", [])]
+    return (f"runs {flow.get('runs')}; max overlap by key {flow.get('max_overlap_by_key')} "
+            f"(if cut runs ran to their next mark: "
+            f"{flow.get('max_overlap_if_cut_runs_ran_to_their_next_mark')}); pauses "
+            f"{pauses}"
+            f" (s paused, last start after the pause s, first start after the resume s); "
+            f"rate {rate.get('max_in_a_window')} of {rate.get('rate')} in a window "
+            f"({rate.get('stamps')} stamps)")
+
+
 def parse(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      prog="chaos/run.py")
@@ -1403,6 +1549,9 @@ def parse(argv: list[str] | None) -> Config:
     parser.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory and data directory even on success")
+    parser.add_argument("--flow-enforced-concurrency", type=int, default=None,
+                        help="the workers enforce this concurrency for tenant:* instead of 2 "
+                             "(the checker checks 2): the run must fail F1")
     parser.add_argument("--local", action="store_true",
                         help="every daemon on this machine's network: no hosts, no cuts "
                              "(the default needs root, ip and nft, and falls back to this)")
@@ -1415,10 +1564,12 @@ def parse(argv: list[str] | None) -> Config:
         config = Config(seed, args.jobs or 2000, args.duration or 25.0, True, args.report,
                         args.keep, poison_each=2, control_share=0.25, warmup=2.0,
                         slow_seconds=2.0, batch_size=5, backlog_target=300,
-                        mixed_interval=0.6, cut_seconds=(5.0, 12.0))
+                        mixed_interval=0.6, cut_seconds=(5.0, 12.0), flow_jobs=400,
+                        pause_seconds=4.0)
     else:
         config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
                         args.keep)
+    config.flow_enforced_concurrency = args.flow_enforced_concurrency
     if args.local:
         config.network = False
     elif reason := netns.unavailable():

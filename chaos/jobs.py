@@ -5,6 +5,7 @@ Every job takes its own unique ``key`` as first argument; its effects carry that
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -31,13 +32,79 @@ def short_backoff(attempt: int) -> float:
     return 0.2
 
 
-def ledger(key: str, seconds: float = 0.0) -> str:
+def ledger(key: str, seconds: float = 0.0, flow: list | None = None) -> str:
     """The innocent job: sleep 0-4 ms, write one ledger row in the job's transaction, sleep
-    (``seconds`` more: group members run a while, so that members are added meanwhile)."""
+    (``seconds`` more: group members run a while, so that members are added meanwhile).
+
+    A flow job (``flow`` = [tenant key, rated, queue], scheduled with those limits) records
+    its run in ``chaos_flowrun`` while it sleeps (see :func:`_flow_run`), and its commit in
+    ``chaos_flowcommit``, in its transaction."""
+    if flow is not None:
+        run_id = _flow_run(key, flow, "atomic", seconds)
+        LedgerEntry.objects.create(key=key, kind="txn", pid=os.getpid())
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO chaos_flowcommit (run_id, xid) "
+                           "VALUES (%s, txid_current())", [run_id])
+        return key
     time.sleep(random.uniform(0, 0.004))
     LedgerEntry.objects.create(key=key, kind="txn", pid=os.getpid())
     time.sleep(random.uniform(0, 0.004) + seconds)
     return key
+
+
+#: Seconds between the marks a running flow job leaves (``chaos_flowrun.seen``).
+FLOW_HEARTBEAT_SECONDS = 0.025
+_recorder: psycopg.Connection | None = None
+
+
+def _record(sql: str, params: list) -> tuple:
+    """Run ``sql`` on this process's recording connection (autocommit, its own session:
+    what it writes stays written whatever happens to the job's transaction); reconnect once
+    if that connection is gone (the chaos ends sessions and restarts the server)."""
+    global _recorder
+    for retry in (False, True):
+        try:
+            if _recorder is None or _recorder.closed:
+                # Not durable (synchronous_commit off): the marks come every 25 ms from each
+                # running flow job. An immediate restart may lose the last ~0.2 s of them:
+                # runs then look shorter or absent, which can hide an overlap, never make one.
+                _recorder = psycopg.connect(os.environ["DATABASE_URL"], autocommit=True,
+                                            connect_timeout=5,
+                                            options="-c synchronous_commit=off")
+            row = _recorder.execute(sql, params).fetchone()
+            assert row is not None
+            return row
+        except psycopg.OperationalError:
+            with contextlib.suppress(Exception):
+                if _recorder is not None:
+                    _recorder.close()
+            _recorder = None
+            if retry:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _flow_run(key: str, flow: list, kind: str, seconds: float) -> int:
+    """Record a flow job's run on the recording connection: its start, then every 25 ms
+    ``seen`` (the last moment it was known to run) while it works ``seconds``, then
+    ``finished``. A run killed or cut off keeps its start and its last mark: the checker
+    counts it as running from the one to the other, no longer, no shorter. If the start
+    cannot be written the job fails (and runs again): no run goes unrecorded."""
+    tenant, rated, queue = flow
+    (run_id,) = _record(
+        "INSERT INTO chaos_flowrun (job_key, tenant, rated, queue, kind, pid, started, seen) "
+        "VALUES (%s, %s, %s, %s, %s, %s, clock_timestamp(), clock_timestamp()) RETURNING id",
+        [key, tenant, rated, queue, kind, os.getpid()])
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, FLOW_HEARTBEAT_SECONDS))
+        with contextlib.suppress(psycopg.Error):  # the mark is missed: the run looks shorter
+            _record("UPDATE chaos_flowrun SET seen = clock_timestamp() WHERE id = %s "
+                    "RETURNING id", [run_id])
+    with contextlib.suppress(psycopg.Error):
+        _record("UPDATE chaos_flowrun SET seen = clock_timestamp(), finished = "
+                "clock_timestamp() WHERE id = %s RETURNING id", [run_id])
+    return run_id
 
 
 def final(key: str) -> str:
@@ -49,13 +116,17 @@ def final(key: str) -> str:
     return key
 
 
-def long(key: str, seconds: float) -> str:
+def long(key: str, seconds: float, flow: list | None = None) -> str:
     """A long job (scheduled with meta atomic=False): write its effect at once (autocommit:
-    at least once, with the run's start), then work ``seconds`` under its lease."""
+    at least once, with the run's start), then work ``seconds`` under its lease (a flow job,
+    see :func:`ledger`: recording its run in ``chaos_flowrun`` meanwhile)."""
     running = current_job()
     LedgerEntry.objects.create(key=key, kind="long", pid=os.getpid(),
                                run_started=running.started_at if running else None)
-    time.sleep(seconds)
+    if flow is not None:
+        _flow_run(key, flow, "long", seconds)
+    else:
+        time.sleep(seconds)
     return key
 
 

@@ -49,7 +49,19 @@ PERIODIC = [
     {"cron": "*/10 * * * * *", "function": "chaos.jobs.periodic", "name": "every-10s",
      "args": ["every-10s"], "priority": 10},
 ]
+#: Flow control (issue 16): the flow jobs hold one ``tenant:<n>`` key of concurrency 2, and
+#: some the ``api`` key, 10 starts per second. The checker checks these figures
+#: (chaos/checker.py FLOW_*). CHAOS_FLOW_CONCURRENCY in the workers' environment (the
+#: harness's --flow-enforced-concurrency) enforces another figure: a run with it above 2
+#: must fail the check (the check's own negative control).
+FLOW_CONCURRENCY = int(os.environ.get("CHAOS_FLOW_CONCURRENCY", "2"))
+FLOW_RATE = 10
+LIMITS = {
+    "tenant:*": {"concurrency": FLOW_CONCURRENCY},
+    "api": {"rate": f"{FLOW_RATE}/s"},
+}
 DJASYNC = {
+    "LIMITS": LIMITS,
     "TIMEOUT": CHAOS_TIMEOUT,
     "MAX_ATTEMPTS": 10,
     "BACKOFF": "chaos.jobs.short_backoff",

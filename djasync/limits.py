@@ -193,12 +193,26 @@ def take_session_slots(keys: Any) -> str | None:
             "SELECT djasync_take_session_slots(%s::jsonb, %s::text[], %s::integer[])",
             [_json_text(keys), params["cfg_keys"], params["cfg_concurrency"]])
         (full,) = cursor.fetchone()
+    global _holding_session_slots
+    _holding_session_slots = full is None
     return full
+
+
+def holds_session_slots() -> bool:
+    """Whether this process's connection holds a long job's slots now (taken by
+    :func:`take_session_slots`, not yet given back): its worker must stop the job if
+    PostgreSQL ends that session, since the slots end with it."""
+    return _holding_session_slots
+
+
+_holding_session_slots = False
 
 
 def release_session_slots() -> None:
     """Give back the slots a long job held (after its outcome is written), and wake the
     workers, whose jobs may wait on them. A lost connection gave them back already."""
+    global _holding_session_slots
+    _holding_session_slots = False
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT djasync_release_session_slots(), pg_notify(%s, '*')",

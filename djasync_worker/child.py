@@ -23,7 +23,7 @@ import psycopg
 from django.db import DatabaseError, connection
 from django.db.backends.signals import connection_created
 
-from djasync import conf, executor, leases
+from djasync import conf, executor, leases, limits
 from djasync.executor import ClaimedJob, Finished
 
 if TYPE_CHECKING:
@@ -39,11 +39,15 @@ RECONNECT_DELAY_MAX_SECONDS = 2.0
 #: Layout of the array a child shares with its supervisor (written by the child only).
 #: The job id is written last when a job starts and cleared first when it ends, so a reader
 #: that sees an id sees that job's start and timeout.
-#: IN_TRANSACTION is 1 while the job runs inside the transaction of the child's connection (an
-#: atomic job): then that session's end means the job's claim is gone (see the supervisor's
-#: fence); a long job (``atomic=False``) runs outside it, under a lease.
+#: IN_TRANSACTION is IN_TRANSACTION_ATOMIC while the job runs inside the transaction of the
+#: child's connection (an atomic job), IN_SESSION_SLOTS while a long job (``atomic=False``,
+#: under a lease) runs holding its flow-control slots on that connection's session, else 0:
+#: while it is not 0, that session's end means the job's claim or its slots are gone (see the
+#: supervisor's fence).
 JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE, IN_TRANSACTION = range(6)
 SHARED_SIZE = 6
+IN_TRANSACTION_ATOMIC = 1.0
+IN_SESSION_SLOTS = 2.0
 NO_TIMEOUT = -1.0
 
 
@@ -195,7 +199,15 @@ class Child:
         self.shared[STARTED_MONOTONIC] = time.monotonic()
         self.shared[TIMEOUT] = NO_TIMEOUT if timeout is None else float(timeout)
         self.shared[STARTED_EPOCH] = time.time()
-        self.shared[IN_TRANSACTION] = 0.0 if leases.is_leased(meta) else 1.0
+        # The session holds the job's claim: its transaction (an atomic job), or the slots of
+        # a long job's flow-control keys (taken at session level just before this): its end
+        # frees the job or the slots, so the supervisor's fence must stop the job then.
+        if not leases.is_leased(meta):
+            self.shared[IN_TRANSACTION] = IN_TRANSACTION_ATOMIC
+        elif limits.holds_session_slots():
+            self.shared[IN_TRANSACTION] = IN_SESSION_SLOTS
+        else:
+            self.shared[IN_TRANSACTION] = 0.0
         self.shared[JOB_ID] = job.id
         if self.metrics is not None:
             self.metrics.job_started(job)

@@ -114,7 +114,8 @@ def running_job(child: ChildState) -> tuple[int, float, float | None, float] | N
 
 
 def running_in_session(child: ChildState) -> int | None:
-    """The id of the job the child runs inside its session's transaction (an atomic job)."""
+    """The id of the job whose claim the child's session holds: an atomic job (run inside the
+    session's transaction), or a long job holding its flow-control slots on the session."""
     shared = child.shared
     job_id = int(shared[shared_layout.JOB_ID])
     if not job_id or not shared[shared_layout.IN_TRANSACTION]:
@@ -438,6 +439,12 @@ class Supervisor:
         # (rolled back, claimable again, not counted), and the end came from outside the job
         # (a terminate, a restart, a partition), so it must not use up the job's attempts.
         fenced = running is not None and child.killed_for_lost_session
+        # A long job fenced off (its session, and the flow-control slots it held, had ended)
+        # did run outside any transaction: that run is charged as any crash of a long job.
+        fenced_long = fenced and (child.shared[shared_layout.IN_TRANSACTION]
+                                  == shared_layout.IN_SESSION_SLOTS)
+        if fenced_long:
+            fenced = False
         charged = running is not None and not self.forced and not fenced
         if fenced:
             assert running is not None
@@ -449,6 +456,9 @@ class Supervisor:
             job_id, _, _, epoch = running
             if child.killed_for_timeout:
                 outcome, reason = Outcome.TIMED_OUT, "ran past its timeout; its process was killed"
+            elif fenced_long:
+                outcome, reason = (Outcome.CRASHED, "its database session ended, and with it "
+                                   "the flow-control slots it held; its process was killed")
             else:
                 outcome, reason = Outcome.CRASHED, f"its worker process died ({_describe(code)})"
             logger.error("job lost its process id=%s pid=%s outcome=%s reason=%s", job_id,

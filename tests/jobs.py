@@ -356,3 +356,34 @@ def flow_run(key, seconds=0.02, pidfile=None):
     with connection.cursor() as cursor:
         cursor.execute(f"INSERT INTO {FLOW_RUNS} (key, started, finished, pid) "
                        "VALUES (%s, %s, clock_timestamp(), pg_backend_pid())", [key, started])
+
+
+#: Seconds between the "still running" marks of :func:`flow_outside`.
+FLOW_HEARTBEAT_SECONDS = 0.025
+
+
+def flow_outside(key, seconds=0.02, pidfile=None):
+    """Record this run under ``key`` on a connection of its own (autocommit), so that a run
+    killed or cut off mid-way is recorded too: its start, then every 25 ms the moment it was
+    last seen running (``finished``: the end of a run that completed, else the last mark).
+    Works for atomic and long jobs; ``pidfile`` gets "<pid of the job's own database session
+    (the one holding its flow-control slots)> <pid of this process>"."""
+    import psycopg
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend,) = cursor.fetchone()
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as record:
+        (started,) = record.execute(
+            f"INSERT INTO {FLOW_RUNS} (key, started, finished, pid) "
+            "VALUES (%s, clock_timestamp(), clock_timestamp(), %s) RETURNING started",
+            [key, os.getpid()]).fetchone()
+        if pidfile:
+            with open(pidfile, "w") as f:
+                f.write(f"{backend} {os.getpid()}")
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, FLOW_HEARTBEAT_SECONDS))
+            record.execute(f"UPDATE {FLOW_RUNS} SET finished = clock_timestamp() "
+                           "WHERE key = %s AND pid = %s AND started = %s",
+                           [key, os.getpid(), started])

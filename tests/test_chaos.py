@@ -239,3 +239,41 @@ def test_every_host_reconnects_after_each_heal_and_a_listen_cut_is_noticed(repor
     for cut in network["cut_log"]:
         assert cut["back_after_heal_s"] is not None, cut
         assert cut["back_after_heal_s"] <= network["bounds_s"]["back_after_heal"], cut
+
+
+# -- flow control (issue 16): flow jobs over tenant keys of concurrency 2 (some also holding a
+# -- rated key, some long), half of them in a queue paused and resumed, while the faults go on.
+
+
+def _flow(report: dict[str, Any]) -> dict[str, Any]:
+    return _checks(report)["flow"]
+
+
+def test_no_key_ever_runs_more_jobs_at_once_than_its_concurrency(report):
+    """F1, with runs killed or cut off mid-way counted for the time they ran."""
+    flow = _flow(report)
+    assert len(flow["max_overlap_by_key"]) == 6, flow
+    assert max(flow["max_overlap_by_key"].values()) == 2, flow  # reached, never passed
+    assert flow["over_runs"] == []
+    # The faults did cut flow runs short (their records end at their last mark).
+    assert sum(killed for *_, killed in flow["runs"]) > 0, flow["runs"]
+    kinds = {(kind, queue, rated) for kind, queue, rated, _, _ in flow["runs"]}
+    assert {("atomic", "flow", True), ("long", "default", False)} <= kinds, kinds
+
+
+def test_a_paused_queue_starts_nothing_a_second_after_the_pause_and_runs_once_resumed(report):
+    """F2."""
+    (pause,) = _flow(report)["pauses"]
+    (harness,) = report["pauses"]
+    assert pause["starts_in_5_s_before"] > 0 and harness["due_at_resume"] > 0, harness
+    assert pause["started_while_paused"] == []
+    assert pause["first_start_after_resume_s"] is not None, pause
+
+
+def test_no_window_of_a_rate_holds_more_starts_than_the_rate(report):
+    """F3: the committed stamps of the rated key's tokens, and a stamp for every committed
+    rated run."""
+    rate = _flow(report)["rate"]
+    assert rate["stamps"] > rate["rate"], rate
+    assert rate["max_in_a_window"] <= rate["rate"] + rate["burst"], rate
+    assert rate["committed_runs_without_token"] == []
