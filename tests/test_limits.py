@@ -369,3 +369,37 @@ def test_jobs_of_free_keys_behind_a_deep_backlog_of_a_full_key_are_still_claimed
             assert [job.id for job in executor.claim(1)] == stripe[:1]
     finally:
         holder.close()
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_job_with_keys_is_claimed_while_a_better_ranked_job_without_keys_runs_elsewhere():
+    # Found by the model-based test's flow-control rules (and by reading the claim): the walk of
+    # the jobs with keys stopped at the best job without keys even while another worker ran it,
+    # so a worker with nothing else to do left the job with keys waiting for that run to end.
+    running = djasync.schedule(jobs.add, [1, 1])
+    keyed = djasync.schedule(jobs.add, [2, 2], limits=["tenant:1"])
+    later = djasync.schedule(jobs.add, [3, 3])
+    holder = psycopg.connect(**conninfo())
+    other = psycopg.connect(**conninfo())
+    try:
+        # Another session runs the job without keys (its claiming transaction stays open).
+        rows = holder.execute(sql.claim_limited(1), _params()).fetchall()
+        assert [row[0] for row in rows] == [running.pk]
+        with transaction.atomic():
+            assert [job.id for job in executor.claim(1)] == [keyed.pk]
+            # The claim's probe of the jobs without keys gave their row locks back.
+            rows = other.execute(sql.claim_limited(1), _params()).fetchall()
+            assert [row[0] for row in rows] == [later.pk]
+    finally:
+        holder.close()
+        other.close()
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_batch_takes_the_best_jobs_with_and_without_keys_in_claim_order():
+    first = djasync.schedule(jobs.add, [1, 1])
+    keyed = djasync.schedule(jobs.add, [2, 2], limits=["tenant:1"])
+    djasync.schedule(jobs.add, [3, 3], limits=["tenant:2"])
+    djasync.schedule(jobs.add, [4, 4])
+    with transaction.atomic():
+        assert sorted(job.id for job in executor.claim(2)) == [first.pk, keyed.pk]
