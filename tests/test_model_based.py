@@ -653,8 +653,13 @@ class Machine(RuleBasedStateMachine):
     @waits_on_held
     def drain(self, max_jobs: int) -> None:
         self._step("drain")
+        expected = self._eligible(1, None)
         done = executor.drain(max_jobs=max_jobs, worker="model-drain")
         self._say(f"drained {[(f.job_id, f.status.value) for f in done]}")
+        # Its first claim (of one job) takes the best eligible job.
+        first = done[0].job_id if done else None
+        assert first == (expected[0] if expected else None), (
+            f"drain's first claim took {first}; the best eligible job was {expected}")
 
     # -- a run held mid-job: frozen workers, lost leases, killed sessions ----------------------
 
@@ -662,16 +667,35 @@ class Machine(RuleBasedStateMachine):
     @rule(size=st.integers(1, 3), queues=st.sampled_from([None, ["a"], ["b"]]))
     def start_background(self, size: int, queues: list[str] | None) -> None:
         self._step("background")
+        expected, before = self._eligible(size, queues), self._running()
+        seen = len(model_jobs.INVOCATIONS)
         # Known to teardown at once: a failure below must not leave it running jobs.
         self.background = background = Background(size, queues)
         if background.wait_blocked_or_done():
             held = background.gate.invocation
             assert held is not None
             self._say(f"holding #{held.job_id} (in a transaction: {held.in_transaction})")
+            # What it claimed: the rows its open transaction locks, and the job it runs (a long
+            # job's claim has committed: the batch's other long jobs are not known yet).
+            claimed = (self._running() - before) | {held.job_id}
+            if held.in_transaction:
+                claimed -= set(held.cancelled)  # locked by its cancel, not claimed
+                complete = set(expected) - set(held.cancelled)
+            else:
+                complete = set()
         else:
             self.background = None
             background.release()
             self._check_background(background)
+            claimed = {f.job_id for f in background.result or []}
+            complete = set(expected) - {target for i in model_jobs.INVOCATIONS[seen:]
+                                        for target in i.cancelled}
+        assert claimed <= set(expected), (
+            f"a background batch of {size} claimed {sorted(claimed)}; the best eligible jobs "
+            f"were {expected}")
+        assert complete <= claimed, (
+            f"a background batch of {size} left eligible jobs {sorted(complete - claimed)} "
+            f"(claimed {sorted(claimed)})")
 
     @precondition(lambda self: self.background is not None)
     @rule()
