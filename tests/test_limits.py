@@ -277,6 +277,67 @@ def test_a_task_limit_key_matching_no_configured_limit_is_a_check_error():
         DjasyncBackend("x", {"OPTIONS": {"LIMITS": ["stripe"]}})
 
 
+CHARGE_KEYS = ["stripe", "tenant:{tenant_id}", "region:{region}"]
+
+
+@override_settings(DJASYNC={**DJASYNC, "LIMITS": {**LIMITS, "region:*": {"concurrency": 5}}},
+                   TASKS={"default": {"BACKEND": "djasync.backends.DjasyncBackend",
+                                      "OPTIONS": {"LIMITS": {"tests.tasks.charge": CHARGE_KEYS}}}})
+def test_a_tasks_limit_keys_are_formatted_from_each_calls_arguments():
+    from tests import tasks
+
+    by_position = tasks.charge.enqueue(1, 7)
+    by_name = tasks.charge.enqueue(order_id=2, tenant_id="acme", region="us")
+    in_extra = tasks.charge.using(priority=1).enqueue(3, 7, "eu", note="x")
+    rows = dict(Job.objects.values_list("id", "limits"))
+    assert rows == {int(by_position.id): ["stripe", "tenant:7", "region:eu"],
+                    int(by_name.id): ["stripe", "tenant:acme", "region:us"],
+                    int(in_extra.id): ["stripe", "tenant:7", "region:eu"]}
+
+
+@override_settings(DJASYNC=WITH_LIMITS, TASKS={"default": {
+    "BACKEND": "djasync.backends.DjasyncBackend",
+    "OPTIONS": {"LIMITS": {"tests.tasks.charge": ["tenant:{tenant_id}", "shop:{note}"]}}}})
+def test_a_tasks_limit_keys_are_refused_at_enqueue_when_the_call_cannot_make_them():
+    from tests import tasks
+
+    with pytest.raises(TypeError, match="do not fit its signature"):
+        tasks.charge.enqueue(1)  # no tenant_id
+    with pytest.raises(TypeError, match="'shop:{note}' needs the argument 'note'"):
+        tasks.charge.enqueue(1, 7)
+    with pytest.raises(TypeError, match="needs 'tenant_id' to be a str or an int, not None"):
+        tasks.charge.enqueue(1, None, note="x")
+    with pytest.raises(limits.UnknownLimit, match="'shop:x'"):  # no entry "shop:*"
+        tasks.charge.enqueue(1, 7, note="x")
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("key, code, message", [
+    ("tenant:{tenant_id!r}", "djasync.E105", "no index, attribute, conversion or format"),
+    ("tenant:{0}", "djasync.E105", "argument's name"),
+    ("tenant:{tenant_id", "djasync.E105", "not a valid template"),
+    ("tenant:{tenant}", "djasync.E105", "names tenant, which tests.tasks.charge does not take"),
+    ("{tenant_id}", "djasync.E104", "under a pattern"),
+    ("shop:{tenant_id}", "djasync.E104", "under a pattern"),
+])
+def test_a_bad_task_limit_key_template_is_a_check_error(key, code, message):
+    from djasync.backends import DjasyncBackend
+
+    with override_settings(DJASYNC=WITH_LIMITS):
+        backend = DjasyncBackend("x", {"OPTIONS": {"LIMITS": {"tests.tasks.charge": [key]}}})
+        errors = backend.check()
+    assert [e.id for e in errors] == [code]
+    assert message in errors[0].msg
+
+
+def test_a_task_limit_key_template_of_a_task_that_does_not_import_is_a_check_error():
+    from djasync.backends import DjasyncBackend
+
+    with override_settings(DJASYNC=WITH_LIMITS):
+        backend = DjasyncBackend("x", {"OPTIONS": {"LIMITS": {"tests.tasks.nope": ["tenant:{a}"]}}})
+        assert [e.id for e in backend.check()] == ["djasync.E105"]
+
+
 def test_queue_health_shows_paused_queues_and_limits(capsys):
     from django.core.management import call_command
 
