@@ -7,8 +7,10 @@ background thread whose first job is held mid-run), lease expiry (a frozen worke
 set in the past from a second connection; or a host that died running a long job, leaving
 its lease run out), crashes (the background run's session killed with
 ``pg_terminate_backend``), in-job cancels, prune, periodic ticks and restarts under a clock of
-the test's own, and schedule(unique=...) under REPEATABLE READ. After every step the database
-is checked against a plain-Python model (see ``Machine.check``):
+the test's own, and schedule(unique=...) under REPEATABLE READ. In about half of the examples
+flow control is on (``MODEL_LIMITS``: keys of one and two slots, a pattern ``tenant:*``, a rate;
+jobs hold none, one or two keys), and queues are paused and resumed in every example. After
+every step the database is checked against a plain-Python model (see ``Machine.check``):
 
 - an atomic job's effect (a ``Ledger`` row ``e<id>`` written in its transaction) is committed at
   most once, and exactly once when it is ``succeeded``; a long job's at most once per run that
@@ -19,7 +21,13 @@ is checked against a plain-Python model (see ``Machine.check``):
 - at most one pending job per unique key, and ``schedule(unique=k)`` returns the pending holder;
 - a cancel (or deschedule) that returned a count committed: the job never runs afterwards and
   stays cancelled until ``retry_now``; a job that is running is never reported cancelled;
-- a batch claims exactly the best eligible jobs (DESIGN §3's order and eligibility);
+- a batch (on this thread or the background's, and drain's first claim) claims exactly the
+  best eligible jobs (DESIGN §3's order and eligibility): not a paused queue's, not one whose
+  key has no slot or rate token left (slots are held by the jobs running: the claims' locked
+  rows, live leases, and the long job held at the background's gate), and no head-of-line
+  blocking (the jobs behind a full key are claimed past it); ``job()`` runs a paused queue's
+  job but not one whose key is full;
+- no key has more jobs running than slots, and a rated key no more starts than its rate;
 - a rolled-back schedule never existed; each periodic slot is enqueued at most once.
 
 ``make test`` runs a short, derandomized form (same examples on every run). ``make verify`` sets
