@@ -181,6 +181,9 @@ def test_job_call_takes_a_slot_and_says_so_when_the_key_is_full():
         holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:solo'), 0)")
         with pytest.raises(DjasyncError, match="limits"):
             job()
+        # Given back now: close() does not wait for the server to end the session, so the
+        # lock could outlive it for a moment (this test failed about 1 run in 20 so).
+        holder.execute("SELECT pg_advisory_unlock(hashtext('djasync.limit:solo'), 0)")
     finally:
         holder.close()
     assert job() == 6
@@ -313,18 +316,19 @@ def test_a_tasks_limit_keys_are_refused_at_enqueue_when_the_call_cannot_make_the
 
 
 @pytest.mark.parametrize("key, code, message", [
-    ("tenant:{tenant_id!r}", "djasync.E105", "no index, attribute, conversion or format"),
+    ("tenant:{a!r}", "djasync.E105", "no index, attribute, conversion or format"),
     ("tenant:{0}", "djasync.E105", "argument's name"),
-    ("tenant:{tenant_id", "djasync.E105", "not a valid template"),
-    ("tenant:{tenant}", "djasync.E105", "names tenant, which tests.tasks.charge does not take"),
-    ("{tenant_id}", "djasync.E104", "under a pattern"),
-    ("shop:{tenant_id}", "djasync.E104", "under a pattern"),
+    ("tenant:{a", "djasync.E105", "not a valid template"),
+    ("tenant:{tenant}", "djasync.E105", "names tenant, which tests.tasks.add does not take"),
+    ("{a}", "djasync.E104", "under a pattern"),
+    ("shop:{a}", "djasync.E104", "under a pattern"),
 ])
 def test_a_bad_task_limit_key_template_is_a_check_error(key, code, message):
     from djasync.backends import DjasyncBackend
 
     with override_settings(DJASYNC=WITH_LIMITS):
-        backend = DjasyncBackend("x", {"OPTIONS": {"LIMITS": {"tests.tasks.charge": [key]}}})
+        # tests.tasks.add takes (a, b) and no **kwargs: a field must be a or b.
+        backend = DjasyncBackend("x", {"OPTIONS": {"LIMITS": {"tests.tasks.add": [key]}}})
         errors = backend.check()
     assert [e.id for e in errors] == [code]
     assert message in errors[0].msg
