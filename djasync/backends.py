@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import re
 import signal
+import string
 import threading
 import traceback
 from dataclasses import dataclass
@@ -152,6 +154,8 @@ class DjasyncBackend(BaseTaskBackend):
         super().__init__(alias, params)
         options = dict(self.options) if isinstance(self.options, dict) else self.options
         #: Flow-control keys by Task path (OPTIONS "LIMITS"): ``@task`` has no place for them.
+        #: A key may be a template such as ``"tenant:{tenant_id}"``, formatted from each call's
+        #: arguments (see :func:`_keys_for_call`).
         self.task_limits = _limits_from_options(alias, options.pop("LIMITS", {})
                                                 if isinstance(options, dict) else {})
         self.meta = _meta_from_options(alias, options)
@@ -184,7 +188,7 @@ class DjasyncBackend(BaseTaskBackend):
             meta={**self.meta, **_task_meta(task)},
             priority=int(task.priority),
             queue=task.queue_name,
-            limits=self.task_limits.get(task.module_path),
+            limits=_keys_for_call(task, self.task_limits.get(task.module_path), args, kwargs),
         )
         result: TaskResult = TaskResult(
             task=task, id=str(job.pk), status=TaskResultStatus.READY,
@@ -250,11 +254,19 @@ class DjasyncBackend(BaseTaskBackend):
         except BadSettings:
             configured = {}  # reported by djasync's own check
         for path, keys in sorted(self.task_limits.items()):
+            where = f"TASKS[{self.alias!r}]['OPTIONS']['LIMITS'][{path!r}]"
             for key in keys:
-                if limits.matching(key, configured) is None:
+                try:
+                    fields = _template_fields(key)
+                except ValueError as exc:
+                    errors.append(checks.Error(f"{where}: {exc}", id="djasync.E105"))
+                    continue
+                if fields:
+                    errors.extend(_check_template(where, path, key, fields, configured))
+                elif limits.matching(key, configured) is None:
                     errors.append(checks.Error(
-                        f"TASKS[{self.alias!r}]['OPTIONS']['LIMITS'][{path!r}]: key {key!r} "
-                        "matches no entry of DJASYNC['LIMITS']", id="djasync.E104"))
+                        f"{where}: key {key!r} matches no entry of DJASYNC['LIMITS']",
+                        id="djasync.E104"))
         for queue in sorted(self.queues):
             try:
                 check_queue_name(queue)
@@ -414,6 +426,106 @@ def _limits_from_options(alias: str, raw: Any) -> dict[str, list[str]]:
             f"{where} must be a dict of Task path -> list of limit keys, such as "
             "{'shop.tasks.charge': ['stripe']}.")
     return {path: list(keys) for path, keys in raw.items()}
+
+
+#: A key template's field: an argument's name, nothing else (no index, attribute or format).
+_ARGUMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _template_fields(key: str) -> list[str]:
+    """Return the argument names a limit key template uses (``"tenant:{tenant_id}"`` ->
+    ``["tenant_id"]``; a plain key has none); raise ValueError for any other field."""
+    try:
+        parsed = list(string.Formatter().parse(key))
+    except ValueError as exc:
+        raise ValueError(f"key {key!r} is not a valid template ({exc}); write "
+                         "'name:{argument}', and '{{' for a brace") from None
+    fields = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not _ARGUMENT_NAME.fullmatch(field) or spec or conversion:
+            raise ValueError(f"key {key!r}: a template field is an argument's name, such as "
+                             "{tenant_id}; no index, attribute, conversion or format")
+        fields.append(field)
+    return fields
+
+
+def _check_template(where: str, path: str, key: str, fields: list[str],
+                    configured: dict[str, Any]) -> list[Any]:
+    """System-check errors for a key template: it must be ``name:…`` under a pattern
+    ``name:*`` of ``DJASYNC["LIMITS"]``, and name arguments of the Task's function."""
+    from django.core import checks
+
+    errors = []
+    name, colon, _ = key.partition(":")
+    if not colon or "{" in name or f"{name}:*" not in configured:
+        errors.append(checks.Error(
+            f"{where}: key template {key!r} matches no entry of DJASYNC['LIMITS']: a key made "
+            "from arguments is 'name:{argument}' under a pattern 'name:*'", id="djasync.E104"))
+    try:
+        task = import_string(path)
+        parameters = _parameters(task)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        errors.append(checks.Error(
+            f"{where}: cannot read the arguments of Task {path!r} for key template {key!r}: "
+            f"{exc}", id="djasync.E105"))
+        return errors
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    names = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    unknown = [field for field in fields if field not in names and not takes_any]
+    if unknown:
+        errors.append(checks.Error(
+            f"{where}: key template {key!r} names {', '.join(unknown)}, which "
+            f"{path} does not take (it takes: {', '.join(sorted(names)) or 'nothing'})",
+            id="djasync.E105"))
+    return errors
+
+
+def _parameters(task: Any) -> list[inspect.Parameter]:
+    """The parameters a Task's callers pass (its context, if it takes one, is not theirs)."""
+    parameters = list(inspect.signature(task.func).parameters.values())
+    return parameters[1:] if task.takes_context else parameters
+
+
+def _keys_for_call(task: Task, keys: list[str] | None, args: Any, kwargs: Any,
+                   ) -> list[str] | None:
+    """Return the flow-control keys of one call of ``task``: its OPTIONS keys, templates
+    formatted from the call's arguments (by name, positional or keyword, defaults included).
+
+    Raise TypeError when a template's argument is not passed or is not a str or an int (a
+    key from ``None`` would quietly be ``"tenant:None"``). ``schedule()`` then refuses a key
+    matching no entry of ``DJASYNC["LIMITS"]`` (``UnknownLimit``).
+    """
+    if not keys:
+        return keys
+    templates = [(key, _template_fields(key)) for key in keys]
+    if not any(fields for _, fields in templates):
+        return keys
+    parameters = _parameters(task)
+    signature = inspect.Signature(parameters)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"Task {task.module_path}: its limit keys need its arguments, and this "
+                        f"call's do not fit its signature: {exc}") from None
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    for parameter in parameters:  # **kwargs: its names are arguments too
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            values = {**values.pop(parameter.name, {}), **values}
+    made = []
+    for key, fields in templates:
+        for field in fields:
+            if field not in values:
+                raise TypeError(f"Task {task.module_path}: limit key {key!r} needs the argument "
+                                f"{field!r}, which this call does not pass")
+            value = values[field]
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise TypeError(f"Task {task.module_path}: limit key {key!r} needs {field!r} "
+                                f"to be a str or an int, not {value!r}")
+        made.append(key.format_map({field: str(values[field]) for field in fields}))
+    return made
 
 
 def _task_meta(task: Task) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from djasync.registry import TASK_RUNNER
+
 JOB = "djasync_job"
 ATTEMPT = "djasync_attempt"
 
@@ -93,7 +95,9 @@ SELECT * FROM djasync_claim_queues(%(queues)s::text[], {int(limit)}, %(now)s::ti
     if paused:
         filters.append("j.queue <> ALL(%(paused)s::text[])")
     if by_name_prefix:
-        filters.append("starts_with(j.name, %(name_prefix)s)")
+        # A Task job's name is the runner's; its Task's path (its first argument) matches too.
+        filters.append(f"(starts_with(j.name, %(name_prefix)s) OR (j.name = '{TASK_RUNNER}' "
+                       "AND starts_with(j.args ->> 0, %(name_prefix)s)))")
     if by_id:
         filters.append("j.id = %(job_id)s")
     where = "\n   AND ".join(filters)

@@ -36,6 +36,8 @@ class Invocation:
     #: The effect row was written (committed already if ``in_transaction`` is false).
     wrote: bool = False
     ended: bool = False
+    #: The jobs it cancelled or descheduled (their rows locked by its transaction until it ends).
+    cancelled: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +82,7 @@ def step(token, fail_times=0):
             else:
                 count = djasync.deschedule(step, [target_token], target_kwargs)
             if count:  # committed with the job's own writes (or at once, for a long job)
+                invocation.cancelled.append(target)
                 Ledger.objects.create(key=f"cancel:{target}", note=f"by {running.id}")
         if running.attempt <= fail_times:
             if connection.in_atomic_block:  # a write that must roll back with the attempt

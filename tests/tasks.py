@@ -177,3 +177,9 @@ def exit_one():
 def raise_keyboard_interrupt():
     """Raise KeyboardInterrupt from the task's own code (no signal involved)."""
     raise KeyboardInterrupt("raised by the task")
+
+
+@task
+def charge(order_id, tenant_id, region="eu", **extra):
+    """A Task whose flow-control keys come from its arguments (tests/test_limits.py)."""
+    return order_id

@@ -83,6 +83,33 @@ def test_flush_queue_jobs_limit_queue_and_filter():
     assert Ledger.objects.count() == 3
 
 
+@pytest.mark.parametrize("limits", [False, True], ids=["plain claim", "claim with LIMITS"])
+@pytest.mark.parametrize("queues", [[], ["default"], ["default", "emails"]],
+                         ids=["every queue", "one queue", "two queues"])
+def test_flush_queue_filter_selects_task_jobs_by_their_tasks_path(queues, limits):
+    from django.test import override_settings
+
+    from tests import tasks
+    from tests.settings import DJASYNC
+
+    chosen = tasks.write_ledger.enqueue("task")
+    other_task = tasks.add.enqueue(1, 2)
+    plain = djasync.schedule(jobs.write_ledger, args=["plain"])
+    options = [arg for queue in queues for arg in ("-q", queue)]
+    settings = {**DJASYNC, "LIMITS": {"solo": {"concurrency": 1}}} if limits else DJASYNC
+    with override_settings(DJASYNC=settings):
+        out = run("flush_queue", *options, "-f", "tests.tasks.write")
+    assert out.splitlines()[-1].startswith("1 attempts")
+    statuses = dict(Job.objects.values_list("id", "status"))
+    assert statuses == {int(chosen.id): Status.SUCCEEDED, int(other_task.id): Status.PENDING,
+                        plain.pk: Status.PENDING}
+    # The raw function name still matches, and a prefix of it selects every Task job.
+    with override_settings(DJASYNC=settings):
+        run("flush_queue", *options, "-f", "djasync.backends")
+    assert Job.objects.get(pk=other_task.id).status == Status.SUCCEEDED
+    assert Job.objects.get(pk=plain.pk).status == Status.PENDING
+
+
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--queue", "bad queue"], "queue name"),

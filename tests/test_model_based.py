@@ -7,8 +7,10 @@ background thread whose first job is held mid-run), lease expiry (a frozen worke
 set in the past from a second connection; or a host that died running a long job, leaving
 its lease run out), crashes (the background run's session killed with
 ``pg_terminate_backend``), in-job cancels, prune, periodic ticks and restarts under a clock of
-the test's own, and schedule(unique=...) under REPEATABLE READ. After every step the database
-is checked against a plain-Python model (see ``Machine.check``):
+the test's own, and schedule(unique=...) under REPEATABLE READ. In about half of the examples
+flow control is on (``MODEL_LIMITS``: keys of one and two slots, a pattern ``tenant:*``, a rate;
+jobs hold none, one or two keys), and queues are paused and resumed in every example. After
+every step the database is checked against a plain-Python model (see ``Machine.check``):
 
 - an atomic job's effect (a ``Ledger`` row ``e<id>`` written in its transaction) is committed at
   most once, and exactly once when it is ``succeeded``; a long job's at most once per run that
@@ -19,7 +21,13 @@ is checked against a plain-Python model (see ``Machine.check``):
 - at most one pending job per unique key, and ``schedule(unique=k)`` returns the pending holder;
 - a cancel (or deschedule) that returned a count committed: the job never runs afterwards and
   stays cancelled until ``retry_now``; a job that is running is never reported cancelled;
-- a batch claims exactly the best eligible jobs (DESIGN §3's order and eligibility);
+- a batch (on this thread or the background's, and drain's first claim) claims exactly the
+  best eligible jobs (DESIGN §3's order and eligibility): not a paused queue's, not one whose
+  key has no slot or rate token left (slots are held by the jobs running: the claims' locked
+  rows, live leases, and the long job held at the background's gate), and no head-of-line
+  blocking (the jobs behind a full key are claimed past it); ``job()`` runs a paused queue's
+  job but not one whose key is full;
+- no key has more jobs running than slots, and a rated key no more starts than its rate;
 - a rolled-back schedule never existed; each periodic slot is enqueued at most once.
 
 ``make test`` runs a short, derandomized form (same examples on every run). ``make verify`` sets
@@ -77,7 +85,7 @@ from hypothesis.stateful import (
 )
 
 import djasync
-from djasync import executor, pruning
+from djasync import executor, limits, pruning
 from djasync.exceptions import DjasyncError, GroupClosed, GroupInUse
 from djasync.models import Job
 from djasync.periodic import Periodic, Scheduler
@@ -99,6 +107,20 @@ PERIODIC = (
     Periodic("monthly", "0 0 1 * *", STEP, ["periodic-monthly"], {}, "b", None,
              {"max_attempts": 3}),
 )
+#: Flow control, on in about half of the examples (drawn by ``schedule_some``): a key of one
+#: slot, one of two, a pattern (one slot per tenant), and a rate that lets two jobs start in
+#: the test's hour. Jobs draw their keys from :data:`KEY_CHOICES`.
+MODEL_LIMITS = {
+    "solo": {"concurrency": 1},
+    "pair": {"concurrency": 2},
+    "tenant:*": {"concurrency": 1},
+    "rated": {"rate": "2/h"},
+}
+CONCURRENCY = {"solo": 1, "pair": 2, "tenant:1": 1, "tenant:2": 1}
+RATE = {"rated": 2}
+KEY_CHOICES = st.sampled_from([None, None, None, ("solo",), ("pair",), ("tenant:1",),
+                               ("tenant:2",), ("rated",), ("solo", "tenant:1"),
+                               ("pair", "tenant:2")])
 #: The test's clock starts here: the day of issue 13's monthly slot repeated after a prune.
 CLOCK_START = datetime.datetime(2025, 3, 31, 12, 0, 1, tzinfo=datetime.UTC)
 #: How long the test waits for a thread to reach a point it must reach.
@@ -116,6 +138,8 @@ class ModelJob:
     kwargs: dict[str, Any]
     long: bool
     periodic: bool = False
+    #: Its flow-control keys.
+    keys: tuple[str, ...] = ()
     #: Last status seen in the database.
     status: str = "pending"
     pruned: bool = False
@@ -252,7 +276,8 @@ class Machine(RuleBasedStateMachine):
             _other[0] = psycopg.connect(**conninfo(), autocommit=True)
         self.db = _other[0]
         self.db.execute("TRUNCATE djasync_attempt, djasync_job, djasync_group, "
-                        "djasync_periodicslot, tests_ledger, tests_jobreference CASCADE")
+                        "djasync_periodicslot, djasync_pausedqueue, djasync_ratetoken, "
+                        "tests_ledger, tests_jobreference CASCADE")
         model_jobs.reset()
         self.jobs: dict[int, ModelJob] = {}
         self.tokens = 0
@@ -271,6 +296,9 @@ class Machine(RuleBasedStateMachine):
         self.scheduler: Scheduler | None = None
         self.periodic_jobs: dict[str, set[int]] = defaultdict(set)
         self.groups_used: set[str] = set()
+        #: Flow control: LIMITS on (see schedule_some), and the queues paused.
+        self.flow: Any = None
+        self.paused: set[str] = set()
         self.trace: list[str] = []
         _last_trace[0] = self.trace
 
@@ -280,6 +308,9 @@ class Machine(RuleBasedStateMachine):
         if self.background is not None:
             self.background.release()
         model_jobs.reset()
+        if self.flow is not None:
+            self.flow.disable()
+        limits._forget_paused()
         left = [t.name for t in threading.enumerate() if t.name.startswith("model-")]
         assert not left, f"threads of the test still running: {left}"
 
@@ -325,9 +356,9 @@ class Machine(RuleBasedStateMachine):
         return (pending - free) | leased
 
     def _adopt(self, job_id: int, token: str, kwargs: dict[str, Any], long: bool,
-               periodic: bool = False) -> None:
+               periodic: bool = False, keys: tuple[str, ...] = ()) -> None:
         if job_id not in self.jobs:
-            self.jobs[job_id] = ModelJob(job_id, token, kwargs, long, periodic)
+            self.jobs[job_id] = ModelJob(job_id, token, kwargs, long, periodic, keys=keys)
 
     def _adopt_periodic(self) -> None:
         for entry in PERIODIC:
@@ -337,12 +368,48 @@ class Machine(RuleBasedStateMachine):
                 self._adopt(job_id, entry.args[0], {}, long=False, periodic=True)
                 self.periodic_jobs[entry.name].add(job_id)
 
+    def _holding(self, running: set[int]) -> Counter[str]:
+        """Concurrency slots held now, by key: those of the jobs running (locked by a claim's
+        transaction, or under a live lease), and those of the job held at the background
+        batch's gate, whose session keeps a long job's slots even once its lease was made to
+        run out (until that session is killed)."""
+        holders = set(running)
+        background = self.background
+        if background is not None and not background.killed and background.gate.invocation:
+            held_at_gate = background.gate.invocation
+            holders.add(held_at_gate.job_id)
+            if held_at_gate.in_transaction:  # rows it cancelled are locked, not running
+                holders -= set(held_at_gate.cancelled)
+        held = Counter[str]()
+        for job_id in holders:
+            if job_id in self.jobs:
+                held.update(k for k in self.jobs[job_id].keys if k in CONCURRENCY)
+        return held
+
+    def _tokens_free(self) -> Counter[str]:
+        """Rate tokens a claim could take now, by key (unused for an hour, and not stamped by
+        a transaction still open)."""
+        with self.db.transaction(force_rollback=True):  # the row locks are only a probe
+            return Counter(dict(self.db.execute(
+                "SELECT key, count(*) FROM (SELECT key FROM djasync_ratetoken WHERE used_at "
+                "<= clock_timestamp() - interval '1 hour' FOR UPDATE SKIP LOCKED) t "
+                "GROUP BY key").fetchall()))
+
+    def _room(self, keys: tuple[str, ...], held: Counter[str], tokens: Counter[str]) -> bool:
+        return all(held[k] < CONCURRENCY[k] for k in keys if k in CONCURRENCY) and all(
+            tokens[k] > 0 for k in keys if k in RATE)
+
     def _eligible(self, limit: int, queues: list[str] | None) -> list[int]:
-        """The jobs a claim of ``limit`` must take now, by DESIGN §3 (not by djasync's SQL)."""
+        """The jobs a claim of ``limit`` must take now, by DESIGN §3 (not by djasync's SQL),
+        with flow control: a paused queue's jobs are not taken, nor a job one of whose keys
+        has no slot (or no rate token) left once the better-ranked jobs took theirs; the
+        others are taken past them (no head-of-line blocking)."""
         running = self._running()
+        held = self._holding(running)
+        tokens = self._tokens_free() if self.flow is not None else Counter[str]()
         rows = self.db.execute(
             """
-            SELECT j.id FROM djasync_job j
+            SELECT j.id, j.queue FROM djasync_job j
              WHERE j.status = 'pending' AND j.run_after <= clock_timestamp()
                AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
                AND (%(queues)s::text[] IS NULL OR j.queue = ANY(%(queues)s))
@@ -351,7 +418,19 @@ class Machine(RuleBasedStateMachine):
                     WHERE g.final_id = j.id AND o.id <> j.id AND o.status = 'pending')
              ORDER BY j.priority DESC, j.run_after, j.id
             """, {"queues": queues}).fetchall()
-        return [job_id for (job_id,) in rows if job_id not in running][:limit]
+        chosen: list[int] = []
+        for job_id, queue in rows:
+            if len(chosen) == limit:
+                break
+            if job_id in running or queue in self.paused:
+                continue
+            keys = self.jobs[job_id].keys if job_id in self.jobs else ()
+            if not self._room(keys, held, tokens):
+                continue
+            held.update(k for k in keys if k in CONCURRENCY)
+            tokens.subtract(k for k in keys if k in RATE)
+            chosen.append(job_id)
+        return chosen
 
     def _cancel_marked(self, job_id: int, count: int, when: str) -> None:
         if count:
@@ -359,23 +438,34 @@ class Machine(RuleBasedStateMachine):
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    @initialize(jobs=st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(1, 3),
-                                        st.sampled_from(QUEUES), st.sampled_from([None, "g1"])),
+    @initialize(flow=st.booleans(),
+                jobs=st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(1, 3),
+                                        st.sampled_from(QUEUES), st.sampled_from([None, "g1"]),
+                                        KEY_CHOICES),
                               min_size=2, max_size=8))
-    def schedule_some(self, jobs: list[tuple[bool, int, int, str, str | None]]) -> None:
-        """Start each example with a few jobs (one rule among many would add too few)."""
-        for long, fail_times, max_attempts, queue, group in jobs:
-            self.schedule(long, fail_times, max_attempts, 0, "now", queue, None, group, True)
+    def schedule_some(self, flow: bool,
+                      jobs: list[tuple[bool, int, int, str, str | None, Any]]) -> None:
+        """Start each example with a few jobs (one rule among many would add too few), with
+        flow control (``MODEL_LIMITS``) on or off for the whole example."""
+        if flow:
+            self.flow = override_settings(
+                DJASYNC={**django_settings.DJASYNC, "LIMITS": MODEL_LIMITS})
+            self.flow.enable()
+            self._say("flow control on")
+        for long, fail_times, max_attempts, queue, group, keys in jobs:
+            self.schedule(long, fail_times, max_attempts, 0, "now", queue, None, group, True,
+                          keys)
 
     @rule(long=st.booleans(), fail_times=st.integers(0, 2), max_attempts=st.integers(1, 3),
           priority=st.sampled_from([-1, 0, 1]), when=st.sampled_from(["now", "past", "future"]),
           queue=st.sampled_from(QUEUES), unique=st.sampled_from([None, None, "u1", "u2"]),
           group=st.sampled_from([None, None, "g1", "g2"]),
-          commit=st.sampled_from([True, True, True, False]))
+          commit=st.sampled_from([True, True, True, False]), keys=KEY_CHOICES)
     @waits_on_held
     def schedule(self, long: bool, fail_times: int, max_attempts: int, priority: int,
                  when: str, queue: str, unique: str | None, group: str | None,
-                 commit: bool) -> None:
+                 commit: bool, keys: tuple[str, ...] | None = None) -> None:
+        keys = keys if self.flow is not None else None
         self._step("schedule")
         token, kwargs = self._token(), {"fail_times": fail_times}
         run_after = {"now": None, "past": datetime.timedelta(hours=-1),
@@ -389,7 +479,8 @@ class Machine(RuleBasedStateMachine):
                 job = djasync.schedule(
                     STEP, [token], kwargs, run_after,
                     {"max_attempts": max_attempts, "atomic": not long}, priority=priority,
-                    queue=queue, group=group, unique=unique or False)
+                    queue=queue, group=group, unique=unique or False,
+                    limits=list(keys) if keys else None)
                 if not commit:
                     transaction.set_rollback(True)
         except (GroupClosed, GroupInUse):
@@ -403,9 +494,21 @@ class Machine(RuleBasedStateMachine):
             return
         self._say(f"#{job.pk} {'committed' if commit else 'rolled back'}")
         if commit:
-            self._adopt(job.pk, token, kwargs, long)
+            self._adopt(job.pk, token, kwargs, long, keys=keys or ())
         else:
             self.rolled_back.add(job.pk)
+
+    @rule(queue=st.sampled_from(QUEUES), pause=st.booleans())
+    @waits_on_held
+    def pause_or_resume(self, queue: str, pause: bool) -> None:
+        """Pause a queue (no claim takes its jobs; ``job()`` still runs one) or resume it."""
+        self._step("pause" if pause else "resume")
+        if pause:
+            assert djasync.pause_queue(queue) == (queue not in self.paused)
+            self.paused.add(queue)
+        else:
+            assert djasync.resume_queue(queue) == (queue in self.paused)
+            self.paused.discard(queue)
 
     @precondition(lambda self: self.groups_used)
     @rule(which=picks, long=st.booleans())
@@ -505,8 +608,13 @@ class Machine(RuleBasedStateMachine):
             "SELECT 1 FROM djasync_group g JOIN djasync_job o ON o.group_id = g.id "
             "WHERE g.final_id = %s AND o.id <> %s AND o.status = 'pending'",
             [job.id, job.id]).fetchone() is not None
+        # A job of a paused queue runs (it is asked for by id); one whose key is full does not.
         runnable = (row is not None and row[0] == "pending" and job.id not in running
                     and not waiting_final)
+        if runnable and job.keys and not self._room(
+                job.keys, self._holding(running), self._tokens_free()):
+            runnable = False
+            self._say(f"#{job.id}'s keys {job.keys} are full")
         refused = None
         self._say(f"job() of #{job.id} ({row and row[0]}, running={job.id in running})")
         try:
@@ -553,8 +661,13 @@ class Machine(RuleBasedStateMachine):
     @waits_on_held
     def drain(self, max_jobs: int) -> None:
         self._step("drain")
+        expected = self._eligible(1, None)
         done = executor.drain(max_jobs=max_jobs, worker="model-drain")
         self._say(f"drained {[(f.job_id, f.status.value) for f in done]}")
+        # Its first claim (of one job) takes the best eligible job.
+        first = done[0].job_id if done else None
+        assert first == (expected[0] if expected else None), (
+            f"drain's first claim took {first}; the best eligible job was {expected}")
 
     # -- a run held mid-job: frozen workers, lost leases, killed sessions ----------------------
 
@@ -562,16 +675,35 @@ class Machine(RuleBasedStateMachine):
     @rule(size=st.integers(1, 3), queues=st.sampled_from([None, ["a"], ["b"]]))
     def start_background(self, size: int, queues: list[str] | None) -> None:
         self._step("background")
+        expected, before = self._eligible(size, queues), self._running()
+        seen = len(model_jobs.INVOCATIONS)
         # Known to teardown at once: a failure below must not leave it running jobs.
         self.background = background = Background(size, queues)
         if background.wait_blocked_or_done():
             held = background.gate.invocation
             assert held is not None
             self._say(f"holding #{held.job_id} (in a transaction: {held.in_transaction})")
+            # What it claimed: the rows its open transaction locks, and the job it runs (a long
+            # job's claim has committed: the batch's other long jobs are not known yet).
+            claimed = (self._running() - before) | {held.job_id}
+            if held.in_transaction:
+                claimed -= set(held.cancelled)  # locked by its cancel, not claimed
+                complete = set(expected) - set(held.cancelled)
+            else:
+                complete = set()
         else:
             self.background = None
             background.release()
             self._check_background(background)
+            claimed = {f.job_id for f in background.result or []}
+            complete = set(expected) - {target for i in model_jobs.INVOCATIONS[seen:]
+                                        for target in i.cancelled}
+        assert claimed <= set(expected), (
+            f"a background batch of {size} claimed {sorted(claimed)}; the best eligible jobs "
+            f"were {expected}")
+        assert complete <= claimed, (
+            f"a background batch of {size} left eligible jobs {sorted(complete - claimed)} "
+            f"(claimed {sorted(claimed)})")
 
     @precondition(lambda self: self.background is not None)
     @rule()
@@ -886,6 +1018,21 @@ class Machine(RuleBasedStateMachine):
         ghosts = (self.rolled_back & set(rows)) | {
             i for i in self.rolled_back if f"e{i}" in ledger}
         assert not ghosts, f"rolled-back jobs {sorted(ghosts)} exist or ran"
+
+        # Flow control: no key has more jobs running than it has slots, and a rated key has
+        # no more starts than its rate in the test's hour. Only starts whose attempt committed
+        # are counted (a run rolled back with its claim gave its token back; a lost run's
+        # attempt, "crashed", is left out: its token may have rolled back with it).
+        if self.flow is not None:
+            held = self._holding(self._running())
+            over = {k: n for k, n in held.items() if n > CONCURRENCY[k]}
+            assert not over, f"keys with more jobs running than slots: {over}"
+            for key, rate in RATE.items():
+                (starts,) = self.db.execute(
+                    "SELECT count(*) FROM djasync_attempt a JOIN djasync_job j "
+                    "ON j.id = a.job_id WHERE j.limits ? %s "
+                    "AND a.outcome IN ('succeeded', 'error')", [key]).fetchone()
+                assert starts <= rate, f"key {key!r}: {starts} starts, rate {rate} per hour"
 
         # Each periodic slot at most once: no more jobs than slots the clock has passed.
         if self.first_start is not None:
