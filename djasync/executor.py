@@ -213,18 +213,22 @@ def claim(
 
 def _claim_statement(limit: int, queues: Sequence[str] | None, name_prefix: str | None,
                      job_id: int | None, now: datetime.datetime | None,
+                     wake_after_commit: bool = False,
                      ) -> tuple[str, dict[str, Any]] | None:
     """The claim statement and its parameters; None if every queue served is paused.
 
     With ``DJASYNC["LIMITS"]`` set: :func:`sql.claim_limited`, which reads the paused queues
     itself. Without: the plain claim (:func:`sql.claim`), unchanged while no queue is paused;
     a paused queue is left out of the queues served (read at most every
-    ``limits.PAUSED_TTL_SECONDS``), or, for a worker serving every queue, filtered out."""
+    ``limits.PAUSED_TTL_SECONDS``), or, for a worker serving every queue, filtered out.
+
+    ``wake_after_commit``: the caller sends :data:`sql.WAKE_WAITERS` after its COMMIT (the
+    claim then sends no NOTIFY of its own for the slots it took: see migration 0013)."""
     params: dict[str, Any] = {"queues": list(queues or []), "name_prefix": name_prefix,
                               "job_id": job_id, "now": now}
     if limits.enabled():
         params.update(limits.config_params(), queues=list(queues) if queues else None,
-                      channel=conf.NOTIFY_CHANNEL)
+                      channel=None if wake_after_commit else conf.NOTIFY_CHANNEL)
         return sql.claim_limited(limit), params
     paused = limits.paused_queues() if job_id is None else []
     if paused and queues:
@@ -598,7 +602,8 @@ class _FastBatch:
         The timeouts are ``SET LOCAL``: every transaction of the worker sets them afresh, so
         that none depends on its session's settings, and none leaves any behind. Behind a
         pooler in transaction mode the session is not ours (see ``sql.CLAIM_SETTINGS``)."""
-        found = _claim_statement(limit, queues, name_prefix, None, now)
+        found = _claim_statement(limit, queues, name_prefix, None, now,
+                                 wake_after_commit=True)
         if found is None:
             return None
         query, claim_params = found
@@ -674,6 +679,8 @@ class _FastBatch:
         command, plain = statements.command, statements.plain
         release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         tail = then or []
+        if limits.enabled():  # slots given back by the COMMIT: wake whoever waits on them
+            tail = [command(sql.WAKE_WAITERS, {"channel": conf.NOTIFY_CHANNEL}), *tail]
         if not succeeded:
             results = self._send_finish(statements, [release, commit], tail)
             return {}, self._claimed(statements, results) if then else []

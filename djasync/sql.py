@@ -127,6 +127,12 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
 """
 
 
+#: Sent by a worker after each COMMIT when limits are configured: if its transaction had
+#: claimed jobs holding concurrency slots (given back by that COMMIT), notify the workers when
+#: one of them waits on a key of those slots' entries (migration 0013). Its own transaction.
+WAKE_WAITERS = "SELECT djasync_wake_waiters(%(channel)s)"
+
+
 #: Sent around every claim, and before every finish. The claim must walk ``djasync_job_claim``
 #: in index order and count attempts through their ``job_id`` index; the finish counts them
 #: the same way. PostgreSQL plans both from the tables' statistics, and those are often wrong

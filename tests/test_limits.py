@@ -148,9 +148,12 @@ def test_a_batch_takes_one_slot_per_job_of_a_key():
         claimed = executor.claim(4)
         assert len(claimed) == 2  # concurrency 2: re-entrant advisory locks are not reused
         with connection.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                           "AND pid = pg_backend_pid()")
-            assert cursor.fetchone()[0] == 2
+            # Slots are two-int4 advisory locks (objsubid 2); the claim that found stripe
+            # full also marked this session as waiting on it (one int8 key, objsubid 1).
+            cursor.execute("SELECT objsubid, mode, count(*) FROM pg_locks "
+                           "WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                           "GROUP BY 1, 2 ORDER BY 1")
+            assert cursor.fetchall() == [(1, "ShareLock", 1), (2, "ExclusiveLock", 2)]
 
 
 @override_settings(DJASYNC=WITH_LIMITS)

@@ -1,0 +1,528 @@
+import importlib
+
+from django.db import migrations
+
+# djasync_claim_limited, faster (issue 16's bench: a key with concurrency 8 over no-op jobs at
+# --concurrency 4 drained at 24-77% of the rate without limits; now >= 80%).
+#
+# - A job whose keys have concurrency limits only (no rate) is locked in the claiming
+#   transaction itself, not in a subtransaction: a subtransaction that locks a row gets an XID
+#   of its own, and the job's finish then updates a row locked by a (released)
+#   subtransaction. The order makes it safe: each key is first seen to have a free slot
+#   (djasync_slot_free, a lock taken and given back; once per key and claim), then the row is
+#   locked (SKIP LOCKED: a job another worker runs costs nothing more), then a slot of each key
+#   is taken. If a key filled up between the look and the take (another claim took its last
+#   slot in those microseconds), the row stays locked by this transaction, unclaimed, and the
+#   slots of the job's other keys taken just before stay held too: until this transaction ends,
+#   that job is skipped by other workers (its key was full anyway) and those keys run one job
+#   fewer. Never more. A job with a rate is still tried in a subtransaction: its token is an
+#   UPDATE, which only a rollback can undo.
+# - Slots are tried from a random one on (djasync_take_slot, djasync_slot_free): workers that
+#   all started at slot 0 each tried every slot held by the others first.
+# - The best job without keys (where the walk of jobs with keys stops) is looked up only once a
+#   job with keys is found: a claim when no job with keys is due costs a query less.
+# - NOTIFY: the claim no longer wakes every worker at each COMMIT of a job with keys (a
+#   notification per job: commits that notify take a lock on the notification queue one after
+#   the other, so they lose their group commit). A claim that finds a key full marks itself
+#   as waiting on that key's LIMITS entry (djasync_wait_on: a shared advisory lock at session
+#   level, taken before the key is looked at a second time); whoever gives slots back asks
+#   after its COMMIT whether a worker waits on one of its keys, and only then notifies
+#   (djasync_wake_waiters, sent by the worker after COMMIT). The look again after marking
+#   closes the race: either the waiting claim sees the slot given back, or the one giving it
+#   back sees the mark. A claim that finds no key of an entry full drops its mark.
+_0010 = importlib.import_module("djasync.migrations.0010_flow_control")
+
+
+def _function(text: str, name: str) -> str:
+    """The CREATE FUNCTION statement of ``name`` in ``text`` (up to its closing ``$$;``)."""
+    start = text.index(f"CREATE FUNCTION {name}(")
+    end = text.index("$$;", text.index("$$", text.index("AS $$", start) + 5) - 1) + 3
+    return text[start:end].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
+
+
+BEFORE = "\n".join(_function(_0010.FLOW_CONTROL, name) for name in
+                   ("djasync_take_slot", "djasync_slot_free", "djasync_claim_limited"))
+
+SLOTS = r"""
+CREATE OR REPLACE FUNCTION djasync_take_slot(k text, concurrency integer, session boolean)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    held text := coalesce(current_setting('djasync.slots', true), '')
+                 || coalesce(current_setting('djasync.session_slots', true), '');
+    h integer := hashtext('djasync.limit:' || k);
+    first integer := floor(random() * concurrency)::integer;
+    s integer;
+    tag text;
+BEGIN
+    FOR i IN 0..concurrency - 1 LOOP
+        s := (first + i) % concurrency;
+        tag := chr(31) || h || '#' || s;  -- djasync_limit_tag(k, s)
+        CONTINUE WHEN held <> '' AND position(tag || chr(31) IN held || chr(31)) > 0;  -- ours
+        IF session THEN
+            IF pg_try_advisory_lock(h, s) THEN
+                PERFORM set_config('djasync.session_slots',
+                    coalesce(current_setting('djasync.session_slots', true), '') || tag, false);
+                RETURN s;
+            END IF;
+        ELSIF pg_try_advisory_xact_lock(h, s) THEN
+            PERFORM set_config('djasync.slots',
+                coalesce(current_setting('djasync.slots', true), '') || tag, true);
+            RETURN s;
+        END IF;
+    END LOOP;
+    RETURN -1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION djasync_slot_free(k text, concurrency integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    held text := coalesce(current_setting('djasync.slots', true), '')
+                 || coalesce(current_setting('djasync.session_slots', true), '');
+    h integer := hashtext('djasync.limit:' || k);
+    first integer := floor(random() * concurrency)::integer;
+    s integer;
+BEGIN
+    FOR i IN 0..concurrency - 1 LOOP
+        s := (first + i) % concurrency;
+        CONTINUE WHEN held <> ''
+            AND position(chr(31) || h || '#' || s || chr(31) IN held || chr(31)) > 0;
+        IF pg_try_advisory_lock(h, s) THEN
+            PERFORM pg_advisory_unlock(h, s);
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
+$$;
+
+-- The mark of a session waiting on a LIMITS entry's keys: a shared advisory lock (the entry's
+-- hash, 0), session level, noted in djasync.waiting (entry names, chr(31) between). A lock
+-- of one int8 key, so it never meets a slot's (two int4) lock.
+CREATE FUNCTION djasync_wait_on(entry text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF position(chr(31) || entry || chr(31)
+                IN coalesce(current_setting('djasync.waiting', true), '') || chr(31)) = 0 THEN
+        PERFORM pg_advisory_lock_shared(hashtextextended('djasync.waiting:' || entry, 0));
+        PERFORM set_config('djasync.waiting',
+            coalesce(current_setting('djasync.waiting', true), '') || chr(31) || entry, false);
+    END IF;
+END
+$$;
+
+-- Drop the marks of the entries not in keep (their keys were not full for this claim).
+CREATE FUNCTION djasync_stop_waiting(keep text[]) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    entry text;
+    kept text := '';
+BEGIN
+    FOR entry IN SELECT e FROM unnest(string_to_array(
+                     current_setting('djasync.waiting', true), chr(31))) e WHERE e <> '' LOOP
+        IF entry = ANY(keep) THEN
+            kept := kept || chr(31) || entry;
+        ELSE
+            PERFORM pg_advisory_unlock_shared(hashtextextended('djasync.waiting:' || entry, 0));
+        END IF;
+    END LOOP;
+    PERFORM set_config('djasync.waiting', kept, false);
+END
+$$;
+
+-- Sent by a worker after a COMMIT: if its transaction had claimed jobs holding slots (the
+-- claim noted their entries in djasync.gave_back, at session level), wake the workers when
+-- one waits on those entries (a session holds an entry's mark). The exclusive lock is tried
+-- and, within this statement's own transaction, given back at once; two of these at the same
+-- moment may see each other and notify once for nothing.
+CREATE FUNCTION djasync_wake_waiters(channel text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    entries text := current_setting('djasync.gave_back', true);
+    entry text;
+BEGIN
+    IF coalesce(entries, '') = '' THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('djasync.gave_back', '', false);
+    FOR entry IN SELECT e FROM unnest(string_to_array(entries, chr(31))) e WHERE e <> '' LOOP
+        IF NOT pg_try_advisory_xact_lock(hashtextextended('djasync.waiting:' || entry, 0)) THEN
+            PERFORM pg_notify(channel, '*');
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
+$$;
+"""
+
+CLAIM_LIMITED = r"""
+CREATE OR REPLACE FUNCTION djasync_claim_limited(
+    queues text[], n integer, at timestamptz, name_prefix text, one_id bigint,
+    cfg_keys text[], cfg_concurrency integer[], cfg_rate integer[],
+    cfg_per double precision[], channel text)
+RETURNS TABLE (id bigint, name varchar, args jsonb, kwargs jsonb, meta jsonb, queue varchar,
+               priority smallint, group_id bigint, previous_attempts bigint,
+               lease_expired boolean, run_after timestamptz)
+LANGUAGE plpgsql
+SET enable_sort = off
+SET enable_seqscan = off
+SET jit = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    due timestamptz := coalesce(at, clock_timestamp());
+    -- job() (one_id) runs a job of a paused queue: it is asked for by name.
+    paused text[] := CASE WHEN one_id IS NULL
+                          THEN ARRAY(SELECT p.queue FROM djasync_pausedqueue p)
+                          ELSE '{}' END;
+    b_priority smallint;
+    b_run_after timestamptz;
+    b_id bigint;
+    cand record;
+    candidates refcursor;
+    full_keys text[] := '{}';
+    -- The same as a jsonb object: looking a key up in it is a binary search, not a scan.
+    full_set jsonb := '{}';
+    -- Keys seen with a free slot by this claim: not looked at again before a job is locked.
+    free_set jsonb := '{}';
+    -- The LIMITS entries of the full keys: this session waits on them (djasync_wait_on).
+    waiting text[] := '{}';
+    -- The entries of the slots taken (djasync.gave_back: see djasync_wake_waiters).
+    gave text[] := '{}';
+    -- The slots this session holds (tags as djasync_limit_tag makes them): advisory locks are
+    -- re-entrant, so a slot of ours would look free. ``mine``: those this claim took.
+    held text := coalesce(current_setting('djasync.slots', true), '')
+                 || coalesce(current_setting('djasync.session_slots', true), '');
+    mine text := '';
+    rtags text;
+    tag text;
+    h integer;
+    cc integer;
+    first integer;
+    free boolean;
+    blocked text;
+    k text;
+    s integer;
+    got boolean;
+    rated boolean;
+    c integer;
+    taken integer := 0;
+    taken_ids bigint[] := '{}';
+    -- Jobs the walk in claim order reads before it turns to each key's first jobs.
+    look_cap integer := 200 + n;
+    looked integer := 0;
+    deep boolean := false;
+    by_key boolean := false;
+    -- Jobs looked at per key then: its running jobs (locked) come first.
+    key_cap integer := coalesce((SELECT max(x) FROM unnest(cfg_concurrency) x), 0) + n + 4;
+BEGIN
+    IF one_id IS NULL THEN
+        OPEN candidates FOR
+            SELECT j.id, j.limits, j.priority, j.run_after
+              FROM djasync_job j
+             WHERE j.status = 'pending' AND j.limits IS NOT NULL AND j.run_after <= due
+               AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+               AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
+             ORDER BY j.priority DESC, j.run_after, j.id;
+    ELSE
+        OPEN candidates FOR
+            SELECT j.id, j.limits, j.priority, j.run_after
+              FROM djasync_job j
+             WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NOT NULL;
+    END IF;
+    LOOP  -- the walk in claim order; then, if it read too far, the walk of each key's first jobs
+    LOOP
+        EXIT WHEN taken >= n;
+        FETCH candidates INTO cand;
+        EXIT WHEN NOT FOUND;
+        looked := looked + 1;
+        IF looked = 1 AND one_id IS NULL THEN
+            -- The n-th best job without keys: jobs with keys that rank after it wait for the
+            -- next claim (it may be running elsewhere right now: then they wait one claim
+            -- more). Looked up only now that a job with keys is due.
+            SELECT j.priority, j.run_after, j.id INTO b_priority, b_run_after, b_id
+              FROM djasync_job j
+             WHERE j.status = 'pending' AND j.limits IS NULL AND j.run_after <= due
+               AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+               AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
+             ORDER BY j.priority DESC, j.run_after, j.id
+             LIMIT 1 OFFSET n - 1;
+        END IF;
+        IF NOT by_key AND looked > look_cap THEN
+            deep := true;
+            EXIT;
+        END IF;
+        EXIT WHEN b_id IS NOT NULL AND (cand.priority < b_priority
+            OR (cand.priority = b_priority
+                AND (cand.run_after, cand.id) > (b_run_after, b_id)));
+        -- A job waiting on a key found full is passed over untried (a simple expression:
+        -- no query per job, as this may read many of them).
+        CONTINUE WHEN full_set ? (cand.limits ->> 0)  -- the usual job, of one key
+            OR (jsonb_array_length(cand.limits) > 1 AND cand.limits ?| full_keys);
+        CONTINUE WHEN cand.id = ANY(taken_ids);  -- ours: a lock of our own is not skipped
+        -- A key with no slot free now is marked full without locking anything. The keys are
+        -- read by position (simple expressions, no query per job).
+        blocked := NULL;
+        rated := false;
+        FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
+            k := cand.limits ->> i;
+            c := coalesce(array_position(cfg_keys, k),
+                          array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+            CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
+            rated := rated OR cfg_rate[c] > 0;
+            CONTINUE WHEN cfg_concurrency[c] = 0 OR free_set ? k;
+            -- Whether a slot is free (djasync_slot_free, inline: a lock taken and given back at
+            -- once). If none is, mark this session as waiting on the entry and look again: a
+            -- slot given back after this second look is followed by a NOTIFY
+            -- (djasync_wake_waiters).
+            cc := cfg_concurrency[c];
+            h := hashtext('djasync.limit:' || k);
+            free := false;
+            FOR look IN 1..2 LOOP
+                first := floor(random() * cc)::integer;
+                FOR i IN 0..cc - 1 LOOP
+                    s := (first + i) % cc;
+                    CONTINUE WHEN held <> ''
+                        AND position(chr(31) || h || '#' || s || chr(31) IN held || chr(31)) > 0;
+                    IF pg_try_advisory_lock(h, s) THEN
+                        PERFORM pg_advisory_unlock(h, s);
+                        free := true;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                EXIT WHEN free;
+                IF look = 1 AND NOT cfg_keys[c] = ANY(waiting) THEN
+                    waiting := waiting || cfg_keys[c];
+                    PERFORM djasync_wait_on(cfg_keys[c]);
+                END IF;
+            END LOOP;
+            IF NOT free THEN
+                blocked := k;
+                EXIT;
+            END IF;
+            free_set := free_set || jsonb_build_object(k, h);
+        END LOOP;
+        IF blocked IS NOT NULL THEN
+            full_keys := full_keys || blocked;
+            full_set := full_set || jsonb_build_object(blocked, true);
+            CONTINUE;
+        END IF;
+        got := false;
+        s := 0;
+        IF NOT rated THEN
+            -- Concurrency only: lock the row in this transaction, then take the slots.
+            SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+                   (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+                   j.lease_expires IS NOT NULL, j.run_after
+              INTO id, name, args, kwargs, meta, queue, priority, group_id, previous_attempts,
+                   lease_expired, run_after
+              FROM djasync_job j
+             WHERE j.id = cand.id AND j.status = 'pending'
+               AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
+               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+               FOR NO KEY UPDATE OF j SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
+                k := cand.limits ->> i;
+                c := coalesce(array_position(cfg_keys, k),
+                              array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+                CONTINUE WHEN c IS NULL OR cfg_concurrency[c] = 0;
+                -- Take a slot (djasync_take_slot, inline), from a random one on.
+                cc := cfg_concurrency[c];
+                h := (free_set ->> k)::integer;
+                first := floor(random() * cc)::integer;
+                free := false;
+                FOR i IN 0..cc - 1 LOOP
+                    s := (first + i) % cc;
+                    tag := chr(31) || h || '#' || s;
+                    CONTINUE WHEN held <> '' AND position(tag || chr(31) IN held || chr(31)) > 0;
+                    IF pg_try_advisory_xact_lock(h, s) THEN
+                        held := held || tag;
+                        mine := mine || tag;
+                        free := true;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                IF NOT free THEN
+                    -- Filled up since the look above: the row stays locked, unclaimed, until
+                    -- this transaction ends (see the migration's note).
+                    blocked := k;
+                    EXIT;
+                END IF;
+                gave := gave || cfg_keys[c];
+            END LOOP;
+            IF blocked IS NOT NULL THEN
+                full_keys := full_keys || blocked;
+                full_set := full_set || jsonb_build_object(blocked, true);
+                CONTINUE;
+            END IF;
+            got := true;
+        ELSE
+        BEGIN  -- a subtransaction: a full key gives back this job's row lock, slots and tokens
+            SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+                   (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+                   j.lease_expires IS NOT NULL, j.run_after
+              INTO id, name, args, kwargs, meta, queue, priority, group_id, previous_attempts,
+                   lease_expired, run_after
+              FROM djasync_job j
+             WHERE j.id = cand.id AND j.status = 'pending'
+               AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
+               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+               FOR NO KEY UPDATE OF j SKIP LOCKED;
+            rtags := '';
+            IF FOUND THEN
+                FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
+                    k := cand.limits ->> i;
+                    c := coalesce(array_position(cfg_keys, k),
+                                  array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+                    CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
+                    IF cfg_concurrency[c] > 0 THEN
+                        s := djasync_take_slot(k, cfg_concurrency[c], false);
+                        rtags := rtags || chr(31) || hashtext('djasync.limit:' || k) || '#' || s;
+                        gave := gave || cfg_keys[c];
+                    END IF;
+                    IF s < 0 OR (cfg_rate[c] > 0
+                                 AND djasync_take_token(k, cfg_rate[c], cfg_per[c]) IS NULL) THEN
+                        blocked := k;
+                        RAISE EXCEPTION 'djasync limit % is full', k USING ERRCODE = 'DJA01';
+                    END IF;
+                END LOOP;
+                got := true;
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'DJA01' THEN
+            full_keys := full_keys || blocked;
+            full_set := full_set || jsonb_build_object(blocked, true);
+            -- A rate's token is timed, not given back: wait on its entry's next look (poll).
+        END;
+        END IF;
+        IF got AND rated THEN
+            held := held || rtags;  -- noted in djasync.slots by djasync_take_slot already
+        END IF;
+        IF got THEN
+            -- Its keys may be full now (a batch): the next job of theirs looks again.
+            free_set := free_set - (cand.limits ->> 0);
+            IF jsonb_array_length(cand.limits) > 1 THEN
+                free_set := free_set - ARRAY(SELECT jsonb_array_elements_text(cand.limits));
+            END IF;
+            taken := taken + 1;
+            taken_ids := taken_ids || id;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    CLOSE candidates;
+    EXIT WHEN NOT deep OR by_key OR taken >= n;
+    -- The walk read past look_cap jobs it could not take (jobs waiting on full keys, ranked
+    -- first): rather than read on through all of them, look at the first jobs of each key
+    -- (by a job's first key, through djasync_job_claim_key: one index descent per key, none
+    -- of the rows of a key known full), merged in claim order.
+    by_key := true;
+    OPEN candidates FOR
+        WITH RECURSIVE keys(k) AS (
+            (SELECT j.limits ->> 0 FROM djasync_job j
+              WHERE j.status = 'pending' AND j.limits IS NOT NULL
+              ORDER BY j.limits ->> 0 LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.limits ->> 0 FROM djasync_job j
+                     WHERE j.status = 'pending' AND j.limits IS NOT NULL
+                       AND (j.limits ->> 0) > keys.k
+                     ORDER BY j.limits ->> 0 LIMIT 1)
+              FROM keys WHERE keys.k IS NOT NULL)
+        SELECT h.id, h.limits, h.priority, h.run_after
+          FROM keys CROSS JOIN LATERAL (
+               SELECT j.id, j.limits, j.priority, j.run_after
+                 FROM djasync_job j
+                WHERE (j.limits ->> 0) = keys.k AND j.status = 'pending'
+                  AND j.limits IS NOT NULL AND j.run_after <= due
+                  AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+                  AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
+                ORDER BY j.limits ->> 0, j.priority DESC, j.run_after, j.id
+                LIMIT key_cap) h
+         WHERE keys.k IS NOT NULL AND keys.k <> ALL(full_keys)
+         ORDER BY h.priority DESC, h.run_after, h.id;
+    END LOOP;
+    -- This session waits on the entries of the keys it found full, and on no other.
+    IF waiting <> '{}' OR current_setting('djasync.waiting', true) <> '' THEN
+        PERFORM djasync_stop_waiting(waiting);
+    END IF;
+    IF mine <> '' THEN
+        PERFORM set_config('djasync.slots',
+                           coalesce(current_setting('djasync.slots', true), '') || mine, true);
+    END IF;
+    IF gave <> '{}' THEN
+        IF channel IS NOT NULL THEN
+            -- Delivered at COMMIT, when the slots are given back (job(), flush_queue).
+            PERFORM pg_notify(channel, '*');
+        ELSE
+            -- A worker asks after its COMMIT whether anyone waits (djasync_wake_waiters).
+            PERFORM set_config('djasync.gave_back', coalesce(current_setting(
+                'djasync.gave_back', true), '') || chr(31) || array_to_string(gave, chr(31)),
+                false);
+        END IF;
+    END IF;
+    IF taken >= n THEN
+        RETURN;
+    END IF;
+    -- The jobs without keys, as the plain claim takes them (djasync.sql.claim).
+    IF one_id IS NOT NULL THEN
+        RETURN QUERY
+        SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+               (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+               j.lease_expires IS NOT NULL, j.run_after
+          FROM djasync_job j
+         WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NULL
+           AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+           AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+           FOR NO KEY UPDATE OF j SKIP LOCKED;
+    ELSIF cardinality(queues) = 1 THEN
+        RETURN QUERY
+        SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+               (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+               j.lease_expires IS NOT NULL, j.run_after
+          FROM djasync_job j
+         WHERE j.queue = queues[1] AND j.status = 'pending' AND j.limits IS NULL
+           AND j.run_after <= due AND j.queue <> ALL(paused)
+           AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+           AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+           AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
+         ORDER BY j.queue, j.priority DESC, j.run_after, j.id
+         LIMIT n - taken
+           FOR NO KEY UPDATE OF j SKIP LOCKED;
+    ELSE
+        RETURN QUERY
+        SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+               (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+               j.lease_expires IS NOT NULL, j.run_after
+          FROM djasync_job j
+         WHERE j.status = 'pending' AND j.limits IS NULL AND j.run_after <= due
+           AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+           AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+           AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+           AND (name_prefix IS NULL OR starts_with(j.name, name_prefix))
+         ORDER BY j.priority DESC, j.run_after, j.id
+         LIMIT n - taken
+           FOR NO KEY UPDATE OF j SKIP LOCKED;
+    END IF;
+END
+$$;
+"""
+
+DROP_WAITING = """
+DROP FUNCTION djasync_wake_waiters(text);
+DROP FUNCTION djasync_stop_waiting(text[]);
+DROP FUNCTION djasync_wait_on(text);
+"""
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ("djasync", "0012_job_arguments_may_be_empty"),
+    ]
+
+    operations = [
+        migrations.RunSQL(SLOTS + CLAIM_LIMITED, BEFORE + DROP_WAITING),
+    ]
