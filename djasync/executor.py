@@ -213,7 +213,7 @@ def claim(
 
 def _claim_statement(limit: int, queues: Sequence[str] | None, name_prefix: str | None,
                      job_id: int | None, now: datetime.datetime | None,
-                     wake_after_commit: bool = False,
+                     wakes_waiters: bool = False,
                      ) -> tuple[str, dict[str, Any]] | None:
     """The claim statement and its parameters; None if every queue served is paused.
 
@@ -222,13 +222,13 @@ def _claim_statement(limit: int, queues: Sequence[str] | None, name_prefix: str 
     a paused queue is left out of the queues served (read at most every
     ``limits.PAUSED_TTL_SECONDS``), or, for a worker serving every queue, filtered out.
 
-    ``wake_after_commit``: the caller sends :data:`sql.WAKE_WAITERS` after its COMMIT (the
+    ``wakes_waiters``: the caller sends :data:`sql.WAKE_WAITERS` before its COMMIT (the
     claim then sends no NOTIFY of its own for the slots it took: see migration 0013)."""
     params: dict[str, Any] = {"queues": list(queues or []), "name_prefix": name_prefix,
                               "job_id": job_id, "now": now}
     if limits.enabled():
         params.update(limits.config_params(), queues=list(queues) if queues else None,
-                      channel=None if wake_after_commit else conf.NOTIFY_CHANNEL)
+                      channel=None if wakes_waiters else conf.NOTIFY_CHANNEL)
         return sql.claim_limited(limit), params
     paused = limits.paused_queues() if job_id is None else []
     if paused and queues:
@@ -603,7 +603,7 @@ class _FastBatch:
         that none depends on its session's settings, and none leaves any behind. Behind a
         pooler in transaction mode the session is not ours (see ``sql.CLAIM_SETTINGS``)."""
         found = _claim_statement(limit, queues, name_prefix, None, now,
-                                 wake_after_commit=True)
+                                 wakes_waiters=True)
         if found is None:
             return None
         query, claim_params = found
@@ -680,9 +680,11 @@ class _FastBatch:
         release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         tail = then or []
         if limits.enabled():  # slots given back by the COMMIT: wake whoever waits on them
-            tail = [command(sql.WAKE_WAITERS, {"channel": conf.NOTIFY_CHANNEL}), *tail]
+            commit = [plain(sql.WAKE_WAITERS), commit]
+        else:
+            commit = [commit]
         if not succeeded:
-            results = self._send_finish(statements, [release, commit], tail)
+            results = self._send_finish(statements, [release, *commit], tail)
             return {}, self._claimed(statements, results) if then else []
         if len(succeeded) == 1:
             (one,) = succeeded
@@ -692,7 +694,7 @@ class _FastBatch:
         else:
             finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
         results = self._send_finish(
-            statements, [release, *map(plain, sql.FINISH_PLAN), finish, commit], tail)
+            statements, [release, *map(plain, sql.FINISH_PLAN), finish, *commit], tail)
         rows = statements.rows(results[1 + len(sql.FINISH_PLAN)])
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from djasync.conf import NOTIFY_CHANNEL
+
 JOB = "djasync_job"
 ATTEMPT = "djasync_attempt"
 
@@ -127,10 +129,11 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
 """
 
 
-#: Sent by a worker after each COMMIT when limits are configured: if its transaction had
+#: Sent by a worker just before each COMMIT when limits are configured: if its transaction
 #: claimed jobs holding concurrency slots (given back by that COMMIT), notify the workers when
-#: one of them waits on a key of those slots' entries (migration 0013). Its own transaction.
-WAKE_WAITERS = "SELECT djasync_wake_waiters(%(channel)s)"
+#: one of them waits on a key of those slots' entries (migration 0013). Sent unnamed, as
+#: COMMIT is: it follows the jobs' own code (see ``wire.Statements.plain``).
+WAKE_WAITERS = f"SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')"
 
 
 #: Sent around every claim, and before every finish. The claim must walk ``djasync_job_claim``

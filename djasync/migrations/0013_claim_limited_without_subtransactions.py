@@ -21,15 +21,14 @@ from django.db import migrations
 #   all started at slot 0 each tried every slot held by the others first.
 # - The best job without keys (where the walk of jobs with keys stops) is looked up only once a
 #   job with keys is found: a claim when no job with keys is due costs a query less.
-# - NOTIFY: the claim no longer wakes every worker at each COMMIT of a job with keys (a
-#   notification per job: commits that notify take a lock on the notification queue one after
-#   the other, so they lose their group commit). A claim that finds a key full marks itself
-#   as waiting on that key's LIMITS entry (djasync_wait_on: a shared advisory lock at session
-#   level, taken before the key is looked at a second time); whoever gives slots back asks
-#   after its COMMIT whether a worker waits on one of its keys, and only then notifies
-#   (djasync_wake_waiters, sent by the worker after COMMIT). The look again after marking
-#   closes the race: either the waiting claim sees the slot given back, or the one giving it
-#   back sees the mark. A claim that finds no key of an entry full drops its mark.
+# - NOTIFY: a worker's claim no longer wakes every worker at each COMMIT of a job with keys (a
+#   notification per job: commits that notify queue up on the notification queue's lock, one
+#   after the other). A claim that finds a key full marks its session as waiting on the key's
+#   LIMITS entry, and looks again; a worker's transaction that holds slots asks, just before
+#   its COMMIT, whether a session waits on their entries, and notifies only then
+#   (djasync_wait_on, djasync_wake_waiters: their comment shows why no wake-up is missed). A
+#   claim that finds no key of an entry full drops its mark. job() and flush_queue's claims
+#   (djasync.executor.claim) still notify at each COMMIT that gives slots back.
 _0010 = importlib.import_module("djasync.migrations.0010_flow_control")
 
 
@@ -96,16 +95,28 @@ BEGIN
 END
 $$;
 
--- The mark of a session waiting on a LIMITS entry's keys: a shared advisory lock (the entry's
--- hash, 0), session level, noted in djasync.waiting (entry names, chr(31) between). A lock
--- of one int8 key, so it never meets a slot's (two int4) lock.
+-- Waking a worker that waits on a full key, exactly and cheaply. Two advisory locks per LIMITS
+-- entry (one int8 key each, so they never meet a slot's two int4 keys):
+--   W (djasync.waiting:<entry>): held in share mode, at session level, by each session whose
+--     last claim found a key of the entry full (it may have gone idle);
+--   C (djasync.committing:<entry>): held in share mode by a transaction that holds slots of
+--     the entry, from just before its COMMIT to the COMMIT (djasync_wake_waiters).
+-- A claim that finds a key full takes W, then C exclusively and gives it back at once (it
+-- waits for the transactions between their check and their COMMIT), then looks at the key
+-- again. A transaction about to give slots back takes C, then looks for W's holders: if one
+-- holds it, it notifies (delivered at its COMMIT). Either the claim's second look comes after
+-- that COMMIT (and sees the slot free), or the check comes after W was taken (and notifies).
 CREATE FUNCTION djasync_wait_on(entry text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    committing bigint := hashtextextended('djasync.committing:' || entry, 0);
 BEGIN
     IF position(chr(31) || entry || chr(31)
                 IN coalesce(current_setting('djasync.waiting', true), '') || chr(31)) = 0 THEN
         PERFORM pg_advisory_lock_shared(hashtextextended('djasync.waiting:' || entry, 0));
         PERFORM set_config('djasync.waiting',
             coalesce(current_setting('djasync.waiting', true), '') || chr(31) || entry, false);
+        PERFORM pg_advisory_lock(committing);
+        PERFORM pg_advisory_unlock(committing);
     END IF;
 END
 $$;
@@ -128,23 +139,26 @@ BEGIN
 END
 $$;
 
--- Sent by a worker after a COMMIT: if its transaction had claimed jobs holding slots (the
--- claim noted their entries in djasync.gave_back, at session level), wake the workers when
--- one waits on those entries (a session holds an entry's mark). The exclusive lock is tried
--- and, within this statement's own transaction, given back at once; two of these at the same
--- moment may see each other and notify once for nothing.
+-- Sent by a worker just before its COMMIT: if its transaction claimed jobs holding slots (the
+-- claim noted their entries in djasync.gave_back, for this transaction), notify the workers
+-- when a session waits on one of those entries. Two of these at the same instant may see
+-- each other's look (a lock taken and given back) and notify once for nothing.
 CREATE FUNCTION djasync_wake_waiters(channel text)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     entries text := current_setting('djasync.gave_back', true);
     entry text;
+    waiting bigint;
 BEGIN
     IF coalesce(entries, '') = '' THEN
         RETURN false;
     END IF;
-    PERFORM set_config('djasync.gave_back', '', false);
     FOR entry IN SELECT e FROM unnest(string_to_array(entries, chr(31))) e WHERE e <> '' LOOP
-        IF NOT pg_try_advisory_xact_lock(hashtextextended('djasync.waiting:' || entry, 0)) THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('djasync.committing:' || entry, 0));
+        waiting := hashtextextended('djasync.waiting:' || entry, 0);
+        IF pg_try_advisory_lock(waiting) THEN
+            PERFORM pg_advisory_unlock(waiting);
+        ELSE
             PERFORM pg_notify(channel, '*');
             RETURN true;
         END IF;
@@ -183,7 +197,8 @@ DECLARE
     full_keys text[] := '{}';
     -- The same as a jsonb object: looking a key up in it is a binary search, not a scan.
     full_set jsonb := '{}';
-    -- Keys seen with a free slot by this claim: not looked at again before a job is locked.
+    -- Keys without a rate seen with a free slot by this claim (and their hashes): not looked
+    -- at again before a job of theirs is locked.
     free_set jsonb := '{}';
     -- The LIMITS entries of the full keys: this session waits on them (djasync_wait_on).
     waiting text[] := '{}';
@@ -266,6 +281,9 @@ BEGIN
         -- read by position (simple expressions, no query per job).
         blocked := NULL;
         rated := false;
+        -- (The usual job, of one key seen free already by this claim, skips this: the walk
+        -- passes many jobs that other workers run, and each costs only its row's look.)
+        IF jsonb_array_length(cand.limits) > 1 OR NOT free_set ? (cand.limits ->> 0) THEN
         FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
             k := cand.limits ->> i;
             c := coalesce(array_position(cfg_keys, k),
@@ -302,8 +320,11 @@ BEGIN
                 blocked := k;
                 EXIT;
             END IF;
-            free_set := free_set || jsonb_build_object(k, h);
+            IF cfg_rate[c] = 0 THEN  -- a key with a rate is looked at for each job
+                free_set := free_set || jsonb_build_object(k, h);
+            END IF;
         END LOOP;
+        END IF;
         IF blocked IS NOT NULL THEN
             full_keys := full_keys || blocked;
             full_set := full_set || jsonb_build_object(blocked, true);
@@ -457,10 +478,10 @@ BEGIN
             -- Delivered at COMMIT, when the slots are given back (job(), flush_queue).
             PERFORM pg_notify(channel, '*');
         ELSE
-            -- A worker asks after its COMMIT whether anyone waits (djasync_wake_waiters).
+            -- A worker asks before its COMMIT whether anyone waits (djasync_wake_waiters).
             PERFORM set_config('djasync.gave_back', coalesce(current_setting(
                 'djasync.gave_back', true), '') || chr(31) || array_to_string(gave, chr(31)),
-                false);
+                true);
         END IF;
     END IF;
     IF taken >= n THEN
