@@ -677,12 +677,10 @@ class _FastBatch:
         fails, and that is recorded as its failed attempt: see ``run``), never a failure
         already recorded."""
         command, plain = statements.command, statements.plain
-        release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
+        release = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"')
+        # With limits, the slots the COMMIT gives back wake whoever waits on them.
+        commit = ([plain(sql.WAKE_WAITERS)] if limits.enabled() else []) + [plain("COMMIT")]
         tail = then or []
-        if limits.enabled():  # slots given back by the COMMIT: wake whoever waits on them
-            commit = [plain(sql.WAKE_WAITERS), commit]
-        else:
-            commit = [commit]
         if not succeeded:
             results = self._send_finish(statements, [release, *commit], tail)
             return {}, self._claimed(statements, results) if then else []
