@@ -42,8 +42,11 @@ RECONNECT_DELAY_MAX_SECONDS = 2.0
 #: IN_TRANSACTION is 1 while the job runs inside the transaction of the child's connection (an
 #: atomic job): then that session's end means the job's claim is gone (see the supervisor's
 #: fence); a long job (``atomic=False``) runs outside it, under a lease.
-JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE, IN_TRANSACTION = range(6)
-SHARED_SIZE = 6
+#: BACKEND_PID: the server process of the child's connection (the pooler's key behind one),
+#: so that the supervisor can tell when PostgreSQL has ended a dead child's session.
+(JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE, IN_TRANSACTION,
+ BACKEND_PID) = range(7)
+SHARED_SIZE = 7
 NO_TIMEOUT = -1.0
 
 
@@ -175,6 +178,7 @@ class Child:
             return
         if threading.current_thread() is not threading.main_thread():
             return  # a lease-renewal thread's connection holds no job transaction
+        self.shared[BACKEND_PID] = connection.connection.info.backend_pid
         self._send(("conn",))
         try:
             reduction.send_handle(self.pipe, connection.connection.fileno(), self.parent_pid)
