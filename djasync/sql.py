@@ -116,10 +116,12 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 @cache
 def claim_limited(limit: int) -> str:
     """The claim when flow-control limits are configured: ``djasync_claim_limited``
-    (migration 0010) takes the jobs with keys that rank before the best job without, each
-    only if a slot (and a rate token) of each of its keys is free, then the others; paused
-    queues are passed over (``job()``, by id, runs a job of a paused queue). ``limit`` is
-    written into the statement, as in :func:`claim`."""
+    (migrations 0010 and 0013) takes the jobs with keys that rank before the best job
+    without, each only if a slot (and a rate token) of each of its keys is free, then the
+    others; paused queues are passed over (``job()``, by id, runs a job of a paused queue).
+    ``limit`` is written into the statement, as in :func:`claim`. ``%(channel)s``: NOTIFY at
+    COMMIT if the claim took slots; NULL for a worker, which sends :data:`WAKE_WAITERS`
+    before its COMMIT instead (a NOTIFY only when a claim waits on those slots)."""
     return f"""
 SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::timestamptz,
                                     %(name_prefix)s::text, %(job_id)s::bigint,
