@@ -677,12 +677,13 @@ class _FastBatch:
         fails, and that is recorded as its failed attempt: see ``run``), never a failure
         already recorded."""
         command, plain = statements.command, statements.plain
-        release = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"')
+        release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         # With limits, the slots the COMMIT gives back wake whoever waits on them.
-        commit = ([plain(sql.WAKE_WAITERS)] if limits.enabled() else []) + [plain("COMMIT")]
+        waking = limits.enabled()
         tail = then or []
         if not succeeded:
-            results = self._send_finish(statements, [release, *commit], tail)
+            wake = [plain(sql.WAKE_WAITERS)] if waking else []
+            results = self._send_finish(statements, [release, *wake, commit], tail)
             return {}, self._claimed(statements, results) if then else []
         if len(succeeded) == 1:
             (one,) = succeeded
@@ -691,9 +692,10 @@ class _FastBatch:
                 "worker": one.run.worker[:255], "result": one.encoded})
         else:
             finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
+        plan = sql.FINISH_PLAN_WAKING if waking else sql.FINISH_PLAN
         results = self._send_finish(
-            statements, [release, *map(plain, sql.FINISH_PLAN), finish, *commit], tail)
-        rows = statements.rows(results[1 + len(sql.FINISH_PLAN)])
+            statements, [release, *map(plain, plan), finish, commit], tail)
+        rows = statements.rows(results[1 + len(plan)])
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:
             numbers = {row[0]: row[-1] for row in rows}

@@ -131,10 +131,11 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
 """
 
 
-#: Sent by a worker just before each COMMIT when limits are configured: if its transaction
-#: claimed jobs holding concurrency slots (given back by that COMMIT), notify the workers when
-#: one of them waits on a key of those slots' entries (migration 0013). Sent unnamed, as
-#: COMMIT is: it follows the jobs' own code (see ``wire.Statements.plain``).
+#: Sent by a worker before each COMMIT when limits are configured (with the finish's plan
+#: setting, :data:`FINISH_PLAN_WAKING`, when jobs succeeded): if its transaction claimed jobs
+#: holding concurrency slots (given back by that COMMIT), notify the workers when one of them
+#: waits on a key of those slots' entries (migration 0013). Sent unnamed, as COMMIT is: it
+#: follows the jobs' own code (see ``wire.Statements.plain``).
 WAKE_WAITERS = f"SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')"
 
 
@@ -151,6 +152,9 @@ WAKE_WAITERS = f"SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')"
 CLAIM_PLAN = ("SET LOCAL enable_sort = off", "SET LOCAL enable_seqscan = off")
 CLAIM_PLAN_DONE = ("SET LOCAL enable_sort TO DEFAULT", "SET LOCAL enable_seqscan TO DEFAULT")
 FINISH_PLAN = ("SET LOCAL enable_seqscan = off",)
+#: The same with :data:`WAKE_WAITERS` (limits configured), in one statement.
+FINISH_PLAN_WAKING = ("SELECT set_config('enable_seqscan', 'off', true), "
+                      f"djasync_wake_waiters('{NOTIFY_CHANNEL}')",)
 
 #: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
 IDLE_MARGIN_SECONDS = 10
