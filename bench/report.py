@@ -173,6 +173,9 @@ def write(results: dict, out: Path, logdir: Path) -> None:
                   "wait4 (children = worker total − supervisor). cN = `--concurrency N`.\n\n")
         md.append(drain_table(results, results["w1"], floors))
 
+    if "flow" in results:
+        md.append(flow_section(results))
+
     if "w6" in results:
         md.append("\n## W6: jobs that insert one row in an application table\n")
         md.append("`Ledger.objects.create(key=key)` (ORM) inside the job's savepoint; `key` "
@@ -320,6 +323,61 @@ def targets(results: dict, floors: Floors) -> str:
         rows.append(["W7: table + index sizes level off (max of the 2nd half ≤ 110% of the "
                      "1st half's)", f"{growth * 100:+.1f}%", verdict(growth <= 0.10)])
     return "Targets from issues 5 and 14:\n\n" + table(["target", "measured", ""], rows)
+
+
+def flow_section(results: dict) -> str:
+    """Flow control (issue 16): W1 c4 without LIMITS, with LIMITS and jobs without keys, with
+    one key of concurrency 8; and a claim's server time behind a full key."""
+    flow = results["flow"]
+    base_label = next(iter(flow))
+    base = flow[base_label]
+    rows = []
+    for label, recs in flow.items():
+        n = recs[0]["jobs"]
+        per_k = 1000 / n
+        # Ratios within each round (the rows of a round run one after the other), then
+        # their median: steadier than a ratio of medians on a shared machine.
+        incl = sorted(r["jobs_per_s"] / b["jobs_per_s"] for r, b in zip(recs, base, strict=True))
+        after = sorted(r["jobs_per_s_after_first"] / b["jobs_per_s_after_first"]
+                       for r, b in zip(recs, base, strict=True))
+        cpu = [(r["worker_cpu_s"] + (r["server_cpu_s"] or math.nan)) * per_k for r in recs]
+        base_cpu = [(r["worker_cpu_s"] + (r["server_cpu_s"] or math.nan)) * per_k
+                    for r in base]
+        rows.append([
+            label, f0(med([r["jobs_per_s"] for r in recs])),
+            f0(med([r["jobs_per_s_after_first"] for r in recs])),
+            pc(med(incl)), pc(med(after)),
+            raw(recs, "jobs_per_s"), " / ".join(pc(x) for x in incl),
+            f2(med([r["children_cpu_s"] * per_k for r in recs])),
+            f2(med([(r["server_cpu_s"] or math.nan) * per_k for r in recs])),
+            pc(med([c / bc for c, bc in zip(cpu, base_cpu, strict=True)])),
+            raw(recs, "loadavg_1m_before", f1),
+        ])
+    md = ["\n## Flow control: what limits cost (issue 16)\n",
+          f"W1's c4 drain ({base[0]['jobs']:,} no-op jobs, `--concurrency 4 --burst`) three "
+          "ways, one after the other in each round: without `LIMITS`; with `LIMITS` set "
+          "(the claim is `djasync_claim_limited`) and jobs without keys; with every job "
+          "holding the key `eight` (`concurrency: 8`). *vs no LIMITS*: the ratio within each "
+          "round, median over rounds (raw per round after it). *CPU vs no LIMITS*: worker + "
+          "PostgreSQL CPU per job, the same way: it depends less on what else the machine "
+          "runs.\n\n",
+          table(["variant", "jobs/s incl. start-up (median)", "jobs/s after first job",
+                 "vs no LIMITS (incl. start-up)", "vs no LIMITS (after first)",
+                 "raw incl. start-up", "raw ratios (incl. start-up)",
+                 "children CPU s/1k jobs", "PostgreSQL CPU s/1k", "CPU per job vs no LIMITS",
+                 "load avg before (raw)"], rows)]
+    claim = results.get("flow_claim")
+    if claim:
+        md.append(f"\n\nServer time of the worker's claim (`EXPLAIN ANALYZE`'s execution time, "
+                  f"{claim['claims']} claims, each committed) with {claim['waiting']:,} due "
+                  "jobs ranked first that hold the key `full`, whose one slot another session "
+                  "holds:\n\n")
+        md.append(table(["claim", "median ms", "p95 ms", "p99 ms", "max ms"], [
+            [what, f"{claim[key]['median_ms']:.3f}", f"{claim[key]['p95_ms']:.3f}",
+             f"{claim[key]['p99_ms']:.3f}", f"{claim[key]['max_ms']:.3f}"]
+            for key, what in (("claim 1", "1 job: the job without keys"),
+                              ("claim 2", "2 jobs: it and a job of the key `other`"))]))
+    return "".join(md) + "\n"
 
 
 def w2_section(results: dict) -> str:

@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 import procstat  # noqa: E402
 import psycopg  # noqa: E402
 
-WORKLOADS = ["floor", "w1", "w2", "w3", "w6", "w4", "w5", "profile", "peers", "w7"]
+WORKLOADS = ["floor", "w1", "flow", "w2", "w3", "w6", "w4", "w5", "profile", "peers", "w7"]
 #: Run once per round, so the floor and djasync alternate and share the machine's mood; the
 #: report takes the median over rounds. The others run once, after the rounds.
-ROUNDS = ["floor", "w1", "w6", "w3", "w2", "peers"]
+ROUNDS = ["floor", "w1", "flow", "w6", "w3", "w2", "peers"]
 #: W7 (the soak) takes 20 minutes, so it runs only when asked for (``--only w7``).
 DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("peers", "w7")]
 QUEUE_TABLES = ["djasync_attempt", "djasync_job", "djasync_group", "djasync_worker",
@@ -259,23 +259,31 @@ def shown(cmd: list[str]) -> str:
     return text.replace(str(BENCH), "bench")
 
 
+def launch(b: Bench, cmd: list[str], logname: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start a worker (``cmd``), its output appended to ``<logname>.log`` in the run's log
+    folder; return it and that file. ``env``: variables added to :func:`worker_env`'s."""
+    logfile = b.logdir / f"{re.sub(r'[^a-z0-9]+', '-', logname.lower())}.log"
+    with open(logfile, "ab") as out:  # the worker keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env={**worker_env(b), **(env or {})}, stdout=out,
+                                stderr=out, cwd=worker_cwd(b))
+    return proc, logfile
+
+
 def run_burst(b: Bench, label: str, concurrency: int, batch: int, *, keep_rss: bool = False,
-              on_start: Any = None) -> dict[str, Any]:
+              on_start: Any = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``djasync-worker --burst`` to completion; return wall time and CPU figures."""
     cmd = worker_cmd(b.cfg, concurrency, batch)
     b.commands[label] = shown(cmd)
-    logfile = b.logdir / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}.log"
     cpu0 = b.server_cpu()
     load = os.getloadavg()[0]
-    with open(logfile, "ab") as stderr:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=worker_env(b), stdout=stderr, stderr=stderr,
-                                cwd=worker_cwd(b))
-        sampler = procstat.Sampler(proc.pid, keep_rss=keep_rss).start()
-        extra = on_start(proc) if on_start else None
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    start = time.perf_counter()
+    proc, logfile = launch(b, cmd, label, env)
+    sampler = procstat.Sampler(proc.pid, keep_rss=keep_rss).start()
+    extra = on_start(proc) if on_start else None
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.stop()
     cpu1 = b.server_cpu()
     if proc.returncode != 0:
@@ -317,9 +325,13 @@ def enqueue(n: int, function: str = "benchapp.jobs.noop", keyed: bool = False) -
 
 def drain_variant(b: Bench, workload: str, label: str, concurrency: int, batch: int,
                   function: str, keyed: bool, n: int, *, reset: bool = True,
-                  since_id: int = 0, daemon: bool = False) -> dict[str, Any]:
+                  since_id: int = 0, daemon: bool = False, limits: str | None = None,
+                  env: dict[str, str] | None = None) -> dict[str, Any]:
     """Queue n jobs, drain them with a worker, check each ran once; retry a run that a stray
-    signal cut short (the machine is shared; other sessions stop their own workers)."""
+    signal cut short (the machine is shared; other sessions stop their own workers).
+
+    ``limits``: the jobs' flow-control keys (a JSON array, written into their rows; the
+    worker's ``LIMITS`` come with ``env``, see ``benchproject.settings``)."""
     for attempt in range(3):
         if reset:
             b.reset_queue()
@@ -329,12 +341,14 @@ def drain_variant(b: Bench, workload: str, label: str, concurrency: int, batch: 
         if keyed:
             b.q("TRUNCATE benchapp_ledger")
         enqueue(n, function, keyed)
+        if limits is not None:
+            b.q("UPDATE djasync_job SET limits = %s::jsonb WHERE id > %s", (limits, since_id))
         b.settle(["djasync_job"])
         try:
             if daemon:
                 res = run_daemon_drain(b, f"{workload}: {label}", concurrency, batch, n, since_id)
             else:
-                res = run_burst(b, f"{workload}: {label}", concurrency, batch)
+                res = run_burst(b, f"{workload}: {label}", concurrency, batch, env=env)
             figures = drain_figures(b, n, since_id)
             break
         except RuntimeError as exc:
@@ -364,34 +378,31 @@ def run_daemon_drain(b: Bench, label: str, concurrency: int, batch: int, n: int,
     once every job finished. Wall time ends when the poll (every 100 ms) sees no pending job."""
     cmd = worker_cmd(b.cfg, concurrency, batch, burst=False)
     b.commands[label] = shown(cmd) + "   # stopped with SIGTERM once all jobs finished"
-    logfile = b.logdir / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}.log"
     cpu0 = b.server_cpu()
     load = os.getloadavg()[0]
-    with open(logfile, "ab") as stderr:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=worker_env(b), stdout=stderr, stderr=stderr,
-                                cwd=worker_cwd(b))
-        sampler = procstat.Sampler(proc.pid, keep_rss=keep_rss).start()
-        if on_start:
-            on_start(proc)
-        try:
-            # Cheap (the partial index over pending rows; ~0.1 ms): a job being run is still
-            # pending (locked) until its transaction commits.
-            while b.one("SELECT EXISTS (SELECT 1 FROM djasync_job WHERE status = 'pending' "
-                        "AND id > %s)", (since_id,)):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{label}: the daemon exited {proc.returncode}")
-                # Not faster: with the dead index entries a drain leaves behind, this poll costs
-                # ~1.4 ms of server time (pg_stat_statements); 10/s is < 2% of one CPU.
-                time.sleep(0.1)
-            wall = time.perf_counter() - start
-            cpu1 = b.server_cpu()
-            sup_cpu = sampler.root_cpu
-            total_cpu = procstat.tree_cpu(proc.pid)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            sampler.stop()
+    start = time.perf_counter()
+    proc, _ = launch(b, cmd, label)
+    sampler = procstat.Sampler(proc.pid, keep_rss=keep_rss).start()
+    if on_start:
+        on_start(proc)
+    try:
+        # Cheap (the partial index over pending rows; ~0.1 ms): a job being run is still
+        # pending (locked) until its transaction commits.
+        while b.one("SELECT EXISTS (SELECT 1 FROM djasync_job WHERE status = 'pending' "
+                    "AND id > %s)", (since_id,)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label}: the daemon exited {proc.returncode}")
+            # Not faster: with the dead index entries a drain leaves behind, this poll costs
+            # ~1.4 ms of server time (pg_stat_statements); 10/s is < 2% of one CPU.
+            time.sleep(0.1)
+        wall = time.perf_counter() - start
+        cpu1 = b.server_cpu()
+        sup_cpu = sampler.root_cpu
+        total_cpu = procstat.tree_cpu(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        sampler.stop()
     return {
         "wall_s": wall, "worker_cpu_s": total_cpu, "supervisor_cpu_s": sup_cpu,
         "children_cpu_s": total_cpu - sup_cpu,
@@ -417,6 +428,81 @@ def w1(b: Bench, rep: int) -> None:
                                 daemon="daemon" in label)
             out.setdefault(label, []).append(rec)
         log(f"W1 run {run + 1} done")
+
+
+# -- flow control (issue 16) ----------------------------------------------------------------
+
+FLOW_LIMITS = {"eight": {"concurrency": 8}, "full": {"concurrency": 1},
+               "other": {"concurrency": 1}}
+#: (label, worker's LIMITS or None, the jobs' keys): W1 c4 three ways, one after the other.
+FLOW_VARIANTS = [
+    ("c4, no LIMITS", None, None),
+    ("c4, LIMITS set, jobs without keys", FLOW_LIMITS, None),
+    ("c4, one key with concurrency 8", FLOW_LIMITS, '["eight"]'),
+]
+FLOW_WAITING = 100_000
+FLOW_CLAIMS = 500
+
+
+def flow(b: Bench, rep: int) -> None:
+    """What flow control costs: W1 c4 without LIMITS, with LIMITS and jobs without keys, and
+    with every job holding one key of concurrency 8; in the last round, the server time of a
+    claim of other work behind FLOW_WAITING jobs waiting on a full key."""
+    out: dict[str, list] = b.results.setdefault("flow", {})
+    for label, limits, keys in FLOW_VARIANTS:
+        env = {"BENCH_LIMITS": json.dumps(limits)} if limits else None
+        rec = drain_variant(b, "flow", label, 4, 1, "benchapp.jobs.noop", False, b.cfg.n,
+                            limits=keys, env=env)
+        out.setdefault(label, []).append(rec)
+    if rep == b.cfg.runs - 1:
+        b.results["flow_claim"] = flow_claim_times(b)
+
+
+def flow_claim_times(b: Bench) -> dict[str, Any]:
+    """Server time (EXPLAIN ANALYZE's execution time) of the worker's claim, FLOW_CLAIMS
+    times, with FLOW_WAITING due jobs ranked first that hold the key "full", whose one slot
+    another session holds: a claim of one job (the job without keys) and of two (and a job
+    of the key "other"). Each claim commits, as a worker's does (the jobs stay pending)."""
+    from djasync import sql
+
+    b.reset_queue()
+    b.fill_jobs("djasync_job", FLOW_WAITING)
+    b.q("UPDATE djasync_job SET priority = 1, limits = '[\"full\"]'")
+    b.fill_jobs("djasync_job", 1)
+    b.fill_jobs("djasync_job", 1)
+    b.q("UPDATE djasync_job SET limits = '[\"other\"]' WHERE id = %s", (FLOW_WAITING + 2,))
+    b.settle(["djasync_job"])
+    params = {"queues": None, "now": None, "name_prefix": None, "job_id": None,
+              "cfg_keys": list(FLOW_LIMITS),
+              "cfg_concurrency": [v["concurrency"] for v in FLOW_LIMITS.values()],
+              "cfg_rate": [0] * len(FLOW_LIMITS), "cfg_per": [0.0] * len(FLOW_LIMITS),
+              "channel": None}
+    holder = psycopg.connect(b.url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(hashtext('djasync.limit:full'), 0)")
+    results: dict[str, Any] = {"waiting": FLOW_WAITING, "claims": FLOW_CLAIMS}
+    try:
+        with psycopg.connect(b.url) as db:
+            for limit in (1, 2):
+                times = []
+                statement = "EXPLAIN (ANALYZE, TIMING OFF, SUMMARY ON) " + sql.claim_limited(limit)
+                for i in range(FLOW_CLAIMS + 20):
+                    db.execute(sql.CLAIM_SETTINGS, {"statement": "0", "idle": "0"})
+                    plan = db.execute(statement, params).fetchall()
+                    db.commit()
+                    if i >= 20:  # the first ones plan the function's statements
+                        times.append(float(re.search(r"Execution Time: ([\d.]+)",
+                                                     plan[-1][0]).group(1)))
+                times.sort()
+                results[f"claim {limit}"] = {
+                    "median_ms": statistics.median(times), "p95_ms": pct(times, 95),
+                    "p99_ms": pct(times, 99), "max_ms": times[-1]}
+                log(f"flow: claim of {limit} behind {FLOW_WAITING} waiting jobs: "
+                    f"median {statistics.median(times):.3f} ms, p95 {pct(times, 95):.3f} ms")
+    finally:
+        holder.close()
+    b.commands["flow: claim behind a full key"] = (
+        f"EXPLAIN (ANALYZE, TIMING OFF) {sql.claim_limited(1).strip()}   # x{FLOW_CLAIMS}")
+    return results
 
 
 def w6(b: Bench, rep: int) -> None:
@@ -449,10 +535,7 @@ def w2(b: Bench, rep: int) -> None:
         b.reset_queue()
         cmd = worker_cmd(cfg, cfg.w2_concurrency, 1, burst=False)
         b.commands["W2: daemon"] = shown(cmd)
-        logfile = b.logdir / "w2.log"
-        with open(logfile, "ab") as stderr:
-            proc = subprocess.Popen(cmd, env=worker_env(b), stdout=stderr, stderr=stderr,
-                                    cwd=worker_cwd(b))
+        proc, _ = launch(b, cmd, "w2")
         try:
             wait_for(lambda: b.one("SELECT count(*) FROM djasync_worker") > 0, 30,
                      "the daemon to register")
@@ -671,10 +754,7 @@ def w7(b: Bench) -> None:
     samples: list[dict[str, Any]] = []
     prunes: list[dict[str, Any]] = []
     enqueued = 0
-    logfile = b.logdir / "w7.log"
-    with open(logfile, "ab") as stderr:
-        proc = subprocess.Popen(cmd, env=worker_env(b), stdout=stderr, stderr=stderr,
-                                cwd=worker_cwd(b))
+    proc, logfile = launch(b, cmd, "w7")
     try:
         wait_for(lambda: b.one("SELECT count(*) FROM djasync_worker") > 0, 60,
                  "the daemon to register")

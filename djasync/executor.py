@@ -213,18 +213,22 @@ def claim(
 
 def _claim_statement(limit: int, queues: Sequence[str] | None, name_prefix: str | None,
                      job_id: int | None, now: datetime.datetime | None,
+                     wakes_waiters: bool = False,
                      ) -> tuple[str, dict[str, Any]] | None:
     """The claim statement and its parameters; None if every queue served is paused.
 
     With ``DJASYNC["LIMITS"]`` set: :func:`sql.claim_limited`, which reads the paused queues
     itself. Without: the plain claim (:func:`sql.claim`), unchanged while no queue is paused;
     a paused queue is left out of the queues served (read at most every
-    ``limits.PAUSED_TTL_SECONDS``), or, for a worker serving every queue, filtered out."""
+    ``limits.PAUSED_TTL_SECONDS``), or, for a worker serving every queue, filtered out.
+
+    ``wakes_waiters``: the caller sends :data:`sql.WAKE_WAITERS` before its COMMIT (the
+    claim then sends no NOTIFY of its own for the slots it took: see migration 0015)."""
     params: dict[str, Any] = {"queues": list(queues or []), "name_prefix": name_prefix,
                               "job_id": job_id, "now": now}
     if limits.enabled():
         params.update(limits.config_params(), queues=list(queues) if queues else None,
-                      channel=conf.NOTIFY_CHANNEL)
+                      channel=None if wakes_waiters else conf.NOTIFY_CHANNEL)
         return sql.claim_limited(limit), params
     paused = limits.paused_queues() if job_id is None else []
     if paused and queues:
@@ -598,7 +602,8 @@ class _FastBatch:
         The timeouts are ``SET LOCAL``: every transaction of the worker sets them afresh, so
         that none depends on its session's settings, and none leaves any behind. Behind a
         pooler in transaction mode the session is not ours (see ``sql.CLAIM_SETTINGS``)."""
-        found = _claim_statement(limit, queues, name_prefix, None, now)
+        found = _claim_statement(limit, queues, name_prefix, None, now,
+                                 wakes_waiters=True)
         if found is None:
             return None
         query, claim_params = found
@@ -673,9 +678,12 @@ class _FastBatch:
         already recorded."""
         command, plain = statements.command, statements.plain
         release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
+        # With limits, the slots the COMMIT gives back wake whoever waits on them.
+        waking = limits.enabled()
         tail = then or []
         if not succeeded:
-            results = self._send_finish(statements, [release, commit], tail)
+            wake = [plain(sql.WAKE_WAITERS)] if waking else []
+            results = self._send_finish(statements, [release, *wake, commit], tail)
             return {}, self._claimed(statements, results) if then else []
         if len(succeeded) == 1:
             (one,) = succeeded
@@ -684,9 +692,10 @@ class _FastBatch:
                 "worker": one.run.worker[:255], "result": one.encoded})
         else:
             finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
+        plan = sql.FINISH_PLAN_WAKING if waking else sql.FINISH_PLAN
         results = self._send_finish(
-            statements, [release, *map(plain, sql.FINISH_PLAN), finish, commit], tail)
-        rows = statements.rows(results[1 + len(sql.FINISH_PLAN)])
+            statements, [release, *map(plain, plan), finish, commit], tail)
+        rows = statements.rows(results[1 + len(plan)])
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:
             numbers = {row[0]: row[-1] for row in rows}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from djasync.conf import NOTIFY_CHANNEL
 from djasync.registry import TASK_RUNNER
 
 JOB = "djasync_job"
@@ -118,10 +119,13 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 @cache
 def claim_limited(limit: int) -> str:
     """The claim when flow-control limits are configured: ``djasync_claim_limited``
-    (migration 0010) takes the jobs with keys that rank before the best job without, each
-    only if a slot (and a rate token) of each of its keys is free, then the others; paused
-    queues are passed over (``job()``, by id, runs a job of a paused queue). ``limit`` is
-    written into the statement, as in :func:`claim`."""
+    (migrations 0010, 0013-0015) takes the jobs with keys that rank before the jobs without
+    keys that would fill the rest of the batch (a job without keys that another worker runs
+    does not count), each only if a slot (and a rate token) of each of its keys is free, then the
+    others; paused queues are passed over (``job()``, by id, runs a job of a paused queue).
+    ``limit`` is written into the statement, as in :func:`claim`. ``%(channel)s``: NOTIFY at
+    COMMIT if the claim took slots; NULL for a worker, which sends :data:`WAKE_WAITERS`
+    before its COMMIT instead (a NOTIFY only when a claim waits on those slots)."""
     return f"""
 SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::timestamptz,
                                     %(name_prefix)s::text, %(job_id)s::bigint,
@@ -129,6 +133,14 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
                                     %(cfg_rate)s::integer[], %(cfg_per)s::float8[],
                                     %(channel)s::text)
 """
+
+
+#: Sent by a worker before each COMMIT when limits are configured (with the finish's plan
+#: setting, :data:`FINISH_PLAN_WAKING`, when jobs succeeded): if its transaction claimed jobs
+#: holding concurrency slots (given back by that COMMIT), notify the workers when one of them
+#: waits on a key of those slots' entries (migration 0015). Sent unnamed, as COMMIT is: it
+#: follows the jobs' own code (see ``wire.Statements.plain``).
+WAKE_WAITERS = f"SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')"
 
 
 #: Sent around every claim, and before every finish. The claim must walk ``djasync_job_claim``
@@ -144,6 +156,9 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
 CLAIM_PLAN = ("SET LOCAL enable_sort = off", "SET LOCAL enable_seqscan = off")
 CLAIM_PLAN_DONE = ("SET LOCAL enable_sort TO DEFAULT", "SET LOCAL enable_seqscan TO DEFAULT")
 FINISH_PLAN = ("SET LOCAL enable_seqscan = off",)
+#: The same with :data:`WAKE_WAITERS` (limits configured), in one statement.
+FINISH_PLAN_WAKING = ("SELECT set_config('enable_seqscan', 'off', true), "
+                      f"djasync_wake_waiters('{NOTIFY_CHANNEL}')",)
 
 #: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
 IDLE_MARGIN_SECONDS = 10

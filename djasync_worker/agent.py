@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,6 +33,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from djasync import attempts, leases, limits, periodic, sql, workers
+from djasync.conf import NOTIFY_CHANNEL
 from djasync.models import Job, Outcome
 from djasync.registry import display_name
 
@@ -40,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: How long one of the agent's statements may wait for a lock, and run, before it gives up (ms).
 LOCK_TIMEOUT_MS = 2_000
 STATEMENT_TIMEOUT_MS = 10_000
+#: How long to wait for PostgreSQL to end a dead child's session before waking the workers
+#: anyway, and how often to look meanwhile (it takes about a millisecond).
+SESSION_END_WAIT_SECONDS = 2.0
+SESSION_END_LOOK_SECONDS = 0.002
 
 
 class Agent:
@@ -208,6 +214,29 @@ class Tasks:
             row = Job.objects.filter(pk=job_id).values_list("queue", "name", "args").first()
         labels = (row[0], display_name(row[1], row[2])) if row is not None else None
         return attempt_id, labels
+
+    def wake_after_session(self, backend_pid: int) -> bool:
+        """Notify the workers once PostgreSQL has ended this server process's session (a dead
+        child's: its flow-control slots are given back then); return whether it had ended
+        within ``SESSION_END_WAIT_SECONDS``. Each look is a transaction of its own: one
+        transaction sees one snapshot of the server's sessions."""
+        begun = time.monotonic()
+        deadline = begun + SESSION_END_WAIT_SECONDS
+        while True:
+            with bounded(), connection.cursor() as cursor:
+                cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s)",
+                               [backend_pid])
+                ended = not cursor.fetchone()[0]
+            if ended or time.monotonic() > deadline:
+                break
+            time.sleep(SESSION_END_LOOK_SECONDS)
+        with bounded(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '*')", [NOTIFY_CHANNEL])
+        logger.info("a dead child's session %s, its slots are free: workers woken "
+                    "backend_pid=%s waited_ms=%.1f",
+                    "ended" if ended else "did not end in time", backend_pid,
+                    (time.monotonic() - begun) * 1000)
+        return ended
 
     def mark_lost_late(self, attempt_id: int) -> None:
         with bounded():

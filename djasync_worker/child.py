@@ -44,8 +44,11 @@ RECONNECT_DELAY_MAX_SECONDS = 2.0
 #: under a lease) runs holding its flow-control slots on that connection's session, else 0:
 #: while it is not 0, that session's end means the job's claim or its slots are gone (see the
 #: supervisor's fence).
-JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE, IN_TRANSACTION = range(6)
-SHARED_SIZE = 6
+#: BACKEND_PID: the server process of the child's connection (the pooler's key behind one),
+#: so that the supervisor can tell when PostgreSQL has ended a dead child's session.
+(JOB_ID, STARTED_MONOTONIC, TIMEOUT, STARTED_EPOCH, JOBS_DONE, IN_TRANSACTION,
+ BACKEND_PID) = range(7)
+SHARED_SIZE = 7
 IN_TRANSACTION_ATOMIC = 1.0
 IN_SESSION_SLOTS = 2.0
 NO_TIMEOUT = -1.0
@@ -179,6 +182,7 @@ class Child:
             return
         if threading.current_thread() is not threading.main_thread():
             return  # a lease-renewal thread's connection holds no job transaction
+        self.shared[BACKEND_PID] = connection.connection.info.backend_pid
         self._send(("conn",))
         try:
             reduction.send_handle(self.pipe, connection.connection.fileno(), self.parent_pid)

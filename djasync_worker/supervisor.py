@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import connection, connections
 
-from djasync import budget, conf, workers
+from djasync import budget, conf, limits, workers
 from djasync.connections import configure_worker_connections, listen_conninfo
 from djasync.models import Outcome
 from djasync_worker import child as shared_layout
@@ -132,6 +132,8 @@ class LostAttempt:
     worker: str
     #: Our copy of the dead child's database socket, closed once the attempt is written.
     db_socket: int | None = None
+    #: The server process of that session (``child.BACKEND_PID``; 0: unknown).
+    backend_pid: int = 0
 
 
 @dataclass
@@ -451,6 +453,7 @@ class Supervisor:
             logger.warning("job stopped: its database session had ended id=%s pid=%s; the run "
                            "rolled back and is not charged (the job runs again)", running[0],
                            child.process.pid)
+            self._slots_freed(0)  # that end gave its slots back
         if charged:
             assert running is not None
             job_id, _, _, epoch = running
@@ -467,7 +470,8 @@ class Supervisor:
             # Our copy of its socket goes with the lost attempt: the session, its transaction
             # and the job's row lock live on until the attempt is written (_record_lost).
             self.lost.append(LostAttempt(job_id, outcome, started, reason, worker,
-                                         child.db_socket))
+                                         child.db_socket,
+                                         int(child.shared[shared_layout.BACKEND_PID])))
             child.db_socket = None
             self._record_lost()
         elif code != 0 and not self.forced and not fenced:
@@ -532,11 +536,19 @@ class Supervisor:
                            "ended first, so the job could run again meanwhile",
                            lost.job_id, lost.worker)
         _close_fd(lost.db_socket)
+        self._slots_freed(lost.backend_pid)
         # Free the non-atomic jobs the dead child held (their crash is counted now).
         self._release_leases(lost.worker, lost.job_id)
         if self.metrics is not None:
             self.metrics.job_lost(lost.outcome, labels)
         self._record_lost()  # the next one
+
+    def _slots_freed(self, backend_pid: int) -> None:
+        """A dead child's session ends (our copy of its socket was just closed) or has ended:
+        the flow-control slots its job held are free once PostgreSQL has ended it. Wake the
+        workers waiting on them then (their transactions never commit: no wake-up of theirs)."""
+        if limits.enabled():
+            self.agent.submit("wake_after_session", backend_pid)
 
     def _release_leases(self, worker: str, running: int | None) -> None:
         """Free the non-atomic jobs a dead child held, so they run again without waiting for

@@ -148,9 +148,12 @@ def test_a_batch_takes_one_slot_per_job_of_a_key():
         claimed = executor.claim(4)
         assert len(claimed) == 2  # concurrency 2: re-entrant advisory locks are not reused
         with connection.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                           "AND pid = pg_backend_pid()")
-            assert cursor.fetchone()[0] == 2
+            # Slots are two-int4 advisory locks (objsubid 2); the claim that found stripe
+            # full also marked this session as waiting on it (one int8 key, objsubid 1).
+            cursor.execute("SELECT objsubid, mode, count(*) FROM pg_locks "
+                           "WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                           "GROUP BY 1, 2 ORDER BY 1")
+            assert cursor.fetchall() == [(1, "ShareLock", 1), (2, "ExclusiveLock", 2)]
 
 
 @override_settings(DJASYNC=WITH_LIMITS)
@@ -469,3 +472,45 @@ def test_a_batch_takes_the_best_jobs_with_and_without_keys_in_claim_order():
     djasync.schedule(jobs.add, [4, 4])
     with transaction.atomic():
         assert sorted(job.id for job in executor.claim(2)) == [first.pk, keyed.pk]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_job_with_concurrency_keys_is_locked_by_the_claiming_transaction_itself():
+    # Not by a subtransaction: its row's locker is the transaction's own id (a subtransaction
+    # would get an id of its own, and cost the finish a lock held by another id).
+    job = djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    with psycopg.connect(**conninfo()) as claimer:
+        assert [row[0] for row in claimer.execute(sql.claim_limited(1), _params())] == [job.pk]
+        locker, own = claimer.execute(
+            "SELECT xmax::text, (pg_current_xact_id()::text::bigint %% 4294967296)::text "
+            "FROM djasync_job WHERE id = %s", [job.pk]).fetchone()
+        assert locker == own
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_workers_commit_that_gives_a_slot_back_notifies_only_when_a_claim_waits_on_it():
+    for n in range(3):
+        djasync.schedule(jobs.add, [n, n], limits=["solo"])
+    worker = _params(channel=None)  # a worker's claim: it sends WAKE_WAITERS before COMMIT
+    with psycopg.connect(**conninfo(), autocommit=True) as listener, \
+            psycopg.connect(**conninfo()) as first, psycopg.connect(**conninfo()) as other:
+        listener.execute("LISTEN djasync")
+        # Nobody waits: the commit that gives solo's slot back sends nothing.
+        assert len(first.execute(sql.claim_limited(1), worker).fetchall()) == 1
+        assert first.execute(sql.WAKE_WAITERS).fetchone() == (False,)
+        first.commit()
+        assert list(listener.notifies(timeout=0.2)) == []
+        # Another worker's claim finds solo full and waits on it: the next commit that gives
+        # the slot back wakes it (delivered at that COMMIT).
+        assert len(first.execute(sql.claim_limited(1), worker).fetchall()) == 1
+        assert other.execute(sql.claim_limited(1), worker).fetchall() == []
+        other.commit()
+        assert first.execute(sql.WAKE_WAITERS).fetchone() == (True,)
+        assert list(listener.notifies(timeout=0.2)) == []  # not before the COMMIT
+        first.commit()
+        assert [n.payload for n in listener.notifies(timeout=5, stop_after=1)] == ["*"]
+        # Woken, the waiting worker takes the job; it waits no more, and the next commit
+        # is silent again.
+        assert len(other.execute(sql.claim_limited(1), worker).fetchall()) == 1
+        assert other.execute(sql.WAKE_WAITERS).fetchone() == (False,)
+        other.commit()

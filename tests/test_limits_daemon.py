@@ -193,6 +193,63 @@ def test_a_job_waiting_on_a_key_starts_within_milliseconds_of_the_slot_freeing(t
     assert gaps[len(gaps) // 2] < 0.1, gaps  # median; typically a few ms
 
 
+#: Both daemons below poll every 30 s: only a wake-up can start the waiting job sooner.
+POLL_INTERVAL_SECONDS = 30
+#: A generous bound for a loaded machine, far below the poll interval: from the kill, 70-130 ms
+#: here at a load average of 10 (the lost attempt is written, then PostgreSQL ends the session;
+#: from that end to the start, 4-12 ms).
+CRASH_WAKE_BOUND_SECONDS = 3.0
+
+
+def test_a_job_waiting_on_a_key_starts_soon_after_a_kill_9_frees_its_slot(tmp_path,
+                                                                         limits_env):
+    pidfile = tmp_path / "pid"
+    # The waiting job's daemon starts first, with nothing to do: its start-up claims are
+    # over before the job comes. Then it claims only when woken.
+    second = start(tmp_path, limits_env, "--queue", "default", "--concurrency", "1",
+                   "--poll-interval", str(POLL_INTERVAL_SECONDS), name="waiting")
+    # The holder runs in a daemon serving only its queue: when its child dies, the child that
+    # replaces it cannot take the waiting job. Only a NOTIFY can wake the other daemon.
+    holder = djasync.schedule(jobs.flow_run, ["solo", 60, str(pidfile)], limits=["solo"],
+                              queue="holder")
+    first = start(tmp_path, limits_env, "--queue", "holder", "--concurrency", "1",
+                  "--poll-interval", str(POLL_INTERVAL_SECONDS), name="holder")
+    try:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=60,
+                           what="the holder's start"))
+        # Nor can it claim the holder job again (whose commit would wake the other daemon).
+        djasync.pause_queue("holder")
+        waiting = djasync.schedule(jobs.flow_run, ["solo", 0.01], limits=["solo"]).pk
+        # Woken by that schedule()'s NOTIFY, the other daemon's claim found solo full and
+        # marked its session as waiting on it (a share lock on one int8 key; slots are two
+        # int4 keys).
+        with connection.cursor() as cursor:
+            def marked():
+                cursor.execute("SELECT count(*) FROM pg_locks l JOIN pg_database d "
+                               "ON d.oid = l.database AND d.datname = current_database() "
+                               "WHERE locktype = 'advisory' AND objsubid = 1 "
+                               "AND mode = 'ShareLock' AND granted")
+                return cursor.fetchone()[0] > 0
+            wait_for(marked, timeout=60, what="the waiting daemon's claim")
+            cursor.execute("SELECT clock_timestamp()")
+            (killed_at,) = cursor.fetchone()
+        assert not Job.objects.filter(pk=waiting, status=Status.SUCCEEDED).exists()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(all_done([waiting]), timeout=2 * POLL_INTERVAL_SECONDS,
+                 what="the waiting job to succeed")
+    finally:
+        assert stop(first) == 0
+        assert stop(second) == 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT started FROM {jobs.FLOW_RUNS} WHERE key = 'solo'")
+        (started,) = cursor.fetchone()
+    # From the kill: the supervisor writes the lost attempt, then lets PostgreSQL end the
+    # session (the slot is free), then its agent notifies; a waiting job starts.
+    latency = (started - killed_at).total_seconds()
+    assert 0 < latency < CRASH_WAKE_BOUND_SECONDS, latency
+    assert [a.outcome for a in holder.attempt_set.all()] == ["crashed"]
+
+
 def test_a_paused_queue_stops_every_daemon_within_a_second_and_resumes(tmp_path, limits_env):
     daemon = start(tmp_path, limits_env, "--concurrency", "2")
     try:

@@ -30,3 +30,7 @@ DATABASES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DJASYNC: dict = {}  # the defaults, as a user gets them
+if os.environ.get("BENCH_LIMITS"):  # the flow-control rows (bench/run.py's ``flow``)
+    import json
+
+    DJASYNC["LIMITS"] = json.loads(os.environ["BENCH_LIMITS"])
