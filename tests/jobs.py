@@ -62,6 +62,19 @@ def sleep(seconds, key=None):
     return seconds
 
 
+def start_then_wait_for_file(started, gate, seconds=0.4):
+    """An atomic job that creates ``started``, then waits, in its transaction, until ``gate``
+    exists or ``seconds`` pass; return whether it saw ``gate``. A test decides the moment its
+    COMMIT is sent; shorter than the worker's chain limit (``limits.PAUSED_TTL_SECONDS``), its
+    COMMIT goes in one message with the next claim."""
+    with open(started, "w"):
+        pass
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.path.exists(gate)
+
+
 def pg_sleep(seconds):
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [seconds])
