@@ -10,8 +10,9 @@ lets it. These options bound both: keepalive probes end an idle connection after
 void), and ``connect_timeout`` bounds a connection attempt.
 
 They protect the worker's side only. The job's row lock is held by the server's session, which
-ends when the *server* notices the dead peer: that is the server recipe in the README
-(``tcp_keepalives_*``, ``tcp_user_timeout``).
+ends when the *server* notices the dead peer: that is the server recipe of
+docs/howto/network-failures.md (``tcp_keepalives_*``, ``tcp_user_timeout``,
+``client_connection_check_interval``).
 
 Only the worker daemon applies them, to its own processes, unless the project's ``DATABASES``
 ``OPTIONS`` already say otherwise (the project's values win). The web application keeps its
@@ -24,14 +25,20 @@ from typing import Any
 
 from django.db import connections
 
-#: Defaults: an idle connection is given up after 5 + 2 * 3 = 11 s of silence, one with unacked
-#: data after 10 s, a connection attempt after 5 s (libpq's minimum is 2).
+#: Defaults: an idle connection is given up after 3 + 1 * 3 = 6 s of silence, one with unacked
+#: data after 6 s, a connection attempt after 5 s (libpq's minimum is 2). Shorter than the
+#: server recipe's 8 s (docs/howto/network-failures.md), for two reasons. A host cut off both
+#: ways stops its running job (the supervisor's fence) before the server frees it. And a host
+#: whose packets still reach the server (only what it receives is dropped) retransmits a
+#: message whose answer it never gets until *its* ``tcp_user_timeout``, each retransmit
+#: restarting the server's timer: its jobs are free after the host's last retransmit (3 s
+#: after the message for 6 s, 6.2 s for 10 s) plus the server's 8 s.
 DEFAULTS: dict[str, int] = {
     "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
+    "keepalives_idle": 3,
+    "keepalives_interval": 1,
     "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,  # milliseconds, as libpq counts it
+    "tcp_user_timeout": 6_000,  # milliseconds, as libpq counts it
     "connect_timeout": 5,
 }
 
