@@ -136,3 +136,41 @@ def listen_conninfo(database_params: dict[str, Any]) -> dict[str, Any]:
     for key, value in worker_options().items():
         params.setdefault(key, value)
     return params
+
+
+#: SQLSTATEs of a session that ended (or never began) on the server's side: connection
+#: exceptions (class 08), an operator's or a shutdown's end of the session (57P01-57P05), the
+#: idle-in-transaction timeout (25P03).
+_LOST_SQLSTATE_PREFIXES = ("08", "57P", "25P03")
+
+
+def lost_connection(exc: BaseException) -> str | None:
+    """If ``exc`` (or an exception it was raised from) says the database connection is gone,
+    its reason on one line, else None.
+
+    By the exception, not the connection's state afterwards: Django's ``atomic`` opens a new
+    connection on its way out of a block whose connection broke, so the state may say
+    "usable" again by the time the error is handled. A statement that failed on a working
+    connection (a constraint, ``statement_timeout``) is not a lost connection.
+    """
+    import psycopg
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, psycopg.Error):
+            sqlstate = current.sqlstate
+            if (isinstance(current, psycopg.InterfaceError)
+                    or (isinstance(current, psycopg.OperationalError) and sqlstate is None)
+                    or (sqlstate or "").startswith(_LOST_SQLSTATE_PREFIXES)):
+                return one_line(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def one_line(exc: BaseException | str) -> str:
+    """The first line of an error's text (libpq's add "This probably means the server
+    terminated abnormally…" on the next lines), for a log line of one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

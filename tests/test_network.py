@@ -492,3 +492,114 @@ def test_a_supervisor_cut_off_replaces_a_dead_child_within_seconds(host, tmp_pat
     lab.heal(cut)
     # Respawning is local: a pause of RESPAWN_DELAY_SECONDS, not a wait on the database.
     assert took < 3, log.read_text()[-3000:]
+
+
+# -- a lost connection is one line, its return another ----------------------------------------
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+                      r"(\S+)\[\d+\] (.*)$")
+#: What each process logs, once, when it finds its connection gone, and when it is back.
+LOST_AND_BACK = {
+    "djasync_worker.child": ("database connection lost, reconnecting error=",
+                             r"database connection back after \d+\.\d s"),
+    "djasync_worker.agent": ("database connection lost, reconnecting task=",
+                             r"database connection back after \d+\.\d s task="),
+    "djasync_worker.listener": ("LISTEN connection lost, reconnecting",
+                                r"LISTEN connection back after \d+\.\d s"),
+}
+
+
+def check_lost_and_back(text: str) -> dict[str, tuple[str, str]]:
+    """Each process's one line for the loss and one for the return, at INFO and above, and
+    nothing else there: no traceback, no line of more than one line, no error."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    parsed = [LOG_LINE.match(line) for line in lines]
+    assert all(parsed), "a log line that is not one line:\n" + "\n".join(
+        line for line, match in zip(lines, parsed, strict=True) if not match)
+    assert "Traceback" not in text
+    found = {}
+    for name, (lost, back) in LOST_AND_BACK.items():
+        mine = [m for m in parsed if m and m[2] == name and m[1] != "DEBUG"]
+        lost_lines = [m[0] for m in mine if m[3].startswith(lost)]
+        back_lines = [m[0] for m in mine if re.match(back, m[3])]
+        assert len(lost_lines) == 1 and lost_lines[0].split()[2] == "WARNING", (name, text)
+        assert len(back_lines) == 1 and back_lines[0].split()[2] == "INFO", (name, text)
+        found[name] = (lost_lines[0], back_lines[0])
+    assert not [m[0] for m in parsed if m and m[1] in ("ERROR", "CRITICAL")], text
+    return found
+
+
+def new_text(log: Path, offset: int) -> str:
+    return log.read_text()[offset:]
+
+
+@pytest.mark.daemon
+def test_terminated_sessions_log_one_line_each_and_one_when_back(tmp_path, transactional_db):
+    """pg_terminate_backend of every session of the worker (children, agent, listener): each
+    process says once that its connection is lost, in one line, and once that it is back,
+    with the time it took; the claim that met the dead session logs no traceback."""
+    import djasync
+    from tests import jobs
+    from tests.daemon import start_worker as start_local_worker
+    from tests.daemon import stop
+
+    log = tmp_path / "worker.log"
+    worker = start_local_worker("--concurrency", "1", "--poll-interval", "0.5", log=log)
+    try:
+        netlab.wait_for(lambda: "listening channel" in log.read_text(), 30, "the listener")
+        warm = djasync.schedule(jobs.add, args=[1, 2])
+        netlab.wait_for(lambda: djasync.models.Job.objects.get(pk=warm.pk).status == "succeeded",
+                        30, "a first job")
+        offset = len(log.read_text())
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                           "AND backend_type = 'client backend'")
+            assert cursor.fetchone()[0] >= 3  # a child, the agent, the listener
+        job = djasync.schedule(jobs.add, args=[3, 4])  # the child's claim meets its dead session
+        netlab.wait_for(lambda: djasync.models.Job.objects.get(pk=job.pk).status == "succeeded",
+                        30, "a job after the terminations")
+        netlab.wait_for(lambda: all(re.search(back, new_text(log, offset))
+                                    for _, back in LOST_AND_BACK.values()),
+                        20, "every process back", interval=0.1)
+        check_lost_and_back(new_text(log, offset))
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.network
+def test_a_host_cut_off_while_claiming_logs_one_line_each_and_is_back_within_5_s(host,
+                                                                                  tmp_path):
+    """A cut of a few seconds more than the detections: the idle child's claims (every
+    --poll-interval), the agent's heartbeat and the listener's probe all meet it. Each says
+    once, in one line, that its connection is lost, and once that it is back: the child and
+    the listener within 5 s of the heal."""
+    lab = host
+    log = tmp_path / "worker.log"
+    start_worker(lab, log, "--concurrency", "1", "--poll-interval", "1")
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.add", 1, 2)
+        netlab.wait_for(lambda: conn.execute("SELECT status FROM djasync_job WHERE id = %s",
+                                             [job]).fetchone()[0] == "succeeded", 30, "a job")
+        offset = len(log.read_text())
+        cut = lab.cut("h1")
+        lost = [text for text, _ in LOST_AND_BACK.values()]
+        netlab.wait_for(lambda: all(text in new_text(log, offset) for text in lost), 30,
+                        "every process to find its connection lost", interval=0.1)
+        lab.heal(cut)
+        healed = time.monotonic()
+        back_after = {}
+        while len(back_after) < len(LOST_AND_BACK) and time.monotonic() - healed < 20:
+            text = new_text(log, offset)
+            for name, (_, back) in LOST_AND_BACK.items():
+                if name not in back_after and re.search(back, text):
+                    back_after[name] = time.monotonic() - healed
+            time.sleep(0.05)
+        print("back after the heal: " + ", ".join(f"{name.rsplit('.')[-1]} {took:.1f} s"
+                                                  for name, took in back_after.items()))
+        check_lost_and_back(new_text(log, offset))
+        assert back_after["djasync_worker.child"] < 5, new_text(log, offset)
+        assert back_after["djasync_worker.listener"] < 5, new_text(log, offset)
+        # The agent's next request: its heartbeat, every HEARTBEAT_SECONDS (5 s).
+        assert back_after["djasync_worker.agent"] < 10, new_text(log, offset)
