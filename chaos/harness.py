@@ -264,6 +264,13 @@ class Daemons:
         """The chaos daemons that are running (not the SIGTERM test's)."""
         return [d for d in self.slots.values() if d.respawn and d.process.poll() is None]
 
+    def all_up(self) -> bool:
+        """Every chaos daemon runs, with all its children and its database agent (a child
+        process too: djasync_worker/agent.py)."""
+        alive = self.alive()
+        return len(alive) == self.count and all(
+            len(children_of(d.process.pid)) >= self.concurrency + 1 for d in alive)
+
     def all_children(self) -> list[int]:
         return [c for d in self.alive() for c in children_of(d.process.pid)]
 
@@ -833,7 +840,7 @@ class ChaosRun:
         self.housekeeper = Housekeeper(self.config, self.expected, self.clock)
         self.housekeeper.start()
         daemons = self.daemons
-        self.wait_for(lambda: len(daemons.all_children()) == daemons.count * daemons.concurrency
+        self.wait_for(lambda: daemons.all_up()
                       and self.query("SELECT EXISTS (SELECT 1 FROM djasync_job "
                                      "WHERE status = 'succeeded')")[0][0],
                       timeout=120, what="every child up and a first job done", interval=0.05)
