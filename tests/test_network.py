@@ -313,9 +313,14 @@ def test_a_host_cut_off_one_way_mid_job_has_its_job_claimable_within_15_s(host, 
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("direction", ["both", "in", "out"])
+@pytest.mark.parametrize(("direction", "timeout"), [
+    ("both", None), ("in", None), ("out", None),
+    # The job's deadline passes while its child waits for the lost answer: the watchdog
+    # kills the child (chaos seed 811).
+    ("out", 1),
+], ids=["both", "in", "out", "out-then-killed"])
 def test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(host, tmp_path,
-                                                                      direction):
+                                                                      direction, timeout):
     """A short job's COMMIT, and the claim of the next job in the same message, go into the
     cut. Cut "out" (only what the host receives is dropped), the server commits, claims the
     next job and answers into the void; the host retransmits its message until it gives up
@@ -324,7 +329,16 @@ def test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(host, tmp_
     lab = host
     log = tmp_path / "worker.log"
     started, gate = tmp_path / "started", tmp_path / "gate"
-    start_worker(lab, log, "--concurrency", "1")
+    # A job's COMMIT goes with the next claim if the claim was read less than
+    # PAUSED_TTL_SECONDS before: longer here, so that the job may wait for the test at ease.
+    (tmp_path / "chain_settings.py").write_text(
+        "from tests.settings import *  # noqa\n"
+        "import djasync.limits\n"
+        "djasync.limits.PAUSED_TTL_SECONDS = 60\n"
+        + (f"DJASYNC = {{**DJASYNC, 'TIMEOUT': {timeout}}}\n" if timeout else ""))
+    lab.spawn("h1", [sys.executable, "-m", "djasync_worker", "--settings", "chain_settings",
+                     "--log-level", "debug", "--concurrency", "1"], log,
+              env={"PYTHONPATH": f"{tmp_path}:{netlab.ROOT}"})
     with lab.connect() as conn:
         netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
         # A first job has the child prepare its statements: a Parse sent into the cut would
@@ -335,7 +349,7 @@ def test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(host, tmp_
         out = lab.django(code=(  # both at once, the first claimed first
             "import djasync\nfrom django.db import transaction\nwith transaction.atomic():\n"
             f"    print(djasync.schedule('tests.jobs.start_then_wait_for_file', "
-            f"args=[{str(started)!r}, {str(gate)!r}]).pk)\n"
+            f"args=[{str(started)!r}, {str(gate)!r}, 30]).pk)\n"
             "    print(djasync.schedule('tests.jobs.sleep', args=[600]).pk)"))
         first, second = map(int, out.split()[-2:])
         netlab.wait_for(started.exists, 30, "the first job to start", interval=0.002)
@@ -354,6 +368,32 @@ def test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(host, tmp_
         # cut).
         assert (status, result) == (("succeeded", True) if direction == "out"
                                     else ("pending", None))
+
+
+@pytest.mark.network
+def test_a_host_cut_off_one_way_while_its_job_waits_on_the_network_frees_it_within_15_s(
+        host, tmp_path):
+    """Cut "out", a job blocked on something else (here a second connection, 5 s of
+    connect_timeout; an HTTP call alike) talks to the database once it gives up: its
+    failure, sent on the job's connection, reaches the server and restarts the server's
+    timer (chaos seed 811: 16.6 s with the earlier defaults). Unless the host's own
+    keepalives have ended that idle connection first (with a reset, which reaches the
+    server): they must be shorter than such a wait plus the server's detection allows."""
+    lab = host
+    log = tmp_path / "worker.log"
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    start_worker(lab, log, "--concurrency", "1")
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.wait_then_connect_elsewhere", str(started), str(gate),
+                       5)
+        netlab.wait_for(started.exists, 30, "the job to start", interval=0.01)
+        lab.cut("h1", direction="out")
+        cut_at = time.monotonic()
+        gate.touch()
+        freed = free_for(conn, [job], cut_at, 30)
+        print(f"out cut, the job waiting 5 s on the network: claimable {freed:.1f} s after")
+        assert freed < CUT_OFF_JOBS_FREE_SECONDS, log.read_text()[-3000:]
 
 
 @pytest.mark.network
