@@ -3,9 +3,9 @@
 The harness enters a database host namespace (tools/netns.py) before it starts PostgreSQL, so
 the server listens on a bridge there (and on that namespace's 127.0.0.1, for the harness); each
 chaos daemon runs in a worker host of its own (``ip netns exec``) and reaches the server across
-the bridge with the worker's default connection options (keepalives 3/1/3,
-``tcp_user_timeout`` 6 s). The server runs the docs' recipe (keepalives 4/1/4,
-``tcp_user_timeout`` 8 s, ``client_connection_check_interval`` 1 s). A cut is an nftables
+the bridge with the worker's default connection options (keepalives 2/1/2,
+``tcp_user_timeout`` 4 s). The server runs the docs' recipe (keepalives 3/1/3,
+``tcp_user_timeout`` 6 s, ``client_connection_check_interval`` 1 s). A cut is an nftables
 table in the database host that drops a host's packets silently, for 5-30 s:
 
 - ``cut_host``: both ways;
@@ -48,23 +48,24 @@ import netns
 import psycopg
 
 #: The server recipe (docs/howto/network-failures.md; tests/netlab.SERVER_RECIPE): a peer
-#: is dropped 8 s after the last packet heard from it, or after data sent to it went
-#: unacknowledged (8.5 s measured); a running statement looks at its socket every second.
+#: is dropped 6 s after the last packet heard from it, or after data sent to it went
+#: unacknowledged; a running statement looks at its socket every second.
 SERVER_RECIPE = {
-    "tcp_keepalives_idle": "4",
+    "tcp_keepalives_idle": "3",
     "tcp_keepalives_interval": "1",
-    "tcp_keepalives_count": "4",
-    "tcp_user_timeout": "8000",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "6000",
     "client_connection_check_interval": "1000",
 }
 #: The server's detection of a silent host (its tcp_user_timeout, and a probe's tick).
-DETECTION_SECONDS = 9.0
+DETECTION_SECONDS = 7.0
 SAMPLE_SECONDS = 0.25
 #: N1 (issue 14's target), for every kind of cut: the server's detection counts from the last
 #: packet it heard from the host, and when only what the host receives is dropped, a message
-#: whose answer is lost (a COMMIT and the next claim) is retransmitted for up to 3 s (the
-#: worker's tcp_user_timeout, 6 s, gives up before the next retransmit at 6.2 s): 3 + 9 s,
-#: plus slack for a loaded machine and the sampling (11.7 s measured in tests/test_network).
+#: whose answer is lost is retransmitted for up to 3 s (the worker's tcp_user_timeout, 4 s,
+#: gives up before the next retransmit at 6.2 s); the worst, a job that talks to the database
+#: just before the host ends its idle connection (4 s): 4 + 3 + 6.5 s, 12.9 s measured in
+#: tests/test_network; plus slack for a loaded machine and the sampling.
 LOCK_BOUND_SECONDS = 15.0
 #: N2: seconds from a heal to the host's LISTEN answering and its children claiming again.
 RECONNECT_BOUND_SECONDS = 10.0

@@ -25,20 +25,22 @@ from typing import Any
 
 from django.db import connections
 
-#: Defaults: an idle connection is given up after 3 + 1 * 3 = 6 s of silence, one with unacked
-#: data after 6 s, a connection attempt after 5 s (libpq's minimum is 2). Shorter than the
-#: server recipe's 8 s (docs/howto/network-failures.md), for two reasons. A host cut off both
-#: ways stops its running job (the supervisor's fence) before the server frees it. And a host
-#: whose packets still reach the server (only what it receives is dropped) retransmits a
-#: message whose answer it never gets until *its* ``tcp_user_timeout``, each retransmit
-#: restarting the server's timer: its jobs are free after the host's last retransmit (3 s
-#: after the message for 6 s, 6.2 s for 10 s) plus the server's 8 s.
+#: Defaults: an idle connection is given up after 4 s of silence (a probe after 2 s, then every
+#: second; on Linux ``tcp_user_timeout`` decides when), one with unacked data after 4 s, a
+#: connection attempt after 5 s (libpq's minimum is 2). Shorter than the server recipe's 6 s
+#: (docs/howto/network-failures.md), for two reasons. A host cut off both ways stops its
+#: running job (the supervisor's fence) before the server frees it. And when only what the
+#: host receives is dropped, the server hears the host until the host gives up: a message
+#: whose answer is lost is retransmitted for up to 3 s (TCP doubles its wait from 0.2 s), and
+#: each retransmit restarts the server's timer; a job blocked elsewhere (an HTTP call) that
+#: talks to the database just before the host ends its idle connection (4 s) holds its job
+#: for 4 + 3 + 6.5 s at most.
 DEFAULTS: dict[str, int] = {
     "keepalives": 1,
-    "keepalives_idle": 3,
+    "keepalives_idle": 2,
     "keepalives_interval": 1,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 6_000,  # milliseconds, as libpq counts it
+    "keepalives_count": 2,
+    "tcp_user_timeout": 4_000,  # milliseconds, as libpq counts it
     "connect_timeout": 5,
 }
 

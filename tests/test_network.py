@@ -371,9 +371,10 @@ def test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(host, tmp_
 
 
 @pytest.mark.network
+@pytest.mark.parametrize("wait", [3, 5])  # just before the host's idle detection (4 s), after
 def test_a_host_cut_off_one_way_while_its_job_waits_on_the_network_frees_it_within_15_s(
-        host, tmp_path):
-    """Cut "out", a job blocked on something else (here a second connection, 5 s of
+        host, tmp_path, wait):
+    """Cut "out", a job blocked on something else (here a second connection, its
     connect_timeout; an HTTP call alike) talks to the database once it gives up: its
     failure, sent on the job's connection, reaches the server and restarts the server's
     timer (chaos seed 811: 16.6 s with the earlier defaults). Unless the host's own
@@ -386,13 +387,13 @@ def test_a_host_cut_off_one_way_while_its_job_waits_on_the_network_frees_it_with
     with lab.connect() as conn:
         netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
         job = schedule(lab, "tests.jobs.wait_then_connect_elsewhere", str(started), str(gate),
-                       5)
+                       wait)
         netlab.wait_for(started.exists, 30, "the job to start", interval=0.01)
         lab.cut("h1", direction="out")
         cut_at = time.monotonic()
         gate.touch()
         freed = free_for(conn, [job], cut_at, 30)
-        print(f"out cut, the job waiting 5 s on the network: claimable {freed:.1f} s after")
+        print(f"out cut, the job waiting {wait} s on the network: claimable {freed:.1f} s after")
         assert freed < CUT_OFF_JOBS_FREE_SECONDS, log.read_text()[-3000:]
 
 
@@ -470,8 +471,8 @@ def test_the_watchdog_kills_a_job_past_its_deadline_during_a_cut_and_not_after_t
 @pytest.mark.network
 def test_a_cut_off_host_stops_its_job_before_the_server_frees_it(host, tmp_path):
     """The fence in a partition: no FIN arrives, so the host learns that its session is gone
-    from its own keepalives. The worker's defaults are shorter than the server recipe's (6 s
-    against 8 s): the host kills the job's child before the job can run elsewhere."""
+    from its own keepalives. The worker's defaults are shorter than the server recipe's (4 s
+    against 6 s): the host kills the job's child before the job can run elsewhere."""
     lab = host
     log = tmp_path / "worker.log"
     start_worker(lab, log, "--concurrency", "1")
