@@ -211,9 +211,10 @@ class Tasks:
         self.scheduler = periodic.Scheduler(periodic_entries) if periodic_entries else None
         self.periodic_started = False
 
-    def heartbeat(self, name: str, running: list[int], jobs_done: int) -> None:
+    def heartbeat(self, name: str, running: list[int], jobs_done: int,
+                  again: dict[str, Any] | None = None) -> None:
         with bounded():
-            workers.heartbeat(name, running=running, jobs_done=jobs_done)
+            workers.heartbeat(name, running=running, jobs_done=jobs_done, again=again)
 
     def record_lost(self, job_id: int, outcome: str, started: datetime.datetime, worker: str,
                     reason: str, late: bool) -> tuple[int | None, tuple[str, str] | None]:
