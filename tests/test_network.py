@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -644,3 +645,27 @@ def test_a_host_cut_off_while_claiming_logs_one_line_each_and_is_back_within_5_s
         assert back_after["djasync_worker.listener"] < 5, new_text(log, offset)
         # The agent's next request: its heartbeat, every HEARTBEAT_SECONDS (5 s).
         assert back_after["djasync_worker.agent"] < 10, new_text(log, offset)
+
+
+@pytest.mark.network
+def test_a_daemon_started_while_its_host_is_cut_off_gives_up_within_seconds(host, tmp_path):
+    """Its start-up check of the database must use the worker's connection options too:
+    without ``connect_timeout`` it waits on TCP's SYN back-off (1, 2, 4, 8, 16 s...), for two
+    minutes, and after the network returns it connects only at the next SYN, seconds later
+    (chaos seeds 814 and 815: a daemon restarted during a cut came back 10-13 s after the
+    heal). With it, the check fails after 5 s, and the daemon exits for its supervisor
+    (systemd, the chaos harness) to start it again."""
+    lab = host
+    log = tmp_path / "worker.log"
+    cut = lab.cut("h1")
+    started = time.monotonic()
+    worker = start_worker(lab, log, "--concurrency", "1")
+    try:
+        code = worker.wait(25)
+    except subprocess.TimeoutExpired:
+        code = None
+    took = time.monotonic() - started
+    lab.heal(cut)
+    print(f"a daemon started while cut off exited {code} after {took:.1f} s")
+    assert code == 1 and took < 5 + 10, log.read_text()[-2000:]
+    assert "cannot connect to PostgreSQL" in log.read_text()
