@@ -840,7 +840,7 @@ class ChaosRun:
         self.expected.timeout_seconds = settings.CHAOS_TIMEOUT
         network.JOB_SECONDS = settings.CHAOS_TIMEOUT + 1
         network.TRANSACTION_BOUND_SECONDS = (network.JOB_SECONDS
-                                             + network.ONE_WAY_LOCK_BOUND_SECONDS)
+                                             + network.LOCK_BOUND_SECONDS)
 
     def prequeue(self) -> None:
         from django.conf import settings

@@ -10,8 +10,9 @@ lets it. These options bound both: keepalive probes end an idle connection after
 void), and ``connect_timeout`` bounds a connection attempt.
 
 They protect the worker's side only. The job's row lock is held by the server's session, which
-ends when the *server* notices the dead peer: that is the server recipe in the README
-(``tcp_keepalives_*``, ``tcp_user_timeout``).
+ends when the *server* notices the dead peer: that is the server recipe of
+docs/howto/network-failures.md (``tcp_keepalives_*``, ``tcp_user_timeout``,
+``client_connection_check_interval``).
 
 Only the worker daemon applies them, to its own processes, unless the project's ``DATABASES``
 ``OPTIONS`` already say otherwise (the project's values win). The web application keeps its
@@ -24,14 +25,22 @@ from typing import Any
 
 from django.db import connections
 
-#: Defaults: an idle connection is given up after 5 + 2 * 3 = 11 s of silence, one with unacked
-#: data after 10 s, a connection attempt after 5 s (libpq's minimum is 2).
+#: Defaults: an idle connection is given up after 4 s of silence (a probe after 2 s, then every
+#: second; on Linux ``tcp_user_timeout`` decides when), one with unacked data after 4 s, a
+#: connection attempt after 5 s (libpq's minimum is 2). Shorter than the server recipe's 6 s
+#: (docs/howto/network-failures.md), for two reasons. A host cut off both ways stops its
+#: running job (the supervisor's fence) before the server frees it. And when only what the
+#: host receives is dropped, the server hears the host until the host gives up: a message
+#: whose answer is lost is retransmitted for up to 3 s (TCP doubles its wait from 0.2 s), and
+#: each retransmit restarts the server's timer; a job blocked elsewhere (an HTTP call) that
+#: talks to the database just before the host ends its idle connection (4 s) holds its job
+#: for 4 + 3 + 6.5 s at most.
 DEFAULTS: dict[str, int] = {
     "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,  # milliseconds, as libpq counts it
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 4_000,  # milliseconds, as libpq counts it
     "connect_timeout": 5,
 }
 
@@ -129,3 +138,41 @@ def listen_conninfo(database_params: dict[str, Any]) -> dict[str, Any]:
     for key, value in worker_options().items():
         params.setdefault(key, value)
     return params
+
+
+#: SQLSTATEs of a session that ended (or never began) on the server's side: connection
+#: exceptions (class 08), an operator's or a shutdown's end of the session (57P01-57P05), the
+#: idle-in-transaction timeout (25P03).
+_LOST_SQLSTATE_PREFIXES = ("08", "57P", "25P03")
+
+
+def lost_connection(exc: BaseException) -> str | None:
+    """If ``exc`` (or an exception it was raised from) says the database connection is gone,
+    its reason on one line, else None.
+
+    By the exception, not the connection's state afterwards: Django's ``atomic`` opens a new
+    connection on its way out of a block whose connection broke, so the state may say
+    "usable" again by the time the error is handled. A statement that failed on a working
+    connection (a constraint, ``statement_timeout``) is not a lost connection.
+    """
+    import psycopg
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, psycopg.Error):
+            sqlstate = current.sqlstate
+            if (isinstance(current, psycopg.InterfaceError)
+                    or (isinstance(current, psycopg.OperationalError) and sqlstate is None)
+                    or (sqlstate or "").startswith(_LOST_SQLSTATE_PREFIXES)):
+                return one_line(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def one_line(exc: BaseException | str) -> str:
+    """The first line of an error's text (libpq's add "This probably means the server
+    terminated abnormally…" on the next lines), for a log line of one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from djasync import attempts, conf, limits, sql
 from djasync.attempts import Finished, Run
+from djasync.connections import one_line
 from djasync.models import Outcome, Status
 
 logger = logging.getLogger("djasync.executor")
@@ -138,7 +139,8 @@ class _Renewer(threading.Thread):
                                                          "job_id": self.job_id})
                         renewed = cursor.rowcount == 1
                 except Exception as exc:  # the database may be back by the next renewal
-                    logger.warning("lease renewal failed id=%s error=%s", self.job_id, exc)
+                    logger.warning("lease renewal failed id=%s error=%s", self.job_id,
+                                   one_line(exc))
                     connection.close()
                     continue
                 if not renewed:
@@ -196,18 +198,30 @@ def _write_outcome(run: Run, owner: str, failure: BaseException | None, result: 
     did commit released the lease, and the fence then writes nothing twice.
     """
     deadline = time.monotonic() + conf.get().LEASE_SECONDS
+    failed_at: float | None = None
     while True:
         try:
-            return _write_outcome_once(run, owner, failure, result, encoded)
+            finished = _write_outcome_once(run, owner, failure, result, encoded)
         except (OperationalError, InterfaceError) as exc:
             if connection.in_atomic_block:  # a caller's transaction: not ours to retry
                 raise
             connection.close()
             if time.monotonic() + OUTCOME_RETRY_SECONDS > deadline:
                 raise
-            logger.warning("cannot write a long job's outcome yet id=%s error=%s; retrying",
-                           run.job_id, exc)
+            # One line per outage, then one when it is written.
+            if failed_at is None:
+                failed_at = time.monotonic()
+                logger.warning("cannot write a long job's outcome yet id=%s error=%s; "
+                               "retrying", run.job_id, one_line(exc))
+            else:
+                logger.debug("cannot write a long job's outcome yet id=%s error=%s",
+                             run.job_id, one_line(exc))
             time.sleep(OUTCOME_RETRY_SECONDS)
+            continue
+        if failed_at is not None:
+            logger.info("long job's outcome written after %.1f s of retries id=%s",
+                        time.monotonic() - failed_at, run.job_id)
+        return finished
 
 
 def _write_outcome_once(run: Run, owner: str, failure: BaseException | None, result: Any,

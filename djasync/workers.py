@@ -67,11 +67,21 @@ def prune_stopped(older_than: datetime.timedelta) -> int:
     return deleted
 
 
-def heartbeat(name: str, *, running: list[int], jobs_done: int) -> None:
-    """Refresh this daemon's row and mark daemons that stopped beating as stopped."""
+def heartbeat(name: str, *, running: list[int], jobs_done: int,
+              again: dict[str, Any] | None = None) -> None:
+    """Refresh this daemon's row and mark daemons that stopped beating as stopped.
+
+    ``again``: the daemon's row as :func:`register` wrote it (hostname, pid, concurrency,
+    queues, started_at), to write it again if it is gone (deleted by hand, or by a prune that
+    took the daemon for dead): a running daemon keeps its row."""
     now = timezone.now()
-    Worker.objects.filter(name=name).update(last_seen=now, running=running, jobs_done=jobs_done,
-                                            stopped_at=None)
+    updated = Worker.objects.filter(name=name).update(
+        last_seen=now, running=running, jobs_done=jobs_done, stopped_at=None)
+    if not updated and again is not None:
+        Worker.objects.create(name=name, last_seen=now, running=running, jobs_done=jobs_done,
+                              **again)
+        logger.warning("this worker's row was gone (deleted by hand or by a prune); "
+                       "registered again name=%s", name)
     Worker.objects.filter(stopped_at__isnull=True, last_seen__lt=now - STALE_AFTER).exclude(
         name__startswith=IN_PROCESS_PREFIX  # alive while their session is: see below
     ).update(stopped_at=now, running=[])

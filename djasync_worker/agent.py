@@ -34,6 +34,7 @@ from django.utils import timezone
 
 from djasync import attempts, leases, limits, periodic, sql, workers
 from djasync.conf import NOTIFY_CHANNEL
+from djasync.connections import lost_connection, one_line
 from djasync.models import Job, Outcome
 from djasync.registry import display_name
 
@@ -162,6 +163,7 @@ def agent_main(pipe: Connection, parent_pid: int, inherited_fds: list[int],
     if os.getppid() != parent_pid:
         raise SystemExit(1)
     tasks = Tasks(periodic_entries)
+    lost_at: float | None = None  # when our connection was found lost (monotonic)
     while True:
         try:
             request_id, kind, args = pipe.recv()
@@ -169,8 +171,22 @@ def agent_main(pipe: Connection, parent_pid: int, inherited_fds: list[int],
             break
         try:
             answer = (request_id, True, getattr(tasks, kind)(*args))
+            if lost_at is not None:
+                logger.info("database connection back after %.1f s task=%s",
+                            time.monotonic() - lost_at, kind)
+                lost_at = None
         except Exception as exc:
-            logger.warning("database work failed task=%s error=%s", kind, exc)
+            # A lost connection is one line per outage (each request fails meanwhile: a
+            # heartbeat, a lost attempt tried again every few tenths of a second).
+            reason = lost_connection(exc)
+            if reason is None:
+                logger.warning("database work failed task=%s error=%s", kind, one_line(exc))
+            elif lost_at is None:
+                lost_at = time.monotonic()
+                logger.warning("database connection lost, reconnecting task=%s error=%s", kind,
+                               reason)
+            else:
+                logger.debug("database connection still lost task=%s error=%s", kind, reason)
             with contextlib.suppress(Exception):
                 connection.close()  # a fresh connection for the next request
             answer = (request_id, False, str(exc))
@@ -200,9 +216,10 @@ class Tasks:
         self.scheduler = periodic.Scheduler(periodic_entries) if periodic_entries else None
         self.periodic_started = False
 
-    def heartbeat(self, name: str, running: list[int], jobs_done: int) -> None:
+    def heartbeat(self, name: str, running: list[int], jobs_done: int,
+                  again: dict[str, Any] | None = None) -> None:
         with bounded():
-            workers.heartbeat(name, running=running, jobs_done=jobs_done)
+            workers.heartbeat(name, running=running, jobs_done=jobs_done, again=again)
 
     def record_lost(self, job_id: int, outcome: str, started: datetime.datetime, worker: str,
                     reason: str, late: bool) -> tuple[int | None, tuple[str, str] | None]:

@@ -24,6 +24,7 @@ from django.db import DatabaseError, connection
 from django.db.backends.signals import connection_created
 
 from djasync import conf, executor, leases, limits
+from djasync.connections import lost_connection, one_line
 from djasync.executor import ClaimedJob, Finished
 
 if TYPE_CHECKING:
@@ -93,6 +94,8 @@ class Child:
         self.recycle = False  # ran --max-jobs-per-child jobs: exit, to be replaced
         self.idle = True
         self.metrics = options.metrics
+        #: When the database connection was found lost (monotonic), until a claim goes through.
+        self.lost_at: float | None = None
         self._signals, signal_writer = socket.socketpair()
         signal_writer.setblocking(False)
         self._signal_writer = signal_writer
@@ -144,6 +147,7 @@ class Child:
             # the job still published, so that the supervisor charges the job with the crash.
             self.shared[JOB_ID] = 0
             delay = RECONNECT_DELAY_SECONDS
+            self._connection_back()
             if not self.stopping and not self.recycle:  # nothing is due
                 self._send(("idle",))
                 self.idle, claim = True, False
@@ -154,6 +158,7 @@ class Child:
         """After each committed batch (the next one may be claimed already): count it, and
         say whether to go on. Uses no database (see ``executor.run_batches``)."""
         self.shared[JOB_ID] = 0
+        self._connection_back()
         if self.metrics is not None:
             self.metrics.jobs_finished(batch)
         self.jobs_done += len(batch)
@@ -165,6 +170,13 @@ class Child:
             logger.info("child recycling jobs_done=%s", self.jobs_done)
             self.recycle = True
         return not (self.stopping or self.recycle)
+
+    def _connection_back(self) -> None:
+        """A claim or a batch went through: if the connection had been lost, say so, once."""
+        if self.lost_at is not None:
+            logger.info("database connection back after %.1f s",
+                        time.monotonic() - self.lost_at)
+            self.lost_at = None
 
     def _leaving_the_session(self) -> None:
         self.shared[IN_TRANSACTION] = 0.0
@@ -263,17 +275,27 @@ class Child:
         self.stopping = True
 
     def _after_error(self, exc: Exception) -> None:
-        """Decide by the connection's state, not the exception's class, whether it is gone.
+        """Log a lost connection as one line, once per outage (the reconnection is logged
+        with its time by :meth:`_connection_back`); any other error with its traceback.
 
-        psycopg reports some server-side ends of a session (idle-in-transaction timeout) as
-        InternalError, so the class says little; a closed or broken connection says it all.
+        Decided by the exception first (``connections.lost_connection``): by the time it
+        reaches us, Django's ``atomic`` may have replaced a broken connection with a new one.
+        Else by the connection's state: psycopg reports some server-side ends of a session as
+        other classes, and a closed or broken connection says it all.
         """
-        raw = connection.connection
-        gone = raw is None or raw.closed or getattr(raw, "broken", False)
-        if gone or not connection.is_usable():
-            logger.warning("database connection lost, reconnecting error=%s", exc)
-        else:
+        reason = lost_connection(exc)
+        if reason is None:
+            raw = connection.connection
+            gone = raw is None or raw.closed or getattr(raw, "broken", False)
+            if gone or not connection.is_usable():
+                reason = one_line(exc)
+        if reason is None:
             logger.exception("claiming or recording a job failed; retrying")
+        elif self.lost_at is None:
+            self.lost_at = time.monotonic()
+            logger.warning("database connection lost, reconnecting error=%s", reason)
+        else:
+            logger.debug("database connection still lost error=%s", reason)
         try:
             connection.close()
         except Exception:  # closing a dead connection may itself fail; it is gone either way

@@ -127,6 +127,12 @@ def cli(concurrency: int, queues: tuple[str, ...], burst: bool, max_jobs_per_chi
     origin = _settings_origin(settings)
     _setup_django(settings, pythonpath)
     logs.configure(log_level, log_format)  # again: Django's LOGGING setting may have changed them
+    # The start-up check connects with the worker's options too (connect_timeout, keepalives):
+    # started while cut off from the database, it gives up in seconds instead of waiting on
+    # TCP's SYN back-off for minutes (and connecting seconds after the network returns).
+    from djasync.connections import configure_worker_connections
+
+    configure_worker_connections()
     _check_database(origin)
 
     from djasync_worker.supervisor import Options, Supervisor

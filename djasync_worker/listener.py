@@ -35,6 +35,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
 from djasync.conf import NOTIFY_CHANNEL
+from djasync.connections import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ class Listener:
 
     def _fail(self, reason: str) -> None:
         """Drop the connection and schedule the next attempt; log once per outage."""
+        reason = one_line(reason)
         now = time.monotonic()
         if self._lost_at is None:
             self._lost_at = now

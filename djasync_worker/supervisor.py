@@ -174,14 +174,20 @@ class Supervisor:
         #: Ask for the next run_after again when the answer in flight comes (it may be stale).
         self.timer_again = False
         self.queue_depth_rows: list[tuple[str, int, int, float]] | None = None
+        self.registration: dict[str, Any] | None = None
         self.queue_depth_at = 0.0
 
     # -- life cycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         self._install_signals()
-        workers.register(self.name, hostname=socket.gethostname(), pid=os.getpid(),
-                         concurrency=self.options.concurrency, queues=list(self.options.queues))
+        row = workers.register(self.name, hostname=socket.gethostname(), pid=os.getpid(),
+                               concurrency=self.options.concurrency,
+                               queues=list(self.options.queues))
+        #: What the heartbeat writes again if our row is gone (deleted while we run).
+        self.registration = {"hostname": row.hostname, "pid": row.pid,
+                             "concurrency": row.concurrency, "queues": row.queues,
+                             "started_at": row.started_at}
         logger.info("worker starting name=%s concurrency=%s queues=%s burst=%s", self.name,
                     self.options.concurrency, ",".join(self.options.queues) or "*",
                     self.options.burst)
@@ -647,7 +653,8 @@ class Supervisor:
     def _heartbeat(self) -> None:
         # One at a time: a heartbeat stuck on a lock or in a partition is not queued behind.
         if not self.agent.busy("heartbeat"):
-            self.agent.submit("heartbeat", self.name, self._running(), self.jobs_done)
+            self.agent.submit("heartbeat", self.name, self._running(), self.jobs_done,
+                              self.registration)
         if self.ready_sent:
             self.notifier.status(self._status())
 

@@ -62,6 +62,36 @@ def sleep(seconds, key=None):
     return seconds
 
 
+def start_then_wait_for_file(started, gate, seconds=0.4):
+    """An atomic job that creates ``started``, then waits, in its transaction, until ``gate``
+    exists or ``seconds`` pass; return whether it saw ``gate``. A test decides the moment its
+    COMMIT is sent; within the worker's chain limit (``limits.PAUSED_TTL_SECONDS``), its
+    COMMIT goes in one message with the next claim."""
+    with open(started, "w"):
+        pass
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.path.exists(gate)
+
+
+def wait_then_connect_elsewhere(started, gate, connect_timeout):
+    """An atomic job that creates ``started``, waits until ``gate`` exists, then opens a
+    second connection to the database with ``connect_timeout``: cut off, it waits that long
+    (a job blocked on the network, like an HTTP call), then fails, and its failure goes to
+    the database on the job's own connection."""
+    import psycopg
+
+    with open(started, "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with psycopg.connect(os.environ["DATABASE_URL"], connect_timeout=connect_timeout) as conn:
+        conn.execute("SELECT 1")
+    return True
+
+
 def pg_sleep(seconds):
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [seconds])

@@ -31,13 +31,16 @@ import netns  # noqa: E402  (tools/netns.py: the namespaces and the cuts, shared
 
 __all__ = ["ROOT", "SERVER_RECIPE", "Lab", "unavailable", "wait_for"]
 
-#: The server recipe of the docs, so that the server ends a cut-off worker's session (and
-#: frees its job) within seconds: 5 + 2 * 3 = 11 s of silence, or 10 s of unacked data.
+#: The server recipe of the docs (howto/network-failures.md), so that the server ends a cut-off
+#: worker's session (and frees its job) within seconds: 6 s after the last packet it heard
+#: from the host, or after data it sent went unacknowledged; a statement running meanwhile
+#: looks at its socket every second.
 SERVER_RECIPE = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_idle": "3",
+    "tcp_keepalives_interval": "1",
     "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "10000",
+    "tcp_user_timeout": "6000",
+    "client_connection_check_interval": "1000",
 }
 
 _SERVER_SCRIPT = """

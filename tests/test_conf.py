@@ -283,4 +283,4 @@ def test_the_listen_connection_takes_listen_url_with_the_worker_connection_optio
     assert (params["host"], params["port"], params["user"], params["dbname"]) == (
         "db", "5432", "u", "app")
     assert params["keepalives_idle"] == "30"  # the URL's own value wins
-    assert params["connect_timeout"] == 3 and params["tcp_user_timeout"] == 10_000
+    assert params["connect_timeout"] == 3 and params["tcp_user_timeout"] == 4_000

@@ -200,3 +200,30 @@ def test_the_daemon_fails_a_job_whose_success_cannot_be_written_and_finishes_its
         assert_failed_for_good(bad, kind)
     assert statuses(good) == [Status.SUCCEEDED] * 12
     assert ledger_counts() == {f"good-{i}": 1 for i in range(12)}
+
+
+@pytest.mark.daemon
+@pytest.mark.usefixtures("rejected_at_commit")
+def test_a_child_that_closes_its_own_session_after_lost_writes_is_not_fenced(tmp_path):
+    """``executor.BEFORE_DELIBERATE_CLOSE``: a job whose success cannot be written has its
+    session closed by the executor itself (the rollback undoes the job's transactional
+    changes, the close the rest), and its failure written on a new connection. The child
+    tells the supervisor first, through that hook: else the fence would see the session end
+    while the job is published as running in it, kill the child as cut off from its job, and
+    the run would be neither charged nor recorded (the job running again and again)."""
+    from tests.daemon import start_worker, stop, wait_for
+
+    log = tmp_path / "worker.log"
+    worker = start_worker("--concurrency", "1", "--poll-interval", "0.2", log=log)
+    try:
+        culprits = [schedule_culprit("rejected-at-commit") for _ in range(5)]
+        wait_for(lambda: statuses(culprits) == [Status.FAILED] * 5, timeout=60,
+                 what="the culprits to fail")
+        for bad in culprits:
+            assert_failed_for_good(bad, "rejected-at-commit")
+        text = log.read_text()
+        assert "database session ended while it ran" not in text, text[-3000:]
+        assert "its database session had ended" not in text, text[-3000:]
+        assert text.count("child started slot=0") == 1, text[-3000:]  # never replaced
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
