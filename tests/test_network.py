@@ -358,7 +358,7 @@ def test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(host, tmp_
         cut_at = time.monotonic()
         gate.touch()  # the first job returns: its COMMIT and the next claim go into the cut
         if direction == "out":
-            netlab.wait_for(lambda: not claimable(conn, second), 5, "the next claim")
+            netlab.wait_for(lambda: not claimable(conn, second), 15, "the next claim")
         freed = free_for(conn, [first, second], cut_at, 30)
         status, result = conn.execute("SELECT status, result FROM djasync_job WHERE id = %s",
                                       [first]).fetchone()
