@@ -157,6 +157,24 @@ def test_a_batch_takes_one_slot_per_job_of_a_key():
 
 
 @override_settings(DJASYNC=WITH_LIMITS)
+def test_a_claimed_job_with_keys_comes_with_its_own_attempts_counted():
+    # Migration 0016 counts them once the row is locked, in a statement of its own.
+    from django.utils import timezone
+
+    from djasync.models import Attempt
+
+    tried = djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"])
+    fresh = djasync.schedule(jobs.add, [2, 2], limits=["tenant:2"], priority=-1)
+    now = timezone.now()
+    Attempt.objects.bulk_create(
+        Attempt(job_id=tried.pk, number=n, started_at=now, finished_at=now, outcome="failed")
+        for n in (1, 2))
+    with transaction.atomic():
+        claimed = executor.claim(2)
+    assert [(job.id, job.previous_attempts) for job in claimed] == [(tried.pk, 2), (fresh.pk, 0)]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
 def test_a_crashed_sessions_slot_is_free_as_soon_as_postgresql_ends_the_session():
     crashed = djasync.schedule(jobs.add, [1, 1], limits=["solo"])
     djasync.schedule(jobs.add, [2, 2], limits=["solo"])
