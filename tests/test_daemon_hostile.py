@@ -112,9 +112,13 @@ def test_a_crash_counted_after_its_session_was_ended_is_still_recorded_and_marke
         wait_for(lambda: _state(first.pid) == "T", what="the job to freeze its supervisor")
         # Its dead child's session still holds the job: end it, as pg_terminate_backend or a
         # restart of PostgreSQL would.
+        # (Held for over a second: the daemon's database agent is idle in a transaction of its
+        # own for an instant between its statements.)
         held = wait_for(lambda: other_connection.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state = 'idle in transaction'").fetchall(), what="the held session")
+            "AND state = 'idle in transaction'"
+            " AND state_change < clock_timestamp() - interval '1 second'").fetchall(),
+            what="the held session")
         assert len(held) == 1, held
         other_connection.execute("SELECT pg_terminate_backend(%s)", [held[0][0]])
         # Another daemon takes the job, uncounted so far: it runs again, dies, is counted, and
