@@ -254,7 +254,8 @@ class Daemons:
             # A daemon started while PostgreSQL restarts cannot connect and exits 1 (with a
             # message, or with a traceback if the server went away just after the check):
             # expected; systemd (Restart=) or this harness starts it again.
-            refused = code == 1 and ("cannot connect to PostgreSQL" in tail or (
+            refused = code == 1 and ("cannot connect to PostgreSQL" in tail
+                                     or "lost the database while starting" in tail or (
                 "OperationalError" in tail and "worker starting" not in output))
             self.exits.append({"slot": slot, "pid": daemon.process.pid, "code": code,
                                "at": round(self.clock(), 2),
@@ -387,7 +388,10 @@ class Producer(HarnessThread):
                     with connection.cursor() as cursor:
                         cursor.execute("SET LOCAL synchronous_commit = on")
                     for key, function in zip(keys, functions, strict=True):
-                        djasync.schedule(function, args=[key], priority=priority)
+                        # Controls ahead of the flow work (priority 3), so that some run
+                        # while the faults go on (seeds 843, 853: none duplicated behind it).
+                        djasync.schedule(function, args=[key], priority=(
+                            4 if function == checker.EXTERNAL else priority))
                     if roll_back:
                         raise RollBack
                     phase = "commit"
