@@ -263,14 +263,9 @@ def _fields(run: Run, attempt: int, duration: float, outcome: Outcome,
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, psycopg.errors.QueryCanceled):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+    from djasync.connections import causes
+
+    return any(isinstance(e, psycopg.errors.QueryCanceled) for e in causes(exc))
 
 
 def _qualified_name(cls: type) -> str:

@@ -21,6 +21,7 @@ settings; a project that wants the same there puts the options in ``DATABASES`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from django.db import connections
@@ -157,18 +158,25 @@ def lost_connection(exc: BaseException) -> str | None:
     """
     import psycopg
 
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(exc):
         if isinstance(current, psycopg.Error):
             sqlstate = current.sqlstate
             if (isinstance(current, psycopg.InterfaceError)
                     or (isinstance(current, psycopg.OperationalError) and sqlstate is None)
                     or (sqlstate or "").startswith(_LOST_SQLSTATE_PREFIXES)):
                 return one_line(current)
-        current = current.__cause__ or current.__context__
     return None
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, each once (Django wraps
+    psycopg's errors; a handler's error hides the one it handled)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def one_line(exc: BaseException | str) -> str:

@@ -235,14 +235,9 @@ WAITED = Counter[str]()
 
 
 def _lock_timed_out(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, psycopg.errors.LockNotAvailable):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+    from djasync.connections import causes
+
+    return any(isinstance(e, psycopg.errors.LockNotAvailable) for e in causes(exc))
 
 
 def waits_on_held(rule_function: Any) -> Any:
