@@ -106,7 +106,7 @@ class Cut:
     port: int | None = None
     detail: str = ""
     healed: datetime.datetime | None = None
-    #: The host's daemon and children when the cut began: the only pids whose attempts it
+    #: The host's daemon and children while the cut lasted: the only pids whose attempts it
     #: may charge.
     pids: list[int] = field(default_factory=list)
 
@@ -219,6 +219,18 @@ class HostNetwork:
     def due(self, now: float) -> bool:
         return now >= self.next_cut
 
+    def note_cut_pids(self, daemons: Any, expected: Any, children_of: Any) -> None:
+        """Record the daemons and children of every host cut off now (called when a cut
+        begins and at every step while it lasts, so a child forked during the cut counts)."""
+        for cut in self.active.values():
+            if cut.kind not in JOB_CUTS:  # a LISTEN-only cut charges no job
+                continue
+            for daemon in daemons.alive():
+                if self.host_of(daemon.slot) == cut.host:
+                    pids = [daemon.process.pid, *children_of(daemon.process.pid)]
+                    cut.pids.extend(p for p in pids if p not in cut.pids)
+                    expected.cut_pids.update(pids)
+
     def heal_due(self, now: float, expected: Any) -> None:
         for cut in list(self.active.values()):
             if now >= cut.ends_at:
@@ -261,10 +273,6 @@ class HostNetwork:
         kind = self.rng.choice(missing) if missing else self.rng.choices(possible, weights)[0]
         host = self.rng.choice(free)
         seconds = self.rng.uniform(*self.cut_seconds)
-        pids = []
-        for daemon in daemons.alive():
-            if self.host_of(daemon.slot) == host:
-                pids += [daemon.process.pid, *children_of(daemon.process.pid)]
         direction, port, detail = "both", None, ""
         if kind == "cut_one_way":
             direction = self.rng.choice(["in", "out"])
@@ -281,11 +289,12 @@ class HostNetwork:
             table, detail, started = self._cut_at_commit(url, host, direction)
         else:
             table = self.net.cut(host, port=port, direction=direction)
-        cut = Cut(host, kind, direction, seconds, table, started, now + seconds, port, detail,
-                  pids=pids)
+        cut = Cut(host, kind, direction, seconds, table, started, now + seconds, port, detail)
         self.cuts.append(cut)
         self.active[host] = cut
-        expected.cut_pids.update(pids)
+        # Taken once the cut is in place, not before: a cut at COMMIT waits up to 2 s for
+        # one, and a child forked meanwhile ran its job into the cut (seed 861).
+        self.note_cut_pids(daemons, expected, children_of)
         if kind in JOB_CUTS:
             expected.fault_times.append((started, kind))
         fault(kind, f"{host} {direction}{' ' + detail if detail else ''} for {seconds:.1f} s")
