@@ -2,9 +2,10 @@
 on Debian 12), or the newer one tools/pgbouncer_build.py builds into a cache (1.21+: prepared
 statements through the pooler, ``max_prepared_statements``).
 
-Used by tests/test_pgbouncer.py and bench/pgbouncer.py. Each instance has its own directory
-(ini, userlist), listens on a free port of 127.0.0.1 only (no Unix socket) and is stopped by
-:meth:`PgBouncer.stop`. PgBouncer refuses to run as root: as root it is started with ``-u``
+Used by tests/test_pgbouncer.py, tests/test_network.py and bench/pgbouncer.py. Each instance has
+its own directory (ini, userlist), listens on a free port of 127.0.0.1 only (no Unix socket), or
+on another address inside a network namespace (then also on a Unix socket in its directory,
+which the test process reaches from outside it), and is stopped by :meth:`PgBouncer.stop`. PgBouncer refuses to run as root: as root it is started with ``-u``
 and an unprivileged user, which must be able to read its directory.
 """
 
@@ -36,6 +37,19 @@ import pgbouncer_build  # noqa: E402  (tools/pgbouncer_build.py: the pinned newe
 RUN_AS_WHEN_ROOT = "nobody"
 #: The first PgBouncer that carries prepared statements in transaction mode.
 TRACKS_PREPARED = (1, 21)
+
+#: The PgBouncer recipe of docs/howto/pgbouncer.md ("Network failures behind PgBouncer"): its
+#: client sockets end a silent peer as the server recipe's do (howto/network-failures.md), 6 s
+#: after the last packet heard or after unacknowledged data; PgBouncer then closes the
+#: client's server connection, and PostgreSQL rolls its transaction back. ``tcp_user_timeout``
+#: needs PgBouncer 1.13+ (Linux); PgBouncer applies all of them to its server sockets too.
+CLIENT_TCP_RECIPE = {
+    "tcp_keepalive": "1",
+    "tcp_keepidle": "3",
+    "tcp_keepintvl": "1",
+    "tcp_keepcnt": "3",
+    "tcp_user_timeout": "6000",
+}
 
 
 def executable() -> str | None:
@@ -80,13 +94,26 @@ class PgBouncer:
     #: The server PgBouncer forwards to (host, port, user, password): the target's conninfo.
     target: dict[str, str]
     log: Path
+    #: Where this process reaches it: 127.0.0.1, or its Unix socket's directory when it runs
+    #: in another network namespace.
+    local_host: str = "127.0.0.1"
+    #: Where it listens for TCP clients (``listen_addr``).
+    listen_addr: str = "127.0.0.1"
 
     def conninfo(self, **overrides: Any) -> dict[str, Any]:
-        """Connection parameters that reach the target's database through this PgBouncer."""
-        return {**self.target, "host": "127.0.0.1", "port": str(self.port), **overrides}
+        """Connection parameters that reach the target's database through this PgBouncer, from
+        this process."""
+        return {**self.target, "host": self.local_host, "port": str(self.port), **overrides}
+
+    def remote_conninfo(self, **overrides: Any) -> dict[str, Any]:
+        """The same through its TCP address (``listen_addr``), e.g. for another namespace."""
+        return {**self.target, "host": self.listen_addr, "port": str(self.port), **overrides}
 
     def url(self, **overrides: Any) -> str:
         return make_conninfo(**self.conninfo(**overrides))
+
+    def remote_url(self, **overrides: Any) -> str:
+        return make_conninfo(**self.remote_conninfo(**overrides))
 
     def admin(self, command: str) -> list[tuple[Any, ...]]:
         """Run a command on PgBouncer's admin console (``SHOW POOLS``, ``SHOW STATS`` …)."""
@@ -114,10 +141,15 @@ class PgBouncer:
 
 def start(directory: Path, target: dict[str, str], *, pool_mode: str = "transaction",
           pool_size: int = 6, max_prepared_statements: int | None = None,
-          program: str | None = None) -> PgBouncer:
+          program: str | None = None, listen_addr: str = "127.0.0.1",
+          namespace: str | None = None, settings: dict[str, str] | None = None) -> PgBouncer:
     """Start ``program`` (default: the installed PgBouncer) in ``directory`` for every database
     of the ``target`` server; wait until it accepts connections. ``max_prepared_statements``
-    needs PgBouncer 1.21 or newer (from 1.24 its default is 200, so 0 turns it off)."""
+    needs PgBouncer 1.21 or newer (from 1.24 its default is 200, so 0 turns it off).
+
+    ``namespace``: run it inside that network namespace (``ip netns exec``), listening on
+    ``listen_addr`` there and on a Unix socket in ``directory`` for this process. ``settings``:
+    more ``[pgbouncer]`` settings (e.g. :data:`CLIENT_TCP_RECIPE`), over the defaults here."""
     program = program or executable()
     if program is None:
         raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
@@ -136,10 +168,10 @@ def start(directory: Path, target: dict[str, str], *, pool_mode: str = "transact
     log = directory / "pgbouncer.log"
     for attempt in range(5):  # a free port may be taken between our look and PgBouncer's bind
         port = _free_port()
-        settings = {
-            "listen_addr": "127.0.0.1",
+        ini_settings = {
+            "listen_addr": listen_addr,
             "listen_port": str(port),
-            "unix_socket_dir": "",
+            "unix_socket_dir": str(directory) if namespace else "",
             "auth_type": "trust",
             "auth_file": str(directory / "userlist.txt"),
             "admin_users": user,
@@ -155,20 +187,25 @@ def start(directory: Path, target: dict[str, str], *, pool_mode: str = "transact
             "log_disconnections": "0",
         }
         if max_prepared_statements is not None:
-            settings["max_prepared_statements"] = str(max_prepared_statements)
+            ini_settings["max_prepared_statements"] = str(max_prepared_statements)
+        ini_settings.update(settings or {})
         ini = directory / "pgbouncer.ini"
         ini.write_text(
             "[databases]\n"
             f"* = {server}\n\n[pgbouncer]\n"
-            + "".join(f"{key} = {value}\n" for key, value in settings.items())
+            + "".join(f"{key} = {value}\n" for key, value in ini_settings.items())
         )
         command = [program, str(ini)]
         if os.geteuid() == 0:
             _open_to(directory, RUN_AS_WHEN_ROOT)
             command[1:1] = ["-u", RUN_AS_WHEN_ROOT]
+        if namespace:
+            command[:0] = ["ip", "netns", "exec", namespace]  # it execs: the pid is PgBouncer's
         with log.open("ab") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        bouncer = PgBouncer(directory, port, process, found_version, dict(target), log)
+        bouncer = PgBouncer(directory, port, process, found_version, dict(target), log,
+                            local_host=str(directory) if namespace else "127.0.0.1",
+                            listen_addr=listen_addr)
         if _wait_ready(bouncer):
             return bouncer
         bouncer.stop()

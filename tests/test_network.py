@@ -28,7 +28,7 @@ from djasync.connections import DEFAULTS, configure_worker_connections
 from djasync.exceptions import ImproperlyConfigured
 from djasync_worker import listener as listener_module
 from djasync_worker.listener import Listener
-from tests import netlab
+from tests import netlab, pgbouncer
 from tests.conftest import conninfo
 
 # -- settings ---------------------------------------------------------------------------------
@@ -535,6 +535,120 @@ def test_a_supervisor_cut_off_replaces_a_dead_child_within_seconds(host, tmp_pat
     # Respawning is local: a pause of RESPAWN_DELAY_SECONDS, not a wait on the database.
     assert took < 3, log.read_text()[-3000:]
 
+
+
+# -- behind PgBouncer -------------------------------------------------------------------------
+#
+# The host reaches PostgreSQL through a PgBouncer (transaction mode) on the database host, its
+# listener straight to PostgreSQL (LISTEN_URL, as docs/howto/pgbouncer.md says). PostgreSQL's
+# keepalives then see a healthy peer, PgBouncer: the server recipe frees nothing, and the job's
+# row lock lasts until *PgBouncer* gives its client up and closes the server connection.
+
+PGBOUNCER_PROGRAMS = [
+    pytest.param(pgbouncer.executable, id="pgbouncer-debian"),
+    pytest.param(pgbouncer.built_executable, id=f"pgbouncer-{pgbouncer.pgbouncer_build.VERSION}"),
+]
+
+
+@pytest.fixture(params=PGBOUNCER_PROGRAMS)
+def bouncer(request: pytest.FixtureRequest, host: netlab.Lab,
+            tmp_path: Path) -> Iterator[pgbouncer.PgBouncer]:
+    """A PgBouncer in transaction mode on the database host, listening on the bridge, in front
+    of the lab's PostgreSQL (reached over the database host's own 127.0.0.1), with the
+    docs' PgBouncer recipe. Stopped before the lab is reset: a transaction it still holds for
+    a cut-off host would block the reset."""
+    program = request.param()
+    if program is None:
+        pytest.skip("this PgBouncer is not here (apt-get install pgbouncer; "
+                    "python3 tools/pgbouncer_build.py)")
+    started = pgbouncer.start(
+        tmp_path / "pgbouncer", {"host": "127.0.0.1", "port": str(host.port),
+                                 "user": "postgres", "dbname": "djasync"},
+        program=program, listen_addr=host.db_address, namespace=host.db_ns,
+        settings=PGBOUNCER_SETTINGS)
+    yield started
+    started.stop()
+
+
+#: PgBouncer's settings in these tests (DJASYNC_NETLAB_PGBOUNCER=stock: its defaults, for the
+#: before figures).
+PGBOUNCER_SETTINGS = ({} if os.environ.get("DJASYNC_NETLAB_PGBOUNCER") == "stock"
+                      else pgbouncer.CLIENT_TCP_RECIPE)
+
+
+def start_pooled_worker(lab: netlab.Lab, bouncer: pgbouncer.PgBouncer, tmp_path: Path,
+                        log: Path, *settings_lines: str) -> subprocess.Popen:
+    """The worker on h1, its database through ``bouncer``, its listener direct."""
+    (tmp_path / "pooled_settings.py").write_text("\n".join([
+        "from tests.settings import *  # noqa",
+        f"DJASYNC = {{**DJASYNC, 'LISTEN_URL': {lab.remote_url!r}}}", *settings_lines]) + "\n")
+    return lab.spawn("h1", [sys.executable, "-m", "djasync_worker", "--settings",
+                            "pooled_settings", "--log-level", "debug", "--concurrency", "1"],
+                     log, env={"PYTHONPATH": f"{tmp_path}:{netlab.ROOT}", "DATABASE_URL": bouncer.remote_url()})
+
+
+def pooled_job_running(lab: netlab.Lab, conn, job: int) -> bool:
+    """``job`` is locked by a session of PgBouncer's (not by one of the host's own)."""
+    return not claimable(conn, job) and conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE client_addr = '127.0.0.1' AND "
+        "state = 'idle in transaction' AND datname = 'djasync'").fetchone()[0] >= 1
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("direction", ["both", "in", "out"])
+def test_a_host_behind_pgbouncer_cut_off_mid_job_has_its_job_claimable_within_15_s(
+        bouncer, host, tmp_path, direction):
+    lab = host
+    log = tmp_path / "worker.log"
+    start_pooled_worker(lab, bouncer, tmp_path, log)
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        job = schedule(lab, "tests.jobs.sleep", 600)
+        netlab.wait_for(lambda: pooled_job_running(lab, conn, job), 30, "the job to run")
+        lab.cut("h1", direction=direction)
+        freed = free_for(conn, [job], time.monotonic(), 30)
+        print(f"PgBouncer {pgbouncer.dotted(bouncer.version)}, {direction} cut mid-job: job "
+              f"claimable {freed:.1f} s after the cut")
+        assert freed < CUT_OFF_JOBS_FREE_SECONDS, log.read_text()[-3000:]
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("direction", ["both", "in", "out"])
+def test_a_host_behind_pgbouncer_cut_off_mid_commit_has_its_jobs_claimable_within_15_s(
+        bouncer, host, tmp_path, direction):
+    """As test_a_host_cut_off_mid_commit_has_its_jobs_claimable_within_15_s, through
+    PgBouncer: cut "out", PgBouncer passes the COMMIT and the next claim on, and its answer
+    goes into the void (PgBouncer's tcp_user_timeout ends the client)."""
+    lab = host
+    log = tmp_path / "worker.log"
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    start_pooled_worker(lab, bouncer, tmp_path, log,
+                        "import djasync.limits", "djasync.limits.PAUSED_TTL_SECONDS = 60")
+    with lab.connect() as conn:
+        netlab.wait_for(lambda: listener_port(lab, conn), 30, "the worker's listener")
+        warm = schedule(lab, "tests.jobs.add", 1, 2)
+        netlab.wait_for(lambda: conn.execute("SELECT status FROM djasync_job WHERE id = %s",
+                                             [warm]).fetchone()[0] == "succeeded", 30, "a job")
+        out = lab.django(code=(
+            "import djasync\nfrom django.db import transaction\nwith transaction.atomic():\n"
+            f"    print(djasync.schedule('tests.jobs.start_then_wait_for_file', "
+            f"args=[{str(started)!r}, {str(gate)!r}, 30]).pk)\n"
+            "    print(djasync.schedule('tests.jobs.sleep', args=[600]).pk)"))
+        first, second = map(int, out.split()[-2:])
+        netlab.wait_for(started.exists, 30, "the first job to start", interval=0.002)
+        lab.cut("h1", direction=direction)
+        cut_at = time.monotonic()
+        gate.touch()
+        if direction == "out":
+            netlab.wait_for(lambda: not claimable(conn, second), 15, "the next claim")
+        freed = free_for(conn, [first, second], cut_at, 30)
+        status, result = conn.execute("SELECT status, result FROM djasync_job WHERE id = %s",
+                                      [first]).fetchone()
+        print(f"PgBouncer {pgbouncer.dotted(bouncer.version)}, {direction} cut mid-COMMIT: "
+              f"jobs claimable {freed:.1f} s after the cut (first job {status})")
+        assert freed < CUT_OFF_JOBS_FREE_SECONDS, log.read_text()[-3000:]
+        assert (status, result) == (("succeeded", True) if direction == "out"
+                                    else ("pending", None))
 
 # -- a lost connection is one line, its return another ----------------------------------------
 
