@@ -5,8 +5,9 @@ statements through the pooler, ``max_prepared_statements``).
 Used by tests/test_pgbouncer.py, tests/test_network.py and bench/pgbouncer.py. Each instance has
 its own directory (ini, userlist), listens on a free port of 127.0.0.1 only (no Unix socket), or
 on another address inside a network namespace (then also on a Unix socket in its directory,
-which the test process reaches from outside it), and is stopped by :meth:`PgBouncer.stop`. PgBouncer refuses to run as root: as root it is started with ``-u``
-and an unprivileged user, which must be able to read its directory.
+which the test process reaches from outside it), and is stopped by :meth:`PgBouncer.stop`.
+PgBouncer refuses to run as root: as root it is started with ``-u`` and an unprivileged user,
+which must be able to read its directory.
 """
 
 from __future__ import annotations

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -409,3 +413,49 @@ def test_scheduling_through_the_pooler_with_the_default_settings(bouncer):
         assert stats(bouncer)["total_client_parse_count"] <= 2 * 5, stats(bouncer)
     else:
         assert on_servers == [], on_servers
+
+
+_HOLD_A_ROW_LOCK = """
+import sys, time
+import psycopg
+conn = psycopg.connect(sys.argv[1], prepare_threshold=None)
+conn.execute("SELECT 1 FROM djasync_job WHERE id = %s FOR NO KEY UPDATE", [int(sys.argv[2])])
+print(conn.execute("SELECT pg_backend_pid()").fetchone()[0], flush=True)
+time.sleep(600)  # idle in transaction, as a worker's child while its job's code runs
+"""
+
+
+@pytest.mark.parametrize("bouncer", [ON_DEBIAN, ON_BUILT], indirect=True)
+def test_a_client_gone_mid_transaction_has_its_row_locks_released_at_once(bouncer):
+    """Once PgBouncer gives a client up, a transaction the client left open ends with it:
+    PgBouncer cannot hand that server connection to another client, so it closes it, and
+    PostgreSQL rolls back. The network recipe (docs/howto/pgbouncer.md) relies on it: the
+    time a cut-off host's job stays locked is the time PgBouncer takes to give the host up."""
+
+    job = djasync.schedule(jobs.add, args=[1, 2])
+    client = subprocess.Popen([sys.executable, "-c", _HOLD_A_ROW_LOCK, bouncer.url(),
+                               str(job.pk)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        backend = int(client.stdout.readline())
+        with psycopg.connect(**conninfo(), autocommit=True) as direct:
+            def claimable() -> bool:
+                with direct.transaction():
+                    return direct.execute("SELECT 1 FROM djasync_job WHERE id = %s FOR NO KEY "
+                                          "UPDATE SKIP LOCKED", [job.pk]).fetchone() is not None
+
+            assert not claimable()
+            os.kill(client.pid, signal.SIGKILL)  # its kernel closes the socket: PgBouncer sees EOF
+            gone = time.monotonic()
+            wait_for(claimable, timeout=10, what="the row lock to be released", interval=0.002)
+            took = time.monotonic() - gone
+            print(f"PgBouncer {pgbouncer.dotted(bouncer.version)}: row lock released "
+                  f"{took * 1000:.0f} ms after its client was gone")
+            assert took < 1.0
+            assert not direct.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                      [backend]).fetchone()  # the server session ended
+    finally:
+        client.kill()
+        client.wait()
+        assert client.stdout is not None
+        client.stdout.close()
