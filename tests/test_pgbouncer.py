@@ -431,7 +431,6 @@ def test_a_client_gone_mid_transaction_has_its_row_locks_released_at_once(bounce
     PgBouncer cannot hand that server connection to another client, so it closes it, and
     PostgreSQL rolls back. The network recipe (docs/howto/pgbouncer.md) relies on it: the
     time a cut-off host's job stays locked is the time PgBouncer takes to give the host up."""
-
     job = djasync.schedule(jobs.add, args=[1, 2])
     client = subprocess.Popen([sys.executable, "-c", _HOLD_A_ROW_LOCK, bouncer.url(),
                                str(job.pk)], stdout=subprocess.PIPE, text=True)
