@@ -341,16 +341,17 @@ def waiting_session_marked(cursor) -> bool:
 
 
 @pytest.mark.parametrize("ending", ["raise", "commit_fails", "commit_fails_in_batch", "stop",
-                                    "terminate"])
+                                    "terminate", "forced_stop"])
 def test_a_job_waiting_on_a_key_starts_soon_after_its_holder_s_transaction_ends(
         tmp_path, limits_env, ending):
     """A job holding the one slot of "solo" ends without committing its work: it raises
     (rolled back to its savepoint; the failure commits), or its transaction rolls back whole
     (its COMMIT fails, alone or in a batch of two; the worker is stopping and leaves the
     second job of its batch unstarted, which rolls the batch back), or PostgreSQL ends its
-    session. The job waiting on "solo" in another daemon, which polls every 30 s, starts
-    within milliseconds all the same: the worker wakes the waiting one (or its supervisor's
-    agent does, once the session has ended)."""
+    session, or its worker is stopped by force (a second SIGTERM) and kills it mid-run. The
+    job waiting on "solo" in another daemon, which polls every 30 s, starts within
+    milliseconds all the same: the worker wakes the waiting one (or its supervisor's agent
+    does, once the session has ended)."""
     gate, pidfile = tmp_path / "gate", tmp_path / "pid"
     second = start(tmp_path, limits_env, "--queue", "default", "--concurrency", "1",
                    "--poll-interval", str(POLL_INTERVAL_SECONDS), name="waiting")
@@ -380,13 +381,20 @@ def test_a_job_waiting_on_a_key_starts_soon_after_its_holder_s_transaction_ends(
                 os.kill(int(child), signal.SIGTERM)
             cursor.execute("SELECT clock_timestamp()")
             (ended_at,) = cursor.fetchone()
-            if ending == "terminate":
+            if ending == "forced_stop":  # the first asks to finish the running jobs
+                first.terminate()
+                wait_for(lambda: "stopping after the running jobs" in (
+                    tmp_path / "holder.log").read_text(), timeout=20, what="the first SIGTERM")
+                cursor.execute("SELECT clock_timestamp()")
+                (ended_at,) = cursor.fetchone()
+                first.terminate()
+            elif ending == "terminate":
                 cursor.execute("SELECT pg_terminate_backend(%s)", [int(backend)])
             else:
                 gate.touch()
         wait_for(all_done([waiting]), timeout=2 * POLL_INTERVAL_SECONDS,
                  what="the waiting job to succeed")
-        if ending == "stop":
+        if ending in ("stop", "forced_stop"):
             assert first.wait(20) == 0
     finally:
         assert stop(first) == 0
@@ -398,5 +406,6 @@ def test_a_job_waiting_on_a_key_starts_soon_after_its_holder_s_transaction_ends(
     assert 0 < latency < ROLLBACK_WAKE_BOUND_SECONDS, latency
     outcomes = [a.outcome for a in holder.attempt_set.all()]
     assert outcomes == {"raise": ["error"], "commit_fails": ["error"],
-                        "commit_fails_in_batch": [], "stop": [], "terminate": []}[ending], \
+                        "commit_fails_in_batch": [], "stop": [], "terminate": [],
+                        "forced_stop": []}[ending], \
         outcomes

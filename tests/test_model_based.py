@@ -304,6 +304,10 @@ class Machine(RuleBasedStateMachine):
         self.tasks: Any = None
         #: Runs (``model_jobs.INVOCATIONS``) counted in the report's "task runs" so far.
         self.runs_counted = 0
+        #: Long jobs whose run's session was killed, by id: their lease owner then. Their
+        #: slots ended with that session, while the lease lives on (a worker's fence stops
+        #: such a run; this test has none): under that lease, they hold no slot.
+        self.slotless: dict[int, str] = {}
         self.trace: list[str] = []
         _last_trace[0] = self.trace
 
@@ -385,6 +389,12 @@ class Machine(RuleBasedStateMachine):
         batch's gate, whose session keeps a long job's slots even once its lease was made to
         run out (until that session is killed)."""
         holders = set(running)
+        if self.slotless:
+            owners = dict(self.db.execute(
+                "SELECT id, lease_owner FROM djasync_job WHERE id = ANY(%s)",
+                [list(self.slotless)]).fetchall())
+            holders -= {job_id for job_id, owner in self.slotless.items()
+                        if owners.get(job_id) == owner}
         background = self.background
         if background is not None and not background.killed and background.gate.invocation:
             held_at_gate = background.gate.invocation
@@ -797,6 +807,10 @@ class Machine(RuleBasedStateMachine):
         background.killed = True
         if not invocation.in_transaction:  # a long job's effect is already committed
             self.interrupted.add(id(invocation))
+            (owner,) = self.db.execute("SELECT lease_owner FROM djasync_job WHERE id = %s",
+                                       [invocation.job_id]).fetchone() or ("",)
+            if owner:
+                self.slotless[invocation.job_id] = owner
 
     @rule(which=picks)
     def expire_lease(self, which: int) -> None:
