@@ -554,8 +554,14 @@ class _FastBatch:
                         finished = _after_commit(outcomes, written, [], None)
                         outcomes, written = [], {}
                         if not on_batch(finished) or not jobs:
-                            # the next claim: unwanted, or nothing
-                            statements.send([statements.plain("ROLLBACK")])
+                            # the next claim: unwanted, or nothing. Its slots, given back
+                            # by the ROLLBACK, wake who waits on them (same message).
+                            rollback = [statements.plain("ROLLBACK")]
+                            if jobs and limits.enabled():
+                                rollback.append((None, sql.wake_waiters_of(
+                                    [job.id for job in jobs]).encode(), None))
+                                self.claimed = []  # (woken here, not again below)
+                            statements.send(rollback)
                             self._left()
                             break
                 except BaseException as exc:
@@ -563,9 +569,13 @@ class _FastBatch:
                     self._left()  # before Django's atomic sees its books (it pops savepoints)
                     raise
         except DatabaseError as exc:
+            self._wake_after_rollback()
             if not lost_writes:
                 raise
             lost = exc
+        except BaseException:
+            self._wake_after_rollback()
+            raise
         finally:
             _running[self.db] = running
         if lost is not None:
@@ -579,6 +589,27 @@ class _FastBatch:
                 raise CommitRefused(len(self.claimed)) from lost
             return [_record_refused(self.outcomes, lost)]
         return _after_commit(outcomes, written, leased, self.before_each)
+
+    def _wake_after_rollback(self) -> None:
+        """The open transaction rolled back whole (its COMMIT failed, the worker stopped in
+        the middle of a batch, a serialization failure, …): the flow-control slots its claim
+        took are free again, but the wake-up sent before a COMMIT (``sql.WAKE_WAITERS``) never
+        went. Notify the workers waiting on those jobs' keys now, outside any transaction, on
+        the same connection if it still works (a lost session's end is the supervisor's to
+        announce: ``djasync_worker``'s agent, once PostgreSQL has ended it). Never raises: at
+        worst a waiting job starts at its worker's next poll."""
+        claimed = self.claimed
+        if not claimed or self.committed or not limits.enabled():
+            return
+        try:
+            raw = self.db.connection
+            if raw is None or raw.closed or raw.broken or self.db.in_atomic_block:
+                return
+            with self.db.cursor() as cursor:
+                cursor.execute(sql.wake_waiters_of([job.id for job in claimed]))
+        except Exception:
+            logger.debug("waking the workers waiting on a rolled-back batch's keys failed",
+                         exc_info=True)
 
     def _writes_lost(self, exc: BaseException, statements: wire.Statements) -> bool:
         """Whether ``exc`` lost what the open batch's jobs did, its cause likely one of them:

@@ -143,6 +143,29 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
 WAKE_WAITERS = f"SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')"
 
 
+def wake_waiters_of(job_ids: list[int]) -> str:
+    """After a worker's transaction that claimed ``job_ids`` rolled back whole (its COMMIT
+    failed, the worker stopped mid-batch, a serialization failure, an unwanted chained claim):
+    the statement (run outside any transaction) that notifies the workers if a session waits
+    on an entry of those jobs' keys, as :data:`WAKE_WAITERS` does before a COMMIT. The
+    rollback lost the claim's note of the entries (``djasync.gave_back`` is local to the
+    transaction), so they are read from the jobs' keys: each key and its pattern (``name:*``),
+    an entry that no one waits on being passed over. No lock of the entries is needed: the
+    slots are free already, so a claim that marks its session waiting after this look sees
+    them free. Ids inlined (integers): the statement is sent unnamed and unprepared, as it
+    follows the jobs' own code (see ``wire.Statements.plain``)."""
+    ids = ",".join(str(int(job_id)) for job_id in job_ids)
+    return f"""
+SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')
+  FROM (SELECT set_config('djasync.gave_back', coalesce(string_agg(e.entry, chr(31)), ''),
+                           true) AS entries
+          FROM (SELECT DISTINCT unnest(ARRAY[k.key, split_part(k.key, ':', 1) || ':*']) AS entry
+                  FROM djasync_job j, jsonb_array_elements_text(j.limits) AS k(key)
+                 WHERE j.id = ANY(ARRAY[{ids}]::bigint[]) AND j.limits IS NOT NULL) e) noted
+ WHERE noted.entries IS NOT NULL
+"""
+
+
 #: Sent around every claim, and before every finish. The claim must walk ``djasync_job_claim``
 #: in index order and count attempts through their ``job_id`` index; the finish counts them
 #: the same way. PostgreSQL plans both from the tables' statistics, and those are often wrong

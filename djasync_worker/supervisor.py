@@ -495,6 +495,12 @@ class Supervisor:
             # starting the job ran nothing: the same. A charged job's lease is freed once its
             # crash is written: _record_lost.)
             self._release_leases(worker, None if running is None else running[0])
+            if running is not None and not fenced and child.shared[
+                    shared_layout.IN_TRANSACTION]:
+                # Killed by a forced stop while its session held the job's claim (an atomic
+                # job's transaction, a long job's slots): that session ends now. Its slots
+                # wake who waits on them once it has (before the agent marks us stopped).
+                self._slots_freed(int(child.shared[shared_layout.BACKEND_PID]))
         if self.stopping:
             return
         # Replace it: a recycled child at once, a dead one after a short pause.

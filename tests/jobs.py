@@ -417,3 +417,27 @@ def flow_outside(key, seconds=0.02, pidfile=None):
             record.execute(f"UPDATE {FLOW_RUNS} SET finished = clock_timestamp() "
                            "WHERE key = %s AND pid = %s AND started = %s",
                            [key, os.getpid(), started])
+
+
+def flow_hold(key, gate, pidfile, ending="return"):
+    """Hold ``key``'s slot (an atomic job) until the file ``gate`` exists, then end as
+    ``ending`` says: "return"; "raise"; "commit_fails" (a row whose deferred foreign key
+    fails the transaction's COMMIT, so that the whole transaction rolls back). ``pidfile``
+    gets "<pid of the job's database session> <pid of this process>"."""
+    from tests.models import JobReference
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend,) = cursor.fetchone()
+    with open(pidfile, "w") as f:
+        f.write(f"{backend} {os.getpid()}")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no gate file {gate}")
+        time.sleep(0.002)
+    if ending == "raise":
+        raise RuntimeError("flow_hold raised, as asked")
+    if ending == "commit_fails":
+        JobReference.objects.create(job_id=987_654_321)
+    return key

@@ -99,3 +99,29 @@ def step(token, fail_times=0):
         return token
     finally:
         invocation.ended = True
+
+
+# -- The same job as Django Tasks, enqueued through djasync's backend ------------------------
+# Their flow-control keys come from the backend's OPTIONS["LIMITS"] (the model test sets
+# TASK_LIMITS there), templates filled from each call's ``tenant``.
+
+from tests.tasks import task  # noqa: E402  (after step: the Tasks call it)
+
+
+@task
+def step_task(token, tenant, fail_times=0):
+    """:func:`step` as a Task; its key is ``tenant:{tenant}``."""
+    return step(token, fail_times)
+
+
+@task
+def paired_step_task(token, tenant, fail_times=0):
+    """:func:`step` as a Task; its keys are ``pair`` and ``tenant:{tenant}``."""
+    return step(token, fail_times)
+
+
+#: The backend's OPTIONS["LIMITS"] for the Tasks above.
+TASK_LIMITS = {
+    "tests.model_jobs.step_task": ["tenant:{tenant}"],
+    "tests.model_jobs.paired_step_task": ["pair", "tenant:{tenant}"],
+}

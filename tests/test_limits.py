@@ -532,3 +532,60 @@ def test_a_workers_commit_that_gives_a_slot_back_notifies_only_when_a_claim_wait
         assert len(other.execute(sql.claim_limited(1), worker).fetchall()) == 1
         assert other.execute(sql.WAKE_WAITERS).fetchone() == (False,)
         other.commit()
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_after_a_whole_rollback_the_jobs_keys_wake_their_waiters_outside_any_transaction():
+    """A worker's transaction that rolled back whole lost the claim's note of its slots'
+    entries; ``sql.wake_waiters_of`` finds them from the jobs' keys (a key, or its pattern)
+    and notifies only if a session waits on one of them."""
+    held = djasync.schedule(jobs.add, [1, 1], limits=["solo"]).pk
+    tenant = djasync.schedule(jobs.add, [2, 2], limits=["tenant:3"]).pk
+    djasync.schedule(jobs.add, [3, 3], limits=["solo"])
+    djasync.schedule(jobs.add, [4, 4], limits=["tenant:3"], priority=-1)
+    worker = _params(channel=None)
+    with psycopg.connect(**conninfo(), autocommit=True) as listener, \
+            psycopg.connect(**conninfo()) as first, psycopg.connect(**conninfo()) as other, \
+            psycopg.connect(**conninfo(), autocommit=True) as after:
+        listener.execute("LISTEN djasync")
+        # Nobody waits: silent.
+        assert after.execute(sql.wake_waiters_of([held, tenant])).fetchone() == (False,)
+        assert after.execute(sql.wake_waiters_of([])).fetchone() == (False,)
+        assert list(listener.notifies(timeout=0.2)) == []
+        # The first claim takes solo's and tenant:3's slots; another finds both full and
+        # waits on their entries (solo, tenant:*). The first transaction rolls back whole.
+        assert {row[0] for row in first.execute(sql.claim_limited(2), worker)} == {
+            held, tenant}
+        assert other.execute(sql.claim_limited(2), worker).fetchall() == []
+        other.commit()
+        first.rollback()
+        assert list(listener.notifies(timeout=0.2)) == []  # a rollback notifies no one
+        assert after.execute(sql.wake_waiters_of([tenant])).fetchone() == (True,)  # tenant:*
+        assert after.execute(sql.wake_waiters_of([held])).fetchone() == (True,)  # solo
+        assert [n.payload for n in listener.notifies(timeout=5, stop_after=2)] == ["*", "*"]
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_chained_claim_rolled_back_unstarted_wakes_the_workers_waiting_on_its_slots():
+    """The worker's finish message also claims its next batch; when the worker then stops
+    (``on_batch`` says no), that claim is rolled back, and the slots it took wake who waits
+    on them, in the same message as the ROLLBACK."""
+    ids = [djasync.schedule(jobs.add, [n, n], limits=["solo"]).pk for n in range(2)]
+    worker = _params(channel=None)
+    with psycopg.connect(**conninfo(), autocommit=True) as listener, \
+            psycopg.connect(**conninfo()) as other:
+        listener.execute("LISTEN djasync")
+
+        def on_batch(batch):
+            # The next job is claimed already (its slot of solo taken): another worker's
+            # claim finds solo full and waits on it.
+            assert other.execute(sql.claim_limited(1), worker).fetchall() == []
+            other.commit()
+            return False
+
+        executor.run_batches(1, on_batch)
+        assert [n.payload for n in listener.notifies(timeout=5, stop_after=1)] == ["*"]
+        # The job rolled back is still there to claim, by the worker woken.
+        assert [row[0] for row in other.execute(sql.claim_limited(1), worker)] == [ids[1]]
+        other.rollback()
+    assert Job.objects.get(pk=ids[0]).status == Status.SUCCEEDED

@@ -323,3 +323,89 @@ def test_the_chaos_checker_finds_the_over_run_of_workers_enforcing_a_looser_limi
                            "chaos_tokenlog")
     assert found["max_overlap_by_key"] == {"pair:0": 3}
     assert [v[:3] for v in violations] == ["F1:"]
+
+
+#: From the end of a holder's transaction to the start of the job waiting on its slot, in
+#: another daemon that polls every 30 s (POLL_INTERVAL_SECONDS): a wake-up, or the poll.
+ROLLBACK_WAKE_BOUND_SECONDS = 0.5
+
+
+def waiting_session_marked(cursor) -> bool:
+    """Whether a session waits on a LIMITS entry (a claim found one of its keys full): a
+    share lock on one int8 advisory key (slots are two int4 keys)."""
+    cursor.execute("SELECT count(*) FROM pg_locks l JOIN pg_database d "
+                   "ON d.oid = l.database AND d.datname = current_database() "
+                   "WHERE locktype = 'advisory' AND objsubid = 1 "
+                   "AND mode = 'ShareLock' AND granted")
+    return cursor.fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("ending", ["raise", "commit_fails", "commit_fails_in_batch", "stop",
+                                    "terminate", "forced_stop"])
+def test_a_job_waiting_on_a_key_starts_soon_after_its_holder_s_transaction_ends(
+        tmp_path, limits_env, ending):
+    """A job holding the one slot of "solo" ends without committing its work: it raises
+    (rolled back to its savepoint; the failure commits), or its transaction rolls back whole
+    (its COMMIT fails, alone or in a batch of two; the worker is stopping and leaves the
+    second job of its batch unstarted, which rolls the batch back), or PostgreSQL ends its
+    session, or its worker is stopped by force (a second SIGTERM) and kills it mid-run. The
+    job waiting on "solo" in another daemon, which polls every 30 s, starts within
+    milliseconds all the same: the worker wakes the waiting one (or its supervisor's agent
+    does, once the session has ended)."""
+    gate, pidfile = tmp_path / "gate", tmp_path / "pid"
+    second = start(tmp_path, limits_env, "--queue", "default", "--concurrency", "1",
+                   "--poll-interval", str(POLL_INTERVAL_SECONDS), name="waiting")
+    holder = djasync.schedule(
+        jobs.flow_hold, ["solo", str(gate), str(pidfile), ending.removesuffix("_in_batch")],
+        limits=["solo"], queue="holder", priority=10)
+    batch = ending in ("stop", "commit_fails_in_batch")
+    if batch:  # claimed with the holder, in its batch
+        djasync.schedule(jobs.add, [1, 2], queue="holder")
+    first = start(tmp_path, limits_env, "--queue", "holder", "--concurrency", "1",
+                  "--batch-size", "2" if batch else "1",
+                  "--poll-interval", str(POLL_INTERVAL_SECONDS), name="holder")
+    try:
+        backend, child = wait_for(lambda: pidfile.exists() and pidfile.read_text().split(),
+                                  timeout=60, what="the holder's start")
+        # Its worker must not claim it again (a claim's commit would wake the other daemon).
+        djasync.pause_queue("holder")
+        waiting = djasync.schedule(jobs.flow_run, ["solo", 0.01], limits=["solo"]).pk
+        with connection.cursor() as cursor:
+            wait_for(lambda: waiting_session_marked(cursor), timeout=60,
+                     what="the waiting daemon's claim")
+            assert not Job.objects.filter(pk=waiting, status=Status.SUCCEEDED).exists()
+            if ending == "stop":  # it finishes its job, then leaves the next one unstarted
+                first.terminate()
+                # (Its supervisor passes the signal on; sent here too, the child has it
+                # before it sees the gate.)
+                os.kill(int(child), signal.SIGTERM)
+            cursor.execute("SELECT clock_timestamp()")
+            (ended_at,) = cursor.fetchone()
+            if ending == "forced_stop":  # the first asks to finish the running jobs
+                first.terminate()
+                wait_for(lambda: "stopping after the running jobs" in (
+                    tmp_path / "holder.log").read_text(), timeout=20, what="the first SIGTERM")
+                cursor.execute("SELECT clock_timestamp()")
+                (ended_at,) = cursor.fetchone()
+                first.terminate()
+            elif ending == "terminate":
+                cursor.execute("SELECT pg_terminate_backend(%s)", [int(backend)])
+            else:
+                gate.touch()
+        wait_for(all_done([waiting]), timeout=2 * POLL_INTERVAL_SECONDS,
+                 what="the waiting job to succeed")
+        if ending in ("stop", "forced_stop"):
+            assert first.wait(20) == 0
+    finally:
+        assert stop(first) == 0
+        assert stop(second) == 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT started FROM {jobs.FLOW_RUNS} WHERE key = 'solo'")
+        (started,) = cursor.fetchone()
+    latency = (started - ended_at).total_seconds()
+    assert 0 < latency < ROLLBACK_WAKE_BOUND_SECONDS, latency
+    outcomes = [a.outcome for a in holder.attempt_set.all()]
+    assert outcomes == {"raise": ["error"], "commit_fails": ["error"],
+                        "commit_fails_in_batch": [], "stop": [], "terminate": [],
+                        "forced_stop": []}[ending], \
+        outcomes

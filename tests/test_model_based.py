@@ -9,7 +9,10 @@ its lease run out), crashes (the background run's session killed with
 ``pg_terminate_backend``), in-job cancels, prune, periodic ticks and restarts under a clock of
 the test's own, and schedule(unique=...) under REPEATABLE READ. In about half of the examples
 flow control is on (``MODEL_LIMITS``: keys of one and two slots, a pattern ``tenant:*``, a rate;
-jobs hold none, one or two keys), and queues are paused and resumed in every example. After
+jobs hold none, one or two keys), and queues are paused and resumed in every example. Some jobs
+are Django Tasks enqueued through djasync's backend, whose OPTIONS["LIMITS"] gives them their
+keys by template (``tenant:{tenant}``, from each call's arguments; ``model_jobs.TASK_LIMITS``),
+so that the flow-control checks below cover Task jobs as well. After
 every step the database is checked against a plain-Python model (see ``Machine.check``):
 
 - an atomic job's effect (a ``Ledger`` row ``e<id>`` written in its transaction) is committed at
@@ -140,6 +143,9 @@ class ModelJob:
     periodic: bool = False
     #: Its flow-control keys.
     keys: tuple[str, ...] = ()
+    #: A Django Task's job (``djasync.backends.run_task``): ``deschedule(STEP, …)`` cannot
+    #: name it.
+    task: bool = False
     #: Last status seen in the database.
     status: str = "pending"
     pruned: bool = False
@@ -294,6 +300,14 @@ class Machine(RuleBasedStateMachine):
         #: Flow control: LIMITS on (see schedule_some), and the queues paused.
         self.flow: Any = None
         self.paused: set[str] = set()
+        #: The Tasks backend's settings for this example (see schedule_some).
+        self.tasks: Any = None
+        #: Runs (``model_jobs.INVOCATIONS``) counted in the report's "task runs" so far.
+        self.runs_counted = 0
+        #: Long jobs whose run's session was killed, by id: their lease owner then. Their
+        #: slots ended with that session, while the lease lives on (a worker's fence stops
+        #: such a run; this test has none): under that lease, they hold no slot.
+        self.slotless: dict[int, str] = {}
         self.trace: list[str] = []
         _last_trace[0] = self.trace
 
@@ -305,6 +319,8 @@ class Machine(RuleBasedStateMachine):
         model_jobs.reset()
         if self.flow is not None:
             self.flow.disable()
+        if self.tasks is not None:
+            self.tasks.disable()
         limits._forget_paused()
         left = [t.name for t in threading.enumerate() if t.name.startswith("model-")]
         assert not left, f"threads of the test still running: {left}"
@@ -326,7 +342,10 @@ class Machine(RuleBasedStateMachine):
         return f"t{self.tokens}"
 
     def _live(self, *, periodic: bool = True) -> list[ModelJob]:
-        return [j for j in self.jobs.values() if not j.pruned and (periodic or not j.periodic)]
+        """The jobs not pruned; with ``periodic=False``, only those ``deschedule(STEP, …)``
+        can name (neither periodic nor Tasks)."""
+        return [j for j in self.jobs.values()
+                if not j.pruned and (periodic or not (j.periodic or j.task))]
 
     def _pick(self, index: int, *, periodic: bool = True) -> ModelJob | None:
         live = self._live(periodic=periodic)
@@ -351,9 +370,10 @@ class Machine(RuleBasedStateMachine):
         return (pending - free) | leased
 
     def _adopt(self, job_id: int, token: str, kwargs: dict[str, Any], long: bool,
-               periodic: bool = False, keys: tuple[str, ...] = ()) -> None:
+               periodic: bool = False, keys: tuple[str, ...] = (), task: bool = False) -> None:
         if job_id not in self.jobs:
-            self.jobs[job_id] = ModelJob(job_id, token, kwargs, long, periodic, keys=keys)
+            self.jobs[job_id] = ModelJob(job_id, token, kwargs, long, periodic, keys=keys,
+                                         task=task)
 
     def _adopt_periodic(self) -> None:
         for entry in PERIODIC:
@@ -369,6 +389,12 @@ class Machine(RuleBasedStateMachine):
         batch's gate, whose session keeps a long job's slots even once its lease was made to
         run out (until that session is killed)."""
         holders = set(running)
+        if self.slotless:
+            owners = dict(self.db.execute(
+                "SELECT id, lease_owner FROM djasync_job WHERE id = ANY(%s)",
+                [list(self.slotless)]).fetchall())
+            holders -= {job_id for job_id, owner in self.slotless.items()
+                        if owners.get(job_id) == owner}
         background = self.background
         if background is not None and not background.killed and background.gate.invocation:
             held_at_gate = background.gate.invocation
@@ -437,19 +463,32 @@ class Machine(RuleBasedStateMachine):
                 jobs=st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(1, 3),
                                         st.sampled_from(QUEUES), st.sampled_from([None, "g1"]),
                                         KEY_CHOICES),
-                              min_size=2, max_size=8))
+                              min_size=2, max_size=8),
+                tasks=st.lists(st.tuples(st.booleans(), st.sampled_from([1, 2]),
+                                         st.integers(0, 2), st.sampled_from(QUEUES)),
+                               max_size=3))
     def schedule_some(self, flow: bool,
-                      jobs: list[tuple[bool, int, int, str, str | None, Any]]) -> None:
-        """Start each example with a few jobs (one rule among many would add too few), with
-        flow control (``MODEL_LIMITS``) on or off for the whole example."""
+                      jobs: list[tuple[bool, int, int, str, str | None, Any]],
+                      tasks: list[tuple[bool, int, int, str]]) -> None:
+        """Start each example with a few jobs and Tasks (one rule among many would add too
+        few), with flow control (``MODEL_LIMITS``) on or off for the whole example."""
         if flow:
             self.flow = override_settings(
                 DJASYNC={**django_settings.DJASYNC, "LIMITS": MODEL_LIMITS})
             self.flow.enable()
             self._say("flow control on")
+        # The Tasks backend serves the model's queues; with flow control, its OPTIONS give the
+        # model's Tasks their keys (templates).
+        self.tasks = override_settings(TASKS={**django_settings.TASKS, "default": {
+            "BACKEND": "djasync.backends.DjasyncBackend", "QUEUES": list(QUEUES),
+            "OPTIONS": {"MAX_ATTEMPTS": 3,
+                        **({"LIMITS": model_jobs.TASK_LIMITS} if flow else {})}}})
+        self.tasks.enable()
         for long, fail_times, max_attempts, queue, group, keys in jobs:
             self.schedule(long, fail_times, max_attempts, 0, "now", queue, None, group, True,
                           keys)
+        for paired, tenant, fail_times, queue in tasks:
+            self.enqueue_task(paired, tenant, fail_times, 0, False, queue, True)
 
     @rule(long=st.booleans(), fail_times=st.integers(0, 2), max_attempts=st.integers(1, 3),
           priority=st.sampled_from([-1, 0, 1]), when=st.sampled_from(["now", "past", "future"]),
@@ -492,6 +531,41 @@ class Machine(RuleBasedStateMachine):
             self._adopt(job.pk, token, kwargs, long, keys=keys or ())
         else:
             self.rolled_back.add(job.pk)
+
+    @rule(paired=st.booleans(), tenant=st.sampled_from([1, 2]), fail_times=st.integers(0, 2),
+          priority=st.sampled_from([-1, 0, 1]), future=st.sampled_from([False, False, True]),
+          queue=st.sampled_from(QUEUES), commit=st.sampled_from([True, True, True, False]))
+    @waits_on_held
+    def enqueue_task(self, paired: bool, tenant: int, fail_times: int, priority: int,
+                     future: bool, queue: str, commit: bool) -> None:
+        """A Django Task enqueued through djasync's backend (3 attempts, from its OPTIONS).
+        With flow control, OPTIONS["LIMITS"] gives it its keys from a template filled from
+        this call's ``tenant`` (``tenant:{tenant}``; with ``pair`` too for the paired Task):
+        then the checks of slots, over-runs and head-of-line blocking cover Task jobs."""
+        self._step("enqueue_task")
+        token = self._token()
+        task = model_jobs.paired_step_task if paired else model_jobs.step_task
+        options: dict[str, Any] = {"queue_name": queue, "priority": priority}
+        if future:
+            options["run_after"] = timezone.now() + datetime.timedelta(days=1)
+        with transaction.atomic():
+            result = task.using(**options).enqueue(token, tenant, fail_times=fail_times)
+            if not commit:
+                transaction.set_rollback(True)
+        job_id = int(result.id)
+        self._say(f"Task #{job_id} {'committed' if commit else 'rolled back'}")
+        if not commit:
+            self.rolled_back.add(job_id)
+            return
+        keys: tuple[str, ...] = ()
+        if self.flow is not None:
+            keys = ("pair", f"tenant:{tenant}") if paired else (f"tenant:{tenant}",)
+        (stored,) = self.db.execute("SELECT limits FROM djasync_job WHERE id = %s",
+                                    [job_id]).fetchone()
+        assert tuple(stored or ()) == keys, (
+            f"Task #{job_id} holds the keys {stored}, not {keys} (from its OPTIONS template)")
+        self._adopt(job_id, token, {"fail_times": fail_times}, long=False, keys=keys,
+                    task=True)
 
     @rule(queue=st.sampled_from(QUEUES), pause=st.booleans())
     @waits_on_held
@@ -733,6 +807,10 @@ class Machine(RuleBasedStateMachine):
         background.killed = True
         if not invocation.in_transaction:  # a long job's effect is already committed
             self.interrupted.add(id(invocation))
+            (owner,) = self.db.execute("SELECT lease_owner FROM djasync_job WHERE id = %s",
+                                       [invocation.job_id]).fetchone() or ("",)
+            if owner:
+                self.slotless[invocation.job_id] = owner
 
     @rule(which=picks)
     def expire_lease(self, which: int) -> None:
@@ -933,6 +1011,10 @@ class Machine(RuleBasedStateMachine):
 
     def _check(self) -> None:
         revived, self.revived = self.revived, set()
+        runs = len(model_jobs.INVOCATIONS)
+        STEPS["task runs"] += sum(1 for i in model_jobs.INVOCATIONS[self.runs_counted:]
+                                  if i.job_id in self.jobs and self.jobs[i.job_id].task)
+        self.runs_counted = runs
         rows = {row[0]: row[1:] for row in self.db.execute(
             """
             SELECT j.id, j.status, j.group_id, coalesce((j.meta->>'max_attempts')::int, 10),
