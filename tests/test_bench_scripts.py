@@ -47,3 +47,24 @@ def test_capacity_reports_wal_cpu_and_dead_rows_per_job_for_each_step():
     # The drain updates each job and adds its attempt: dead rows appear before the VACUUM.
     assert by_step["drain c4 batch 1"]["djasync_job_dead_per_job"] > 0
     assert report["postgres"]
+
+
+def test_ab_alternates_the_two_commits_and_reports_per_pair_ratios():
+    out = bench("bench/ab.py", "--base", "HEAD", "--head", "HEAD", "--pairs", "2", "--n", "200",
+                "--concurrency", "1")
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    drains = [r for r in lines if "side" in r]
+    # ABBA: the order flips every pair; every drain ran all its jobs once (drain_figures).
+    assert [(r["pair"], r["side"]) for r in drains] == [(0, "base"), (0, "head"),
+                                                        (1, "head"), (1, "base")]
+    assert all(r["jobs"] == 200 and r["worker_cpu_s"] > 0 and r["empty"]["worker_cpu_s"] > 0
+               and r["server_cpu_s"] > 0 and r["calls"] >= 200 for r in drains)
+    summary = [r["summary"] for r in lines if "summary" in r]
+    assert {r["figure"] for r in summary} >= {"jobs/s", "worker CPU ms/job",
+                                               "server CPU ms/job, start-up excluded"}
+    assert all(r["pairs"] == 2 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+               for r in summary)
+    # The same code on both sides: the same statements per job, counted from the server log.
+    (counted,) = [r["statements_per_job"] for r in lines if "statements_per_job" in r]
+    assert counted["base"] > 4 and abs(counted["head"] - counted["base"]) < 0.5
+    assert "| c1 | jobs/s |" in out
