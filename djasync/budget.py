@@ -2,7 +2,8 @@
 
 A daemon holds one connection per child, one for its supervisor and one for its LISTEN
 connection: ``concurrency + 2``. On top of that, while they run: one per running long
-(non-atomic) job (its lease renewer), one per child that recounted attempts on a fresh
+(non-atomic) job (its lease renewer) and, behind a connection pooler, one more per running
+long job with flow-control keys (the one holding its slots: ``limits``), one per child that recounted attempts on a fresh
 snapshot (REPEATABLE READ or SERIALIZABLE only, near ``max_attempts``), and one for the
 metrics scrape (``--metrics-port``). Those come and go; the steady part is counted here, for
 every daemon registered as alive (the ``djasync_worker`` table) plus the one starting. The
