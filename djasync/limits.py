@@ -369,6 +369,11 @@ def holds_session_slots() -> bool:
 _holding_session_slots = False
 
 
+def holds_slots_elsewhere() -> bool:
+    """Whether a connection of its own holds a long job's slots now (behind a pooler)."""
+    return _holder is not None
+
+
 def release_session_slots() -> None:
     """Give back the slots a long job held (after its outcome is written), and wake the
     workers, whose jobs may wait on them. A lost connection gave them back already."""
