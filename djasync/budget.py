@@ -2,11 +2,13 @@
 
 A daemon holds one connection per child, one for its supervisor and one for its LISTEN
 connection: ``concurrency + 2``. On top of that, while they run: one per running long
-(non-atomic) job (its lease renewer), one per child that recounted attempts on a fresh
-snapshot (REPEATABLE READ or SERIALIZABLE only, near ``max_attempts``), and one for the
-metrics scrape (``--metrics-port``). Those come and go; the steady part is counted here, for
-every daemon registered as alive (the ``djasync_worker`` table) plus the one starting. The
-explanation, with the recipe for many hosts, is docs/explanation/connections.md.
+(non-atomic) job (its lease renewer) and, behind a connection pooler, one more per running
+long job with flow-control keys (the one holding its slots: ``limits``), one per child
+that recounted attempts on a fresh snapshot (REPEATABLE READ or SERIALIZABLE only, near
+``max_attempts``), and one for the metrics scrape (``--metrics-port``). Those come and go;
+the steady part is counted here, for every daemon registered as alive (the
+``djasync_worker`` table) plus the one starting. The explanation, with the recipe for many
+hosts, is docs/explanation/connections.md.
 
 PostgreSQL refuses connections past ``max_connections`` less the slots it keeps for
 superusers (``superuser_reserved_connections``, and ``reserved_connections`` on 16+). The

@@ -424,7 +424,10 @@ def _start_leased(job: ClaimedJob, worker: str) -> tuple[Run, str, bool] | Finis
                     "claimed it", job.id, job.name, full)
         return None
     except BaseException:
-        if connection.connection is not None and limits.enabled():
+        # (Behind a pooler the slots are on a connection of their own: given back whatever
+        # became of this one.)
+        if limits.enabled() and (connection.connection is not None
+                                 or limits.holds_slots_elsewhere()):
             limits.release_session_slots()
         raise
     return run, owner, holds_slots

@@ -56,8 +56,9 @@ def take(job_id: int, run_after: datetime.datetime | None, worker: str,
     ``max_attempts`` before this one starts.
 
     A job with flow-control keys also takes a slot of each, held by this session (not this
-    transaction) until :func:`limits.release_session_slots` after its outcome, or until the
-    session ends if its worker dies; the third value says so. Raises :class:`LimitFull` if a
+    transaction; behind a pooler, by a transaction of a connection of its own) until
+    :func:`limits.release_session_slots` after its outcome, or until the session ends if its
+    worker dies; the third value says so. Raises :class:`LimitFull` if a
     key is full (the caller rolls the lease back).
     """
     owner = f"{worker}/{uuid.uuid4().hex[:12]}"
@@ -148,6 +149,7 @@ class _Renewer(threading.Thread):
                     logger.warning("lease lost id=%s: the job was re-queued; this run's outcome "
                                    "will be discarded", self.job_id)
                     return
+                limits.keep_slots()  # behind a pooler: the transaction holding its slots
         finally:
             connection.close()
 

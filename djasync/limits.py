@@ -12,7 +12,7 @@
 A key's concurrency slots are advisory locks taken by the transaction that claims the job
 (``djasync_claim_limited``, migrations 0010, 0013, 0015 and 0016), so they end exactly when
 that transaction or its session ends; a long job holds them at session level on the connection
-that runs it. A rate
+that runs it (behind a pooler, in a transaction of a connection of its own: see below). A rate
 of N per window is N token rows per key, one taken and stamped per start in the claiming
 transaction. Jobs without keys (the column ``limits`` is NULL) are claimed as before; with no
 ``LIMITS`` configured the claim is the plain one, unchanged. See docs/howto/flow-control.md.
@@ -20,9 +20,11 @@ transaction. Jobs without keys (the column ``limits`` is NULL) are claimed as be
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -30,6 +32,8 @@ from typing import Any
 from django.db import connection, transaction
 
 from djasync.exceptions import DjasyncError, ImproperlyConfigured
+
+logger = logging.getLogger(__name__)
 
 #: A key: 1-200 printable characters, no control characters (the claim separates slot tags
 #: with one). ``"name:*"`` in ``LIMITS`` is a pattern: one counter per key ``name:…``.
@@ -184,42 +188,223 @@ def enabled() -> bool:
 
 
 # -- Long jobs: their slots are held by their session while they run -------------------------
+#
+# Straight to PostgreSQL, a long job's slots are session-level advisory locks on the
+# connection that runs it (djasync_take_session_slots): they end with that session, and the
+# worker's fence stops the job if it ends. Behind a connection pooler in transaction mode
+# (PgBouncer) that session is not ours: a session-level lock stays on whichever server
+# connection ran the statement, which goes back to the pool (its next client would find the
+# slot "its own"), and the release runs on another one (freeing nothing, or another job's
+# slots). So there the slots are transaction-level advisory locks taken in a transaction kept
+# open for the job's run, on a connection of its own (:class:`_SlotHolder`): straight to
+# PostgreSQL through ``DJASYNC["LISTEN_URL"]`` when it is set, else through the pooler, which
+# pins one server connection to that transaction until it ends, or until its client goes
+# (PgBouncer then closes that server connection, and PostgreSQL frees the locks). The
+# worker's fence watches that connection instead (:data:`ON_SLOT_CONNECTION`).
+
+#: Take the slots at session level only if the session is the one the connection was opened
+#: with (a pooler answers the connection with a backend key of its own): whether it is, and
+#: the full key. The same round trip as before on a direct connection.
+_TAKE_IF_DIRECT = """
+SELECT pg_backend_pid() = %(pid)s,
+       CASE WHEN pg_backend_pid() = %(pid)s
+            THEN djasync_take_session_slots(%(keys)s::jsonb, %(cfg_keys)s::text[],
+                                            %(cfg_concurrency)s::integer[]) END
+"""
+#: Take a slot of each key in this transaction (until it ends): for each key, the first free
+#: slot (LIMIT 1 stops at the first lock taken), or NULL if it is full. And bound the
+#: transaction's idleness (0: no bound).
+_TAKE_IN_TRANSACTION = """
+SELECT t.k, (SELECT s FROM generate_series(0, t.c - 1) AS s
+              WHERE pg_try_advisory_xact_lock(hashtext('djasync.limit:' || t.k), s) LIMIT 1),
+       set_config('idle_in_transaction_session_timeout', %(idle)s, true)
+  FROM unnest(%(keys)s::text[], %(concurrency)s::integer[]) WITH ORDINALITY AS t(k, c, i)
+ ORDER BY t.i
+"""
+
+#: Called with the file descriptor of the connection holding a long job's slots when it is
+#: opened (behind a pooler: see above), and with None just before it is closed: the daemon's
+#: child hands it to its supervisor, whose fence then watches it instead of the child's own.
+ON_SLOT_CONNECTION: list[Callable[[int | None], None]] = []
+
 
 def take_session_slots(keys: Any) -> str | None:
-    """Take a slot of every key of a long job about to start, at session level; return the
-    key that is full (then none is held), or None."""
-    params = config_params()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT djasync_take_session_slots(%s::jsonb, %s::text[], %s::integer[])",
-            [_json_text(keys), params["cfg_keys"], params["cfg_concurrency"]])
-        (full,) = cursor.fetchone()
+    """Take a slot of every key of a long job about to start, for the job's run (at session
+    level on this connection, or behind a pooler in a transaction of a connection of its own);
+    return the key that is full (then none is held), or None."""
     global _holding_session_slots
+    params = config_params()
+    connection.ensure_connection()
+    with connection.cursor() as cursor:
+        cursor.execute(_TAKE_IF_DIRECT, {
+            "pid": connection.connection.info.backend_pid, "keys": _json_text(keys),
+            "cfg_keys": params["cfg_keys"], "cfg_concurrency": params["cfg_concurrency"]})
+        direct, full = cursor.fetchone()
+    if not direct:
+        full = _take_pooled(keys)
     _holding_session_slots = full is None
     return full
 
 
+def _take_pooled(keys: Any) -> str | None:
+    global _holder
+    import json
+
+    from djasync import conf
+
+    settings = conf.get()
+    wanted: list[tuple[str, int]] = []
+    for key in json.loads(keys) if isinstance(keys, str) else keys:
+        found = matching(key, settings.LIMITS)
+        if found is not None and found[1].concurrency:
+            wanted.append((key, found[1].concurrency))
+    if not wanted:
+        return None
+    if _holder is not None:  # a previous job's, not given back (cannot happen; be sure)
+        _holder.close()
+    # The lease renewer keeps the transaction from idling past the lease (keep_slots); inside
+    # a caller's transaction (job(), run_jobs()) there is no renewer, and no bound.
+    renewed = len(connection.atomic_blocks) <= 1
+    idle_ms = int(settings.LEASE_SECONDS * 1000) if renewed else 0
+    _holder = _SlotHolder()
+    try:
+        full = _holder.take(wanted, idle_ms)
+    except BaseException:
+        _holder.close()
+        _holder = None
+        raise
+    if full is not None:
+        _holder.close()
+        _holder = None
+    return full
+
+
+class _SlotHolder:
+    """A connection of its own whose open transaction holds a long job's slots (behind a
+    pooler; see above)."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        from djasync import conf
+        from djasync.connections import listen_conninfo
+
+        params = dict(connection.get_connection_params())
+        direct_url = conf.get().LISTEN_URL
+        if direct_url is not None:
+            params = listen_conninfo(params)  # straight to PostgreSQL: no server connection
+        else:                                 # of the pool is pinned for the job's run
+            _warn_pooled_once()
+        params["prepare_threshold"] = None  # a handful of statements, on any pooler
+        self.conn = psycopg.connect(**params)
+        self.shared = False
+        self.lock = threading.Lock()
+
+    def take(self, wanted: list[tuple[str, int]], idle_ms: int) -> str | None:
+        rows = self.conn.execute(_TAKE_IN_TRANSACTION, {
+            "keys": [k for k, _ in wanted], "concurrency": [c for _, c in wanted],
+            "idle": f"{idle_ms}ms"}).fetchall()
+        for key, slot, _ in rows:
+            if slot is None:
+                self.conn.rollback()
+                return str(key)
+        for hook in ON_SLOT_CONNECTION:
+            hook(self.conn.fileno())
+        self.shared = bool(ON_SLOT_CONNECTION)
+        return None
+
+    def keep(self) -> None:
+        """Show PostgreSQL the transaction is not idle (its idle timeout is the lease's)."""
+        with self.lock:
+            if not self.conn.closed:
+                self.conn.execute("SELECT 1")
+
+    def release(self) -> None:
+        """End the transaction (its slots end with it) and wake the workers waiting on a key
+        (the notification is delivered at the COMMIT, after the locks are gone)."""
+        with self.lock:
+            self._unshare()
+            try:
+                self.conn.execute("SELECT pg_notify(%s, '*')", [_channel()])
+                self.conn.commit()
+            finally:
+                self.conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._unshare()
+            self.conn.close()
+
+    def _unshare(self) -> None:
+        if self.shared:
+            self.shared = False
+            for hook in ON_SLOT_CONNECTION:
+                hook(None)
+
+
+_holder: _SlotHolder | None = None
+
+
+def keep_slots() -> None:
+    """Called by a long job's lease renewer after each renewal: behind a pooler, touch the
+    transaction holding the job's slots, so that it outlives its idle timeout (the lease's
+    length) only while the job's worker lives. Never raises."""
+    holder = _holder
+    if holder is None:
+        return
+    try:
+        holder.keep()
+    except Exception as exc:  # gone: the fence stops the job
+        logger.warning("the connection holding a long job's flow-control slots failed "
+                       "error=%s", exc)
+
+
 def holds_session_slots() -> bool:
-    """Whether this process's connection holds a long job's slots now (taken by
+    """Whether this process holds a long job's slots now (taken by
     :func:`take_session_slots`, not yet given back): its worker must stop the job if
-    PostgreSQL ends that session, since the slots end with it."""
+    PostgreSQL ends the session holding them, since the slots end with it."""
     return _holding_session_slots
 
 
 _holding_session_slots = False
 
 
+def holds_slots_elsewhere() -> bool:
+    """Whether a connection of its own holds a long job's slots now (behind a pooler)."""
+    return _holder is not None
+
+
 def release_session_slots() -> None:
     """Give back the slots a long job held (after its outcome is written), and wake the
     workers, whose jobs may wait on them. A lost connection gave them back already."""
-    global _holding_session_slots
+    global _holding_session_slots, _holder
     _holding_session_slots = False
+    holder, _holder = _holder, None
+    if holder is not None:
+        try:
+            holder.release()
+        except Exception as exc:  # the connection is gone: so are its slots
+            logger.debug("the connection holding a long job's slots was gone error=%s", exc)
+        return
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT djasync_release_session_slots(), pg_notify(%s, '*')",
                            [_channel()])
     except Exception:  # the session is gone: so are its slots
         connection.close()
+
+
+_warned_pooled = False
+
+
+def _warn_pooled_once() -> None:
+    global _warned_pooled
+    if not _warned_pooled:
+        _warned_pooled = True
+        logger.info("long jobs with flow-control keys hold their slots in a transaction of a "
+                    "connection of their own, through the connection pooler: each pins one "
+                    "of its server connections while it runs. DJASYNC['LISTEN_URL'] (straight "
+                    "to PostgreSQL) takes them off the pool (docs/howto/pgbouncer.md)")
 
 
 def _channel() -> str:

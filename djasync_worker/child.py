@@ -42,7 +42,8 @@ RECONNECT_DELAY_MAX_SECONDS = 2.0
 #: that sees an id sees that job's start and timeout.
 #: IN_TRANSACTION is IN_TRANSACTION_ATOMIC while the job runs inside the transaction of the
 #: child's connection (an atomic job), IN_SESSION_SLOTS while a long job (``atomic=False``,
-#: under a lease) runs holding its flow-control slots on that connection's session, else 0:
+#: under a lease) runs holding its flow-control slots on that connection's session (behind a
+#: pooler: on a connection of their own, whose socket the child sends too), else 0:
 #: while it is not 0, that session's end means the job's claim or its slots are gone (see the
 #: supervisor's fence).
 #: BACKEND_PID: the server process of the child's connection (the pooler's key behind one),
@@ -111,6 +112,9 @@ class Child:
         connection_created.connect(self._share_socket)
         # A session we end ourselves is no lost session: the fence must not kill us for it.
         executor.BEFORE_DELIBERATE_CLOSE.append(self._leaving_the_session)
+        # Behind a pooler a long job's slots are held by a connection of their own: the
+        # supervisor's fence watches that one while the job runs.
+        limits.ON_SLOT_CONNECTION.append(self._share_slot_socket)
         delay = RECONNECT_DELAY_SECONDS
         claim = True  # a new child looks for work at once
         self.idle = True  # as far as the supervisor knows
@@ -201,6 +205,19 @@ class Child:
         except OSError:
             os._exit(1)
         executor.set_session_timeouts_if_direct()
+
+    def _share_slot_socket(self, fd: int | None) -> None:
+        """Give the supervisor a duplicate of the socket of the connection holding a long
+        job's flow-control slots (behind a pooler: see ``limits``), or say it is closed (just
+        before it is): while the job runs, that session's end frees its slots."""
+        if fd is None:
+            self._send(("slots_closed",))
+            return
+        self._send(("slots_conn",))
+        try:
+            reduction.send_handle(self.pipe, fd, self.parent_pid)
+        except OSError:
+            os._exit(1)
 
     def _started(self, job: ClaimedJob) -> None:
         """Publish the job we start in shared memory: no message, no system call per job.

@@ -94,6 +94,9 @@ class ChildState:
     killed_for_lost_session: bool = False
     #: Our duplicate of the child's database socket (see ``Child._share_socket``).
     db_socket: int | None = None
+    #: Behind a pooler, our duplicate of the socket of the connection holding the flow-control
+    #: slots of the long job the child runs (``Child._share_slot_socket``), else None.
+    slot_socket: int | None = None
     #: Why it was last woken ("poll" matters: a poll that finds work hints LISTEN is broken).
     woken_by: str = ""
 
@@ -111,6 +114,15 @@ def running_job(child: ChildState) -> tuple[int, float, float | None, float] | N
         if int(shared[shared_layout.JOB_ID]) == job_id:
             return job_id, started, None if timeout < 0 else timeout, epoch
     return None
+
+
+def watched_socket(child: ChildState) -> int | None:
+    """The socket whose end frees the claim of the child's job: the child's own, or behind a
+    pooler, while a long job runs, the one holding its flow-control slots."""
+    if (child.slot_socket is not None
+            and child.shared[shared_layout.IN_TRANSACTION] == shared_layout.IN_SESSION_SLOTS):
+        return child.slot_socket
+    return child.db_socket
 
 
 def running_in_session(child: ChildState) -> int | None:
@@ -359,13 +371,14 @@ class Supervisor:
 
     def _socket_copies(self) -> list[int]:
         """Our copies of children's database sockets (a forked process must close them)."""
-        copies = [c.db_socket for c in self.children.values() if c.db_socket is not None]
+        copies = [fd for c in self.children.values() for fd in (c.db_socket, c.slot_socket)
+                  if fd is not None]
         return copies + [lost.db_socket for lost in self.lost if lost.db_socket is not None]
 
     def _fenced_sockets(self) -> list[int]:
         """The sockets of children running an atomic job: their end must wake us at once."""
-        return [c.db_socket for c in self.children.values()
-                if c.db_socket is not None and not c.killed_for_lost_session
+        return [fd for c in self.children.values()
+                if (fd := watched_socket(c)) is not None and not c.killed_for_lost_session
                 and not c.killed_for_timeout and running_in_session(c) is not None]
 
     def _fence(self) -> None:
@@ -379,14 +392,16 @@ class Supervisor:
         """
         for child in self.children.values():
             if (child.killed_for_lost_session or child.killed_for_timeout
-                    or child.db_socket is None or running_in_session(child) is None
-                    or _session_alive(child.db_socket)):
+                    or watched_socket(child) is None or running_in_session(child) is None
+                    or _session_alive(watched_socket(child))):
                 continue
             # The child may have reconnected: its new socket comes over the pipe before it
-            # claims again, so read the pipe before deciding.
+            # claims again (and a slot connection closed on purpose is said before it is), so
+            # read the pipe before deciding.
             self._read_messages(child)
             job_id = running_in_session(child)
-            if job_id is None or child.db_socket is None or _session_alive(child.db_socket):
+            watched = watched_socket(child)
+            if job_id is None or watched is None or _session_alive(watched):
                 continue
             logger.warning("job's database session ended while it ran, killing its child "
                            "(another worker may run the job now) id=%s pid=%s", job_id,
@@ -423,6 +438,16 @@ class Supervisor:
         elif kind == "conn_closed":
             _close_fd(child.db_socket)
             child.db_socket = None
+        elif kind == "slots_conn":
+            try:
+                fd = reduction.recv_handle(child.pipe)
+            except (EOFError, OSError, RuntimeError):
+                return
+            _close_fd(child.slot_socket)
+            child.slot_socket = fd
+        elif kind == "slots_closed":
+            _close_fd(child.slot_socket)
+            child.slot_socket = None
         elif kind == "busy":
             child.idle = False
             if child.woken_by == "poll":
@@ -442,6 +467,11 @@ class Supervisor:
         self.jobs_done_by_exited += int(child.shared[shared_layout.JOBS_DONE])
         running = running_job(child)
         worker = f"{socket.gethostname()}:{child.process.pid}"  # the child's name in its leases
+        # The connection that held a long job's slots (behind a pooler) ends now: its slots
+        # are free again at once (the job's lease keeps it from running again until its
+        # attempt is written).
+        _close_fd(child.slot_socket)
+        child.slot_socket = None
         # A child fenced off because PostgreSQL ended its session is not charged either:
         # before its kill the run had already ended as a session's end ends any atomic job
         # (rolled back, claimable again, not counted), and the end came from outside the job

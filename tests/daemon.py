@@ -57,7 +57,7 @@ def run_worker(*args: str, timeout: float = 60, env: dict[str, str] | None = Non
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
-             interval: float = 0.02) -> Any:
+             interval: float = 0.02, why: Callable[[], str] | None = None) -> Any:
     """Return the first truthy value of ``condition()``; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -65,7 +65,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (f": {why()}" if why is not None else ""))
         time.sleep(interval)
 
 

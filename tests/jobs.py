@@ -403,7 +403,9 @@ def flow_outside(key, seconds=0.02, pidfile=None):
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (backend,) = cursor.fetchone()
-    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as record:
+    # (Unnamed statements: DATABASE_URL may go through a pooler that carries no prepared ones.)
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True,
+                         prepare_threshold=None) as record:
         (started,) = record.execute(
             f"INSERT INTO {FLOW_RUNS} (key, started, finished, pid) "
             "VALUES (%s, clock_timestamp(), clock_timestamp(), %s) RETURNING started",
