@@ -1,0 +1,563 @@
+import importlib
+
+from django.db import migrations
+
+# djasync_claim_limited: the rows of jobs with concurrency keys are locked set-wise (issue 16's
+# bench: a key with concurrency 8 over no-op jobs at --concurrency 4). Profiled with
+# pg_stat_statements (track = all), a claim of a job with a key ran 9-11 statements inside the
+# function, and most of its server time was their fixed cost (executor start and end, a
+# snapshot), not their execution; ~3 of them were locks of rows that other workers hold (their
+# jobs run: an atomic job's row stays locked while it runs), each tried by a statement of its
+# own, where the plain claim passes over them inside its one statement. What changes (0016's
+# text otherwise, every rule as it was):
+#
+# - A job whose keys have concurrency limits only is not locked when the walk meets it: once
+#   its keys are seen to have room (as before), it is gathered, and the gathered jobs are
+#   locked by one statement, in claim order, with SKIP LOCKED and LIMIT 1: the first one no one
+#   else holds, and only it. A job this claim does not take is never locked by it (but for the
+#   race 0015 describes: a key that fills up between the look and the take). How many are
+#   gathered before that statement runs: as many as the session's previous claim found held,
+#   plus one (djasync.claim_skipped, a session setting; at most 65), plus the batch's jobs
+#   still to take; fewer at the walk's end. The statement locks nothing when all are held, and
+#   the walk gathers on.
+# - After a job is taken (a batch), the jobs gathered after it are looked at again, before the
+#   walk reads on: their keys may be full now, and the stop rule (0013) moves up.
+# - A job with a rate is still tried on its own in a subtransaction: met while jobs are
+#   gathered, it waits until those were locked (claim order), then is looked at again.
+_0016 = importlib.import_module("djasync.migrations.0016_claim_limited_fewer_statements")
+
+CLAIM_LIMITED = r"""CREATE OR REPLACE FUNCTION djasync_claim_limited(
+    queues text[], n integer, at timestamptz, name_prefix text, one_id bigint,
+    cfg_keys text[], cfg_concurrency integer[], cfg_rate integer[],
+    cfg_per double precision[], channel text)
+RETURNS TABLE (id bigint, name varchar, args jsonb, kwargs jsonb, meta jsonb, queue varchar,
+               priority smallint, group_id bigint, previous_attempts bigint,
+               lease_expired boolean, run_after timestamptz)
+LANGUAGE plpgsql
+SET enable_sort = off
+SET enable_seqscan = off
+SET jit = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    due timestamptz := coalesce(at, clock_timestamp());
+    -- job() (one_id) runs a job of a paused queue: it is asked for by name.
+    paused text[] := CASE WHEN one_id IS NULL
+                          THEN ARRAY(SELECT p.queue FROM djasync_pausedqueue p)
+                          ELSE '{}' END;
+    -- The n best jobs without keys (priority, run_after, id), in claim order.
+    b_pri smallint[];
+    b_ra timestamptz[];
+    b_ids bigint[];
+    -- Whether those are the ones no one else holds (the probe ran).
+    b_exact boolean := false;
+    b_at integer;
+    u record;
+    candidates refcursor;
+    -- The job at hand (from the cursor, or from the jobs to look at again below).
+    c_id bigint;
+    c_limits jsonb;
+    c_pri smallint;
+    c_ra timestamptz;
+    -- Jobs whose keys were seen to have room, gathered in claim order and not locked yet:
+    -- they are locked by one statement that passes over the rows other workers hold (SKIP
+    -- LOCKED, as the plain claim does) and locks only the first row it can (LIMIT 1).
+    p_ids bigint[] := '{}';
+    p_limits jsonb[] := '{}';
+    p_pri smallint[] := '{}';
+    p_ra timestamptz[] := '{}';
+    -- How many to gather first: as many as this session's previous claim found held by
+    -- others, plus one (a worker among c finds about c - 1 of them).
+    p_cap integer := least(coalesce(nullif(current_setting('djasync.claim_skipped', true), ''),
+                                    '0')::integer, 64) + 1;
+    skipped integer := 0;
+    got_at bigint;
+    flush boolean := false;
+    -- Jobs to look at again, before the cursor's next: those gathered after a job taken (its
+    -- keys may be full now), and a job with a rate met while some were gathered.
+    r_ids bigint[] := '{}';
+    r_limits jsonb[] := '{}';
+    r_pri smallint[] := '{}';
+    r_ra timestamptz[] := '{}';
+    r_at integer := 1;
+    walk_done boolean;
+    b_done boolean := false;
+    full_keys text[] := '{}';
+    -- The same as a jsonb object: looking a key up in it is a binary search, not a scan.
+    full_set jsonb := '{}';
+    -- Keys without a rate seen with a free slot by this claim (and their hashes): not looked
+    -- at again before a job of theirs is locked.
+    free_set jsonb := '{}';
+    -- The LIMITS entries of the full keys: this session waits on them (djasync_wait_on).
+    waiting text[] := '{}';
+    -- The entries of the slots taken (djasync.gave_back: see djasync_wake_waiters).
+    gave text[] := '{}';
+    -- The slots this session holds (tags as djasync_limit_tag makes them): advisory locks are
+    -- re-entrant, so a slot of ours would look free. ``mine``: those this claim took.
+    held text := coalesce(current_setting('djasync.slots', true), '')
+                 || coalesce(current_setting('djasync.session_slots', true), '');
+    mine text := '';
+    rtags text;
+    tag text;
+    h integer;
+    cc integer;
+    first integer;
+    free boolean;
+    blocked text;
+    k text;
+    s integer;
+    got boolean;
+    rated boolean;
+    c integer;
+    taken integer := 0;
+    taken_ids bigint[] := '{}';
+    -- Jobs the walk in claim order reads before it turns to each key's first jobs.
+    look_cap integer := 200 + n;
+    looked integer := 0;
+    deep boolean := false;
+    by_key boolean := false;
+    -- Jobs looked at per key then: its running jobs (locked) come first.
+    key_cap integer;
+    -- The result of a call made for its effect (an assignment: no query).
+    ignored text;
+BEGIN
+    IF one_id IS NULL THEN
+        OPEN candidates FOR
+            SELECT j.id, j.limits, j.priority, j.run_after
+              FROM djasync_job j
+             WHERE j.status = 'pending' AND j.limits IS NOT NULL AND j.run_after <= due
+               AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+               AND (name_prefix IS NULL OR starts_with(j.name, name_prefix)
+                        OR (j.name = 'djasync.backends.run_task'
+                            AND starts_with(j.args ->> 0, name_prefix)))
+             ORDER BY j.priority DESC, j.run_after, j.id;
+    ELSE
+        OPEN candidates FOR
+            SELECT j.id, j.limits, j.priority, j.run_after
+              FROM djasync_job j
+             WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NOT NULL;
+    END IF;
+    LOOP  -- the walk in claim order; then, if it read too far, the walk of each key's first jobs
+    walk_done := false;
+    LOOP
+        EXIT WHEN taken >= n;
+        IF p_ids <> '{}' AND (walk_done OR flush OR cardinality(p_ids) >= p_cap + n - taken - 1)
+        THEN
+            -- Lock the first of the jobs gathered that no one else holds, if any: the others
+            -- stay unlocked (this claim locks no job it does not take, but for the race below).
+            flush := false;
+            got_at := NULL;
+            SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+                   j.lease_expires IS NOT NULL, j.run_after, c.pos
+              INTO id, name, args, kwargs, meta, queue, priority, group_id,
+                   lease_expired, run_after, got_at
+              FROM unnest(p_ids) WITH ORDINALITY AS c(pid, pos)
+              JOIN djasync_job j ON j.id = c.pid
+             WHERE j.status = 'pending'
+               AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
+               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+             ORDER BY c.pos
+             LIMIT 1
+               FOR NO KEY UPDATE OF j SKIP LOCKED;
+            IF got_at IS NULL THEN
+                skipped := skipped + cardinality(p_ids);
+            ELSE
+                skipped := skipped + got_at::integer - 1;
+                c_id := p_ids[got_at];
+                c_limits := p_limits[got_at];
+                -- Those gathered after it are looked at again, before the cursor's next.
+                r_ids := p_ids[got_at + 1:] || r_ids[r_at:];
+                r_limits := p_limits[got_at + 1:] || r_limits[r_at:];
+                r_pri := p_pri[got_at + 1:] || r_pri[r_at:];
+                r_ra := p_ra[got_at + 1:] || r_ra[r_at:];
+                r_at := 1;
+            END IF;
+            p_ids := '{}';
+            p_limits := '{}';
+            p_pri := '{}';
+            p_ra := '{}';
+            CONTINUE WHEN got_at IS NULL;
+            -- (The attempts are counted once the row is ours: see 0016's note.)
+            previous_attempts := (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = c_id);
+            blocked := NULL;
+            FOR i IN 0..jsonb_array_length(c_limits) - 1 LOOP
+                k := c_limits ->> i;
+                c := coalesce(array_position(cfg_keys, k),
+                              array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+                CONTINUE WHEN c IS NULL OR cfg_concurrency[c] = 0;
+                -- Take a slot (djasync_take_slot, inline), from a random one on.
+                cc := cfg_concurrency[c];
+                h := (free_set ->> k)::integer;
+                first := floor(random() * cc)::integer;
+                free := false;
+                FOR i IN 0..cc - 1 LOOP
+                    s := (first + i) % cc;
+                    tag := chr(31) || h || '#' || s;
+                    CONTINUE WHEN held <> '' AND position(tag || chr(31) IN held || chr(31)) > 0;
+                    IF pg_try_advisory_xact_lock(h, s) THEN
+                        held := held || tag;
+                        mine := mine || tag;
+                        free := true;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                IF NOT free THEN
+                    -- Filled up since the look (another claim took its last slot in between):
+                    -- the row stays locked, unclaimed, until this transaction ends (see 0015's
+                    -- note).
+                    blocked := k;
+                    EXIT;
+                END IF;
+                gave := gave || cfg_keys[c];
+            END LOOP;
+            IF blocked IS NOT NULL THEN
+                full_keys := full_keys || blocked;
+                full_set := full_set || jsonb_build_object(blocked, true);
+                CONTINUE;
+            END IF;
+            -- Its keys may be full now (a batch): the next job of theirs looks again.
+            free_set := free_set - (c_limits ->> 0);
+            IF jsonb_array_length(c_limits) > 1 THEN
+                free_set := free_set - ARRAY(SELECT jsonb_array_elements_text(c_limits));
+            END IF;
+            taken := taken + 1;
+            taken_ids := taken_ids || id;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        IF r_at <= cardinality(r_ids) THEN
+            c_id := r_ids[r_at];
+            c_limits := r_limits[r_at];
+            c_pri := r_pri[r_at];
+            c_ra := r_ra[r_at];
+            r_at := r_at + 1;
+        ELSE
+            EXIT WHEN walk_done;
+            FETCH candidates INTO c_id, c_limits, c_pri, c_ra;
+            IF NOT FOUND THEN
+                walk_done := true;
+                CONTINUE;
+            END IF;
+            looked := looked + 1;
+        END IF;
+        IF looked = 1 AND one_id IS NULL AND NOT b_done THEN
+            b_done := true;
+            -- The n best jobs without keys, running or not (a probe below sorts that out only
+            -- if it matters). Looked up only now that a job with keys is due.
+            SELECT array_agg(t.priority ORDER BY t.priority DESC, t.run_after, t.id),
+                   array_agg(t.run_after ORDER BY t.priority DESC, t.run_after, t.id),
+                   array_agg(t.id ORDER BY t.priority DESC, t.run_after, t.id)
+              INTO b_pri, b_ra, b_ids
+              FROM (SELECT j.priority, j.run_after, j.id FROM djasync_job j
+                     WHERE j.status = 'pending' AND j.limits IS NULL AND j.run_after <= due
+                       AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+                       AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+                       AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+                       AND (name_prefix IS NULL OR starts_with(j.name, name_prefix)
+                                OR (j.name = 'djasync.backends.run_task'
+                                    AND starts_with(j.args ->> 0, name_prefix)))
+                     ORDER BY j.priority DESC, j.run_after, j.id
+                     LIMIT n) t;
+        END IF;
+        IF NOT by_key AND looked > look_cap THEN
+            deep := true;
+            walk_done := true;
+            CONTINUE;
+        END IF;
+        -- Stop at a job ranking after the (n - taken)-th best job without keys: the plain
+        -- part below takes that one and those before it.
+        b_at := n - taken;
+        IF b_at <= coalesce(cardinality(b_ids), 0) AND (c_pri < b_pri[b_at]
+               OR (c_pri = b_pri[b_at]
+                   AND (c_ra, c_id) > (b_ra[b_at], b_ids[b_at]))) THEN
+            IF b_exact THEN
+                walk_done := true;
+                CONTINUE;
+            END IF;
+            -- Some of those may be running elsewhere (an atomic job's row stays locked while
+            -- it runs): the plain part skips them, and this job must not wait for them. Find
+            -- the n best that this claim can lock, and give the locks back at once (the one
+            -- subtransaction of a claim of jobs with concurrency keys only, at most once).
+            b_exact := true;
+            b_pri := '{}';
+            b_ra := '{}';
+            b_ids := '{}';
+            BEGIN
+                FOR u IN
+                    SELECT j.priority, j.run_after, j.id FROM djasync_job j
+                     WHERE j.status = 'pending' AND j.limits IS NULL AND j.run_after <= due
+                       AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+                       AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+                       AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+                       AND (name_prefix IS NULL OR starts_with(j.name, name_prefix)
+                                OR (j.name = 'djasync.backends.run_task'
+                                    AND starts_with(j.args ->> 0, name_prefix)))
+                     ORDER BY j.priority DESC, j.run_after, j.id
+                     LIMIT n
+                       FOR NO KEY UPDATE OF j SKIP LOCKED
+                LOOP
+                    b_pri := b_pri || u.priority;
+                    b_ra := b_ra || u.run_after;
+                    b_ids := b_ids || u.id;
+                END LOOP;
+                RAISE EXCEPTION 'djasync claim probe' USING ERRCODE = 'DJA02';
+            EXCEPTION WHEN SQLSTATE 'DJA02' THEN
+                NULL;  -- rolled back: the rows are free for others again
+            END;
+            IF b_at <= coalesce(cardinality(b_ids), 0) AND (c_pri < b_pri[b_at]
+                   OR (c_pri = b_pri[b_at]
+                       AND (c_ra, c_id) > (b_ra[b_at], b_ids[b_at]))) THEN
+                walk_done := true;
+                CONTINUE;
+            END IF;
+        END IF;
+        -- A job waiting on a key found full is passed over untried (a simple expression:
+        -- no query per job, as this may read many of them).
+        CONTINUE WHEN full_set ? (c_limits ->> 0)  -- the usual job, of one key
+            OR (jsonb_array_length(c_limits) > 1 AND c_limits ?| full_keys);
+        CONTINUE WHEN c_id = ANY(taken_ids);  -- ours: a lock of our own is not skipped
+        -- A key with no slot free now is marked full without locking anything. The keys are
+        -- read by position (simple expressions, no query per job).
+        blocked := NULL;
+        rated := false;
+        -- (The usual job, of one key seen free already by this claim, skips this: the walk
+        -- passes many jobs that other workers run, and each costs only its row's look.)
+        IF jsonb_array_length(c_limits) > 1 OR NOT free_set ? (c_limits ->> 0) THEN
+        FOR i IN 0..jsonb_array_length(c_limits) - 1 LOOP
+            k := c_limits ->> i;
+            c := coalesce(array_position(cfg_keys, k),
+                          array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+            CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
+            rated := rated OR cfg_rate[c] > 0;
+            CONTINUE WHEN cfg_concurrency[c] = 0 OR free_set ? k;
+            -- Whether a slot is free (djasync_slot_free, inline: a lock taken and given back at
+            -- once). If none is, mark this session as waiting on the entry and look again: a
+            -- slot given back after this second look is followed by a NOTIFY
+            -- (djasync_wake_waiters).
+            cc := cfg_concurrency[c];
+            h := hashtext('djasync.limit:' || k);
+            free := false;
+            FOR look IN 1..2 LOOP
+                first := floor(random() * cc)::integer;
+                FOR i IN 0..cc - 1 LOOP
+                    s := (first + i) % cc;
+                    CONTINUE WHEN held <> ''
+                        AND position(chr(31) || h || '#' || s || chr(31) IN held || chr(31)) > 0;
+                    IF pg_try_advisory_lock(h, s) THEN
+                        ignored := pg_advisory_unlock(h, s);
+                        free := true;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                EXIT WHEN free;
+                IF look = 1 AND NOT cfg_keys[c] = ANY(waiting) THEN
+                    waiting := waiting || cfg_keys[c];
+                    PERFORM djasync_wait_on(cfg_keys[c]);
+                END IF;
+            END LOOP;
+            IF NOT free THEN
+                blocked := k;
+                EXIT;
+            END IF;
+            IF cfg_rate[c] = 0 THEN  -- a key with a rate is looked at for each job
+                free_set := free_set || jsonb_build_object(k, h);
+            END IF;
+        END LOOP;
+        END IF;
+        IF blocked IS NOT NULL THEN
+            full_keys := full_keys || blocked;
+            full_set := full_set || jsonb_build_object(blocked, true);
+            CONTINUE;
+        END IF;
+        IF NOT rated THEN
+            -- Concurrency only: gathered, locked with the others (above).
+            p_ids := p_ids || c_id;
+            p_limits := p_limits || c_limits;
+            p_pri := p_pri || c_pri;
+            p_ra := p_ra || c_ra;
+            CONTINUE;
+        END IF;
+        IF p_ids <> '{}' THEN
+            -- A job with a rate, tried on its own: those gathered before it are locked first,
+            -- then it is looked at again.
+            r_ids := c_id || r_ids[r_at:];
+            r_limits := c_limits || r_limits[r_at:];
+            r_pri := c_pri || r_pri[r_at:];
+            r_ra := c_ra || r_ra[r_at:];
+            r_at := 1;
+            flush := true;
+            CONTINUE;
+        END IF;
+        got := false;
+        s := 0;
+        BEGIN  -- a subtransaction: a full key gives back this job's row lock, slots and tokens
+            SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+                   (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+                   j.lease_expires IS NOT NULL, j.run_after
+              INTO id, name, args, kwargs, meta, queue, priority, group_id, previous_attempts,
+                   lease_expired, run_after
+              FROM djasync_job j
+             WHERE j.id = c_id AND j.status = 'pending'
+               AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
+               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+               FOR NO KEY UPDATE OF j SKIP LOCKED;
+            rtags := '';
+            IF FOUND THEN
+                FOR i IN 0..jsonb_array_length(c_limits) - 1 LOOP
+                    k := c_limits ->> i;
+                    c := coalesce(array_position(cfg_keys, k),
+                                  array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+                    CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
+                    IF cfg_concurrency[c] > 0 THEN
+                        s := djasync_take_slot(k, cfg_concurrency[c], false);
+                        rtags := rtags || chr(31) || hashtext('djasync.limit:' || k) || '#' || s;
+                        gave := gave || cfg_keys[c];
+                    END IF;
+                    IF s < 0 OR (cfg_rate[c] > 0
+                                 AND djasync_take_token(k, cfg_rate[c], cfg_per[c]) IS NULL) THEN
+                        blocked := k;
+                        RAISE EXCEPTION 'djasync limit % is full', k USING ERRCODE = 'DJA01';
+                    END IF;
+                END LOOP;
+                got := true;
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'DJA01' THEN
+            full_keys := full_keys || blocked;
+            full_set := full_set || jsonb_build_object(blocked, true);
+            -- A rate's token is timed, not given back: wait on its entry's next look (poll).
+        END;
+        IF got AND rated THEN
+            held := held || rtags;  -- noted in djasync.slots by djasync_take_slot already
+        END IF;
+        IF got THEN
+            -- Its keys may be full now (a batch): the next job of theirs looks again.
+            free_set := free_set - (c_limits ->> 0);
+            IF jsonb_array_length(c_limits) > 1 THEN
+                free_set := free_set - ARRAY(SELECT jsonb_array_elements_text(c_limits));
+            END IF;
+            taken := taken + 1;
+            taken_ids := taken_ids || id;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    CLOSE candidates;
+    EXIT WHEN NOT deep OR by_key OR taken >= n;
+    -- The walk read past look_cap jobs it could not take (jobs waiting on full keys, ranked
+    -- first): rather than read on through all of them, look at the first jobs of each key
+    -- (by a job's first key, through djasync_job_claim_key: one index descent per key, none
+    -- of the rows of a key known full), merged in claim order.
+    by_key := true;
+    key_cap := coalesce((SELECT max(x) FROM unnest(cfg_concurrency) x), 0) + n + 4;
+    OPEN candidates FOR
+        WITH RECURSIVE keys(k) AS (
+            (SELECT j.limits ->> 0 FROM djasync_job j
+              WHERE j.status = 'pending' AND j.limits IS NOT NULL
+              ORDER BY j.limits ->> 0 LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.limits ->> 0 FROM djasync_job j
+                     WHERE j.status = 'pending' AND j.limits IS NOT NULL
+                       AND (j.limits ->> 0) > keys.k
+                     ORDER BY j.limits ->> 0 LIMIT 1)
+              FROM keys WHERE keys.k IS NOT NULL)
+        SELECT h.id, h.limits, h.priority, h.run_after
+          FROM keys CROSS JOIN LATERAL (
+               SELECT j.id, j.limits, j.priority, j.run_after
+                 FROM djasync_job j
+                WHERE (j.limits ->> 0) = keys.k AND j.status = 'pending'
+                  AND j.limits IS NOT NULL AND j.run_after <= due
+                  AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+                  AND (name_prefix IS NULL OR starts_with(j.name, name_prefix)
+                           OR (j.name = 'djasync.backends.run_task'
+                               AND starts_with(j.args ->> 0, name_prefix)))
+                ORDER BY j.limits ->> 0, j.priority DESC, j.run_after, j.id
+                LIMIT key_cap) h
+         WHERE keys.k IS NOT NULL AND keys.k <> ALL(full_keys)
+         ORDER BY h.priority DESC, h.run_after, h.id;
+    END LOOP;
+    IF skipped <> p_cap - 1 THEN
+        ignored := set_config('djasync.claim_skipped', skipped::text, false);
+    END IF;
+    -- This session waits on the entries of the keys it found full, and on no other.
+    IF waiting <> '{}' OR current_setting('djasync.waiting', true) <> '' THEN
+        PERFORM djasync_stop_waiting(waiting);
+    END IF;
+    IF mine <> '' THEN
+        ignored := set_config('djasync.slots',
+                           coalesce(current_setting('djasync.slots', true), '') || mine, true);
+    END IF;
+    IF gave <> '{}' THEN
+        IF channel IS NOT NULL THEN
+            -- Delivered at COMMIT, when the slots are given back (job(), flush_queue).
+            PERFORM pg_notify(channel, '*');
+        ELSE
+            -- A worker asks before its COMMIT whether anyone waits (djasync_wake_waiters).
+            ignored := set_config('djasync.gave_back', coalesce(current_setting(
+                'djasync.gave_back', true), '') || chr(31) || array_to_string(gave, chr(31)),
+                true);
+        END IF;
+    END IF;
+    IF taken >= n THEN
+        RETURN;
+    END IF;
+    -- The jobs without keys, as the plain claim takes them (djasync.sql.claim).
+    IF one_id IS NOT NULL THEN
+        RETURN QUERY
+        SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+               (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+               j.lease_expires IS NOT NULL, j.run_after
+          FROM djasync_job j
+         WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NULL
+           AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+           AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+           FOR NO KEY UPDATE OF j SKIP LOCKED;
+    ELSIF cardinality(queues) = 1 THEN
+        RETURN QUERY
+        SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+               (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+               j.lease_expires IS NOT NULL, j.run_after
+          FROM djasync_job j
+         WHERE j.queue = queues[1] AND j.status = 'pending' AND j.limits IS NULL
+           AND j.run_after <= due AND j.queue <> ALL(paused)
+           AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+           AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+           AND (name_prefix IS NULL OR starts_with(j.name, name_prefix)
+                    OR (j.name = 'djasync.backends.run_task'
+                        AND starts_with(j.args ->> 0, name_prefix)))
+         ORDER BY j.queue, j.priority DESC, j.run_after, j.id
+         LIMIT n - taken
+           FOR NO KEY UPDATE OF j SKIP LOCKED;
+    ELSE
+        RETURN QUERY
+        SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+               (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
+               j.lease_expires IS NOT NULL, j.run_after
+          FROM djasync_job j
+         WHERE j.status = 'pending' AND j.limits IS NULL AND j.run_after <= due
+           AND (queues IS NULL OR j.queue = ANY(queues)) AND j.queue <> ALL(paused)
+           AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+           AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+           AND (name_prefix IS NULL OR starts_with(j.name, name_prefix)
+                    OR (j.name = 'djasync.backends.run_task'
+                        AND starts_with(j.args ->> 0, name_prefix)))
+         ORDER BY j.priority DESC, j.run_after, j.id
+         LIMIT n - taken
+           FOR NO KEY UPDATE OF j SKIP LOCKED;
+    END IF;
+END
+$$;
+
+"""
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ("djasync", "0016_claim_limited_fewer_statements"),
+    ]
+
+    operations = [
+        migrations.RunSQL(CLAIM_LIMITED, _0016.CLAIM_LIMITED),
+    ]
