@@ -532,3 +532,51 @@ def test_a_workers_commit_that_gives_a_slot_back_notifies_only_when_a_claim_wait
         assert len(other.execute(sql.claim_limited(1), worker).fetchall()) == 1
         assert other.execute(sql.WAKE_WAITERS).fetchone() == (False,)
         other.commit()
+
+
+def _unlocked(ids):
+    """The ids among ``ids`` that no transaction holds (a fresh session's SKIP LOCKED look)."""
+    with psycopg.connect(**conninfo()) as look:
+        return sorted(row[0] for row in look.execute(
+            "SELECT id FROM djasync_job WHERE id = ANY(%s) FOR NO KEY UPDATE SKIP LOCKED",
+            [list(ids)]))
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_claim_passes_over_jobs_others_run_and_locks_only_the_job_it_takes():
+    # Migration 0017: the jobs with keys are gathered and locked by one statement (SKIP
+    # LOCKED, LIMIT 1), as the plain claim locks, not one statement per job. Jobs that other
+    # workers run (their rows locked) are passed over; the jobs gathered after the one taken
+    # stay unlocked, free for other workers.
+    ids = [djasync.schedule(jobs.add, [n, n], limits=[f"tenant:{n}"]).pk for n in range(6)]
+    with psycopg.connect(**conninfo()) as runner, psycopg.connect(**conninfo()) as claimer:
+        runner.execute("SELECT id FROM djasync_job WHERE id = ANY(%s) FOR NO KEY UPDATE",
+                       [ids[:3]])
+        for _ in range(2):  # the second claim gathers as many as the first found held, + 1
+            assert [row[0] for row in claimer.execute(sql.claim_limited(1), _params())] == [
+                ids[3]]
+            assert _unlocked(ids) == ids[4:]
+            claimer.rollback()
+        # A batch: the jobs gathered after each one taken are looked at again (their keys
+        # may be full now) before the walk reads on.
+        runner.rollback()
+        more = djasync.schedule(jobs.add, [9, 9], limits=["tenant:0"]).pk
+        assert [row[0] for row in claimer.execute(sql.claim_limited(3), _params())] == ids[:3]
+        assert _unlocked([*ids, more]) == [*ids[3:], more]
+        claimer.rollback()
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_batch_passes_over_a_job_whose_key_its_own_earlier_job_filled_and_leaves_it_unlocked():
+    a = djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"]).pk
+    b = djasync.schedule(jobs.add, [2, 2], limits=["tenant:1"]).pk
+    c = djasync.schedule(jobs.add, [3, 3], limits=["tenant:2"]).pk
+    rated = djasync.schedule(jobs.add, [4, 4], limits=["stripe"]).pk
+    d = djasync.schedule(jobs.add, [5, 5], limits=["tenant:3"]).pk
+    with psycopg.connect(**conninfo()) as claimer:
+        # tenant:1 has one slot: the batch's first job takes it, the second waits; the job
+        # with a rate is tried on its own, in its place in the claim order.
+        assert [row[0] for row in claimer.execute(sql.claim_limited(4), _params())] == [
+            a, c, rated, d]
+        assert _unlocked([a, b, c, rated, d]) == [b]
+        claimer.rollback()

@@ -24,6 +24,9 @@ from django.db import migrations
 #   walk reads on: their keys may be full now, and the stop rule (0013) moves up.
 # - A job with a rate is still tried on its own in a subtransaction: met while jobs are
 #   gathered, it waits until those were locked (claim order), then is looked at again.
+# - When no job with keys is due (a claim of jobs without keys), the walk is skipped whole,
+#   its variables' first values too: PL/pgSQL sets up each expression it evaluates again in
+#   each transaction (about a microsecond each), and a claim is a transaction.
 _0016 = importlib.import_module("djasync.migrations.0016_claim_limited_fewer_statements")
 
 CLAIM_LIMITED = r"""CREATE OR REPLACE FUNCTION djasync_claim_limited(
@@ -51,7 +54,7 @@ DECLARE
     b_ra timestamptz[];
     b_ids bigint[];
     -- Whether those are the ones no one else holds (the probe ran).
-    b_exact boolean := false;
+    b_exact boolean;
     b_at integer;
     u record;
     candidates refcursor;
@@ -63,41 +66,41 @@ DECLARE
     -- Jobs whose keys were seen to have room, gathered in claim order and not locked yet:
     -- they are locked by one statement that passes over the rows other workers hold (SKIP
     -- LOCKED, as the plain claim does) and locks only the first row it can (LIMIT 1).
-    p_ids bigint[] := '{}';
-    p_limits jsonb[] := '{}';
-    p_pri smallint[] := '{}';
-    p_ra timestamptz[] := '{}';
+    p_ids bigint[];
+    p_limits jsonb[];
+    p_pri smallint[];
+    p_ra timestamptz[];
     -- How many to gather first: as many as this session's previous claim found held by
     -- others, plus one (a worker among c finds about c - 1 of them).
-    p_cap integer := least(coalesce(nullif(current_setting('djasync.claim_skipped', true), ''),
-                                    '0')::integer, 64) + 1;
-    skipped integer := 0;
+    p_cap integer;
+    skipped integer;
     got_at bigint;
-    flush boolean := false;
+    flush boolean;
     -- Jobs to look at again, before the cursor's next: those gathered after a job taken (its
     -- keys may be full now), and a job with a rate met while some were gathered.
-    r_ids bigint[] := '{}';
-    r_limits jsonb[] := '{}';
-    r_pri smallint[] := '{}';
-    r_ra timestamptz[] := '{}';
-    r_at integer := 1;
+    r_ids bigint[];
+    r_limits jsonb[];
+    r_pri smallint[];
+    r_ra timestamptz[];
+    r_at integer;
     walk_done boolean;
-    b_done boolean := false;
-    full_keys text[] := '{}';
+    -- The first job with keys, fetched before the walk starts.
+    prefetched boolean;
+    b_done boolean;
+    full_keys text[];
     -- The same as a jsonb object: looking a key up in it is a binary search, not a scan.
-    full_set jsonb := '{}';
+    full_set jsonb;
     -- Keys without a rate seen with a free slot by this claim (and their hashes): not looked
     -- at again before a job of theirs is locked.
-    free_set jsonb := '{}';
+    free_set jsonb;
     -- The LIMITS entries of the full keys: this session waits on them (djasync_wait_on).
-    waiting text[] := '{}';
+    waiting text[];
     -- The entries of the slots taken (djasync.gave_back: see djasync_wake_waiters).
-    gave text[] := '{}';
+    gave text[];
     -- The slots this session holds (tags as djasync_limit_tag makes them): advisory locks are
     -- re-entrant, so a slot of ours would look free. ``mine``: those this claim took.
-    held text := coalesce(current_setting('djasync.slots', true), '')
-                 || coalesce(current_setting('djasync.session_slots', true), '');
-    mine text := '';
+    held text;
+    mine text;
     rtags text;
     tag text;
     h integer;
@@ -111,12 +114,12 @@ DECLARE
     rated boolean;
     c integer;
     taken integer := 0;
-    taken_ids bigint[] := '{}';
+    taken_ids bigint[];
     -- Jobs the walk in claim order reads before it turns to each key's first jobs.
-    look_cap integer := 200 + n;
-    looked integer := 0;
-    deep boolean := false;
-    by_key boolean := false;
+    look_cap integer;
+    looked integer;
+    deep boolean;
+    by_key boolean;
     -- Jobs looked at per key then: its running jobs (locked) come first.
     key_cap integer;
     -- The result of a call made for its effect (an assignment: no query).
@@ -138,6 +141,48 @@ BEGIN
               FROM djasync_job j
              WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NOT NULL;
     END IF;
+    FETCH candidates INTO c_id, c_limits, c_pri, c_ra;
+    <<walk>>
+    BEGIN  -- (a block to leave: no subtransaction)
+    IF NOT FOUND THEN
+        -- No job with keys is due (the usual claim of jobs without keys): nothing of the walk
+        -- runs, not even its variables' first values (expressions that PL/pgSQL sets up again
+        -- in each transaction, a microsecond each).
+        CLOSE candidates;
+        IF current_setting('djasync.waiting', true) <> '' THEN
+            PERFORM djasync_stop_waiting('{}');
+        END IF;
+        EXIT walk;
+    END IF;
+    b_exact := false;
+    p_ids := '{}';
+    p_limits := '{}';
+    p_pri := '{}';
+    p_ra := '{}';
+    p_cap := least(coalesce(nullif(current_setting('djasync.claim_skipped', true), ''),
+                            '0')::integer, 64) + 1;
+    skipped := 0;
+    flush := false;
+    r_ids := '{}';
+    r_limits := '{}';
+    r_pri := '{}';
+    r_ra := '{}';
+    r_at := 1;
+    b_done := false;
+    full_keys := '{}';
+    full_set := '{}';
+    free_set := '{}';
+    waiting := '{}';
+    gave := '{}';
+    held := coalesce(current_setting('djasync.slots', true), '')
+            || coalesce(current_setting('djasync.session_slots', true), '');
+    mine := '';
+    taken_ids := '{}';
+    look_cap := 200 + n;
+    looked := 0;
+    deep := false;
+    by_key := false;
+    prefetched := true;
     LOOP  -- the walk in claim order; then, if it read too far, the walk of each key's first jobs
     walk_done := false;
     LOOP
@@ -235,10 +280,14 @@ BEGIN
             r_at := r_at + 1;
         ELSE
             EXIT WHEN walk_done;
-            FETCH candidates INTO c_id, c_limits, c_pri, c_ra;
-            IF NOT FOUND THEN
-                walk_done := true;
-                CONTINUE;
+            IF prefetched THEN
+                prefetched := false;
+            ELSE
+                FETCH candidates INTO c_id, c_limits, c_pri, c_ra;
+                IF NOT FOUND THEN
+                    walk_done := true;
+                    CONTINUE;
+                END IF;
             END IF;
             looked := looked + 1;
         END IF;
@@ -499,6 +548,7 @@ BEGIN
                 true);
         END IF;
     END IF;
+    END walk;
     IF taken >= n THEN
         RETURN;
     END IF;
