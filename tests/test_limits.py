@@ -544,21 +544,18 @@ def _unlocked(ids):
 
 @override_settings(DJASYNC=WITH_LIMITS)
 def test_a_claim_passes_over_jobs_others_run_and_locks_only_the_job_it_takes():
-    # Migration 0017: the jobs with keys are gathered and locked by one statement (SKIP
-    # LOCKED, LIMIT 1), as the plain claim locks, not one statement per job. Jobs that other
-    # workers run (their rows locked) are passed over; the jobs gathered after the one taken
-    # stay unlocked, free for other workers.
+    # Jobs that other workers run (their rows locked) are passed over; the jobs after the one
+    # taken stay unlocked, free for other workers (and so after a claim that committed).
     ids = [djasync.schedule(jobs.add, [n, n], limits=[f"tenant:{n}"]).pk for n in range(6)]
     with psycopg.connect(**conninfo()) as runner, psycopg.connect(**conninfo()) as claimer:
         runner.execute("SELECT id FROM djasync_job WHERE id = ANY(%s) FOR NO KEY UPDATE",
                        [ids[:3]])
-        for _ in range(2):  # the second claim gathers as many as the first found held, + 1
+        for _ in range(2):
             assert [row[0] for row in claimer.execute(sql.claim_limited(1), _params())] == [
                 ids[3]]
             assert _unlocked(ids) == ids[4:]
             claimer.rollback()
-        # A batch: the jobs gathered after each one taken are looked at again (their keys
-        # may be full now) before the walk reads on.
+        # A batch, once the other worker's jobs are done.
         runner.rollback()
         more = djasync.schedule(jobs.add, [9, 9], limits=["tenant:0"]).pk
         assert [row[0] for row in claimer.execute(sql.claim_limited(3), _params())] == ids[:3]

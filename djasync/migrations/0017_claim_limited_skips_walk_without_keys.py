@@ -2,31 +2,24 @@ import importlib
 
 from django.db import migrations
 
-# djasync_claim_limited: the rows of jobs with concurrency keys are locked set-wise (issue 16's
-# bench: a key with concurrency 8 over no-op jobs at --concurrency 4). Profiled with
-# pg_stat_statements (track = all), a claim of a job with a key ran 9-11 statements inside the
-# function, and most of its server time was their fixed cost (executor start and end, a
-# snapshot), not their execution; ~3 of them were locks of rows that other workers hold (their
-# jobs run: an atomic job's row stays locked while it runs), each tried by a statement of its
-# own, where the plain claim passes over them inside its one statement. What changes (0016's
-# text otherwise, every rule as it was):
+# djasync_claim_limited: a claim with LIMITS set and no job with keys due (the usual claim of
+# jobs without keys) skips the walk over the jobs with keys whole, its variables' first values
+# too. PL/pgSQL sets up each expression it evaluates again in each transaction (about a
+# microsecond each: it keeps their state per transaction), and a worker's claim is a
+# transaction of its own; the walk's 26 first values were set up and evaluated by every claim.
+# Now the first job with keys is fetched right after the cursor is opened: without one, the
+# claim goes on to the jobs without keys (and drops its session's waiting marks, as before).
+# Nothing else changes (0016's text, edited: every rule as it was).
 #
-# - A job whose keys have concurrency limits only is not locked when the walk meets it: once
-#   its keys are seen to have room (as before), it is gathered, and the gathered jobs are
-#   locked by one statement, in claim order, with SKIP LOCKED and LIMIT 1: the first one no one
-#   else holds, and only it. A job this claim does not take is never locked by it (but for the
-#   race 0015 describes: a key that fills up between the look and the take). How many are
-#   gathered before that statement runs: as many as the session's previous claim found held,
-#   plus one (djasync.claim_skipped, a session setting; at most 65), plus the batch's jobs
-#   still to take; fewer at the walk's end. The statement locks nothing when all are held, and
-#   the walk gathers on.
-# - After a job is taken (a batch), the jobs gathered after it are looked at again, before the
-#   walk reads on: their keys may be full now, and the stop rule (0013) moves up.
-# - A job with a rate is still tried on its own in a subtransaction: met while jobs are
-#   gathered, it waits until those were locked (claim order), then is looked at again.
-# - When no job with keys is due (a claim of jobs without keys), the walk is skipped whole,
-#   its variables' first values too: PL/pgSQL sets up each expression it evaluates again in
-#   each transaction (about a microsecond each), and a claim is a transaction.
+# Tried and left out (issue 16's bench, a key with concurrency 8 over no-op jobs at
+# --concurrency 4): gathering the jobs with keys whose slots were seen free and locking them
+# with one SKIP LOCKED statement (LIMIT 1), instead of one statement per job, so that the ~3
+# rows per claim that the other workers hold cost no statement each. The server CPU per job did
+# not fall (159% of the drain without LIMITS, against 151%): a statement inside the function
+# costs ~8 us, and the bookkeeping of the gathered jobs (their arrays, a replay for batches)
+# cost as much as it saved. With 12 rows held per claim it saved ~14% of the claim's CPU. What
+# the claim of a job with a key costs is mostly PL/pgSQL's own work per transaction (see the
+# commit that adds this migration and docs/howto/flow-control.md).
 _0016 = importlib.import_module("djasync.migrations.0016_claim_limited_fewer_statements")
 
 CLAIM_LIMITED = r"""CREATE OR REPLACE FUNCTION djasync_claim_limited(
@@ -57,36 +50,10 @@ DECLARE
     b_exact boolean;
     b_at integer;
     u record;
-    candidates refcursor;
-    -- The job at hand (from the cursor, or from the jobs to look at again below).
-    c_id bigint;
-    c_limits jsonb;
-    c_pri smallint;
-    c_ra timestamptz;
-    -- Jobs whose keys were seen to have room, gathered in claim order and not locked yet:
-    -- they are locked by one statement that passes over the rows other workers hold (SKIP
-    -- LOCKED, as the plain claim does) and locks only the first row it can (LIMIT 1).
-    p_ids bigint[];
-    p_limits jsonb[];
-    p_pri smallint[];
-    p_ra timestamptz[];
-    -- How many to gather first: as many as this session's previous claim found held by
-    -- others, plus one (a worker among c finds about c - 1 of them).
-    p_cap integer;
-    skipped integer;
-    got_at bigint;
-    flush boolean;
-    -- Jobs to look at again, before the cursor's next: those gathered after a job taken (its
-    -- keys may be full now), and a job with a rate met while some were gathered.
-    r_ids bigint[];
-    r_limits jsonb[];
-    r_pri smallint[];
-    r_ra timestamptz[];
-    r_at integer;
-    walk_done boolean;
     -- The first job with keys, fetched before the walk starts.
     prefetched boolean;
-    b_done boolean;
+    cand record;
+    candidates refcursor;
     full_keys text[];
     -- The same as a jsonb object: looking a key up in it is a binary search, not a scan.
     full_set jsonb;
@@ -141,7 +108,7 @@ BEGIN
               FROM djasync_job j
              WHERE j.id = one_id AND j.status = 'pending' AND j.limits IS NOT NULL;
     END IF;
-    FETCH candidates INTO c_id, c_limits, c_pri, c_ra;
+    FETCH candidates INTO cand;
     <<walk>>
     BEGIN  -- (a block to leave: no subtransaction)
     IF NOT FOUND THEN
@@ -155,20 +122,6 @@ BEGIN
         EXIT walk;
     END IF;
     b_exact := false;
-    p_ids := '{}';
-    p_limits := '{}';
-    p_pri := '{}';
-    p_ra := '{}';
-    p_cap := least(coalesce(nullif(current_setting('djasync.claim_skipped', true), ''),
-                            '0')::integer, 64) + 1;
-    skipped := 0;
-    flush := false;
-    r_ids := '{}';
-    r_limits := '{}';
-    r_pri := '{}';
-    r_ra := '{}';
-    r_at := 1;
-    b_done := false;
     full_keys := '{}';
     full_set := '{}';
     free_set := '{}';
@@ -184,115 +137,16 @@ BEGIN
     by_key := false;
     prefetched := true;
     LOOP  -- the walk in claim order; then, if it read too far, the walk of each key's first jobs
-    walk_done := false;
     LOOP
         EXIT WHEN taken >= n;
-        IF p_ids <> '{}' AND (walk_done OR flush OR cardinality(p_ids) >= p_cap + n - taken - 1)
-        THEN
-            -- Lock the first of the jobs gathered that no one else holds, if any: the others
-            -- stay unlocked (this claim locks no job it does not take, but for the race below).
-            flush := false;
-            got_at := NULL;
-            SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
-                   j.lease_expires IS NOT NULL, j.run_after, c.pos
-              INTO id, name, args, kwargs, meta, queue, priority, group_id,
-                   lease_expired, run_after, got_at
-              FROM unnest(p_ids) WITH ORDINALITY AS c(pid, pos)
-              JOIN djasync_job j ON j.id = c.pid
-             WHERE j.status = 'pending'
-               AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
-               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
-               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
-             ORDER BY c.pos
-             LIMIT 1
-               FOR NO KEY UPDATE OF j SKIP LOCKED;
-            IF got_at IS NULL THEN
-                skipped := skipped + cardinality(p_ids);
-            ELSE
-                skipped := skipped + got_at::integer - 1;
-                c_id := p_ids[got_at];
-                c_limits := p_limits[got_at];
-                -- Those gathered after it are looked at again, before the cursor's next.
-                r_ids := p_ids[got_at + 1:] || r_ids[r_at:];
-                r_limits := p_limits[got_at + 1:] || r_limits[r_at:];
-                r_pri := p_pri[got_at + 1:] || r_pri[r_at:];
-                r_ra := p_ra[got_at + 1:] || r_ra[r_at:];
-                r_at := 1;
-            END IF;
-            p_ids := '{}';
-            p_limits := '{}';
-            p_pri := '{}';
-            p_ra := '{}';
-            CONTINUE WHEN got_at IS NULL;
-            -- (The attempts are counted once the row is ours: see 0016's note.)
-            previous_attempts := (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = c_id);
-            blocked := NULL;
-            FOR i IN 0..jsonb_array_length(c_limits) - 1 LOOP
-                k := c_limits ->> i;
-                c := coalesce(array_position(cfg_keys, k),
-                              array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
-                CONTINUE WHEN c IS NULL OR cfg_concurrency[c] = 0;
-                -- Take a slot (djasync_take_slot, inline), from a random one on.
-                cc := cfg_concurrency[c];
-                h := (free_set ->> k)::integer;
-                first := floor(random() * cc)::integer;
-                free := false;
-                FOR i IN 0..cc - 1 LOOP
-                    s := (first + i) % cc;
-                    tag := chr(31) || h || '#' || s;
-                    CONTINUE WHEN held <> '' AND position(tag || chr(31) IN held || chr(31)) > 0;
-                    IF pg_try_advisory_xact_lock(h, s) THEN
-                        held := held || tag;
-                        mine := mine || tag;
-                        free := true;
-                        EXIT;
-                    END IF;
-                END LOOP;
-                IF NOT free THEN
-                    -- Filled up since the look (another claim took its last slot in between):
-                    -- the row stays locked, unclaimed, until this transaction ends (see 0015's
-                    -- note).
-                    blocked := k;
-                    EXIT;
-                END IF;
-                gave := gave || cfg_keys[c];
-            END LOOP;
-            IF blocked IS NOT NULL THEN
-                full_keys := full_keys || blocked;
-                full_set := full_set || jsonb_build_object(blocked, true);
-                CONTINUE;
-            END IF;
-            -- Its keys may be full now (a batch): the next job of theirs looks again.
-            free_set := free_set - (c_limits ->> 0);
-            IF jsonb_array_length(c_limits) > 1 THEN
-                free_set := free_set - ARRAY(SELECT jsonb_array_elements_text(c_limits));
-            END IF;
-            taken := taken + 1;
-            taken_ids := taken_ids || id;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-        IF r_at <= cardinality(r_ids) THEN
-            c_id := r_ids[r_at];
-            c_limits := r_limits[r_at];
-            c_pri := r_pri[r_at];
-            c_ra := r_ra[r_at];
-            r_at := r_at + 1;
+        IF prefetched THEN
+            prefetched := false;
         ELSE
-            EXIT WHEN walk_done;
-            IF prefetched THEN
-                prefetched := false;
-            ELSE
-                FETCH candidates INTO c_id, c_limits, c_pri, c_ra;
-                IF NOT FOUND THEN
-                    walk_done := true;
-                    CONTINUE;
-                END IF;
-            END IF;
-            looked := looked + 1;
+            FETCH candidates INTO cand;
+            EXIT WHEN NOT FOUND;
         END IF;
-        IF looked = 1 AND one_id IS NULL AND NOT b_done THEN
-            b_done := true;
+        looked := looked + 1;
+        IF looked = 1 AND one_id IS NULL THEN
             -- The n best jobs without keys, running or not (a probe below sorts that out only
             -- if it matters). Looked up only now that a job with keys is due.
             SELECT array_agg(t.priority ORDER BY t.priority DESC, t.run_after, t.id),
@@ -312,19 +166,15 @@ BEGIN
         END IF;
         IF NOT by_key AND looked > look_cap THEN
             deep := true;
-            walk_done := true;
-            CONTINUE;
+            EXIT;
         END IF;
         -- Stop at a job ranking after the (n - taken)-th best job without keys: the plain
         -- part below takes that one and those before it.
         b_at := n - taken;
-        IF b_at <= coalesce(cardinality(b_ids), 0) AND (c_pri < b_pri[b_at]
-               OR (c_pri = b_pri[b_at]
-                   AND (c_ra, c_id) > (b_ra[b_at], b_ids[b_at]))) THEN
-            IF b_exact THEN
-                walk_done := true;
-                CONTINUE;
-            END IF;
+        IF b_at <= coalesce(cardinality(b_ids), 0) AND (cand.priority < b_pri[b_at]
+               OR (cand.priority = b_pri[b_at]
+                   AND (cand.run_after, cand.id) > (b_ra[b_at], b_ids[b_at]))) THEN
+            EXIT WHEN b_exact;
             -- Some of those may be running elsewhere (an atomic job's row stays locked while
             -- it runs): the plain part skips them, and this job must not wait for them. Find
             -- the n best that this claim can lock, and give the locks back at once (the one
@@ -355,27 +205,24 @@ BEGIN
             EXCEPTION WHEN SQLSTATE 'DJA02' THEN
                 NULL;  -- rolled back: the rows are free for others again
             END;
-            IF b_at <= coalesce(cardinality(b_ids), 0) AND (c_pri < b_pri[b_at]
-                   OR (c_pri = b_pri[b_at]
-                       AND (c_ra, c_id) > (b_ra[b_at], b_ids[b_at]))) THEN
-                walk_done := true;
-                CONTINUE;
-            END IF;
+            EXIT WHEN b_at <= coalesce(cardinality(b_ids), 0) AND (cand.priority < b_pri[b_at]
+               OR (cand.priority = b_pri[b_at]
+                   AND (cand.run_after, cand.id) > (b_ra[b_at], b_ids[b_at])));
         END IF;
         -- A job waiting on a key found full is passed over untried (a simple expression:
         -- no query per job, as this may read many of them).
-        CONTINUE WHEN full_set ? (c_limits ->> 0)  -- the usual job, of one key
-            OR (jsonb_array_length(c_limits) > 1 AND c_limits ?| full_keys);
-        CONTINUE WHEN c_id = ANY(taken_ids);  -- ours: a lock of our own is not skipped
+        CONTINUE WHEN full_set ? (cand.limits ->> 0)  -- the usual job, of one key
+            OR (jsonb_array_length(cand.limits) > 1 AND cand.limits ?| full_keys);
+        CONTINUE WHEN cand.id = ANY(taken_ids);  -- ours: a lock of our own is not skipped
         -- A key with no slot free now is marked full without locking anything. The keys are
         -- read by position (simple expressions, no query per job).
         blocked := NULL;
         rated := false;
         -- (The usual job, of one key seen free already by this claim, skips this: the walk
         -- passes many jobs that other workers run, and each costs only its row's look.)
-        IF jsonb_array_length(c_limits) > 1 OR NOT free_set ? (c_limits ->> 0) THEN
-        FOR i IN 0..jsonb_array_length(c_limits) - 1 LOOP
-            k := c_limits ->> i;
+        IF jsonb_array_length(cand.limits) > 1 OR NOT free_set ? (cand.limits ->> 0) THEN
+        FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
+            k := cand.limits ->> i;
             c := coalesce(array_position(cfg_keys, k),
                           array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
             CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
@@ -420,27 +267,59 @@ BEGIN
             full_set := full_set || jsonb_build_object(blocked, true);
             CONTINUE;
         END IF;
-        IF NOT rated THEN
-            -- Concurrency only: gathered, locked with the others (above).
-            p_ids := p_ids || c_id;
-            p_limits := p_limits || c_limits;
-            p_pri := p_pri || c_pri;
-            p_ra := p_ra || c_ra;
-            CONTINUE;
-        END IF;
-        IF p_ids <> '{}' THEN
-            -- A job with a rate, tried on its own: those gathered before it are locked first,
-            -- then it is looked at again.
-            r_ids := c_id || r_ids[r_at:];
-            r_limits := c_limits || r_limits[r_at:];
-            r_pri := c_pri || r_pri[r_at:];
-            r_ra := c_ra || r_ra[r_at:];
-            r_at := 1;
-            flush := true;
-            CONTINUE;
-        END IF;
         got := false;
         s := 0;
+        IF NOT rated THEN
+            -- Concurrency only: lock the row in this transaction, then take the slots.
+            -- (The attempts are counted once the row is ours: see the migration's note.)
+            SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
+                   j.lease_expires IS NOT NULL, j.run_after
+              INTO id, name, args, kwargs, meta, queue, priority, group_id,
+                   lease_expired, run_after
+              FROM djasync_job j
+             WHERE j.id = cand.id AND j.status = 'pending'
+               AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
+               AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
+               AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
+               FOR NO KEY UPDATE OF j SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            previous_attempts := (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = cand.id);
+            FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
+                k := cand.limits ->> i;
+                c := coalesce(array_position(cfg_keys, k),
+                              array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
+                CONTINUE WHEN c IS NULL OR cfg_concurrency[c] = 0;
+                -- Take a slot (djasync_take_slot, inline), from a random one on.
+                cc := cfg_concurrency[c];
+                h := (free_set ->> k)::integer;
+                first := floor(random() * cc)::integer;
+                free := false;
+                FOR i IN 0..cc - 1 LOOP
+                    s := (first + i) % cc;
+                    tag := chr(31) || h || '#' || s;
+                    CONTINUE WHEN held <> '' AND position(tag || chr(31) IN held || chr(31)) > 0;
+                    IF pg_try_advisory_xact_lock(h, s) THEN
+                        held := held || tag;
+                        mine := mine || tag;
+                        free := true;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                IF NOT free THEN
+                    -- Filled up since the look above: the row stays locked, unclaimed, until
+                    -- this transaction ends (see the migration's note).
+                    blocked := k;
+                    EXIT;
+                END IF;
+                gave := gave || cfg_keys[c];
+            END LOOP;
+            IF blocked IS NOT NULL THEN
+                full_keys := full_keys || blocked;
+                full_set := full_set || jsonb_build_object(blocked, true);
+                CONTINUE;
+            END IF;
+            got := true;
+        ELSE
         BEGIN  -- a subtransaction: a full key gives back this job's row lock, slots and tokens
             SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
                    (SELECT count(*) FROM djasync_attempt a WHERE a.job_id = j.id),
@@ -448,15 +327,15 @@ BEGIN
               INTO id, name, args, kwargs, meta, queue, priority, group_id, previous_attempts,
                    lease_expired, run_after
               FROM djasync_job j
-             WHERE j.id = c_id AND j.status = 'pending'
+             WHERE j.id = cand.id AND j.status = 'pending'
                AND (one_id IS NOT NULL OR j.run_after <= due) AND j.queue <> ALL(paused)
                AND (j.group_id IS NULL OR djasync_group_final_ready(j.id))
                AND (j.lease_expires IS NULL OR j.lease_expires < clock_timestamp())
                FOR NO KEY UPDATE OF j SKIP LOCKED;
             rtags := '';
             IF FOUND THEN
-                FOR i IN 0..jsonb_array_length(c_limits) - 1 LOOP
-                    k := c_limits ->> i;
+                FOR i IN 0..jsonb_array_length(cand.limits) - 1 LOOP
+                    k := cand.limits ->> i;
                     c := coalesce(array_position(cfg_keys, k),
                                   array_position(cfg_keys, split_part(k, ':', 1) || ':*'));
                     CONTINUE WHEN c IS NULL;  -- no longer configured: no limit
@@ -478,14 +357,15 @@ BEGIN
             full_set := full_set || jsonb_build_object(blocked, true);
             -- A rate's token is timed, not given back: wait on its entry's next look (poll).
         END;
+        END IF;
         IF got AND rated THEN
             held := held || rtags;  -- noted in djasync.slots by djasync_take_slot already
         END IF;
         IF got THEN
             -- Its keys may be full now (a batch): the next job of theirs looks again.
-            free_set := free_set - (c_limits ->> 0);
-            IF jsonb_array_length(c_limits) > 1 THEN
-                free_set := free_set - ARRAY(SELECT jsonb_array_elements_text(c_limits));
+            free_set := free_set - (cand.limits ->> 0);
+            IF jsonb_array_length(cand.limits) > 1 THEN
+                free_set := free_set - ARRAY(SELECT jsonb_array_elements_text(cand.limits));
             END IF;
             taken := taken + 1;
             taken_ids := taken_ids || id;
@@ -526,9 +406,6 @@ BEGIN
          WHERE keys.k IS NOT NULL AND keys.k <> ALL(full_keys)
          ORDER BY h.priority DESC, h.run_after, h.id;
     END LOOP;
-    IF skipped <> p_cap - 1 THEN
-        ignored := set_config('djasync.claim_skipped', skipped::text, false);
-    END IF;
     -- This session waits on the entries of the keys it found full, and on no other.
     IF waiting <> '{}' OR current_setting('djasync.waiting', true) <> '' THEN
         PERFORM djasync_stop_waiting(waiting);
