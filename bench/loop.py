@@ -37,6 +37,9 @@ def main() -> None:
                         help="call run_batch per batch (flush_queue's way) instead of the "
                              "worker's run_batches, which claims each batch in the previous "
                              "one's finish message")
+    parser.add_argument("--limits", default=None,
+                        help="the jobs' flow-control keys, a JSON array (with BENCH_LIMITS "
+                             "set in the environment: the worker's DJASYNC['LIMITS'])")
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchproject.settings")
     import django
@@ -50,10 +53,10 @@ def main() -> None:
         cursor.execute("TRUNCATE djasync_attempt, djasync_job CASCADE")
         cursor.execute("""
             INSERT INTO djasync_job (name, args, kwargs, meta, queue, priority, status,
-                                     run_after, created_at, attempts, worker, identity)
+                                     run_after, created_at, attempts, worker, identity, limits)
             SELECT 'benchapp.jobs.noop', '[]', '{}', '{}', 'default', 0, 'pending',
-                   now() - interval '1 s', now(), 0, '', ''
-              FROM generate_series(1, %s)""", [args.jobs])
+                   now() - interval '1 s', now(), 0, '', '', %s::jsonb
+              FROM generate_series(1, %s)""", [args.limits, args.jobs])
         cursor.execute("VACUUM ANALYZE djasync_job")
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()

@@ -589,3 +589,48 @@ def test_a_chained_claim_rolled_back_unstarted_wakes_the_workers_waiting_on_its_
         assert [row[0] for row in other.execute(sql.claim_limited(1), worker)] == [ids[1]]
         other.rollback()
     assert Job.objects.get(pk=ids[0]).status == Status.SUCCEEDED
+
+
+def _unlocked(ids):
+    """The ids among ``ids`` that no transaction holds (a fresh session's SKIP LOCKED look)."""
+    with psycopg.connect(**conninfo()) as look:
+        return sorted(row[0] for row in look.execute(
+            "SELECT id FROM djasync_job WHERE id = ANY(%s) FOR NO KEY UPDATE SKIP LOCKED",
+            [list(ids)]))
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_claim_passes_over_jobs_others_run_and_locks_only_the_job_it_takes():
+    # Jobs that other workers run (their rows locked) are passed over; the jobs after the one
+    # taken stay unlocked, free for other workers (and so after a claim that committed).
+    ids = [djasync.schedule(jobs.add, [n, n], limits=[f"tenant:{n}"]).pk for n in range(6)]
+    with psycopg.connect(**conninfo()) as runner, psycopg.connect(**conninfo()) as claimer:
+        runner.execute("SELECT id FROM djasync_job WHERE id = ANY(%s) FOR NO KEY UPDATE",
+                       [ids[:3]])
+        for _ in range(2):
+            assert [row[0] for row in claimer.execute(sql.claim_limited(1), _params())] == [
+                ids[3]]
+            assert _unlocked(ids) == ids[4:]
+            claimer.rollback()
+        # A batch, once the other worker's jobs are done.
+        runner.rollback()
+        more = djasync.schedule(jobs.add, [9, 9], limits=["tenant:0"]).pk
+        assert [row[0] for row in claimer.execute(sql.claim_limited(3), _params())] == ids[:3]
+        assert _unlocked([*ids, more]) == [*ids[3:], more]
+        claimer.rollback()
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_batch_passes_over_a_job_whose_key_its_own_earlier_job_filled_and_leaves_it_unlocked():
+    a = djasync.schedule(jobs.add, [1, 1], limits=["tenant:1"]).pk
+    b = djasync.schedule(jobs.add, [2, 2], limits=["tenant:1"]).pk
+    c = djasync.schedule(jobs.add, [3, 3], limits=["tenant:2"]).pk
+    rated = djasync.schedule(jobs.add, [4, 4], limits=["stripe"]).pk
+    d = djasync.schedule(jobs.add, [5, 5], limits=["tenant:3"]).pk
+    with psycopg.connect(**conninfo()) as claimer:
+        # tenant:1 has one slot: the batch's first job takes it, the second waits; the job
+        # with a rate is tried on its own, in its place in the claim order.
+        assert [row[0] for row in claimer.execute(sql.claim_limited(4), _params())] == [
+            a, c, rated, d]
+        assert _unlocked([a, b, c, rated, d]) == [b]
+        claimer.rollback()
