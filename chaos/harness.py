@@ -49,6 +49,7 @@ from typing import Any
 
 import netns
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 import pg
 from chaos import checker, network
@@ -124,6 +125,21 @@ class Config:
     #: never all of them).
     cut_seconds: tuple[float, float] = (5.0, 30.0)
     network_unavailable: str | None = None
+    #: Run the daemon of ``pooled_slot`` through a PgBouncer in transaction mode on the
+    #: database's host (PgBouncer's client TCP recipe; its LISTEN straight to PostgreSQL):
+    #: "auto" when the hosts run and a PgBouncer is installed or built, "off", or "on"
+    #: (fail if it cannot). The built 1.24 (prepared statements through the pooler) is
+    #: preferred to Debian's 1.18.
+    pgbouncer: str = "auto"
+    pooled_slot: int = 1
+    #: PgBouncer's pool for the daemon: concurrency + this many server connections, fewer
+    #: than its clients (children, agent, supervisor, long jobs' lease renewals, the negative
+    #: controls' second connections), so that they share them. Every child in an atomic job
+    #: holds one, and a negative control opens a second one through the pool inside its job:
+    #: with a pool of concurrency (seed 882) such jobs waited on each other until their
+    #: timeout (docs/howto/pgbouncer.md); a job whose lease renewal waits in PgBouncer's
+    #: queue past its 2 s lease loses it. The spare covers a child's second connection each.
+    pool_spare: int = 4
     #: Flow control (issue 16): jobs pre-queued over ``flow_tenants`` keys ``tenant:<n>``
     #: (concurrency 2), a share of them also holding ``api`` (10/s), a share long; half in
     #: queue ``flow``, which is paused at ``pause_at`` × duration for ``pause_seconds``.
@@ -215,6 +231,8 @@ class Daemons:
     #: the server's URL from there.
     prefixes: dict[int, list[str]] = field(default_factory=dict)
     urls: dict[int, str] = field(default_factory=dict)
+    #: More environment for a slot's daemon (the pooled one's direct LISTEN_URL).
+    slot_env: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def start_all(self) -> None:
         for slot in range(self.count):
@@ -231,6 +249,7 @@ class Daemons:
         env = {**self.env, "PGAPPNAME": app_name} if app_name else dict(self.env)
         if slot in self.urls:
             env["DATABASE_URL"] = self.urls[slot]
+        env.update(self.slot_env.get(slot, {}))
         command = [*self.prefixes.get(slot, []), *command]
         offset = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
@@ -720,6 +739,7 @@ class ChaosRun:
         self.mixed: MixedProducer | None = None
         self.housekeeper: Housekeeper | None = None
         self.network: network.HostNetwork | None = None
+        self.bouncer: Any = None  # tests.pgbouncer.PgBouncer of the pooled host, if any
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -780,6 +800,7 @@ class ChaosRun:
         started = time.monotonic()
         try:
             self.setup()
+            self.start_pgbouncer()
             self.start_workers()  # their start-up (Django, on a busy machine) overlaps ...
             self.prequeue()  # ... the pre-queueing
             self.warm_up()
@@ -788,6 +809,7 @@ class ChaosRun:
             self.sigterm_with_slow_jobs()
             self.double_sigterm()
             self.final_drain()
+            self.pooled_transactions()
             self.check()
         except Exception as exc:
             import traceback
@@ -914,7 +936,59 @@ class ChaosRun:
             for slot in range(self.config.workers):
                 self.daemons.prefixes[slot] = self.network.exec_argv(slot)
                 self.daemons.urls[slot] = self.network.remote_url(self.server.port)
+            if self.bouncer is not None:
+                slot = self.config.pooled_slot
+                self.daemons.urls[slot] = self.bouncer.remote_url()
+                direct = self.network.remote_url(self.server.port)
+                self.daemons.slot_env[slot] = {"CHAOS_LISTEN_URL": direct,
+                                               "CHAOS_RECORD_URL": direct}
         self.daemons.start_all()
+
+    def pooled_transactions(self) -> None:
+        """How many transactions the pooled host ran through PgBouncer (SHOW STATS): the
+        report's evidence that one daemon's work went through the pooler."""
+        if self.bouncer is not None:
+            stats = self.bouncer.admin_dicts("SHOW STATS")
+            self.report["pgbouncer"]["transactions"] = sum(
+                int(row["total_xact_count"]) for row in stats if row["database"] != "pgbouncer")
+
+    def pool_size(self) -> int:
+        return self.config.concurrency + self.config.pool_spare
+
+    def start_pgbouncer(self) -> None:
+        """The pooled host's PgBouncer (``Config.pgbouncer``), on the database's host."""
+        self.report["pgbouncer"] = {"mode": self.config.pgbouncer}
+        if self.config.pgbouncer == "off" or self.network is None:
+            return
+        from tests import pgbouncer
+
+        program = pgbouncer.built_executable() or pgbouncer.executable()
+        if program is None:
+            reason = ("no PgBouncer (apt-get install pgbouncer, or "
+                      "python3 tools/pgbouncer_build.py)")
+            if self.config.pgbouncer == "on":
+                raise RuntimeError(f"--pgbouncer on: {reason}")
+            self.report["pgbouncer"]["unavailable"] = reason
+            self.say(f"no daemon through PgBouncer: {reason}")
+            return
+        version = pgbouncer.version(program)
+        assert version is not None, program
+        prepared = 100 if version >= pgbouncer.TRACKS_PREPARED else None
+        target = {key: str(value) for key, value in conninfo_to_dict(self.server.url).items()}
+        self.bouncer = pgbouncer.start(
+            self.run_dir / "pgbouncer", target, pool_size=self.pool_size(),
+            program=program, max_prepared_statements=prepared,
+            listen_addr=self.network.net.db_address, namespace=self.network.net.db_ns,
+            settings=pgbouncer.RECIPE)
+        self.report["pgbouncer"].update({
+            "version": pgbouncer.dotted(version), "slot": self.config.pooled_slot,
+            "host": self.network.host_of(self.config.pooled_slot),
+            "pool_size": self.pool_size(), "max_prepared_statements": prepared})
+        self.say(f"daemon {self.config.pooled_slot} "
+                 f"({self.network.host_of(self.config.pooled_slot)}) through PgBouncer "
+                 f"{pgbouncer.dotted(version)} at {self.bouncer.listen_addr}:"
+                 f"{self.bouncer.port}, transaction mode, pool {self.pool_size()}, "
+                 "LISTEN direct")
 
     def warm_up(self) -> None:
         self.producer = Producer(self.config, self.expected, self.clock)
@@ -931,7 +1005,7 @@ class ChaosRun:
         self.say(f"{len(daemons.alive())} daemons running; {self.config.warmup:.0f} s without "
                  "faults")
         if self.network is not None:
-            self.network.start_sampling(self.server.url)
+            self.network.start_sampling(self.server.url, self.bouncer)
         began = utcnow()
         deadline = time.monotonic() + self.config.warmup
         self.wait_for(lambda: time.monotonic() >= deadline, self.config.warmup + 5, "warm-up")
@@ -1462,6 +1536,9 @@ class ChaosRun:
             from django.db import connections
 
             connections.close_all()
+        if self.bouncer is not None:
+            with contextlib.suppress(Exception):
+                self.bouncer.stop()
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.stop()
@@ -1566,6 +1643,10 @@ def parse(argv: list[str] | None) -> Config:
                              "(the checker checks 2): the run must fail F1")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="children per daemon (default 4, --short 2)")
+    parser.add_argument("--pgbouncer", choices=["auto", "on", "off"], default="auto",
+                        help="run one daemon through PgBouncer (transaction mode) on the "
+                             "database's host: auto (default: when there are hosts and a "
+                             "PgBouncer), on (fail without one), off")
     parser.add_argument("--local", action="store_true",
                         help="every daemon on this machine's network: no hosts, no cuts "
                              "(the default needs root, ip and nft, and falls back to this)")
@@ -1584,6 +1665,7 @@ def parse(argv: list[str] | None) -> Config:
         config = Config(seed, args.jobs or 20000, args.duration or 60.0, False, args.report,
                         args.keep)
     config.flow_enforced_concurrency = args.flow_enforced_concurrency
+    config.pgbouncer = args.pgbouncer
     if args.concurrency is not None:
         if args.concurrency < 1:
             parser.error("--concurrency must be at least 1")

@@ -68,7 +68,10 @@ def _record(sql: str, params: list) -> tuple:
                 # Not durable (synchronous_commit off): the marks come every 25 ms from each
                 # running flow job. An immediate restart may lose the last ~0.2 s of them:
                 # runs then look shorter or absent, which can hide an overlap, never make one.
-                _recorder = psycopg.connect(os.environ["DATABASE_URL"], autocommit=True,
+                # Straight to PostgreSQL (CHAOS_RECORD_URL) for a daemon behind PgBouncer,
+                # which refuses ``options``: the recorder is the harness's witness, not djasync.
+                url = os.environ.get("CHAOS_RECORD_URL") or os.environ["DATABASE_URL"]
+                _recorder = psycopg.connect(url, autocommit=True,
                                             connect_timeout=5,
                                             options="-c synchronous_commit=off")
             row = _recorder.execute(sql, params).fetchone()

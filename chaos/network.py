@@ -120,9 +120,12 @@ class Cut:
 class Sampler(threading.Thread):
     """Read the hosts' sessions from pg_stat_activity every SAMPLE_SECONDS until stopped."""
 
-    def __init__(self, url: str, cidr: str) -> None:
+    def __init__(self, url: str, cidr: str, bouncer: Any = None) -> None:
         super().__init__(name="activity-sampler", daemon=True)
         self.url, self.cidr = url, cidr
+        #: The pooled host's PgBouncer (tests.pgbouncer.PgBouncer), or None: its clients'
+        #: sessions are PgBouncer's on the server, so they are read from SHOW CLIENTS.
+        self.bouncer = bouncer
         self.stop_event = threading.Event()
         #: (sampled at, pid, host address, is listener, backend_start, xact_start,
         #: state_change, state)
@@ -139,6 +142,8 @@ class Sampler(threading.Thread):
                     conn = psycopg.connect(self.url, autocommit=True, connect_timeout=3,
                                            application_name="chaos-sampler")
                 rows = conn.execute(ACTIVITY, [LISTENER_APP_NAME, self.cidr]).fetchall()
+                if self.bouncer is not None:
+                    rows += self._pooled_clients()
                 with self.lock:
                     self.rows.extend(rows)
                     self.samples += 1
@@ -151,6 +156,28 @@ class Sampler(threading.Thread):
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
+
+    def _pooled_clients(self) -> list[tuple]:
+        """PgBouncer's clients, shaped as ACTIVITY's rows: a client's port for its pid
+        (negative), its last request for state_change (whole seconds). None is a listener:
+        LISTEN goes straight to PostgreSQL. N2 counts them; N1 cannot see which server
+        transaction is whose (the pooled host's cuts report none caught)."""
+        def stamp(text: Any) -> datetime.datetime | None:
+            if not text:
+                return None
+            return datetime.datetime.fromisoformat(str(text).removesuffix(" UTC")).replace(
+                tzinfo=datetime.UTC)
+
+        now = utcnow()
+        rows = []
+        with contextlib.suppress(psycopg.Error):
+            for client in self.bouncer.admin_dicts("SHOW CLIENTS"):
+                if client.get("database") == "pgbouncer":
+                    continue
+                rows.append((now, -int(client["port"]), client["addr"], False,
+                             stamp(client["connect_time"]), None,
+                             stamp(client["request_time"]), client["state"]))
+        return rows
 
     def snapshot(self) -> list[tuple]:
         with self.lock:
@@ -199,8 +226,8 @@ class HostNetwork:
     def exec_argv(self, slot: int) -> list[str]:
         return self.net.exec_argv(self.host_of(slot))
 
-    def start_sampling(self, url: str) -> None:
-        self.sampler = Sampler(url, self.net.cidr)
+    def start_sampling(self, url: str, bouncer: Any = None) -> None:
+        self.sampler = Sampler(url, self.net.cidr, bouncer)
         self.sampler.start()
 
     def stop_sampling(self) -> None:

@@ -68,6 +68,10 @@ DJASYNC = {
     "LEASE_SECONDS": LEASE_SECONDS,
     "PERIODIC": PERIODIC,
 }
+#: The daemon the harness runs through PgBouncer (``--pgbouncer``): its LISTEN goes straight
+#: to PostgreSQL, as docs/howto/pgbouncer.md says to.
+if os.environ.get("CHAOS_LISTEN_URL"):
+    DJASYNC["LISTEN_URL"] = os.environ["CHAOS_LISTEN_URL"]
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -102,6 +102,20 @@ def test_every_kind_of_fault_was_injected(report):
     assert modes == [("fast", False), ("immediate", False), ("immediate", True)]
 
 
+def test_one_daemon_ran_its_jobs_through_pgbouncer_when_there_is_one(report):
+    """With hosts (root) and a PgBouncer (.ci/run installs Debian's and builds 1.24), one
+    daemon's connections go through PgBouncer in transaction mode, its LISTEN direct."""
+    from tests import pgbouncer
+
+    bouncer = report["pgbouncer"]
+    if report["network"].get("unavailable") or not (
+            pgbouncer.built_executable() or pgbouncer.executable()):
+        assert "version" not in bouncer, bouncer
+        pytest.skip(f"no pooled host in this run: {bouncer}")
+    assert bouncer["version"] and bouncer["pool_size"] == 6, bouncer  # --concurrency 2, + 4
+    assert bouncer["transactions"] > 200, bouncer
+
+
 def test_work_resumes_soon_after_each_postgresql_restart(report):
     for restart in report["restarts"]:
         assert restart["accept_to_first_commit_seconds"] is not None, restart
