@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml $(wildcard djasync*/__init__.py)
 	@touch $@
 
 test: venv
-	@$(WITH_DB) $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	@$(WITH_DB) $(PY) tools/run_tests.py $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then \
 	  echo "make test: pytest collected no tests (exit code 5): the suite must not be empty" >&2; \
 	fi; \

@@ -720,6 +720,18 @@ def new_text(log: Path, offset: int) -> str:
     return log.read_text()[offset:]
 
 
+def back_in(text: str) -> set[str]:
+    """The processes whose own line says they are back. Matched per process: the child's and
+    the agent's lines read alike, so a search of the whole text found the agent's line for
+    the child, and the check then ran before the child had written its own (CI, 2026-12-06)."""
+    found = set()
+    for line in text.splitlines():
+        match = LOG_LINE.match(line)
+        if match and match[2] in LOST_AND_BACK and re.match(LOST_AND_BACK[match[2]][1], match[3]):
+            found.add(match[2])
+    return found
+
+
 @pytest.mark.daemon
 def test_terminated_sessions_log_one_line_each_and_one_when_back(tmp_path, transactional_db):
     """pg_terminate_backend of every session of the worker (children, agent, listener): each
@@ -746,8 +758,7 @@ def test_terminated_sessions_log_one_line_each_and_one_when_back(tmp_path, trans
         job = djasync.schedule(jobs.add, args=[3, 4])  # the child's claim meets its dead session
         netlab.wait_for(lambda: djasync.models.Job.objects.get(pk=job.pk).status == "succeeded",
                         30, "a job after the terminations")
-        netlab.wait_for(lambda: all(re.search(back, new_text(log, offset))
-                                    for _, back in LOST_AND_BACK.values()),
+        netlab.wait_for(lambda: back_in(new_text(log, offset)) == set(LOST_AND_BACK),
                         20, "every process back", interval=0.1)
         check_lost_and_back(new_text(log, offset))
     finally:
@@ -778,10 +789,8 @@ def test_a_host_cut_off_while_claiming_logs_one_line_each_and_is_back_within_5_s
         healed = time.monotonic()
         back_after = {}
         while len(back_after) < len(LOST_AND_BACK) and time.monotonic() - healed < 20:
-            text = new_text(log, offset)
-            for name, (_, back) in LOST_AND_BACK.items():
-                if name not in back_after and re.search(back, text):
-                    back_after[name] = time.monotonic() - healed
+            for name in back_in(new_text(log, offset)) - set(back_after):
+                back_after[name] = time.monotonic() - healed
             time.sleep(0.05)
         print("back after the heal: " + ", ".join(f"{name.rsplit('.')[-1]} {took:.1f} s"
                                                   for name, took in back_after.items()))
