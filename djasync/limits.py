@@ -10,7 +10,7 @@
     schedule(charge, [order.id], limits=["stripe", f"tenant:{order.tenant_id}"])
 
 A key's concurrency slots are advisory locks taken by the transaction that claims the job
-(``djasync_claim_limited``, migrations 0010, 0013 and 0015-0017), so they end exactly when
+(``djasync_claim_limited``, migrations 0010, 0013 and 0015-0018), so they end exactly when
 that transaction or its session ends; a long job holds them at session level on the connection
 that runs it (behind a pooler, in a transaction of a connection of its own: see below). A rate
 of N per window is N token rows per key, one taken and stamped per start in the claiming

@@ -119,7 +119,7 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 @cache
 def claim_limited(limit: int) -> str:
     """The claim when flow-control limits are configured: ``djasync_claim_limited``
-    (migrations 0010, 0013-0017) takes the jobs with keys that rank before the jobs without
+    (migrations 0010, 0013-0018) takes the jobs with keys that rank before the jobs without
     keys that would fill the rest of the batch (a job without keys that another worker runs
     does not count), each only if a slot (and a rate token) of each of its keys is free, then the
     others; paused queues are passed over (``job()``, by id, runs a job of a paused queue).

@@ -634,3 +634,71 @@ def test_a_batch_passes_over_a_job_whose_key_its_own_earlier_job_filled_and_leav
             a, c, rated, d]
         assert _unlocked([a, b, c, rated, d]) == [b]
         claimer.rollback()
+
+
+def _wait_until_blocked(watcher, pid, timeout=10.0):
+    """Wait until the session ``pid`` waits on a lock (a condition, with a timeout)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                           "WHERE pid = %s", [pid]).fetchone() == (True,):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"session {pid} did not wait on a lock within {timeout} s")
+
+
+@pytest.mark.parametrize("keys", [["tenant:7"], ["solo", "tenant:7"]])
+@pytest.mark.parametrize("who", ["worker", "job() or flush_queue"])
+@override_settings(DJASYNC=WITH_LIMITS)
+def test_a_slot_taken_between_a_claims_look_and_its_take_strands_nothing_and_wakes_at_commit(
+        keys, who):
+    """The race in the claim of a job with concurrency keys: its slots are seen free, its row
+    is locked, and another worker takes the last key's slot before this claim does. A job of
+    one key stays locked until the claiming transaction ends (no subtransaction can give it
+    back), and other workers pass it over meanwhile; a job of several keys must not keep the
+    slots of its other keys. Either way the other worker may commit before anyone waits on the
+    key, so the claiming transaction's COMMIT must wake the workers. The claim is held between its row lock
+    and its take by a lock on the attempts table (it counts the job's attempts in between)."""
+    import threading
+
+    job = djasync.schedule(jobs.add, [1, 1], limits=keys).pk
+    raced = keys[-1]
+    params = _params(channel=None) if who == "worker" else _params()
+    slot = "SELECT pg_try_advisory_lock(hashtext('djasync.limit:' || %s), 0)"
+    with psycopg.connect(**conninfo(), autocommit=True) as listener, \
+            psycopg.connect(**conninfo()) as gate, psycopg.connect(**conninfo()) as claimer, \
+            psycopg.connect(**conninfo()) as racer, \
+            psycopg.connect(**conninfo(), autocommit=True) as look:
+        listener.execute("LISTEN djasync")
+        gate.execute("LOCK TABLE djasync_attempt IN ACCESS EXCLUSIVE MODE")
+        claimed = []
+        thread = threading.Thread(target=lambda: claimed.extend(
+            claimer.execute(sql.claim_limited(1), params).fetchall()))
+        thread.start()
+        _wait_until_blocked(look, claimer.info.backend_pid)
+        # Another worker starts a job of the raced key: it holds the key's one slot.
+        racer.execute("SELECT pg_advisory_xact_lock(hashtext('djasync.limit:' || %s), 0)",
+                      [raced])
+        gate.rollback()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert claimed == []
+        # The claimer's transaction goes on (it may run other jobs). It holds the row of a job
+        # of one key (locked before the take); a job of several keys is tried in a
+        # subtransaction, which gave back its row and the slots of its other keys.
+        assert _unlocked([job]) == ([] if len(keys) == 1 else [job])
+        for key in keys[:-1]:
+            assert look.execute(slot, [key]).fetchone() == (True,), f"{key}'s slot is held"
+            look.execute("SELECT pg_advisory_unlock_all()")
+        racer.rollback()  # the other worker's job ends: its slot is free
+        assert list(listener.notifies(timeout=0.2)) == []
+        if who == "worker":
+            assert claimer.execute(sql.WAKE_WAITERS).fetchone() == (True,)
+            assert list(listener.notifies(timeout=0.2)) == []  # not before the COMMIT
+        claimer.commit()
+        assert [n.payload for n in listener.notifies(timeout=5, stop_after=1)] == ["*"]
+        # Woken, a worker takes the job.
+        assert [row[0] for row in claimer.execute(sql.claim_limited(1), params)] == [job]
+        claimer.rollback()
