@@ -659,8 +659,9 @@ def test_a_slot_taken_between_a_claims_look_and_its_take_strands_nothing_and_wak
     one key stays locked until the claiming transaction ends (no subtransaction can give it
     back), and other workers pass it over meanwhile; a job of several keys must not keep the
     slots of its other keys. Either way the other worker may commit before anyone waits on the
-    key, so the claiming transaction's COMMIT must wake the workers. The claim is held between its row lock
-    and its take by a lock on the attempts table (it counts the job's attempts in between)."""
+    key, so the claiming transaction's COMMIT must wake the workers. The claim is held between
+    its row lock and its take by a lock on the attempts table (it counts the job's attempts in
+    between)."""
     import threading
 
     job = djasync.schedule(jobs.add, [1, 1], limits=keys).pk
