@@ -54,6 +54,11 @@ SAMPLE = 20
 LATE_MARK = "[counted late: "
 #: The supervisor's reason for a long job its fence killed (djasync_worker/supervisor.py).
 FENCED_LONG = "and with it the flow-control slots it held"
+#: The reason ``djasync.leases.free_leases_of_dead`` gives a long job's run whose outcome its
+#: worker could not write before it died: the write failed, or committed and was lost (a
+#: crash restart with ``synchronous_commit = off``: seed 901, where the fence then killed the
+#: child as its session had ended).
+OUTCOME_LOST = "could not write this run's outcome"
 
 
 @dataclass
@@ -360,6 +365,13 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
             cause = "crashed: lease expired after a fault" if any(
                 written - lease_window <= at <= written and kind in LEASE_BREAKERS
                 for at, kind in expected.fault_times) else None
+        elif outcome == "crashed" and OUTCOME_LOST in message:
+            # Only a session the chaos ended (a restart, a terminate) or a host cut off loses
+            # a finished run's outcome, shortly before its worker died.
+            cause = "crashed: a long job's outcome lost with its session" if any(
+                began - lease_window <= written and ended >= written - lease_window
+                for began, ended in expected.sessions_ended) or pid in expected.cut_pids \
+                else None
         elif outcome == "crashed" and FENCED_LONG in message:
             # A long job holding flow-control slots, killed by its supervisor's fence because
             # PostgreSQL ended its session: a session the chaos ended, or a host cut off.
