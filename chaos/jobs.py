@@ -6,6 +6,7 @@ Every job takes its own unique ``key`` as first argument; its effects carry that
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 import signal
@@ -87,6 +88,15 @@ def _record(sql: str, params: list) -> tuple:
     raise AssertionError("unreachable")
 
 
+def _now() -> datetime.datetime:
+    """This process's clock (the hosts' namespaces and the server share one): when a mark was
+    *sent*. The server's ``clock_timestamp()`` says when it was executed, which can be later
+    than the process lived: a killed job's last mark, sent into a cut, was retransmitted by the
+    kernel after the heal and stamped 0.75 s after the kill, beside the job's next run (seed
+    905's F1 "overlap" of 3 on a concurrency-2 key)."""
+    return datetime.datetime.now(datetime.UTC)
+
+
 def _flow_run(key: str, flow: list, kind: str, seconds: float) -> int:
     """Record a flow job's run on the recording connection: its start, then every 25 ms
     ``seen`` (the last moment it was known to run) while it works ``seconds``, then
@@ -94,19 +104,21 @@ def _flow_run(key: str, flow: list, kind: str, seconds: float) -> int:
     counts it as running from the one to the other, no longer, no shorter. If the start
     cannot be written the job fails (and runs again): no run goes unrecorded."""
     tenant, rated, queue = flow
+    started = _now()
     (run_id,) = _record(
         "INSERT INTO chaos_flowrun (job_key, tenant, rated, queue, kind, pid, started, seen) "
-        "VALUES (%s, %s, %s, %s, %s, %s, clock_timestamp(), clock_timestamp()) RETURNING id",
-        [key, tenant, rated, queue, kind, os.getpid()])
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        [key, tenant, rated, queue, kind, os.getpid(), started, started])
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, FLOW_HEARTBEAT_SECONDS))
         with contextlib.suppress(psycopg.Error):  # the mark is missed: the run looks shorter
-            _record("UPDATE chaos_flowrun SET seen = clock_timestamp() WHERE id = %s "
-                    "RETURNING id", [run_id])
+            _record("UPDATE chaos_flowrun SET seen = %s WHERE id = %s RETURNING id",
+                    [_now(), run_id])
     with contextlib.suppress(psycopg.Error):
-        _record("UPDATE chaos_flowrun SET seen = clock_timestamp(), finished = "
-                "clock_timestamp() WHERE id = %s RETURNING id", [run_id])
+        ended = _now()
+        _record("UPDATE chaos_flowrun SET seen = %s, finished = %s WHERE id = %s RETURNING id",
+                [ended, ended, run_id])
     return run_id
 
 
