@@ -93,10 +93,17 @@ TASK_META_KEYS = ("max_attempts", "timeout", "backoff")
 _RESULT_ID = re.compile(r"[1-9][0-9]{0,18}")
 _BIGINT_MAX = 2**63 - 1
 
-#: Lock the row if no one else holds it; a worker running the job holds it (FOR NO KEY UPDATE).
-#: FOR SHARE is the weakest lock that conflicts with that one, and SKIP LOCKED means this never
-#: waits. The caller rolls back at once, so the share lock lasts only this statement.
-_PROBE = "SELECT 1 FROM djasync_job WHERE id = %s AND status = 'pending' FOR SHARE SKIP LOCKED"
+#: Whether a transaction in progress holds the pending job's row (a worker running it holds
+#: it, FOR NO KEY UPDATE): the row's locker (``xmax``) is a transaction id that a session in
+#: progress holds a lock on (every transaction and subtransaction with an id does). Read, not
+#: locked: an earlier probe share-locked the row for a moment, and a worker's claim at that
+#: moment passed the job over until its next poll (see ``health.RUNNING``).
+_PROBE = """
+SELECT EXISTS (SELECT 1 FROM djasync_job j
+                WHERE j.id = %s AND j.status = 'pending'
+                  AND j.xmax IN (SELECT transactionid FROM pg_locks
+                                  WHERE locktype = 'transactionid' AND granted))
+"""
 
 
 #: Who runs a locked job, and since when: the worker registry (a daemon lists its running jobs
@@ -665,22 +672,21 @@ def _held_by_a_worker(job_id: int) -> bool:
     """Tell whether a worker is running this pending job right now (holds its row lock).
 
     The lock *is* djasync's "running" mark, so this is exact, not a heartbeat's guess, with
-    two limits: a job claimed in a batch is RUNNING while it waits its turn, and a row locked
-    for a moment by an admin action (cancel, retry) or an UPDATE looks RUNNING for that moment.
-    The probe's share lock is rolled back at once (a savepoint rollback releases row locks
-    too), so inside a caller's transaction it is not held until that transaction ends; a
-    worker whose claim meets it in that instant skips the row until its next poll.
+    three limits: a job claimed in a batch is RUNNING while it waits its turn; a row locked
+    for a moment by an admin action (cancel, retry) or an UPDATE looks RUNNING for that moment;
+    and a row locked by two transactions at once (a multixact) is not seen as locked. The probe
+    reads the row's locker and locks nothing (:data:`_PROBE`), so no worker's claim is
+    disturbed by it.
     """
     from djasync.executor import current_job
 
     running = current_job()
     if running is not None and running.id == job_id:
-        return True  # our own transaction holds the lock, which the probe cannot see
-    with transaction.atomic(), connection.cursor() as cursor:
+        return True  # our own transaction holds the lock
+    with connection.cursor() as cursor:
         cursor.execute(_PROBE, [job_id])
-        free = cursor.fetchone() is not None
-        transaction.set_rollback(True)
-    return not free
+        (held,) = cursor.fetchone()
+    return bool(held)
 
 
 def _running_on(job_id: int) -> tuple[str | None, datetime.datetime | None]:

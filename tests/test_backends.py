@@ -553,6 +553,26 @@ def test_a_result_is_running_while_a_worker_holds_its_job(tmp_path, other_connec
     assert ledger() == ["slow"]
 
 
+def test_reading_a_result_locks_no_row(other_connection):
+    """Whether a pending job runs is read from its row's locker, never by locking the row: a
+    lock, even for an instant, makes a worker's claim at that instant pass the job over until
+    its next poll. A transaction that locked a row has a transaction id; reading results,
+    pending or running, gives ours none."""
+    waiting, running = tasks.add.enqueue(1, 1), tasks.add.enqueue(2, 2)
+    other_connection.execute("BEGIN")
+    other_connection.execute("SELECT 1 FROM djasync_job WHERE id = %s FOR NO KEY UPDATE",
+                             [int(running.id)])
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            assert backend().get_result(waiting.id).status == READY
+            assert backend().get_result(running.id).status == RUNNING
+            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
+            assert cursor.fetchone() == (None,)
+    finally:
+        other_connection.execute("ROLLBACK")
+    assert backend().get_result(running.id).status == READY
+
+
 def test_a_cancelled_task_is_failed_without_errors():
     result = tasks.add.enqueue(1, 1)
     Job.objects.update(status=Status.CANCELLED)

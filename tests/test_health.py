@@ -80,3 +80,29 @@ def test_with_no_run_at_all_there_is_no_estimate():
     report = health()
     assert report["estimated_drain_seconds"] is None
     assert report["estimate"]["functions_without_runs"] == ["tests.jobs.add"]
+
+
+def test_running_counts_locked_rows_without_locking_any(other_connection):
+    """The count reads each row's locker; it takes no lock of its own. An earlier version
+    share-locked the due rows for its statement: a worker's claim at that moment passed them
+    over and, finding nothing else, slept until its next poll. Here the count runs inside an
+    open transaction, where any row lock it took would stay: a claim must still take the job
+    it did not count, and a job locked in a subtransaction (flow control's claim of a job with
+    a rate) counts as running."""
+    import psycopg
+
+    from djasync import health, sql
+    from tests.conftest import conninfo
+
+    held, free = (djasync.schedule(jobs.add, args=[n, n]).pk for n in range(2))
+    with psycopg.connect(**conninfo()) as runner, psycopg.connect(**conninfo()) as looker:
+        runner.execute("SAVEPOINT claim")
+        runner.execute("SELECT 1 FROM djasync_job WHERE id = %s FOR NO KEY UPDATE", [held])
+        assert looker.execute(health.RUNNING, {"limit": 100}).fetchone() == (1,)
+        # The count's transaction is still open: the other job is a worker's to claim.
+        claimed = other_connection.execute(
+            sql.claim(by_queue=False, by_name_prefix=False), {"limit": 1, "now": None})
+        assert [row[0] for row in claimed] == [free]
+        looker.rollback()
+        runner.rollback()
+    assert health.running_count() == 0
