@@ -48,9 +48,19 @@ EDITS = [
      "                    -- this transaction ends, whose COMMIT wakes the workers (0018's note).\n"
      "                    blocked := k;\n"
      "                    raced := true;\n"),
-    ("        BEGIN  -- a subtransaction: a full key gives back this job's row lock, slots and tokens\n",
-     "        BEGIN  -- a subtransaction: a full key gives back this job's row lock, slots and tokens\n"
-     "            rated := true;  -- (or several keys: their slots are noted as a rate's are)\n"),
+    # The slots taken in the subtransaction (a rate's job, or now a job of several keys) are
+    # noted where they are taken, once the job is got, not after the block for rates only.
+    ("                got := true;\n"
+     "            END IF;\n"
+     "        EXCEPTION WHEN SQLSTATE 'DJA01' THEN\n",
+     "                got := true;\n"
+     "                held := held || rtags;  -- noted in djasync.slots by djasync_take_slot already\n"
+     "            END IF;\n"
+     "        EXCEPTION WHEN SQLSTATE 'DJA01' THEN\n"),
+    ("        IF got AND rated THEN\n"
+     "            held := held || rtags;  -- noted in djasync.slots by djasync_take_slot already\n"
+     "        END IF;\n",
+     ""),
     ("            -- A rate's token is timed, not given back: wait on its entry's next look (poll).\n"
      "        END;\n",
      "            -- A rate's token is timed, not given back: wait on its entry's next look (poll).\n"
