@@ -365,20 +365,17 @@ def check(conn: psycopg.Connection, expected: Expectations) -> dict[str, Any]:
             cause = "crashed: lease expired after a fault" if any(
                 written - lease_window <= at <= written and kind in LEASE_BREAKERS
                 for at, kind in expected.fault_times) else None
-        elif outcome == "crashed" and OUTCOME_LOST in message:
-            # Only a session the chaos ended (a restart, a terminate) or a host cut off loses
-            # a finished run's outcome, shortly before its worker died.
-            cause = "crashed: a long job's outcome lost with its session" if any(
-                began - lease_window <= written and ended >= written - lease_window
-                for began, ended in expected.sessions_ended) or pid in expected.cut_pids \
-                else None
-        elif outcome == "crashed" and FENCED_LONG in message:
+        elif outcome == "crashed" and (FENCED_LONG in message or OUTCOME_LOST in message):
             # A long job holding flow-control slots, killed by its supervisor's fence because
-            # PostgreSQL ended its session: a session the chaos ended, or a host cut off.
-            cause = "crashed: long job fenced after its session ended" if any(
+            # PostgreSQL ended its session; or a long job's finished run whose outcome was
+            # lost with its session before its worker died. Either needs a session the chaos
+            # ended (a restart, a terminate) or a host cut off, shortly before.
+            session_lost = any(
                 began - lease_window <= written and ended >= written - lease_window
-                for began, ended in expected.sessions_ended) or pid in expected.cut_pids \
-                else None
+                for began, ended in expected.sessions_ended) or pid in expected.cut_pids
+            label = ("long job fenced after its session ended" if FENCED_LONG in message
+                     else "a long job's outcome lost with its session")
+            cause = f"crashed: {label}" if session_lost else None
         elif outcome == "crashed":
             cause = "crashed: child killed by chaos" if pid in expected.killed_children else (
                 "crashed: stopped child" if pid in expected.stopped_children else (
