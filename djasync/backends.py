@@ -35,7 +35,7 @@ from django.db import connection, connections, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from djasync import exceptions, registry
+from djasync import exceptions, registry, sql
 from djasync.exceptions import DjasyncError, ForbiddenFunction, FunctionNotFound
 from djasync.validation import check_meta, check_queue_name, to_json
 
@@ -94,15 +94,10 @@ _RESULT_ID = re.compile(r"[1-9][0-9]{0,18}")
 _BIGINT_MAX = 2**63 - 1
 
 #: Whether a transaction in progress holds the pending job's row (a worker running it holds
-#: it, FOR NO KEY UPDATE): the row's locker (``xmax``) is a transaction id that a session in
-#: progress holds a lock on (every transaction and subtransaction with an id does). Read, not
-#: locked: an earlier probe share-locked the row for a moment, and a worker's claim at that
-#: moment passed the job over until its next poll (see ``health.RUNNING``).
-_PROBE = """
-SELECT EXISTS (SELECT 1 FROM djasync_job j
-                WHERE j.id = %s AND j.status = 'pending'
-                  AND j.xmax IN (SELECT transactionid FROM pg_locks
-                                  WHERE locktype = 'transactionid' AND granted))
+#: it, FOR NO KEY UPDATE): read, not locked (:data:`sql.LOCKER_IN_PROGRESS`).
+_PROBE = f"""
+SELECT EXISTS (SELECT 1 FROM djasync_job
+                WHERE id = %s AND status = 'pending' AND {sql.LOCKER_IN_PROGRESS})
 """
 
 

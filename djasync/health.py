@@ -10,7 +10,7 @@ from django.db import connection
 from django.db.models import Count, F, Max, Sum
 from django.utils import timezone
 
-from djasync import limits, workers
+from djasync import limits, sql, workers
 from djasync.models import Attempt, Job, Outcome, PausedQueue, Status, shown_name, task_path
 
 #: Succeeded attempts of this last span give the run times: the slowest functions, and the
@@ -148,20 +148,16 @@ def _estimate(due: dict[str, int], run_times: dict[str, RunTimes],
 
 
 #: The due jobs (the first ``limit`` in claim order, where running jobs are) whose row a
-#: transaction in progress holds, and the long jobs running under a live lease. A row's
-#: locker is its ``xmax``; every transaction (and subtransaction) in progress with an id holds
-#: a lock on that id, listed in ``pg_locks``. Read, never locked: an earlier version share-locked
-#: the rows (``FOR SHARE SKIP LOCKED``) for the statement's moment, and a worker's claim at that
-#: moment passed them over; finding nothing else, it slept until its next poll (5 s by default).
-RUNNING = """
+#: transaction in progress holds (:data:`sql.LOCKER_IN_PROGRESS`: read, never locked; an
+#: earlier version share-locked these rows for the statement's moment), and the long jobs
+#: running under a live lease.
+RUNNING = f"""
 WITH head AS (
     SELECT xmax FROM djasync_job
      WHERE status = 'pending' AND run_after <= now()
      ORDER BY priority DESC, run_after, id
      LIMIT %(limit)s)
-SELECT (SELECT count(*) FROM head
-         WHERE xmax IN (SELECT transactionid FROM pg_locks
-                         WHERE locktype = 'transactionid' AND granted))
+SELECT (SELECT count(*) FROM head WHERE {sql.LOCKER_IN_PROGRESS})
      + (SELECT count(*) FROM djasync_job
          WHERE status = 'pending' AND lease_expires > clock_timestamp())
 """

@@ -116,6 +116,16 @@ SELECT j.id, j.name, j.args, j.kwargs, j.meta, j.queue, j.priority, j.group_id,
 """
 
 
+#: Whether a row's locker (``xmax``) is a transaction in progress, i.e. a worker (or another
+#: session) holds the row now: every transaction and subtransaction in progress with an id holds
+#: a lock on that id, listed in ``pg_locks``. A read, never a lock: a probe that share-locked
+#: the row, even for an instant, made a worker's claim at that instant pass the job over until
+#: its next poll (5 s by default). A row locked by two transactions at once (a multixact) is not
+#: matched. Used by ``health.RUNNING`` and the Tasks backend's ``get_result()``.
+LOCKER_IN_PROGRESS = ("xmax IN (SELECT transactionid FROM pg_locks "
+                      "WHERE locktype = 'transactionid' AND granted)")
+
+
 @cache
 def claim_limited(limit: int) -> str:
     """The claim when flow-control limits are configured: ``djasync_claim_limited``

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.netlab import SERVER_RECIPE, Lab, wait_for  # noqa: E402
+from tests.netlab import SERVER_RECIPE, Lab, held_by_a_session, wait_for  # noqa: E402
 
 STOCK = {"tcp_keepalives_idle": "0", "tcp_keepalives_interval": "0", "tcp_keepalives_count": "0"}
 
@@ -35,10 +35,7 @@ def main(code: Path, server: dict[str, str], cut_seconds: float) -> None:
         job = int(out.split()[-1])
         with lab.connect() as conn:
             def locked() -> bool:
-                # Read the row's locker; never lock the row (a claim would pass it over).
-                return conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM djasync_job j JOIN pg_stat_activity a "
-                    "ON a.backend_xid = j.xmax WHERE j.id = %s)", [job]).fetchone()[0]
+                return held_by_a_session(conn, job)
 
             wait_for(locked, 30, "the job to run")
             time.sleep(0.5)

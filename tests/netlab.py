@@ -59,6 +59,18 @@ server.close()
 """
 
 
+def held_by_a_session(conn: psycopg.Connection, job_id: int) -> bool:
+    """Whether a transaction in progress holds ``job_id``'s row: its locker (``xmax``) is a
+    session's transaction id. Looked up without locking the row: a probe that locks it (as the
+    network tests' did, with SKIP LOCKED, for an instant) makes a claim running at that instant
+    skip the job, and the test then waits for a claim that passed it over (about one run in ten
+    in CI, 2026-12-06, direct and through PgBouncer: the COMMIT had gone through, the next
+    claim had found the job locked by the test's own probe)."""
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM djasync_job j JOIN pg_stat_activity a "
+        "ON a.backend_xid = j.xmax WHERE j.id = %s)", [job_id]).fetchone()[0]
+
+
 def unavailable() -> str | None:
     """Why the lab cannot run here, or None."""
     return netns.unavailable()

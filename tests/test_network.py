@@ -240,23 +240,12 @@ def listener_port(lab: netlab.Lab, conn, other_than: int = 0) -> int | None:
 
 
 def claimable(conn, job_id: int) -> bool:
-    """The job is there and no transaction in progress holds it (see :func:`held_by_a_session`:
+    """The job is there and no transaction in progress holds it (``netlab.held_by_a_session``:
     looked up without locking its row, which would make a claim at that instant skip it)."""
     return conn.execute(
         "SELECT EXISTS (SELECT 1 FROM djasync_job WHERE id = %s)", [job_id]).fetchone()[0] \
-        and not held_by_a_session(conn, job_id)
+        and not netlab.held_by_a_session(conn, job_id)
 
-
-def held_by_a_session(conn, job_id: int) -> bool:
-    """Whether a transaction in progress holds ``job_id``'s row: its locker (``xmax``) is a
-    session's transaction id. Looked up without locking the row: a probe that locks it (as
-    this file's did, with SKIP LOCKED, for an instant) makes a claim running at that instant
-    skip the job, and the test then waits for a claim that passed it over (about one run in ten in
-    CI, 2026-12-06, direct and through PgBouncer: the COMMIT had gone through, the next claim
-    had found the job locked by the test's own probe)."""
-    return conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM djasync_job j JOIN pg_stat_activity a "
-        "ON a.backend_xid = j.xmax WHERE j.id = %s)", [job_id]).fetchone()[0]
 
 
 @pytest.mark.network
