@@ -101,8 +101,9 @@ class Side:
         script = ("import django, sys; django.setup(); from django.core.management import "
                   "call_command; call_command('migrate', verbosity=0); "
                   "from djasync import JobSpec, schedule_many; n = int(sys.argv[1]); "
-                  "[schedule_many([JobSpec('benchapp.jobs.noop') for _ in range(min(10000, "
-                  "n - i))]) for i in range(0, n, 10000)]")
+                  "import json, os; keys = json.loads(os.environ.get('AB_KEYS') or 'null'); "
+                  "[schedule_many([JobSpec('benchapp.jobs.noop', limits=keys) for _ in "
+                  "range(min(10000, n - i))]) for i in range(0, n, 10000)]")
         env = {**run.worker_env(self.b), "DJANGO_SETTINGS_MODULE": "benchproject.settings",
                "PYTHONPATH": os.pathsep.join([str(code), str(BENCH)])}
         subprocess.run([sys.executable, "-c", script, str(cfg.n)], env=env, cwd=code,
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4", help="worker --concurrency values (1,4)")
     p.add_argument("--worker-log-level", default="info", help="djasync-worker --log-level "
                    "(info: the default, which logs a line per job since 0f07e2a)")
+    p.add_argument("--limits", help="a JSON object: both sides' DJASYNC['LIMITS'] (the "
+                   "benchproject reads BENCH_LIMITS), e.g. '{\"eight\": {\"concurrency\": 8}}'")
+    p.add_argument("--keys", help="a JSON array: every job's flow-control keys, e.g. "
+                   "'[\"eight\"]' (with --limits)")
     p.add_argument("--tolerance", type=float, default=0.03, help="the verdict's bound (0.03)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.n < 1:
@@ -208,6 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"ab.py: --concurrency {args.concurrency!r}: integers, "
                          "comma-separated") from None
+    if bool(args.limits) != bool(args.keys):
+        raise SystemExit("ab.py: --limits and --keys go together")
+    if args.limits:
+        import json
+
+        try:
+            json.loads(args.limits), json.loads(args.keys)
+        except ValueError as exc:
+            raise SystemExit(f"ab.py: --limits / --keys: not JSON ({exc})") from None
+        # Read by the benchproject's settings (workers, and the sides' schedule_many).
+        os.environ.update(BENCH_LIMITS=args.limits, AB_KEYS=args.keys)
     cfg = run.Config(run.parse(["--n", str(args.n), "--worker-log-level",
                                 args.worker_log_level]))
     cfg.work.mkdir(exist_ok=True)

@@ -148,12 +148,22 @@ def test_a_batch_takes_one_slot_per_job_of_a_key():
         claimed = executor.claim(4)
         assert len(claimed) == 2  # concurrency 2: re-entrant advisory locks are not reused
         with connection.cursor() as cursor:
-            # Slots are two-int4 advisory locks (objsubid 2); the claim that found stripe
-            # full also marked this session as waiting on it (one int8 key, objsubid 1).
-            cursor.execute("SELECT objsubid, mode, count(*) FROM pg_locks "
-                           "WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
-                           "GROUP BY 1, 2 ORDER BY 1")
-            assert cursor.fetchall() == [(1, "ShareLock", 1), (2, "ExclusiveLock", 2)]
+            # Slots are two-int4 advisory locks (objsubid 2) whose first key is the key's
+            # hash, as is each claimed row's mark (migration 0019: its first key mixes the
+            # job's id with hashtext('djasync.job')); the claim that found stripe full also
+            # marked this session as waiting on it (one int8 key, objsubid 1).
+            cursor.execute(
+                "SELECT objsubid, mode, CASE WHEN objsubid = 1 THEN 'waiting' "
+                "       WHEN classid = (hashtext('djasync.limit:stripe')::bigint "
+                "                       + 4294967296) %% 4294967296 THEN 'slot' "
+                "       WHEN classid = (hashtext('djasync.job')::bigint + 4294967296) "
+                "                      %% 4294967296 AND objid = ANY(%s) THEN 'mark' END, "
+                "       count(*) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                "GROUP BY 1, 2, 3 ORDER BY 1, 3", [[job.id for job in claimed]])
+            assert cursor.fetchall() == [(1, "ShareLock", "waiting", 1),
+                                         (2, "ExclusiveLock", "mark", 2),
+                                         (2, "ExclusiveLock", "slot", 2)]
 
 
 @override_settings(DJASYNC=WITH_LIMITS)
