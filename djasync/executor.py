@@ -229,6 +229,8 @@ def _claim_statement(limit: int, queues: Sequence[str] | None, name_prefix: str 
     if limits.enabled():
         params.update(limits.config_params(), queues=list(queues) if queues else None,
                       channel=None if wakes_waiters else conf.NOTIFY_CHANNEL)
+        if limit == 1 and job_id is None and not queues and name_prefix is None:
+            return sql.CLAIM_ONE_LIMITED, params
         return sql.claim_limited(limit), params
     paused = limits.paused_queues() if job_id is None else []
     if paused and queues:

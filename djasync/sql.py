@@ -145,6 +145,16 @@ SELECT * FROM djasync_claim_limited(%(queues)s::text[], {int(limit)}, %(now)s::t
 """
 
 
+#: The claim of one job with ``DJASYNC["LIMITS"]`` set, for a worker or ``flush_queue`` serving
+#: every queue (no ``--queue``, no name filter): ``djasync_claim_one`` (migration 0020) settles
+#: the usual job with a key (one key, limited in concurrency only) at a fraction of
+#: :func:`claim_limited`'s cost, and leaves everything else to ``djasync_claim_limited``.
+CLAIM_ONE_LIMITED = """
+SELECT * FROM djasync_claim_one(%(now)s::timestamptz, %(cfg_keys)s::text[],
+                                %(cfg_concurrency)s::integer[], %(cfg_rate)s::integer[],
+                                %(cfg_per)s::float8[], %(channel)s::text)
+"""
+
 #: Sent by a worker before each COMMIT when limits are configured (with the finish's plan
 #: setting, :data:`FINISH_PLAN_WAKING`, when jobs succeeded): if its transaction claimed jobs
 #: holding concurrency slots (given back by that COMMIT), notify the workers when one of them

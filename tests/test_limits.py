@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import psycopg
 import pytest
 from django.core import checks
@@ -713,3 +715,90 @@ def test_a_slot_taken_between_a_claims_look_and_its_take_strands_nothing_and_wak
         # Woken, a worker takes the job.
         assert [row[0] for row in claimer.execute(sql.claim_limited(1), params)] == [job]
         claimer.rollback()
+
+
+MIXED_LIMITS = {"duo": {"concurrency": 2}, "solo": {"concurrency": 1},
+                "tenant:*": {"concurrency": 1}, "stripe": {"concurrency": 2, "rate": "100/m"},
+                "burst": {"rate": "50/s"}}
+MIXED_KEYS = [None, None, None, ["duo"], ["duo"], ["solo"], ["tenant:1"], ["tenant:2"],
+              ["stripe"], ["burst"], ["duo", "solo"], ["gone"]]
+
+
+def _claim_of_one(claimer, statement, params):
+    """The job ``statement`` claims in a new transaction of ``claimer`` (rolled back after),
+    whether djasync_claim_limited ran in it, and the locks of rows and slots it then held.
+    Each claim starts as a new session would: waiting on no key."""
+    claimer.execute("SELECT djasync_stop_waiting('{}')")
+    claimer.commit()
+    calls = ("SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
+             "WHERE funcname = 'djasync_claim_limited'")
+    claimer.execute("SELECT set_config('enable_sort', 'off', true), "
+                    "set_config('enable_seqscan', 'off', true), "
+                    "set_config('track_functions', 'pl', true)")
+    (before,) = claimer.execute(calls).fetchone()  # (the backend's counts since it last
+    claimed = [row[0] for row in claimer.execute(statement, params).fetchall()]  # reported)
+    (after,) = claimer.execute(calls).fetchone()
+    slots, rows = claimer.execute(
+        "SELECT (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND granted "
+        "           AND locktype = 'advisory' AND objsubid = 2), "
+        "       (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND granted "
+        "           AND locktype = 'transactionid')").fetchone()
+    general = after - before
+    claimer.rollback()
+    assert len(claimed) <= 1
+    return (claimed[0] if claimed else None), general > 0, (slots, rows)
+
+
+@override_settings(DJASYNC={**DJASYNC, "LIMITS": MIXED_LIMITS})
+def test_the_claim_of_one_job_takes_what_the_general_claim_takes_in_random_queues():
+    """djasync_claim_one (the claim of one job with limits, migration 0020) settles the usual
+    job itself and leaves the rest to djasync_claim_limited. Over random queues - jobs with and
+    without keys, several keys, rates, a key no longer configured, priorities, jobs not yet
+    due, a paused queue, rows held by an application's lock and by another worker's claims
+    (marked, 0019), slots held - it claims the job the general function claims, and when it
+    settles alone it holds exactly that job's row, its mark and its slot."""
+    import random
+
+    from djasync.models import PausedQueue
+
+    params = {"queues": None, "now": None, "name_prefix": None, "job_id": None,
+              "channel": None, **limits.config_params()}
+    settled = fell_back = 0
+    with psycopg.connect(**conninfo()) as claimer, psycopg.connect(**conninfo()) as holder:
+        for seed in range(150):
+            rng = random.Random(seed)
+            Job.objects.all().delete()
+            PausedQueue.objects.all().delete()
+            specs = [djasync.JobSpec(
+                jobs.add, [n, n], priority=rng.choice([0, 0, 1, 2]),
+                queue=rng.choice(["default", "default", "other"]),
+                run_after=None if rng.random() < 0.85 else datetime.timedelta(hours=1),
+                limits=rng.choice(MIXED_KEYS[:-1])) for n in range(rng.randint(1, 14))]
+            ids = [job.pk for job in djasync.schedule_many(specs)]
+            if rng.random() < 0.2:  # a key configured when the job was queued, not now
+                Job.objects.filter(pk=rng.choice(ids)).update(limits=["gone"])
+            if rng.random() < 0.2:
+                djasync.pause_queue("other")
+            running = rng.sample(ids, rng.randint(0, min(3, len(ids))))
+            holder.execute("SELECT id FROM djasync_job WHERE id = ANY(%s) FOR NO KEY UPDATE",
+                           [running])
+            for _ in range(rng.randint(0, 2)):  # another worker's claims: rows marked
+                running += [row[0] for row in holder.execute(sql.claim_limited(1), params)]
+            for key in rng.sample(["duo", "solo", "tenant:1", "tenant:2", "stripe"],
+                                  rng.randint(0, 2)):
+                holder.execute("SELECT pg_try_advisory_xact_lock("
+                               "hashtext('djasync.limit:' || %s), %s)", [key, rng.randint(0, 1)])
+            by_general, _, _ = _claim_of_one(claimer, sql.claim_limited(1), params)
+            by_one, general_ran, held = _claim_of_one(claimer, sql.CLAIM_ONE_LIMITED, params)
+            holder.rollback()
+            context = f"seed {seed}: jobs {list(zip(ids, specs))}, running {running}"
+            assert by_one == by_general, context
+            if general_ran:
+                fell_back += 1
+            else:
+                settled += 1
+                # Alone: the claimed row and its mark and slot, or (no job with keys due) the
+                # plain claim's row; nothing else.
+                assert held in ((2, 1), (0, 1), (0, 0)), (held, context)
+    # Both halves were exercised (a share that a change in the random queues may move).
+    assert settled >= 25 and fell_back >= 25, (settled, fell_back)
