@@ -216,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.limits) != bool(args.keys):
         raise SystemExit("ab.py: --limits and --keys go together")
     if args.limits:
-        import json
-
         try:
             json.loads(args.limits), json.loads(args.keys)
         except ValueError as exc:

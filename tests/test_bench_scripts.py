@@ -68,3 +68,15 @@ def test_ab_alternates_the_two_commits_and_reports_per_pair_ratios():
     (counted,) = [r["statements_per_job"] for r in lines if "statements_per_job" in r]
     assert counted["base"] > 4 and abs(counted["head"] - counted["base"]) < 0.5
     assert "| c1 | jobs/s |" in out
+
+
+def test_ab_drains_jobs_with_keys_under_limits_and_refuses_limits_without_keys():
+    out = bench("bench/ab.py", "--base", "HEAD", "--head", "HEAD", "--pairs", "1", "--n", "200",
+                "--concurrency", "1", "--limits", '{"eight": {"concurrency": 8}}',
+                "--keys", '["eight"]')
+    drains = [json.loads(line) for line in out.splitlines() if line.startswith('{"')]
+    drains = [r for r in drains if "side" in r]
+    assert len(drains) == 2 and all(r["jobs"] == 200 for r in drains)
+    done = subprocess.run([sys.executable, "bench/ab.py", "--limits", '{"eight": {}}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--limits and --keys go together" in done.stderr
