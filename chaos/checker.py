@@ -699,10 +699,20 @@ running AS (
 SELECT key, max(n), min(t) FILTER (WHERE n > %(limit)s), count(*) FILTER (WHERE n > %(limit)s)
   FROM running GROUP BY key ORDER BY key
 """
+#: Where a run ends for F1: its last mark, or, for a run that did not finish, the end of its
+#: server session if the chaos ended that session first (pg_terminate_backend, a restart:
+#: ``chaos_sessionend``, from the server log: the line the session logs just before it exits
+#: and its locks go, to the millisecond, plus one). Its slot was free from then on: its child
+#: ran on until its supervisor noticed and killed it (a few ms), and its marks with it.
+FLOW_RUN_END = """
+CASE WHEN finished IS NULL THEN least(seen, coalesce((
+    SELECT min(e.at) FROM chaos_sessionend e
+     WHERE e.backend = chaos_flowrun.backend AND e.at >= chaos_flowrun.started), seen))
+     ELSE seen END"""
 #: The runs of ``key`` running at instant ``t`` (to show an over-run).
-FLOW_RUNNING_AT = """
-SELECT job_key, kind, pid, started, seen, finished IS NOT NULL FROM chaos_flowrun
- WHERE tenant = %s AND started <= %s AND seen > %s ORDER BY started
+FLOW_RUNNING_AT = f"""
+SELECT job_key, kind, pid, started, seen, finished IS NOT NULL, backend FROM chaos_flowrun
+ WHERE tenant = %s AND started <= %s AND {FLOW_RUN_END} > %s ORDER BY started
 """
 #: Runs of the paused queue that started after the pause's grace and before the resume.
 FLOW_STARTED_WHILE_PAUSED = """
@@ -757,7 +767,10 @@ def check_flow(conn: psycopg.Connection,
     migration 0003): appends to ``violations``, returns the figures."""
     found: dict[str, Any] = {"runs": [list(r) for r in conn.execute(FLOW_RUNS)]}
     # F1: never more than ``concurrency`` runs of a key at once.
-    overlap = conn.execute(FLOW_OVERLAP.format(end="seen"), {"limit": concurrency}).fetchall()
+    overlap = conn.execute(FLOW_OVERLAP.format(end=FLOW_RUN_END),
+                           {"limit": concurrency}).fetchall()
+    found["runs_ended_with_their_session"] = conn.execute(
+        f"SELECT count(*) FROM chaos_flowrun WHERE {FLOW_RUN_END} < seen").fetchone()[0]
     found["max_overlap_by_key"] = {key: n for key, n, _, _ in overlap}
     found["max_overlap"] = max((n for _, n, _, _ in overlap), default=0)
     # The same if every run cut short had run on to its next mark (and a little more): for

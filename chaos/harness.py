@@ -80,6 +80,11 @@ FAULT_WEIGHTS = {
 READY_LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC \[\d+\] LOG:  "
     r"database system is ready to accept connections", re.M)
+#: A session ending because the chaos ended it (pg_terminate_backend: "administrator
+#: command"; a restart: also "immediate shutdown command"): when, and its pid.
+SESSION_ENDED_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC \[(\d+)\] \S* ?FATAL:  "
+    r"terminating connection due to ", re.M)
 
 
 @dataclass
@@ -1464,6 +1469,20 @@ class ChaosRun:
             self.violations.append(f"I5: the job cut by the double SIGTERM left {rows[0][0]} "
                                    "ledger rows after its re-run (expected 1)")
 
+    def _record_session_ends(self, conn: psycopg.Connection) -> None:
+        """Fill ``chaos_sessionend`` from the server log: each session the chaos ended
+        (pg_terminate_backend, a restart), with the moment it logged so (see
+        ``checker.FLOW_RUN_END``)."""
+        text = self.server.logfile.read_bytes().decode(errors="replace")
+        ends = [(int(pid), datetime.datetime.fromisoformat(at).replace(tzinfo=datetime.UTC)
+                 + datetime.timedelta(milliseconds=1))
+                for at, pid in SESSION_ENDED_LINE.findall(text)]
+        conn.execute("TRUNCATE chaos_sessionend")
+        with conn.cursor() as cursor:
+            cursor.executemany("INSERT INTO chaos_sessionend (backend, at) VALUES (%s, %s)",
+                               ends)
+        self.report["sessions_ended_in_log"] = len(ends)
+
     def check(self) -> None:
         if self.network is not None:
             self.network.stop_sampling()
@@ -1472,6 +1491,7 @@ class ChaosRun:
             self.violations.extend(violations)
             self.network.dump(self.run_dir / "activity.csv")
         with self.connect() as conn:
+            self._record_session_ends(conn)
             found = checker.check(conn, self.expected)
             idle = checker.idle_in_transaction(conn, older_than=0)
         self.violations.extend(found.pop("violations"))

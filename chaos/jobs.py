@@ -104,11 +104,14 @@ def _flow_run(key: str, flow: list, kind: str, seconds: float) -> int:
     counts it as running from the one to the other, no longer, no shorter. If the start
     cannot be written the job fails (and runs again): no run goes unrecorded."""
     tenant, rated, queue = flow
+    # The server session holding the run's slot: the job's connection (straight to
+    # PostgreSQL; behind PgBouncer this is the pooler's key, which matches no session).
+    backend = connection.connection.info.backend_pid if connection.connection else None
     started = _now()
     (run_id,) = _record(
-        "INSERT INTO chaos_flowrun (job_key, tenant, rated, queue, kind, pid, started, seen) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        [key, tenant, rated, queue, kind, os.getpid(), started, started])
+        "INSERT INTO chaos_flowrun (job_key, tenant, rated, queue, kind, pid, backend, "
+        "started, seen) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        [key, tenant, rated, queue, kind, os.getpid(), backend, started, started])
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, FLOW_HEARTBEAT_SECONDS))

@@ -1,7 +1,8 @@
 """The chaos checker's flow-control checks (F1-F3, chaos/checker.py) on crafted runs: each one
 finds what it must (an over-run, a start while paused, a full window) and nothing else.
 
-The tables are chaos migration 0003's, made in the test's transaction (rolled back after).
+The tables are chaos migrations 0003's and 0004's, made in the test's transaction (rolled back
+after).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ T0 = datetime.datetime(2026, 12, 6, 3, 0, tzinfo=datetime.UTC)
 
 @pytest.fixture
 def conn():
-    migration = importlib.import_module("chaos.migrations.0003_flow_control")
     with connection.cursor() as cursor:
-        cursor.execute(migration.TABLES)
+        for name in ("0003_flow_control", "0004_flow_run_backend"):
+            cursor.execute(importlib.import_module(f"chaos.migrations.{name}").TABLES)
     return connection.connection  # the psycopg connection, inside the test's transaction
 
 
@@ -32,11 +33,12 @@ def at(seconds: float) -> datetime.datetime:
 
 
 def run(conn, tenant: str, started: float, seen: float, *, finished: bool = True,
-        queue: str = "default", rated: bool = False, kind: str = "atomic") -> int:
+        queue: str = "default", rated: bool = False, kind: str = "atomic",
+        backend: int | None = None) -> int:
     (run_id,) = conn.execute(
-        "INSERT INTO chaos_flowrun (job_key, tenant, rated, queue, kind, pid, started, seen, "
-        "finished) VALUES (%s, %s, %s, %s, %s, 1, %s, %s, %s) RETURNING id",
-        [f"k{started}", tenant, rated, queue, kind, at(started), at(seen),
+        "INSERT INTO chaos_flowrun (job_key, tenant, rated, queue, kind, pid, backend, "
+        "started, seen, finished) VALUES (%s, %s, %s, %s, %s, 1, %s, %s, %s, %s) RETURNING id",
+        [f"k{started}", tenant, rated, queue, kind, backend, at(started), at(seen),
          at(seen) if finished else None]).fetchone()
     return run_id
 
@@ -76,6 +78,26 @@ def test_a_killed_run_counts_until_its_last_mark_and_no_longer(conn):
     run(conn, "tenant:0", 0.9, 1.2)  # while the killed run was still seen running
     found, violations = check(conn)
     assert found["max_overlap"] == 3 and [v[:3] for v in violations] == ["F1:"]
+
+
+def test_a_run_whose_session_the_chaos_ended_counts_until_that_end_not_its_last_mark(conn):
+    """Seed 1001: pg_terminate_backend ended a job's session (its slot free at once); its
+    child ran on 4 ms, until its supervisor killed it, and marked meanwhile; another run of the
+    key started in between. The slot was free: no over-run."""
+    run(conn, "tenant:0", 0.0, 3.0)
+    run(conn, "tenant:0", 0.0, 1.0045, finished=False, backend=77)  # its session: 1.001
+    run(conn, "tenant:0", 1.003, 2.0)
+    conn.execute("INSERT INTO chaos_sessionend VALUES (77, %s), (78, %s)", [at(1.001), at(0.9)])
+    found, violations = check(conn)
+    assert found["max_overlap"] == 2 and violations == []
+    assert found["runs_ended_with_their_session"] == 1
+    # Not for a run that finished, nor a session end of another backend or before the run.
+    run(conn, "tenant:1", 0.0, 3.0)
+    run(conn, "tenant:1", 0.0, 1.5, backend=77)  # finished: its end is its own
+    run(conn, "tenant:1", 1.0, 2.0, finished=False, backend=78)  # 78 ended before it started
+    found, violations = check(conn)
+    assert found["max_overlap_by_key"]["tenant:1"] == 3 and [v[:3] for v in violations] == ["F1:"]
+    assert found["runs_ended_with_their_session"] == 1
 
 
 def test_a_run_of_the_paused_queue_may_start_within_the_grace_and_not_after(conn):
