@@ -711,7 +711,8 @@ class _FastBatch:
         so they are sent unnamed (:meth:`wire.Statements.plain`): a job that dropped the
         session's prepared statements then loses at most its success (the finish statement
         fails, and that is recorded as its failed attempt: see ``run``), never a failure
-        already recorded."""
+        already recorded. (With limits, the plan setting and the wake-up call are one
+        statement, prepared: it fails where the finish would.)"""
         command, plain = statements.command, statements.plain
         release, commit = plain(f'RELEASE SAVEPOINT "{JOB_SAVEPOINT}"'), plain("COMMIT")
         # With limits, the slots the COMMIT gives back wake whoever waits on them.
@@ -728,9 +729,9 @@ class _FastBatch:
                 "worker": one.run.worker[:255], "result": one.encoded})
         else:
             finish = command(sql.FINISH_SUCCESS_MANY, attempts.success_params(succeeded))
-        plan = sql.FINISH_PLAN_WAKING if waking else sql.FINISH_PLAN
-        results = self._send_finish(
-            statements, [release, *map(plain, plan), finish, commit], tail)
+        plan = [*map(command, sql.FINISH_PLAN_WAKING)] if waking else [
+            *map(plain, sql.FINISH_PLAN)]
+        results = self._send_finish(statements, [release, *plan, finish, commit], tail)
         rows = statements.rows(results[1 + len(plan)])
         # Committed: nothing below may raise (see attempts.report_successes).
         if len(succeeded) > 1:

@@ -199,9 +199,13 @@ SELECT djasync_wake_waiters('{NOTIFY_CHANNEL}')
 CLAIM_PLAN = ("SET LOCAL enable_sort = off", "SET LOCAL enable_seqscan = off")
 CLAIM_PLAN_DONE = ("SET LOCAL enable_sort TO DEFAULT", "SET LOCAL enable_seqscan TO DEFAULT")
 FINISH_PLAN = ("SET LOCAL enable_seqscan = off",)
-#: The same with :data:`WAKE_WAITERS` (limits configured), in one statement.
+#: The same with :data:`WAKE_WAITERS` (limits configured), in one statement, prepared (it comes
+#: before the finish statement, itself prepared: a job that dropped the session's prepared
+#: statements makes either fail, and its success is recorded as a failed attempt either way).
+#: A transaction that took no slot (no job with a key) skips the function's call.
 FINISH_PLAN_WAKING = ("SELECT set_config('enable_seqscan', 'off', true), "
-                      f"djasync_wake_waiters('{NOTIFY_CHANNEL}')",)
+                      "CASE WHEN current_setting('djasync.gave_back', true) <> '' "
+                      f"THEN djasync_wake_waiters('{NOTIFY_CHANNEL}') END",)
 
 #: Extra seconds a job's transaction may sit idle beyond its timeout before PostgreSQL ends it.
 IDLE_MARGIN_SECONDS = 10

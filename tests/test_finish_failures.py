@@ -144,9 +144,14 @@ def test_flush_queue_records_a_success_that_cannot_be_written_as_a_failed_attemp
         "3 attempts: 1 succeeded, 1 failed and will be retried, 1 failed for good")
 
 
-def test_a_job_that_drops_the_prepared_finish_statement_gets_a_failed_attempt_not_a_rerun():
-    """DEALLOCATE ALL in a job: its finish statement, prepared before, is gone. The failure is
-    recorded on a new connection, which has nothing stale for the next job."""
+@pytest.mark.parametrize("limits", [None, {"solo": {"concurrency": 1}}])
+def test_a_job_that_drops_the_prepared_finish_statement_gets_a_failed_attempt_not_a_rerun(
+        settings, limits):
+    """DEALLOCATE ALL in a job: its finish statement, prepared before, is gone (with LIMITS,
+    the wake-up call before it too). The failure is recorded on a new connection, which has
+    nothing stale for the next job."""
+    if limits:
+        settings.DJASYNC = {**settings.DJASYNC, "LIMITS": limits}
     djasync.schedule(jobs.write_ledger, args=["warm-up"])  # every statement prepared once
     executor.drain()
     bad = djasync.schedule(finish_jobs.write_then_deallocate_all, args=["bad"],

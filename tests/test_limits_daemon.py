@@ -308,9 +308,10 @@ def test_the_chaos_checker_finds_the_over_run_of_workers_enforcing_a_looser_limi
         cursor.execute(f"""
             CREATE TEMP VIEW chaos_flowrun AS
             SELECT row_number() OVER () AS id, key AS job_key, key AS tenant, false AS rated,
-                   'default' AS queue, 'atomic' AS kind, pid, started, finished AS seen,
-                   finished
+                   'default' AS queue, 'atomic' AS kind, pid, NULL::integer AS backend,
+                   started, finished AS seen, finished
               FROM {jobs.FLOW_RUNS}""")
+        cursor.execute("CREATE TEMP TABLE chaos_sessionend (backend integer, at timestamptz)")
         cursor.execute("CREATE TEMP TABLE chaos_flowcommit (run_id bigint, xid bigint)")
         cursor.execute("CREATE TEMP TABLE chaos_tokenlog (key text, slot integer, "
                        "used_at timestamptz, xid bigint)")
@@ -320,7 +321,7 @@ def test_the_chaos_checker_finds_the_over_run_of_workers_enforcing_a_looser_limi
     finally:  # this session's later tests may make the real tables
         with connection.cursor() as cursor:
             cursor.execute("DROP VIEW chaos_flowrun; DROP TABLE chaos_flowcommit, "
-                           "chaos_tokenlog")
+                           "chaos_tokenlog, chaos_sessionend")
     assert found["max_overlap_by_key"] == {"pair:0": 3}
     assert [v[:3] for v in violations] == ["F1:"]
 
