@@ -7,7 +7,7 @@ The database named by DATABASE_URL must be migrated (``manage.py migrate`` with
 tests.settings); its queue tables are TRUNCATEd. Rows:
 
 1. no LIMITS setting, jobs without keys (the plain claim, unchanged);
-2. LIMITS set, jobs without keys (the claim goes through ``djasync_claim_limited``);
+2. LIMITS set, jobs without keys (the claim goes through ``djasync_claim_one``, migration 0020);
 3. LIMITS set, every job holding one key with ``concurrency: 8``;
 4. the time of one claim of a job without keys while 100,000 due jobs wait behind a full key
    (its one slot held by another session), and of a job of another key;

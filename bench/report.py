@@ -356,8 +356,9 @@ def flow_section(results: dict) -> str:
     md = ["\n## Flow control: what limits cost (issue 16)\n",
           f"W1's c4 drain ({base[0]['jobs']:,} no-op jobs, `--concurrency 4 --burst`) three "
           "ways, one after the other in each round: without `LIMITS`; with `LIMITS` set "
-          "(the claim is `djasync_claim_limited`) and jobs without keys; with every job "
-          "holding the key `eight` (`concurrency: 8`). *vs no LIMITS*: the ratio within each "
+          "(the claim is `djasync_claim_one`, migration 0020) and jobs without keys; with "
+          "every job holding the key `eight` (`concurrency: 8`). *vs no LIMITS*: the ratio "
+          "within each "
           "round, median over rounds (raw per round after it). *CPU vs no LIMITS*: worker + "
           "PostgreSQL CPU per job, the same way: it depends less on what else the machine "
           "runs.\n\n",

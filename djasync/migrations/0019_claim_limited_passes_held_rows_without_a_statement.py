@@ -13,8 +13,10 @@ from django.db import migrations
 #   SKIP LOCKED then passes over. At --concurrency c the walk tried ~c - 1 of them per claim.
 #   Now a claim that locks a job with keys also takes a mark, an advisory lock of its own on
 #   the job's id (transaction-level: it ends with the row lock), and the walk looks at the mark
-#   first (a lock taken and given back at once, as for a slot): a marked row is passed over
-#   without a statement. A row locked without a mark (an application's lock, a claim between
+#   before it locks a row (a lock taken and given back at once, as for a slot): a marked row
+#   is passed over without a statement. The look at the job's keys comes first, as before: a
+#   full key marks this session waiting on it even when the row is held, since its holder may
+#   give it back unrun (a rollback, a crash) and then wakes whoever waits on its keys. A row locked without a mark (an application's lock, a claim between
 #   its row lock and its mark) is tried as before, SKIP LOCKED. A mark is never wrong the
 #   other way: it is taken only while its claim holds the row, and it ends with it (or with
 #   the subtransaction that tried a job of several keys or a rate). The mark's two keys are
@@ -36,8 +38,7 @@ EDITS = [
      "                   array_agg(t.run_after ORDER BY t.priority DESC, t.run_after, t.id),\n"
      "                   array_agg(t.id ORDER BY t.priority DESC, t.run_after, t.id)\n",
      "            SELECT array_agg(t.priority), array_agg(t.run_after), array_agg(t.id)\n"),
-    # After the look at its keys (a full key marks this session waiting on it, also when the
-    # row is held: its holder may give it back unrun, and then wakes who waits on its keys).
+    # After the look at its keys (see above).
     ("        got := false;\n"
      "        s := 0;\n",
      "        -- A row another claim holds, marked: passed over without a statement (0019).\n"
