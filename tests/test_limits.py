@@ -791,7 +791,7 @@ def test_the_claim_of_one_job_takes_what_the_general_claim_takes_in_random_queue
             by_general, _, _ = _claim_of_one(claimer, sql.claim_limited(1), params)
             by_one, general_ran, held = _claim_of_one(claimer, sql.CLAIM_ONE_LIMITED, params)
             holder.rollback()
-            context = f"seed {seed}: jobs {list(zip(ids, specs))}, running {running}"
+            context = f"seed {seed}: jobs {list(zip(ids, specs, strict=True))}, running {running}"
             assert by_one == by_general, context
             if general_ran:
                 fell_back += 1
