@@ -84,8 +84,9 @@ EDITS = [
 ]
 
 
-def _edited(text: str) -> str:
-    for old, new in EDITS:
+def _edited(text: str, edits: list[tuple[str, str]] = EDITS) -> str:
+    """``text`` with each edit made (each ``old`` must occur exactly once)."""
+    for old, new in edits:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     return text

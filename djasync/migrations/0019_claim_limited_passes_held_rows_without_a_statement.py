@@ -59,14 +59,7 @@ EDITS = [
 ]
 
 
-def _edited(text: str) -> str:
-    for old, new in EDITS:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    return text
-
-
-CLAIM_LIMITED = _edited(_0018.CLAIM_LIMITED)
+CLAIM_LIMITED = _0018._edited(_0018.CLAIM_LIMITED, EDITS)
 
 
 class Migration(migrations.Migration):
