@@ -102,7 +102,8 @@ class Side:
                   "call_command; call_command('migrate', verbosity=0); "
                   "from djasync import JobSpec, schedule_many; n = int(sys.argv[1]); "
                   "import json, os; keys = json.loads(os.environ.get('AB_KEYS') or 'null'); "
-                  "[schedule_many([JobSpec('benchapp.jobs.noop', limits=keys) for _ in "
+                  "extra = {'limits': keys} if keys else {}; "  # (no such field before 0010)
+                  "[schedule_many([JobSpec('benchapp.jobs.noop', **extra) for _ in "
                   "range(min(10000, n - i))]) for i in range(0, n, 10000)]")
         env = {**run.worker_env(self.b), "DJANGO_SETTINGS_MODULE": "benchproject.settings",
                "PYTHONPATH": os.pathsep.join([str(code), str(BENCH)])}
