@@ -96,6 +96,17 @@ def test_without_limits_or_pauses_the_claim_is_the_plain_statement():
 
 
 @override_settings(DJASYNC=WITH_LIMITS)
+def test_with_limits_a_claim_of_one_job_of_every_queue_is_the_lean_function_and_others_general():
+    """djasync_claim_one (migration 0020) for the worker's and flush_queue's usual claim; a
+    batch, a worker's --queue, a name filter and job() keep djasync_claim_limited."""
+    assert executor._claim_statement(1, None, None, None, None)[0] == sql.CLAIM_ONE_LIMITED
+    for limit, queues, prefix, job_id in [(2, None, None, None), (1, ["a"], None, None),
+                                          (1, None, "tests.", None), (1, None, None, 7)]:
+        query = executor._claim_statement(limit, queues, prefix, job_id, None)[0]
+        assert query == sql.claim_limited(limit), (limit, queues, prefix, job_id)
+
+
+@override_settings(DJASYNC=WITH_LIMITS)
 def test_jobs_waiting_on_a_full_key_are_not_even_read_by_a_claim_of_other_jobs():
     djasync.schedule_many([djasync.JobSpec(jobs.add, [n, n], priority=5, limits=["solo"])
                            for n in range(2000)])
