@@ -218,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("ab.py: --limits and --keys go together")
     if args.limits:
         try:
-            json.loads(args.limits), json.loads(args.keys)
+            limits, keys = json.loads(args.limits), json.loads(args.keys)
         except ValueError as exc:
             raise SystemExit(f"ab.py: --limits / --keys: not JSON ({exc})") from None
+        if not isinstance(limits, dict) or not (
+                isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
+            raise SystemExit("ab.py: --limits must be a JSON object and --keys a JSON array "
+                             "of key strings")
         # Read by the benchproject's settings (workers, and the sides' schedule_many).
         os.environ.update(BENCH_LIMITS=args.limits, AB_KEYS=args.keys)
     cfg = run.Config(run.parse(["--n", str(args.n), "--worker-log-level",

@@ -80,3 +80,7 @@ def test_ab_drains_jobs_with_keys_under_limits_and_refuses_limits_without_keys()
     done = subprocess.run([sys.executable, "bench/ab.py", "--limits", '{"eight": {}}'],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "--limits and --keys go together" in done.stderr
+    done = subprocess.run([sys.executable, "bench/ab.py", "--limits", '{"eight": {}}',
+                           "--keys", '"eight"'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "--keys a JSON array of key strings" in done.stderr

@@ -16,8 +16,9 @@ from django.db import migrations
 #   before it locks a row (a lock taken and given back at once, as for a slot): a marked row
 #   is passed over without a statement. The look at the job's keys comes first, as before: a
 #   full key marks this session waiting on it even when the row is held, since its holder may
-#   give it back unrun (a rollback, a crash) and then wakes whoever waits on its keys. A row locked without a mark (an application's lock, a claim between
-#   its row lock and its mark) is tried as before, SKIP LOCKED. A mark is never wrong the
+#   give it back unrun (a rollback, a crash) and then wakes whoever waits on its keys. A row
+#   locked without a mark (an application's lock, a claim between its row lock and its mark)
+#   is tried as before, SKIP LOCKED. A mark is never wrong the
 #   other way: it is taken only while its claim holds the row, and it ends with it (or with
 #   the subtransaction that tried a job of several keys or a rate). The mark's two keys are
 #   the id's high and low bits, the high ones mixed with hashtext('djasync.job') (a slot's
@@ -27,7 +28,6 @@ from django.db import migrations
 #   claim order (its ORDER BY ... LIMIT), and a plain aggregate keeps the order it reads them in.
 #
 # Nothing else changes (0018's text, edited below).
-_0016 = importlib.import_module("djasync.migrations.0016_claim_limited_fewer_statements")
 _0018 = importlib.import_module("djasync.migrations.0018_claim_limited_race_strands_nothing")
 
 _MARK = ("hashtext('djasync.job') # (cand.id >> 31)::integer, "

@@ -1,5 +1,3 @@
-import importlib
-
 from django.db import migrations
 
 # djasync_claim_one: the claim of one job with LIMITS set, by a worker or flush_queue serving
@@ -29,9 +27,6 @@ from django.db import migrations
 #
 # tests/test_limits.py compares the two over random queues (jobs with and without keys,
 # several keys, rates, priorities, jobs not yet due, a paused queue, jobs and slots held).
-_0019 = importlib.import_module(
-    "djasync.migrations.0019_claim_limited_passes_held_rows_without_a_statement")
-
 CLAIM_ONE = r"""
 CREATE FUNCTION djasync_claim_one(
     at timestamptz, cfg_keys text[], cfg_concurrency integer[], cfg_rate integer[],
@@ -57,7 +52,8 @@ BEGIN
        || coalesce(current_setting('djasync.slots', true), '')
        || coalesce(current_setting('djasync.session_slots', true), '') = '' THEN
         FOR cand IN
-            SELECT c.id, c.usual, c.h, c.cc, c.entry, mod(pg_backend_pid(), nullif(c.cc, 0)) AS start,
+            SELECT c.id, c.usual, c.h, c.cc, c.entry,
+                   mod(pg_backend_pid(), nullif(c.cc, 0)) AS start,
                    hashtext('djasync.job') # (c.id >> 31)::integer AS m1,
                    (c.id & 2147483647)::integer AS m2
               FROM (SELECT k.id, hashtext('djasync.limit:' || (k.limits ->> 0)) AS h,
